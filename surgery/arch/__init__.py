@@ -1,0 +1,233 @@
+"""Architecture knowledge as data: one JSON file per model family in `families/`.
+
+A family file names every weight (templated per layer), which *space* each tensor axis lives in
+(residual stream, per-head attention q/k/v/o, MLP inner, vocabulary, ...), which tensors are linear
+layers (PEFT targets) and whether they are stored transposed (GPT-2's Conv1D keeps [in, out]),
+fused layouts (`"attn.q|attn.k|attn.v"` = concatenation along that axis), and tied weights.
+Pipelines (merge, prune, transfer) ask only this map; nothing else branches on model_type.
+Adding a family = adding one file; see docs/arch.md.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import operator
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from ..errors import ArchitectureError
+
+FAMILY_DIR = os.path.join(os.path.dirname(__file__), "families")
+
+
+@lru_cache(maxsize=None)
+def family_specs() -> dict[str, dict]:
+    specs = {}
+    for fname in sorted(os.listdir(FAMILY_DIR)):
+        if fname.endswith(".json"):
+            with open(os.path.join(FAMILY_DIR, fname)) as f:
+                spec = json.load(f)
+            specs[spec["family"]] = spec
+    return specs
+
+
+def family_for_model_type(model_type: str) -> dict:
+    for spec in family_specs().values():
+        if model_type in spec["model_types"]:
+            return spec
+    known = ", ".join(sorted(t for s in family_specs().values() for t in s["model_types"]))
+    raise ArchitectureError(f"model_type {model_type!r} has no family map (known: {known})",
+                            "add a family file in surgery/arch/families/ (docs/arch.md)")
+
+
+# --- tiny arithmetic for dims like "hidden // heads" or "4 * hidden" ----------------------------
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
+
+
+def _eval(expr: str, names: dict):
+    def ev(node):
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name):
+            if names.get(node.id) is None:
+                raise KeyError(node.id)
+            return names[node.id]
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](ev(node.left), ev(node.right))
+        raise ValueError(f"unsupported expression {expr!r}")
+
+    return ev(ast.parse(expr, mode="eval"))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One weight of a concrete model, with what each axis means."""
+
+    name: str
+    dims: tuple  # per axis: tuple of space names concatenated along that axis
+    role: str  # weight | bias | norm | norm_bias | embedding | lm_head | position_bias
+    stack: str | None = None
+    layer: int | None = None
+    module: str | None = None  # full module path when this is a linear layer's weight
+    transposed: bool = False  # stored [in, out] (Conv1D) instead of [out, in]
+    tied_to: str | None = None  # another tensor this one equals (not stored when tied)
+    reads: str | None = None  # for norms: which sublayer reads the normalized stream
+    reads_from: str | None = None  # for cross-attention k/v: the stack whose output they read
+
+    @property
+    def out_dims(self) -> tuple:
+        return self.dims[1] if self.transposed else self.dims[0]
+
+    @property
+    def in_dims(self) -> tuple:
+        return self.dims[0] if self.transposed else self.dims[1]
+
+
+@dataclass
+class Arch:
+    family: str
+    spec: dict
+    config: dict
+    dims: dict = field(default_factory=dict)
+    flags: dict = field(default_factory=dict)
+    stacks: dict = field(default_factory=dict)  # stack name -> number of layers
+
+    @property
+    def norm(self) -> str:
+        return self.spec.get("norm", "rms")
+
+    def space_size(self, space: str) -> int:
+        try:
+            return int(_eval(self.spec["spaces"][space]["size"], self.dims))
+        except KeyError:
+            raise ArchitectureError(f"family {self.family} has no space {space!r}") from None
+
+    def head_size(self, space: str) -> int:
+        h = self.spec["spaces"][space].get("head", 1)
+        return int(_eval(h, self.dims)) if isinstance(h, str) else int(h)
+
+    def axis_size(self, axis: tuple) -> int:
+        return sum(self.space_size(s) for s in axis)
+
+    def tied(self) -> dict[str, str]:
+        """{tensor: tensor it is tied to} for the ties active under this config."""
+        out = {}
+        for t in self.spec["globals"]:
+            if "tied_to" not in t or (t.get("tied_when") and not self.flags.get(t["tied_when"])):
+                continue
+            out[t["name"]] = t["tied_to"]
+        return out
+
+    def tensors(self) -> list[TensorSpec]:
+        """Every weight of this model, globals first then stack by stack, layer by layer."""
+        ties = self.tied()
+        out = []
+        for t in self.spec["globals"]:
+            if self._active(t):
+                out.append(self._make(t, t["name"], None, None, ties))
+        for stack, n in self.stacks.items():
+            prefix = self.spec["stacks"][stack]["prefix"]
+            for i in range(n):
+                for t in self.spec["layer"][stack]:
+                    if not self._active(t) or ("only_layer" in t and t["only_layer"] != i):
+                        continue
+                    out.append(self._make(t, prefix.format(i=i) + t["name"], stack, i, ties))
+        return out
+
+    def stored_tensors(self) -> list[TensorSpec]:
+        """Tensors a checkpoint file holds: tied copies are not stored."""
+        return [t for t in self.tensors() if t.tied_to is None]
+
+    def linears(self) -> list[TensorSpec]:
+        return [t for t in self.tensors() if t.module is not None]
+
+    def by_name(self) -> dict[str, TensorSpec]:
+        return {t.name: t for t in self.tensors()}
+
+    def by_module(self) -> dict[str, TensorSpec]:
+        return {t.module: t for t in self.tensors() if t.module is not None}
+
+    def shape(self, t: TensorSpec) -> tuple:
+        return tuple(self.axis_size(a) for a in t.dims)
+
+    def num_parameters(self) -> int:
+        n = 0
+        for t in self.stored_tensors():
+            p = 1
+            for s in self.shape(t):
+                p *= s
+            n += p
+        return n
+
+    def _active(self, t: dict) -> bool:
+        return not t.get("when") or bool(self.flags.get(t["when"]))
+
+    def _make(self, t, name, stack, layer, ties) -> TensorSpec:
+        module = None
+        if t.get("module"):
+            module = (self.spec["stacks"][stack]["prefix"].format(i=layer) if stack else "") + t["module"]
+        return TensorSpec(
+            name=name, dims=tuple(tuple(d.split("|")) for d in t["dims"]),
+            role=t.get("role", "weight"), stack=stack, layer=layer, module=module,
+            transposed=bool(t.get("transposed")), tied_to=ties.get(name),
+            reads=t.get("reads"), reads_from=t.get("reads_from"),
+        )
+
+
+def _resolve(alternatives, config: dict, known: dict):
+    """First alternative that resolves: a config key, a known name, an expression, or a literal."""
+    for alt in alternatives:
+        if isinstance(alt, bool) or isinstance(alt, int):
+            return alt
+        if isinstance(alt, dict):
+            if "startswith" in alt:
+                key, prefix = alt["startswith"]
+                v = config.get(key)
+                return isinstance(v, str) and v.startswith(prefix)
+            if "not" in alt:
+                return not known.get(alt["not"])
+            continue
+        if alt in config and config[alt] is not None:
+            return config[alt]
+        if alt in known and known[alt] is not None:
+            return known[alt]
+        try:
+            return _eval(alt, known)
+        except (KeyError, ValueError, SyntaxError):
+            continue
+    return None
+
+
+def load_arch(config: dict, where: str = "config.json") -> Arch:
+    """Build the concrete architecture map of a model from its config.json contents."""
+    model_type = config.get("model_type")
+    if not model_type:
+        raise ArchitectureError(f"{where} has no model_type", "is this a Hugging Face model config?")
+    spec = family_for_model_type(model_type)
+    arch = Arch(family=spec["family"], spec=spec, config=config)
+    for name, alts in spec["dims"].items():
+        v = _resolve(alts, config, arch.dims)
+        if v is None:
+            raise ArchitectureError(f"{where}: cannot determine {name} for {spec['family']} (tried {alts})",
+                                    "add the field to config.json")
+        arch.dims[name] = int(v)
+    for name, alts in spec.get("flags", {}).items():
+        arch.flags[name] = bool(_resolve(alts, config, arch.flags))
+    for stack, s in spec["stacks"].items():
+        v = _resolve(s["count"], config, arch.dims)
+        if v is None:
+            raise ArchitectureError(f"{where}: cannot determine the layer count of {stack} (tried {s['count']})",
+                                    "add the field to config.json")
+        arch.stacks[stack] = int(v)
+    if arch.dims["heads"] % arch.dims["kv_heads"]:
+        raise ArchitectureError(f"{where}: {arch.dims['heads']} heads are not a multiple of {arch.dims['kv_heads']} kv heads",
+                                "fix num_key_value_heads")
+    return arch
+
+
+def arch_of(checkpoint) -> Arch:
+    return load_arch(checkpoint.config, os.path.join(checkpoint.path, "config.json"))

@@ -1,0 +1,40 @@
+"""Option types shared by commands, defined once, and small rendering helpers."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+Force = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists (inputs are never overwritten).")]
+Output = Annotated[str, typer.Option("--output", "-o", help="Output directory (written atomically).")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+MaxShard = Annotated[str, typer.Option("--max-shard-size", help="Largest shard to write, e.g. 5GB or 300MB.")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed (same inputs and seed give identical output).")]
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def human_count(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+def print_json(obj) -> None:
+    import json
+
+    typer.echo(json.dumps(obj, indent=2, default=str))

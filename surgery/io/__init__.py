@@ -1,0 +1,1 @@
+"""File formats: Hugging Face checkpoint directories, streaming writer, PEFT adapters."""

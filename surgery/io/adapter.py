@@ -1,0 +1,267 @@
+"""The PEFT adapter directory format: adapter_config.json + adapter_model.safetensors.
+
+Every key-prefix rule lives here and nowhere else:
+  * tuner weights are saved as  base_model.model.<module path>.<param>   (adapter name stripped),
+    e.g. base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight;
+  * modules_to_save are saved as base_model.model.<module path>.<weight|bias> — the full replacement
+    of that module (peft >= 0.11 drops the `.modules_to_save.<name>` infix; older files have it);
+  * prompt learning (prompt/prefix tuning) saves a single `prompt_embeddings` tensor.
+Pattern rules follow peft: rank/alpha_pattern keys match a module name by regex at a dot boundary;
+target_modules is a list of name suffixes or one regex matched against the full module name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+from ..errors import AdapterError
+
+PREFIX = "base_model.model."
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+WEIGHTS_BIN = "adapter_model.bin"
+
+LORA_PARAMS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", "lora_magnitude_vector.weight")
+LOKR_PARAMS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+PROMPT_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
+
+
+def pattern_key(patterns: dict, module: str) -> str | None:
+    """peft's rule: a pattern key matches when it matches the module name's tail at a dot boundary."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def layer_index(module: str) -> int | None:
+    m = re.search(r"\.(\d+)\.", module)
+    return int(m.group(1)) if m else None
+
+
+def targets_module(config: dict, module: str) -> bool:
+    """Would peft wrap `module` under this config (target_modules, exclude_modules, layers_to_transform)?"""
+    tm = config.get("target_modules")
+    if tm is None:
+        return False
+    if isinstance(tm, str):
+        ok = tm == "all-linear" or re.fullmatch(tm, module) is not None
+    else:
+        ok = any(module == t or module.endswith("." + t) for t in tm)
+    ex = config.get("exclude_modules")
+    if ok and ex:
+        ok = not (re.fullmatch(ex, module) if isinstance(ex, str) else any(module == t or module.endswith("." + t) for t in ex))
+    ltt = config.get("layers_to_transform")
+    if ok and ltt is not None:
+        idx = layer_index(module)
+        ltt = [ltt] if isinstance(ltt, int) else ltt
+        ok = idx is not None and idx in ltt
+    return ok
+
+
+@dataclass
+class LoraModule:
+    """One wrapped linear layer of a LoRA adapter, in peft's own orientation.
+
+    A: [r, in], B: [out, r] always (also for fan_in_fan_out layers, whose *base weight* is [in, out]).
+    """
+
+    module: str
+    A: object
+    B: object
+    scaling: float
+    fan_in_fan_out: bool = False
+    magnitude: object | None = None  # DoRA
+    bias: object | None = None  # lora_bias=True: a bias on lora_B
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+
+@dataclass
+class LokrModule:
+    module: str
+    params: dict  # lokr_* name -> tensor
+    scaling: float
+
+
+@dataclass
+class Adapter:
+    path: str
+    config: dict
+    tensors: dict = field(default_factory=dict)  # saved key -> tensor
+
+    # ---- reading -------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str) -> "Adapter":
+        path = os.path.abspath(path)
+        cfg_path = os.path.join(path, CONFIG)
+        if not os.path.isdir(path):
+            raise AdapterError(f"adapter directory {path} does not exist", "pass a PEFT adapter directory (adapter_config.json + weights)")
+        if not os.path.exists(cfg_path):
+            if os.path.exists(os.path.join(path, "config.json")):
+                raise AdapterError(f"{path} is a model directory, not an adapter",
+                                   "pass the PEFT adapter directory (with adapter_config.json) here")
+            raise AdapterError(f"{path} has no {CONFIG}", "pass a PEFT adapter directory")
+        try:
+            with open(cfg_path) as f:
+                config = json.load(f)
+        except ValueError as e:
+            raise AdapterError(f"{cfg_path} is not valid JSON ({e})", "restore it from the trained adapter") from e
+        if "peft_type" not in config:
+            raise AdapterError(f"{cfg_path} has no peft_type", "is this a PEFT adapter? (AdapterHub adapters use --method adapter)")
+        return cls(path=path, config=config, tensors=_load_weights(path))
+
+    @property
+    def peft_type(self) -> str:
+        return str(self.config["peft_type"]).upper()
+
+    @property
+    def base(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    def module_params(self) -> dict[str, dict]:
+        """{module path: {param: tensor}} for tuner weights (not modules_to_save)."""
+        known = LORA_PARAMS + LOKR_PARAMS
+        saved = self.modules_to_save()
+        out: dict[str, dict] = {}
+        for key, t in self.tensors.items():
+            if not key.startswith(PREFIX):
+                continue
+            rest = key[len(PREFIX):]
+            for p in known:
+                if rest.endswith("." + p):
+                    out.setdefault(rest[: -len(p) - 1], {})[p] = t
+                    break
+            else:
+                if not any(rest.startswith(m + ".") for m in saved):
+                    raise AdapterError(f"{self.path}: unrecognised adapter key {key}",
+                                       "this adapter kind or peft version is not supported; re-save it with peft >= 0.11")
+        return out
+
+    def modules_to_save(self) -> dict[str, dict]:
+        """{module path: {weight|bias: tensor}} for modules saved whole (e.g. a task head)."""
+        names = self.config.get("modules_to_save") or []
+        out: dict[str, dict] = {}
+        for key, t in self.tensors.items():
+            rest = key[len(PREFIX):] if key.startswith(PREFIX) else key
+            rest = re.sub(r"\.modules_to_save\.[^.]+\.", ".", rest)  # older peft layout
+            mod, _, param = rest.rpartition(".")
+            if any(mod == n or mod.endswith("." + n) for n in names) and param in ("weight", "bias"):
+                out.setdefault(mod, {})[param] = t
+        return out
+
+    def scaling_for(self, module: str, rank: int) -> float:
+        """alpha/r, or alpha/sqrt(r) with rsLoRA; rank_pattern/alpha_pattern override per module."""
+        cfg = self.config
+        r = cfg.get("r", rank)
+        alpha = cfg.get("lora_alpha", cfg.get("alpha", r))
+        rk = pattern_key(cfg.get("rank_pattern") or {}, module)
+        if rk is not None:
+            r = cfg["rank_pattern"][rk]
+        ak = pattern_key(cfg.get("alpha_pattern") or {}, module)
+        if ak is not None:
+            alpha = cfg["alpha_pattern"][ak]
+        if r != rank and self.peft_type == "LORA":
+            raise AdapterError(f"{self.path}: {module} has rank {rank} but the config says {r}",
+                               "fix r/rank_pattern in adapter_config.json")
+        return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+    def lora_modules(self) -> list[LoraModule]:
+        if self.peft_type != "LORA":
+            raise AdapterError(f"{self.path} is a {self.peft_type} adapter, not LoRA", "use a LoRA adapter here")
+        out = []
+        for mod, ps in sorted(self.module_params().items()):
+            if "lora_A.weight" not in ps or "lora_B.weight" not in ps:
+                raise AdapterError(f"{self.path}: {mod} lacks lora_A or lora_B", "the adapter file is incomplete; re-save it")
+            A, B = ps["lora_A.weight"], ps["lora_B.weight"]
+            if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+                raise AdapterError(f"{self.path}: {mod} has lora_A {list(A.shape)} and lora_B {list(B.shape)} that do not chain",
+                                   "only linear (2-D) LoRA layers are supported")
+            mag = ps.get("lora_magnitude_vector", ps.get("lora_magnitude_vector.weight"))
+            out.append(LoraModule(mod, A, B, self.scaling_for(mod, A.shape[0]),
+                                  bool(self.config.get("fan_in_fan_out")), mag, ps.get("lora_B.bias")))
+        return out
+
+    def lokr_modules(self) -> list[LokrModule]:
+        if self.peft_type != "LOKR":
+            raise AdapterError(f"{self.path} is a {self.peft_type} adapter, not LoKr", "use a LoKr adapter here")
+        out = []
+        cfg = self.config
+        for mod, ps in sorted(self.module_params().items()):
+            r, alpha = cfg.get("r", 8), cfg.get("alpha", cfg.get("r", 8))
+            k = pattern_key(cfg.get("rank_pattern") or {}, mod)
+            if k is not None:
+                r = cfg["rank_pattern"][k]
+            k = pattern_key(cfg.get("alpha_pattern") or {}, mod)
+            if k is not None:
+                alpha = cfg["alpha_pattern"][k]
+            out.append(LokrModule(mod, ps, alpha / r))
+        return out
+
+    def prompt_embeddings(self):
+        if self.peft_type not in PROMPT_TYPES:
+            raise AdapterError(f"{self.path} is a {self.peft_type} adapter, not prompt learning")
+        if "prompt_embeddings" not in self.tensors:
+            raise AdapterError(f"{self.path} has no prompt_embeddings tensor", "re-save the adapter with peft")
+        return self.tensors["prompt_embeddings"]
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+
+def _load_weights(path: str) -> dict:
+    st = os.path.join(path, WEIGHTS)
+    if os.path.exists(st):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(st)  # adapters are small: loading whole is fine
+        except Exception as e:  # safetensors raises its own error types
+            raise AdapterError(f"cannot read {st}: {e}", "the file is corrupt or truncated; re-save the adapter") from e
+    binf = os.path.join(path, WEIGHTS_BIN)
+    if os.path.exists(binf):
+        import torch
+
+        return torch.load(binf, map_location="cpu", weights_only=True)
+    raise AdapterError(f"{path} has {CONFIG} but no {WEIGHTS}", "copy the adapter weights next to its config")
+
+
+def lora_key(module: str, param: str) -> str:
+    return f"{PREFIX}{module}.{param}"
+
+
+def saved_module_key(module: str, param: str) -> str:
+    return f"{PREFIX}{module}.{param}"
+
+
+def write_adapter(outdir, config: dict, tensors: dict) -> None:
+    """Write adapter_config.json and adapter_model.safetensors into an OutputDir (keys already full)."""
+    from safetensors.torch import save_file
+
+    from .writer import check_finite
+
+    clean = {}
+    for k in sorted(tensors):
+        check_finite(k, tensors[k])
+        clean[k] = tensors[k].detach().contiguous().cpu()
+    save_file(clean, outdir.path(WEIGHTS), metadata={"format": "pt"})
+    outdir.write_json(CONFIG, config)
+
+
+def lora_config(base: str | None, r: int, alpha: float, target_modules, **extra) -> dict:
+    """A minimal adapter_config.json that peft's LoraConfig accepts (unknown keys are not allowed)."""
+    cfg = {
+        "peft_type": "LORA", "task_type": extra.pop("task_type", None), "base_model_name_or_path": base,
+        "r": r, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": sorted(target_modules) if not isinstance(target_modules, str) else target_modules,
+        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
+        "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
+    }
+    cfg.update(extra)
+    return cfg

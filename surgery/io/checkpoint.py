@@ -1,0 +1,178 @@
+"""Open a Hugging Face checkpoint directory and read one tensor at a time.
+
+Layouts understood, in order of preference:
+  model.safetensors | model.safetensors.index.json + shards | pytorch_model.bin(.index.json).
+No transformers model object is built: file-level surgery needs only names, shapes and bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from ..errors import CheckpointError
+from .safetensors_file import TensorInfo, read_header, read_tensor
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+# Files beside the weights that a written checkpoint should carry along.
+SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+
+
+@dataclass
+class Checkpoint:
+    path: str
+    config: dict
+    infos: dict[str, TensorInfo] = field(default_factory=dict)  # safetensors only
+    shards: list[str] = field(default_factory=list)
+    _bin: dict | None = None  # key -> file for the pytorch_model.bin fallback
+    _bin_cache: tuple | None = None
+
+    # ---- opening -------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str) -> "Checkpoint":
+        path = os.path.abspath(path)
+        if not os.path.exists(path):
+            raise CheckpointError(f"model directory {path} does not exist", "pass the directory that holds config.json")
+        if not os.path.isdir(path):
+            raise CheckpointError(f"{path} is a file, not a model directory", "pass the directory that holds config.json")
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.exists(cfg_path):
+            if any(os.path.exists(os.path.join(path, f)) for f in ADAPTER_FILES):
+                raise CheckpointError(f"{path} is an adapter directory, not a model",
+                                      "pass the base model directory here and the adapter where an adapter is expected")
+            raise CheckpointError(f"{path} has no config.json", "pass a Hugging Face model directory (config.json + weights)")
+        try:
+            with open(cfg_path) as f:
+                config = json.load(f)
+        except ValueError as e:
+            raise CheckpointError(f"{cfg_path} is not valid JSON ({e})", "restore the file from the original model") from e
+        ck = cls(path=path, config=config)
+        ck._index_weights()
+        return ck
+
+    def _index_weights(self) -> None:
+        p = lambda n: os.path.join(self.path, n)  # noqa: E731
+        if os.path.exists(p(SAFE_INDEX)):
+            with open(p(SAFE_INDEX)) as f:
+                wmap = json.load(f).get("weight_map", {})
+            self.shards = sorted(set(wmap.values()))
+            for shard in self.shards:
+                if not os.path.exists(p(shard)):
+                    raise CheckpointError(f"{self.path}: index names shard {shard} which is missing",
+                                          "copy every shard listed in model.safetensors.index.json")
+                infos, _, _ = read_header(p(shard))
+                self.infos.update(infos)
+            missing = [k for k in wmap if k not in self.infos]
+            if missing:
+                raise CheckpointError(f"{self.path}: {len(missing)} tensors in the index are in no shard, e.g. {missing[0]}",
+                                      "re-save the checkpoint or fix its index")
+        elif os.path.exists(p(SAFE_SINGLE)):
+            self.shards = [SAFE_SINGLE]
+            self.infos, _, _ = read_header(p(SAFE_SINGLE))
+        elif os.path.exists(p(BIN_INDEX)):
+            with open(p(BIN_INDEX)) as f:
+                self._bin = {k: p(v) for k, v in json.load(f)["weight_map"].items()}
+            self.shards = sorted({os.path.basename(v) for v in self._bin.values()})
+        elif os.path.exists(p(BIN_SINGLE)):
+            self._bin = None
+            self._load_bin_keys(p(BIN_SINGLE))
+            self.shards = [BIN_SINGLE]
+        else:
+            raise CheckpointError(f"{self.path} has config.json but no weights",
+                                  "expected model.safetensors, a sharded index, or pytorch_model.bin")
+
+    def _load_bin_keys(self, file: str) -> None:
+        sd = self._bin_file(file)
+        self._bin = {k: file for k in sd}
+
+    def _bin_file(self, file: str) -> dict:
+        # weights_only: a pickle can run code; mmap keeps the fallback from loading all at once.
+        import torch
+
+        if self._bin_cache and self._bin_cache[0] == file:
+            return self._bin_cache[1]
+        try:
+            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many types here
+            raise CheckpointError(f"cannot read {file}: {e}", "convert it to safetensors or re-save it") from e
+        self._bin_cache = (file, sd)
+        return sd
+
+    # ---- queries -------------------------------------------------------------------------
+    @property
+    def is_safetensors(self) -> bool:
+        return self._bin is None
+
+    def keys(self) -> list[str]:
+        return list(self.infos) if self.is_safetensors else list(self._bin)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.infos if self.is_safetensors else key in self._bin
+
+    def shape(self, key: str) -> tuple:
+        if self.is_safetensors:
+            return self._info(key).shape
+        return tuple(self._bin_file(self._bin[key])[key].shape)
+
+    def dtype(self, key: str):
+        import torch
+
+        if self.is_safetensors:
+            return getattr(torch, self._info(key).torch_dtype_name)
+        return self._bin_file(self._bin[key])[key].dtype
+
+    def nbytes(self, key: str) -> int:
+        if self.is_safetensors:
+            return self._info(key).nbytes
+        t = self._bin_file(self._bin[key])[key]
+        return t.numel() * t.element_size()
+
+    def total_bytes(self) -> int:
+        return sum(self.nbytes(k) for k in self.keys())
+
+    def _info(self, key: str) -> TensorInfo:
+        try:
+            return self.infos[key]
+        except KeyError:
+            raise CheckpointError(f"{self.path} has no tensor {key}",
+                                  "check the model family; `surgery inspect` lists what is there") from None
+
+    def read(self, key: str):
+        """One tensor, in its stored dtype, in memory we own (no mmap)."""
+        if self.is_safetensors:
+            return read_tensor(self._info(key))
+        if key not in self._bin:
+            raise CheckpointError(f"{self.path} has no tensor {key}", "check the model family")
+        return self._bin_file(self._bin[key])[key].clone()
+
+    def side_files(self) -> list[str]:
+        return [f for f in SIDE_FILES if os.path.exists(os.path.join(self.path, f))]
+
+    def dtypes(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for k in self.keys():
+            name = str(self.dtype(k)).replace("torch.", "")
+            out[name] = out.get(name, 0) + 1
+        return out
+
+    def main_dtype(self):
+        """The dtype most parameters are stored in (by element count)."""
+        import torch
+
+        count: dict = {}
+        for k in self.keys():
+            n = 1
+            for s in self.shape(k):
+                n *= s
+            count[self.dtype(k)] = count.get(self.dtype(k), 0) + n
+        return max(count, key=count.get) if count else torch.float32

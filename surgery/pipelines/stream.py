@@ -1,0 +1,43 @@
+"""Stream a checkpoint into a new one, tensor by tensor: the skeleton every rewrite uses.
+
+Peak memory is one input tensor plus what `produce` builds for it; shards are planned up front,
+so each tensor is written straight to its place and dropped.
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..io.checkpoint import Checkpoint
+from ..io.progress import byte_progress
+from ..io.writer import OutputDir, ShardedWriter
+
+
+def write_checkpoint(out: OutputDir, specs, produce, *, config: dict, side_from: str | None,
+                     max_shard_size="5GB", description: str = "writing", progress: bool | None = None,
+                     metadata: dict | None = None) -> ShardedWriter:
+    """specs: [(name, dtype, shape)]; produce(name) -> tensor. Writes config.json and copies side files."""
+    writer = ShardedWriter(out, specs, max_shard_size, metadata=metadata)
+    with byte_progress(writer.total, description, progress) as advance:
+        for name, _, _ in specs:
+            t = produce(name)
+            writer.write(name, t)
+            advance(t.numel() * t.element_size())
+            del t
+    writer.close()
+    out.write_json("config.json", config)
+    if side_from:
+        from ..io.checkpoint import SIDE_FILES
+
+        out.copy_from(side_from, [f for f in SIDE_FILES if f != "config.json"])
+    return writer
+
+
+def copy_checkpoint(src: str, dst: str, *, force: bool = False, max_shard_size="5GB") -> str:
+    """Rewrite a checkpoint unchanged (re-sharding it): the identity surgery."""
+    ck = Checkpoint.open(src)
+    specs = [(k, ck.dtype(k), ck.shape(k)) for k in ck.keys()]
+    with OutputDir(dst, inputs=[ck.path], force=force) as out:
+        write_checkpoint(out, specs, ck.read, config=json.loads(json.dumps(ck.config)), side_from=ck.path,
+                         max_shard_size=max_shard_size, description="copying")
+        return out.commit()
