@@ -1,0 +1,135 @@
+"""Summarise results.json (from run.py) into docs/results.md, summary.json and the PNG plots.
+
+    python -m benchmarks.evidence.report benchmarks/.work/evidence-<key>/results.json
+
+Statistics: mean over seeds ± the half-width of a 95 % Student-t interval (n = seeds). The share of
+the gap closed is computed per seed, (method_s - zero_shot) / (llm_lora_s - zero_shot), then averaged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+ROWS = [("zero-shot", "LLM zero-shot"), ("slm_lora", "SLM + LoRA"), ("llm_lora", "LLM + LoRA (upper bound)"),
+        ("transfer", "transfer only (W_plug + depth map, no tuning)"),
+        ("method", "transfer + bridge tuning (**the method**)"), ("bridge_only", "LoRA trained on the bridge alone")]
+
+
+def ci(xs: list[float]) -> tuple[float, float]:
+    n = len(xs)
+    m = sum(xs) / n
+    if n < 2:
+        return m, float("nan")
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    return m, T975.get(n, 1.96) * sd / math.sqrt(n)
+
+
+def acc(rec: dict) -> float:
+    """Accuracy of an eval record, a train record (its final dev evaluation) or a {"eval": ...} pair."""
+    if "eval" in rec:
+        rec = rec["eval"]
+    out = rec["out"]
+    return (out["after"] if "after" in out else out)["accuracy"]
+
+
+def per_seed(task: dict, key: str) -> list[float]:
+    if key == "zero-shot":
+        return [acc(task["zero_shot"])] * len(task["seeds"])
+    return [acc(s[key]) for s in task["seeds"] if key in s]
+
+
+def gap_share(task: dict, key: str) -> list[float] | None:
+    z = acc(task["zero_shot"])
+    ups = per_seed(task, "llm_lora")
+    if min(u - z for u in ups) < 0.05:  # no gap to close: a share would be noise over noise
+        return None
+    return [(m - z) / (u - z) for m, u in zip(per_seed(task, key), ups)]
+
+
+def rss(results: dict, pick) -> tuple[float, float]:
+    xs = [r["rss_mb"] for t in results["tasks"].values() for s in t["seeds"] for r in pick(s, t)]
+    return ci(xs)
+
+
+def summarise(results: dict) -> dict:
+    sm = {"tasks": {}, "floor_rss_mb": results["floor_rss_mb"]}
+    for name, t in results["tasks"].items():
+        rows = {k: ci(per_seed(t, k)) for k, _ in ROWS}
+        rows["zero-shot-slm"] = (acc(t["zero_shot_slm"]), float("nan"))
+        gaps = {k: (ci(g) if (g := gap_share(t, k)) else None) for k in ("transfer", "method", "bridge_only",
+                                                                          "slm_lora")}
+        abl = {}
+        for key in t["seeds"][0]:
+            if key.startswith("method-") or key == "transfer-embeddings":
+                abl[key] = {"acc": ci(per_seed(t, key)), "gap": ci(g) if (g := gap_share(t, key)) else None}
+        bridges = {k: b["out"].get("parameters") for k, b in t["bridges"].items()}
+        sm["tasks"][name] = {"rows": rows, "gap": gaps, "ablations": abl, "bridges": bridges}
+    stages = {
+        "train SLM + LoRA": lambda s, t: [s["slm_lora"]],
+        "train LLM + LoRA": lambda s, t: [s["llm_lora"]],
+        "transfer (activations)": lambda s, t: [s["transfer"]["transfer"]],
+        "prune-bridge (r=16)": lambda s, t: [t["bridges"]["fisher-mask-r16"]],
+        "tune-bridge (r=16)": lambda s, t: [s["method"]["train"]],
+        "eval on the LLM": lambda s, t: [s["method"]["eval"]],
+    }
+    sm["memory"] = {k: rss(results, f) for k, f in stages.items()}
+    method_peak = max(sm["memory"][k][0] for k in ("train SLM + LoRA", "transfer (activations)",
+                                                   "prune-bridge (r=16)", "tune-bridge (r=16)"))
+    llm = sm["memory"]["train LLM + LoRA"][0]
+    f = results["floor_rss_mb"]
+    sm["memory_ratio"] = {"rss": llm / method_peak,
+                          "above_floor": (llm - f) / max(method_peak - f, 1e-9)}
+    pre = results["pretrain"]
+    any_task = next(iter(results["tasks"].values()))
+    tb = any_task["seeds"][0]["method"]["train"]["out"]
+    sm["params"] = {"slm": pre["slm"]["parameters"], "llm": pre["llm"]["parameters"],
+                    "bridge_r16": tb.get("bridge_parameters"), "lora_llm": any_task["seeds"][0]["llm_lora"]["out"]["trainable"],
+                    "lora_slm": any_task["seeds"][0]["slm_lora"]["out"]["trainable"], "lora_bridge": tb.get("trainable")}
+    return sm
+
+
+def fmt(mc, pct=True) -> str:
+    if mc is None:
+        return "n/a"
+    m, h = mc
+    if pct:
+        return f"{100 * m:.1f}" + ("" if math.isnan(h) else f" ± {100 * h:.1f}")
+    return f"{m:.0f}" + ("" if math.isnan(h) else f" ± {h:.0f}")
+
+
+def write_docs(results_path: str, docs: str) -> None:
+    with open(results_path) as f:
+        results = json.load(f)
+    sm = summarise(results)
+    work = os.path.dirname(results_path)
+    with open(os.path.join(work, "summary.json"), "w") as f:
+        json.dump(sm, f, indent=1)
+    plots = _plots(os.path.join(work, "summary.json"), docs)
+    from benchmarks.evidence.markdown import render
+
+    with open(os.path.join(docs, "results.md"), "w") as f:
+        f.write(render(results, sm, plots))
+
+
+def _plots(summary: str, docs: str) -> list[str]:
+    """Draw with the benchmark's own matplotlib venv (not a project dependency); skip if absent."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    py = os.path.join(here, "..", ".work", "plotenv", "bin", "python")
+    if not os.path.exists(py):
+        print(f"no {py}: plots skipped (python3 -m venv benchmarks/.work/plotenv && "
+              "benchmarks/.work/plotenv/bin/pip install matplotlib)")
+        return []
+    out = subprocess.run([py, os.path.join(here, "plots.py"), summary, docs], capture_output=True, text=True)
+    if out.returncode != 0:
+        print(out.stderr[-2000:])
+        return []
+    return out.stdout.split()
+
+
+if __name__ == "__main__":
+    write_docs(sys.argv[1], os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs"))
