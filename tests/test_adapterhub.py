@@ -14,10 +14,11 @@ from surgery.io.writer import OutputDir
 
 from .conftest import run_cli
 
-# AdapterHub's SeqBnConfig ("pfeiffer" / "seq_bn") as BnConfig.to_dict() saves it, written out by hand
+# AdapterHub's SeqBnConfig ("pfeiffer" / "seq_bn") as adapters 1.3.0 saves it (BnConfig.to_dict()), by hand
 PFEIFFER = {
     "adapter_residual_before_ln": False, "cross_adapter": False, "dropout": 0.0, "factorized_phm_W": True,
     "factorized_phm_rule": False, "hypercomplex_nonlinearity": "glorot-uniform", "init_weights": "bert",
+    "init_weights_seed": None,
     "inv_adapter": None, "inv_adapter_reduction_factor": None, "is_parallel": False, "learn_phm": True,
     "leave_out": [], "ln_after": False, "ln_before": False, "mh_adapter": False, "non_linearity": "relu",
     "original_ln_after": True, "original_ln_before": True, "output_adapter": True, "phm_bias": True,
@@ -97,7 +98,7 @@ def test_writer_produces_adapterhubs_layout_byte_for_byte(tmp_path):
         assert open(tmp_path / "w1" / f, "rb").read() == open(tmp_path / "w2" / f, "rb").read()
     text = open(tmp_path / "w1" / "adapter_config.json", encoding="utf-8").read()
     expected = {"config": PFEIFFER, "hidden_size": 64, "model_class": "LlamaForCausalLM", "model_name": "base",
-                "model_type": "llama", "name": "x", "version": "adapters.1.2.0"}
+                "model_type": "llama", "name": "x", "version": "adapters.1.3.0"}
     assert text == json.dumps(expected, indent=2, sort_keys=True)
     sd = torch.load(tmp_path / "w1" / "pytorch_adapter.bin", weights_only=True)
     assert sorted(sd) == sorted(site("model.layers.1.output_adapters", "x"))

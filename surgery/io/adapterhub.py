@@ -5,7 +5,9 @@ What `model.save_adapter(dir, name)` of the `adapters` library writes (loading.p
                          "model_type", "name", "version"}, json.dump(indent=2, sort_keys=True)
   pytorch_adapter.bin   torch.save of the adapter's state dict (the default), or
   adapter.safetensors   the same tensors when saved with use_safetensors=True
-Each adapter's keys are  <layer prefix><site module>.adapters.<name>.adapter_down.0.weight|bias
+(save_adapter also copies the model's static head into head_config.json + pytorch_model_head.bin;
+load_adapter does not need them and an adapter does not change the head, so we neither write nor
+read them.) Each adapter's keys are  <layer prefix><site module>.adapters.<name>.adapter_down.0.weight|bias
 and .adapter_up.weight|bias (adapter_down is Sequential(Linear, activation)); the site module per
 family and placement (mh_adapter / output_adapter / cross_adapter) is data in the family map
 (`bottleneck` section), e.g. transformer.h.3.output_adapters (gpt2), model.layers.3.attention_adapters
@@ -29,7 +31,7 @@ from ..errors import AdapterError
 CONFIG = "adapter_config.json"
 WEIGHTS_BIN = "pytorch_adapter.bin"
 WEIGHTS_SAFE = "adapter.safetensors"
-VERSION = "adapters.1.2.0"  # the adapters release whose schema we write (>= 1.1: no legacy fix-ups on load)
+VERSION = "adapters.1.3.0"  # the adapters release whose schema we write (>= 1.1: no legacy fix-ups on load)
 PARAM_KEYS = {"W_down": "adapter_down.0.weight", "b_down": "adapter_down.0.bias",
               "W_up": "adapter_up.weight", "b_up": "adapter_up.bias"}
 ACTIVATION_RENAME = {"gelu": "gelu_new", "gelu_orig": "gelu"}  # files without "version" predate the rename
@@ -38,7 +40,7 @@ ACTIVATION_RENAME = {"gelu": "gelu_new", "gelu_orig": "gelu"}  # files without "
 BN_DEFAULTS = {
     "mh_adapter": False, "output_adapter": True, "reduction_factor": 16, "non_linearity": "relu",
     "original_ln_before": False, "original_ln_after": True, "ln_before": False, "ln_after": False,
-    "init_weights": "bert", "is_parallel": False, "scaling": 1.0, "use_gating": False,
+    "init_weights": "bert", "init_weights_seed": None, "is_parallel": False, "scaling": 1.0, "use_gating": False,
     "residual_before_ln": True, "adapter_residual_before_ln": False, "inv_adapter": None,
     "inv_adapter_reduction_factor": None, "cross_adapter": False, "leave_out": [], "dropout": 0.0,
     "phm_layer": False, "phm_dim": 4, "factorized_phm_W": True, "shared_W_phm": False,
