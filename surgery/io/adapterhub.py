@@ -84,8 +84,11 @@ def preset_of(cfg: dict) -> str:
     return "custom"
 
 
-def check_bn_config(cfg: dict, where: str) -> None:
-    """Refuse the options whose computation we do not reproduce exactly (module doc)."""
+def check_bn_config(cfg: dict, where: str, check_activation: bool = True) -> None:
+    """Refuse the options whose computation we do not reproduce exactly (module doc).
+
+    check_activation=False skips resolving non_linearity (it imports transformers: seconds), for inspect.
+    """
     from ..ops.bottleneck import activation
 
     arch = cfg.get("architecture")
@@ -104,7 +107,8 @@ def check_bn_config(cfg: dict, where: str) -> None:
     if cfg.get("stochastic_depth") not in (None, 0, 0.0):
         raise AdapterError(f"{where}: stochastic_depth={cfg['stochastic_depth']} is not supported", "use 0.0")
     try:
-        activation(str(cfg.get("non_linearity")))
+        if check_activation:
+            activation(str(cfg.get("non_linearity")))
     except KeyError:
         raise AdapterError(f"{where}: unknown non_linearity {cfg.get('non_linearity')!r}",
                            "use a transformers activation name (relu, swish, gelu, gelu_new, tanh, ...)") from None
@@ -190,7 +194,7 @@ def site_patterns(spec: dict) -> list:
     return out
 
 
-def read_adapterhub(path: str) -> BottleneckAdapter:
+def read_adapterhub(path: str, check_activation: bool = True) -> BottleneckAdapter:
     """Open an AdapterHub bottleneck adapter directory; weights are keyed by the family map's site paths."""
     from ..arch import family_for_model_type
 
@@ -205,7 +209,7 @@ def read_adapterhub(path: str) -> BottleneckAdapter:
         bn["non_linearity"] = ACTIVATION_RENAME[bn["non_linearity"]]  # what AdapterHub does on load
     bn = {**BN_DEFAULTS, **bn}
     cfg["config"] = bn
-    check_bn_config(bn, os.path.join(path, CONFIG))
+    check_bn_config(bn, os.path.join(path, CONFIG), check_activation)
     if not cfg.get("model_type"):
         raise AdapterError(f"{os.path.join(path, CONFIG)} has no model_type", "add the base model's model_type")
     spec = family_for_model_type(cfg["model_type"])

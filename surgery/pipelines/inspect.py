@@ -77,7 +77,7 @@ def describe_bottleneck(path: str) -> dict:
     """An AdapterHub bottleneck adapter: preset, reduction factor, widths, where the adapters sit."""
     from ..io.adapterhub import preset_of, read_adapterhub
 
-    ad = read_adapterhub(path)
+    ad = read_adapterhub(path, check_activation=False)  # keeps inspect free of the transformers import
     bn = ad.bn
     layers: dict = {}
     for stack, layer, _ in ad.placements.values():
