@@ -96,3 +96,17 @@ def test_restricted_adapter_computes_the_kept_coordinates():
     z = torch.zeros(2, D_LLM)
     z[:, kept] = torch.randn(2, len(kept))  # an input the bridge can represent
     assert torch.allclose(by_hand(z, w, act)[:, kept], by_hand(z[:, kept], br, act), atol=1e-6)
+
+
+def test_adapter_dropout_acts_in_training_only():
+    from surgery.ops.bottleneck import bottleneck
+
+    w, act = rand_weights(D_SLM, R), activation("relu")
+    z = torch.randn(8, D_SLM)
+    args = (z, w["W_down"], w["b_down"], w["W_up"], w["b_up"], act, 2.0)
+    full = bottleneck(*args)
+    assert torch.equal(bottleneck(*args, dropout=0.5, training=False), full)
+    torch.manual_seed(0)
+    dropped = bottleneck(*args, dropout=0.5, training=True)
+    kept = dropped != 0
+    assert 0 < kept.float().mean() < 1 and torch.allclose(dropped[kept], 2 * full[kept])  # inverted dropout

@@ -48,12 +48,17 @@ def activation(name: str):
     return ACT2FN[key]
 
 
-def bottleneck(z, W_down, b_down, W_up, b_up, act, scaling: float = 1.0):
-    """s · (W_up σ(W_down z + b_down) + b_up): the adapter's update, without its skip connection."""
+def bottleneck(z, W_down, b_down, W_up, b_up, act, scaling: float = 1.0, dropout: float = 0.0,
+               training: bool = False):
+    """s · (W_up σ(W_down z + b_down) + b_up): the adapter's update, without its skip connection.
+
+    AdapterHub applies its `dropout` here, after the scaling, in training only.
+    """
     import torch
 
     u = act(torch.nn.functional.linear(z, W_down, b_down))
-    return scaling * torch.nn.functional.linear(u, W_up, b_up)
+    out = scaling * torch.nn.functional.linear(u, W_up, b_up)
+    return torch.nn.functional.dropout(out, dropout, training) if training and dropout else out
 
 
 def adapter(z, W_down, b_down, W_up, b_up, act, scaling: float = 1.0):
@@ -61,26 +66,29 @@ def adapter(z, W_down, b_down, W_up, b_up, act, scaling: float = 1.0):
     return z + bottleneck(z, W_down, b_down, W_up, b_up, act, scaling)
 
 
-def _site_o(h, x, weights, act, scaling, original_ln_before, residual_before_ln):
+def _site_o(h, x, weights, act, scaling, original_ln_before, residual_before_ln, dropout=0.0, training=False):
     a = h + x if original_ln_before else h
     r = h if residual_before_ln else a
-    return r + bottleneck(a, weights["W_down"], weights["b_down"], weights["W_up"], weights["b_up"], act, scaling)
+    return r + bottleneck(a, weights["W_down"], weights["b_down"], weights["W_up"], weights["b_up"], act, scaling,
+                          dropout, training)
 
 
 def site_output(h, x, weights: dict, act, scaling: float = 1.0, original_ln_before: bool = False,
-                residual_before_ln: bool = True, original_ln_after: bool = True):
+                residual_before_ln: bool = True, original_ln_after: bool = True, dropout: float = 0.0,
+                training: bool = False):
     """The block's new residual stream y at one adapter site, as AdapterHub computes it (see module doc)."""
-    o = _site_o(h, x, weights, act, scaling, original_ln_before, residual_before_ln)
+    o = _site_o(h, x, weights, act, scaling, original_ln_before, residual_before_ln, dropout, training)
     return o + x if original_ln_after else o
 
 
 def site_sublayer(h, x, weights: dict, act, scaling: float = 1.0, original_ln_before: bool = False,
-                  residual_before_ln: bool = True, original_ln_after: bool = True):
+                  residual_before_ln: bool = True, original_ln_after: bool = True, dropout: float = 0.0,
+                  training: bool = False):
     """What replaces h so that the block's own `x + h` yields y: o, or o − x without original_ln_after.
 
     With W_up = 0, b_up = 0 and residual_before_ln (both presets) this is h itself, bit for bit.
     """
-    o = _site_o(h, x, weights, act, scaling, original_ln_before, residual_before_ln)
+    o = _site_o(h, x, weights, act, scaling, original_ln_before, residual_before_ln, dropout, training)
     return o if original_ln_after else o - x
 
 

@@ -80,6 +80,7 @@ class BottleneckAdapters(nn.Module):
                                        for s in sites})
         self.flags = {"scaling": float(bn.get("scaling", 1.0)), "original_ln_before": bool(bn["original_ln_before"]),
                       "residual_before_ln": bool(bn["residual_before_ln"]), "original_ln_after": bool(bn["original_ln_after"])}
+        self.dropout = float(bn.get("dropout") or 0.0)
         self._handles: list = []
         self._x: dict = {}
 
@@ -109,7 +110,9 @@ class BottleneckAdapters(nn.Module):
             w = ad.weights()
             dt = w["W_down"].dtype
             act = ad.adapter_down[1].f
-            new = site_sublayer(h.to(dt), x.to(dt), w, act, **self.flags).to(h.dtype)
+            # AdapterHub's adapter dropout acts when the model trains (the hooked module's mode)
+            new = site_sublayer(h.to(dt), x.to(dt), w, act, **self.flags, dropout=self.dropout,
+                                training=module.training).to(h.dtype)
             return new if isinstance(output, torch.Tensor) else (new, *output[1:])
         return hook
 
