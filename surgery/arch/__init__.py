@@ -87,6 +87,32 @@ class TensorSpec:
         return self.dims[0] if self.transposed else self.dims[1]
 
 
+@dataclass(frozen=True)
+class BottleneckSite:
+    """Where one AdapterHub bottleneck adapter sits in a concrete model (full module paths)."""
+
+    stack: str
+    layer: int
+    index: int  # AdapterHub's layer id: layers counted across stacks (T5: encoder first, then decoder)
+    placement: str  # mh_adapter | output_adapter | cross_adapter
+    module: str  # AdapterHub hangs the adapter here: <module>.adapters.<name>.adapter_down.0.weight
+    output: str  # this module's output (tensor or first of a tuple) is the sublayer output h
+    residual: str  # this module's input is the residual stream x entering the sublayer
+
+
+def bottleneck_templates(spec: dict) -> list[tuple[str, str, str, dict]]:
+    """(stack, placement, layer prefix template, site entry) for every bottleneck site of a family."""
+    sites = spec.get("bottleneck")
+    if not sites:
+        raise ArchitectureError(f"family {spec['family']} has no bottleneck adapter sites",
+                                "add a 'bottleneck' section to its family file (docs/arch.md)")
+    out = []
+    for stack in spec["stacks"]:
+        for placement, entry in sites.get(stack, {}).items():
+            out.append((stack, placement, spec["stacks"][stack]["prefix"], entry))
+    return out
+
+
 @dataclass
 class Arch:
     family: str
@@ -150,6 +176,20 @@ class Arch:
 
     def by_module(self) -> dict[str, TensorSpec]:
         return {t.module: t for t in self.tensors() if t.module is not None}
+
+    def bottleneck_sites(self) -> list[BottleneckSite]:
+        """Every place a bottleneck adapter can sit, stack by stack, layer by layer."""
+        templates = bottleneck_templates(self.spec)
+        out, offset = [], 0
+        for stack, n in self.stacks.items():
+            for i in range(n):
+                for st, placement, prefix, e in templates:
+                    if st == stack:
+                        p = prefix.format(i=i)
+                        out.append(BottleneckSite(stack, i, offset + i, placement, p + e["module"],
+                                                  p + e["output"], p + e["residual"]))
+            offset += n
+        return out
 
     def shape(self, t: TensorSpec) -> tuple:
         return tuple(self.axis_size(a) for a in t.dims)

@@ -113,6 +113,11 @@ class Adapter:
                 config = json.load(f)
         except ValueError as e:
             raise AdapterError(f"{cfg_path} is not valid JSON ({e})", "restore it from the trained adapter") from e
+        from .adapterhub import is_adapterhub_dir
+
+        if is_adapterhub_dir(path):  # merge-lora and friends land here: say what it is and where it works
+            raise AdapterError(f"{path} is a bottleneck adapter (AdapterHub layout); bottleneck adapters add modules "
+                               "and cannot be merged into weights", "use it with `surgery eval --adapter`")
         if "peft_type" not in config:
             raise AdapterError(f"{cfg_path} has no peft_type", "is this a PEFT adapter? (AdapterHub adapters use --method adapter)")
         return cls(path=path, config=config, tensors=_load_weights(path))

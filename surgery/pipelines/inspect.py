@@ -9,6 +9,10 @@ from ..errors import SurgeryError
 
 
 def describe(path: str) -> dict:
+    from ..io.adapterhub import is_adapterhub_dir
+
+    if is_adapterhub_dir(path):
+        return describe_bottleneck(path)
     if os.path.exists(os.path.join(path, "adapter_config.json")):
         return describe_adapter(path)
     return describe_model(path)
@@ -67,3 +71,25 @@ def describe_adapter(path: str) -> dict:
         info.update(num_virtual_tokens=cfg.get("num_virtual_tokens"), token_dim=cfg.get("token_dim"),
                     num_layers=cfg.get("num_layers"))
     return info
+
+
+def describe_bottleneck(path: str) -> dict:
+    """An AdapterHub bottleneck adapter: preset, reduction factor, widths, where the adapters sit."""
+    from ..io.adapterhub import preset_of, read_adapterhub
+
+    ad = read_adapterhub(path, check_activation=False)  # keeps inspect free of the transformers import
+    bn = ad.bn
+    layers: dict = {}
+    for stack, layer, _ in ad.placements.values():
+        layers.setdefault(stack, set()).add(layer)
+    return {"kind": "adapter", "path": ad.path, "type": "bottleneck", "name": ad.name, "config": preset_of(bn),
+            "base": ad.config.get("model_name"), "model_type": ad.config.get("model_type"),
+            "parameters": ad.num_parameters(),
+            "dtypes": sorted({str(t.dtype).replace("torch.", "") for w in ad.modules.values() for t in w.values()}),
+            "reduction_factor": bn["reduction_factor"],
+            "widths": sorted({int(w["W_down"].shape[0]) for w in ad.modules.values()}),
+            "non_linearity": bn["non_linearity"], "scaling": bn.get("scaling", 1.0),
+            "original_ln_before": bool(bn["original_ln_before"]), "residual_before_ln": bn["residual_before_ln"],
+            "original_ln_after": bool(bn["original_ln_after"]),
+            "placements": sorted({p for _, _, p in ad.placements.values()}),
+            "layers": {s: sorted(v) for s, v in layers.items()}, "sites": len(ad.modules)}
