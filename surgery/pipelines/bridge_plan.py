@@ -88,8 +88,8 @@ def plan_sizes(arch, reduction: float, fixed: dict) -> dict:
     _check_fixed(arch, fixed)
     target = arch.num_parameters() / reduction
     best = None
-    for step in range(0, 241):
-        s = math.exp(step * math.log(max(reduction, 1.0) * 4) / 240) if reduction > 1 else 1.0
+    for step in range(0, 121):
+        s = math.exp(step * math.log(max(reduction, 1.0) * 4) / 120) if reduction > 1 else 1.0
         sizes = _sizes_at(arch, s, fixed)
         n = load_arch(bridge_config(arch, sizes)).num_parameters()
         err = abs(math.log(n / target))
@@ -97,7 +97,7 @@ def plan_sizes(arch, reduction: float, fixed: dict) -> dict:
             best = (err, sizes)
         if reduction == 1:
             break
-    return best[1]
+    return {k: best[1][k] for k in SIZE_NAMES}
 
 
 def _group_key(group: str, kv: bool) -> str:
