@@ -29,6 +29,7 @@ def prune_bridge_cmd(
     seed: Seed = 0,
     force: Force = False,
     max_shard_size: MaxShard = "5GB",
+    device_map: Annotated[Optional[str], typer.Option("--device-map", help="accelerate device map for the calibration passes (default: auto with a GPU, plain CPU otherwise).")] = None,
     json_out: JsonOut = False,
 ):
     """Prune LLM into a smaller checkpoint of the same family, by Fisher information on calibration data."""
@@ -42,7 +43,7 @@ def prune_bridge_cmd(
                      intermediate_size=intermediate_size, num_attention_heads=num_attention_heads,
                      num_key_value_heads=num_key_value_heads, samples=samples, seq_len=seq_len,
                      importance=importance, seed=seed, batch_size=batch_size, force=force,
-                     max_shard_size=max_shard_size)
+                     max_shard_size=max_shard_size, device_map=device_map)
     if json_out:
         print_json({k: v for k, v in r.items() if k != "kept"})
         return

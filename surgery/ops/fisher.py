@@ -27,7 +27,7 @@ def axis_scores(sq, dims: tuple, arch) -> list[tuple[str, object]]:
     for a, axis in enumerate(dims):
         other = [d for d in range(sq.ndim) if d != a]
         v = sq.sum(dim=other) if other else sq
-        v = v.double()
+        v = v.double().cpu()  # scores live on the CPU whatever device the layer is on
         start = 0
         for space in axis:
             n = arch.space_size(space)
@@ -93,3 +93,36 @@ def recalibrate_norm(gain, bias, ratio: float, shift: float):
     g = gain.float() * ratio
     b = None if bias is None else bias.float() + gain.float() * shift
     return g, b
+
+
+def _mask_fn():
+    import torch
+
+    class UnitMask(torch.autograd.Function):
+        """y = x * m evaluated at m = 1 (where the Fisher of a mask is taken): the output is x
+        itself, so the next layer's saved input is x's storage and the mask costs no activation
+        memory; backward gives dL/dm = sum over tokens of g * x and dL/dx = g * m."""
+
+        @staticmethod
+        def forward(ctx, x, m):
+            ctx.save_for_backward(x, m)
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            x, m = ctx.saved_tensors
+            gm = (g.to(m.dtype) * x.to(m.dtype)).reshape(-1, *m.shape).sum(0) if ctx.needs_input_grad[1] else None
+            return g * m.to(g.dtype), gm
+
+    return UnitMask
+
+
+_UNIT_MASK = None
+
+
+def unit_mask(x, m):
+    """Multiply the last axis of x (viewed as [..., *m.shape]) by the mask m, which must be all ones."""
+    global _UNIT_MASK
+    if _UNIT_MASK is None:
+        _UNIT_MASK = _mask_fn()
+    return _UNIT_MASK.apply(x, m)

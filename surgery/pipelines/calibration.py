@@ -91,15 +91,18 @@ def batches(blocks, batch_size: int, encoder_decoder: bool):
             yield {"input_ids": b, "labels": b}
 
 
-def load_model(path: str, dtype: str = "float32"):
+def load_model(path: str, dtype: str = "float32", device_map: str | None = None):
     """The transformers model for calibration passes: plain on CPU, accelerate's device_map="auto"
-    when a GPU is present (layers spread over devices, offloaded to CPU when they do not fit)."""
+    when a GPU is present (layers spread over devices, offloaded to CPU when they do not fit).
+    `device_map` overrides that choice ("auto", "cpu", ...; passed to from_pretrained as is)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     cfg = AutoConfig.from_pretrained(path)
     cls = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM
-    kw = {"device_map": "auto"} if torch.cuda.is_available() else {}
+    if device_map is None and torch.cuda.is_available():
+        device_map = "auto"
+    kw = {"device_map": device_map} if device_map else {}
     model = cls.from_pretrained(path, dtype=getattr(torch, dtype), **kw)
     model.eval()
     return model

@@ -10,7 +10,7 @@ The formulas are in surgery/ops/fisher.py.
 
 from __future__ import annotations
 
-from ..ops.fisher import axis_scores, heads_to_groups, per_head
+from ..ops.fisher import axis_scores, heads_to_groups, per_head, unit_mask
 from .calibration import batches, to_device
 
 METHODS = ("fisher-mask", "fisher-param", "magnitude")
@@ -50,13 +50,13 @@ def _mask_hooks(model, arch, masks: dict) -> list:
     import torch
 
     def on_output(mask):
-        return lambda mod, args, out: out * mask.to(out.device, out.dtype)
+        return lambda mod, args, out: unit_mask(out, mask.to(out.device))
 
     def on_input(mask, head: int):
         def pre(mod, args):
             x = args[0]
-            m = mask.to(x.device, x.dtype)
-            x = (x.unflatten(-1, (-1, head)) * m[:, None]).flatten(-2) if head > 1 else x * m
+            m = mask.to(x.device)
+            x = unit_mask(x.unflatten(-1, (-1, head)), m[:, None].expand(-1, head)).flatten(-2) if head > 1 else unit_mask(x, m)
             return (x, *args[1:])
         return pre
 

@@ -9,7 +9,6 @@ surgery.ops.slice.select into a checkpoint of the same family, with bridge.json 
 from __future__ import annotations
 
 import gc
-import json
 
 from ..arch import arch_of, load_arch
 from ..errors import ArchitectureError, DataError
@@ -89,7 +88,7 @@ def prune_bridge(llm: str, out: str, data: str, *, reduction: float = 16.0, hidd
                  intermediate_size: int | None = None, num_attention_heads: int | None = None,
                  num_key_value_heads: int | None = None, samples: int = 32, seq_len: int = 128,
                  importance: str = "fisher-mask", seed: int = 0, batch_size: int = 8, force: bool = False,
-                 max_shard_size: str = "5GB", progress: bool | None = None) -> dict:
+                 max_shard_size: str = "5GB", device_map: str | None = None, progress: bool | None = None) -> dict:
     """Write a bridge of `llm` to `out`; returns the report (also the content of bridge.json)."""
     import torch
 
@@ -110,7 +109,7 @@ def prune_bridge(llm: str, out: str, data: str, *, reduction: float = 16.0, hidd
     with OutputDir(out, inputs=[ck.path], force=force) as od:
         torch.manual_seed(seed)
         blocks, L = token_blocks(ck.path, data, samples, seq_len, seed, arch.dims.get("positions"))
-        model = load_model(ck.path)
+        model = load_model(ck.path, device_map=device_map)
         if importance == "magnitude":
             scores = imp.magnitude(ck, arch)
         elif importance == "fisher-param":
@@ -124,7 +123,7 @@ def prune_bridge(llm: str, out: str, data: str, *, reduction: float = 16.0, hidd
         specs = [(t.name, ck.dtype(t.name), barch.shape(t)) for t in barch.stored_tensors()]
         write_checkpoint(od, specs, _tensor_producer(ck, arch, kept, corr, sizes), config=cfg, side_from=ck.path,
                          max_shard_size=max_shard_size, description="writing bridge", progress=progress)
-        bridge = load_model(od.tmp)
+        bridge = load_model(od.tmp, device_map=device_map)
         bridge_loss = mean_loss(bridge, blocks, batch_size)
         del bridge
         manifest = {
@@ -141,7 +140,3 @@ def prune_bridge(llm: str, out: str, data: str, *, reduction: float = 16.0, hidd
         path = od.commit()
     return {"output": path, **manifest}
 
-
-def read_manifest(bridge_dir: str) -> dict:
-    with open(f"{bridge_dir}/bridge.json") as f:
-        return json.load(f)
