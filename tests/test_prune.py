@@ -61,7 +61,7 @@ def _kl(p_logits, q_logits) -> float:
     return float((lp.exp() * (lp - lq)).sum(-1).mean())
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "t5"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "t5"])
 def test_keep_everything_reproduces_the_llm_exactly(fx, calib, tmp_path, family):
     import torch
 
