@@ -272,3 +272,21 @@ def test_size_requests_that_break_the_family_are_refused(fx, calib, tmp_path):
     with pytest.raises(ShapeError, match="outside"):
         prune_bridge(fx.model("llama"), tmp_path / "o", calib, intermediate_size=999)
     assert not (tmp_path / "o").exists()
+
+
+def test_sharded_bfloat16_llm_keeps_dtype_and_values(fx, calib, tmp_path):
+    """Keeping everything copies every tensor bit for bit, in the LLM's dtype, from any shard layout."""
+    import torch
+
+    from surgery.io.checkpoint import Checkpoint
+    from surgery.pipelines.prune import prune_bridge
+
+    llm = fx.model("llama", dtype="bfloat16", max_shard_size="100KB")
+    src = Checkpoint.open(llm)
+    assert len(src.shards) > 1
+    prune_bridge(llm, tmp_path / "b", calib, reduction=1, importance="magnitude", **FAST)
+    out = Checkpoint.open(tmp_path / "b")
+    assert sorted(out.keys()) == sorted(src.keys())
+    for k in src.keys():
+        a, b = src.read(k), out.read(k)
+        assert b.dtype == torch.bfloat16 and torch.equal(a, b), k
