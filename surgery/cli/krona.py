@@ -31,7 +31,7 @@ def extract_krona_cmd(
 
     t = Table(title=f"LoKr adapter -> {rep['output']} (r = alpha = {rep['r']}, scaling 1)")
     for col in ("module", "ΔW [out, in]", "w1", "w2", "rel. error", "compression"):
-        t.add_column(col, justify="left" if col == "module" else "right")
+        t.add_column(col, justify="left" if col == "module" else "right", overflow="fold")
     for m in rep["modules"]:
         t.add_row(m["module"], "x".join(map(str, m["shape"])), "x".join(map(str, m["w1"])), "x".join(map(str, m["w2"])),
                   f"{m['rel_error']:.4f}", f"{m['compression']:.1f}x")

@@ -47,8 +47,7 @@ def _refuse_conv1d(specs) -> None:
     if conv:
         shown = ", ".join(conv[:4]) + (f", … ({len(conv)} modules)" if len(conv) > 4 else "")
         raise AdapterError(f"PEFT's LoKr cannot wrap Conv1D layers (stored [in, out]): {shown}",
-                           "pass --targets naming only nn.Linear modules (GPT-2's attention and MLP are all Conv1D; "
-                           "use a LoRA for those)")
+                           "pass --targets naming only nn.Linear modules, and keep a LoRA for the Conv1D layers")
 
 
 def _model_deltas(base: Checkpoint, tuned_path: str, specs):
@@ -121,7 +120,7 @@ def extract_krona(base_path: str, source: str, out: str, *, factor: int = -1, ta
         dense = d.numel()
         kept = fit.A.numel() + fit.B.numel()
         rows.append({"module": t.module, "shape": list(d.shape), "w1": list(fit.A.shape), "w2": list(fit.B.shape),
-                     "rel_error": fit.rel_error, "delta_norm": fit.norm, "params": kept, "dense_params": dense,
+                     "rel_error": fit.rel_error, "delta_norm": fit.norm, "iterations": fit.iterations, "params": kept, "dense_params": dense,
                      "compression": dense / kept})
     if not rows:
         raise AdapterError(f"no selected module of {source} differs from BASE",
