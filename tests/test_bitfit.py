@@ -17,18 +17,10 @@ def _tensors(path):
     return {k: ck.read(k) for k in ck.keys()}
 
 
-def _tune(base, out, cls_name="AutoModelForCausalLM", weight=None, seed=0, **kw):
-    """A BitFit-style fine-tune saved by transformers: every `*.bias` moved (plus, optionally, one weight)."""
-    import transformers
+def _tune(base, out, cls_name="AutoModelForCausalLM", weight=None, **kw):
+    from fixtures import build_bias_tuned
 
-    model = getattr(transformers, cls_name).from_pretrained(base, dtype="auto", **kw)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias") or name == weight:
-                p.add_(0.01 * torch.randn(p.shape, generator=g))
-    model.save_pretrained(out)
-    return str(out)
+    return build_bias_tuned(base, str(out), also=(weight,) if weight else (), cls=cls_name, **kw)
 
 
 def _same_bits(a, b):
