@@ -38,15 +38,17 @@ def _merged(base, adapter):
     sd = pm.state_dict()
     for key, t in Adapter.open(adapter).tensors.items():
         mod, _, param = key.rpartition(".")
-        assert torch.equal(sd[f"{mod}.{param}.default"], t), key
+        loaded = f"{mod}.{param}.default" if param.startswith("lokr_") else f"{mod}.modules_to_save.default.{param}"
+        assert torch.equal(sd[loaded], t), key
     return pm.merge_and_unload().state_dict()
 
 
-@pytest.mark.parametrize("family,q,dense", [
-    ("llama", "model.layers.1.self_attn.q_proj", "model.layers.0.mlp.down_proj"),
-    ("t5", "decoder.block.1.layer.1.EncDecAttention.q", "encoder.block.0.layer.1.DenseReluDense.wo"),
+@pytest.mark.parametrize("family,q,dense,norm", [
+    ("llama", "model.layers.1.self_attn.q_proj", "model.layers.0.mlp.down_proj", "model.norm.weight"),
+    ("t5", "decoder.block.1.layer.1.EncDecAttention.q", "encoder.block.0.layer.1.DenseReluDense.wo",
+     "encoder.final_layer_norm.weight"),
 ])
-def test_tuned_model_kronecker_delta_is_exact_and_merges_in_peft(fx, tmp_path, family, q, dense):
+def test_tuned_model_kronecker_delta_is_exact_and_merges_in_peft(fx, tmp_path, family, q, dense, norm):
     base = fx.model(family)
     g = torch.Generator().manual_seed(0)
     base_sd = _auto(base)[0].state_dict()
@@ -54,7 +56,7 @@ def test_tuned_model_kronecker_delta_is_exact_and_merges_in_peft(fx, tmp_path, f
     A, B = torch.randn(w1, generator=g), torch.randn(w2, generator=g)
     Dd = 0.05 * torch.randn(base_sd[dense + ".weight"].shape, generator=g)
     tuned = _tune(base, tmp_path / "tuned", {q + ".weight": lambda w: w + torch.kron(A, B),
-                                              dense + ".weight": lambda w: w + Dd})
+                                              dense + ".weight": lambda w: w + Dd, norm: lambda w: w + 0.5})
     out = tmp_path / "lokr"
     code, stdout, err = run_cli("extract-krona", base, tuned, "-o", out, "--json")
     assert code == 0, err
@@ -62,6 +64,9 @@ def test_tuned_model_kronecker_delta_is_exact_and_merges_in_peft(fx, tmp_path, f
     rows = {r["module"]: r for r in rep["modules"]}
     assert set(rows) == {q, dense} and rep["alpha"] == rep["r"]
     assert rows[q]["rel_error"] < 1e-6
+    # a norm scale is not a linear layer: reported as not captured, with its delta norm
+    assert [n for n, _ in rep["not_captured"]] == [norm]
+    assert rep["not_captured"][0][1] == pytest.approx(0.5 * base_sd[norm].numel() ** 0.5, rel=1e-6)
     # the dense delta gets the optimal (Van Loan–Pitsianis) error
     tuned_sd = _auto(tuned)[0].state_dict()
     exact = (tuned_sd[dense + ".weight"].double() - base_sd[dense + ".weight"].double())
@@ -85,19 +90,21 @@ def test_tuned_model_kronecker_delta_is_exact_and_merges_in_peft(fx, tmp_path, f
 
 def test_lora_adapter_as_source_with_factor(fx, tmp_path):
     base = fx.model("llama")
-    lora = fx.lora("llama", targets=["q_proj", "v_proj"], name="kr")
+    lora = fx.lora("llama", targets=["q_proj", "v_proj"], name="kr", modules_to_save=["lm_head"])
     out = tmp_path / "lokr"
     code, stdout, err = run_cli("extract-krona", base, lora, "-o", out, "--factor", "4", "--targets", "q_proj", "--json")
     assert code == 0, err
     rep = json.loads(stdout)
-    assert rep["source"] == "lora" and [r["module"] for r in rep["modules"]] == [
+    assert rep["source"] == "lora" and rep["modules_to_save"] == ["lm_head"] and [r["module"] for r in rep["modules"]] == [
         "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
     assert rep["modules"][0]["w1"] == [4, 4] and rep["modules"][0]["w2"] == [16, 16]
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["decompose_factor"] == 4 and cfg["alpha"] == cfg["r"]
     merged = _merged(base, str(out))
     base_sd = _auto(base)[0].state_dict()
-    for m in Adapter.open(lora).lora_modules():
+    ad = Adapter.open(lora)
+    assert torch.equal(merged["lm_head.weight"], ad.modules_to_save()["lm_head"]["weight"])
+    for m in ad.lora_modules():
         if "q_proj" not in m.module:
             continue
         fit = kron_params(m.scaling * (m.B.double() @ m.A.double()), 4)

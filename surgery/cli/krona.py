@@ -40,3 +40,9 @@ def extract_krona_cmd(
     c.print(t)
     c.print(f"{human_count(rep['params'])} parameters for {human_count(rep['dense_params'])} dense delta entries"
             + (f"; {len(rep['unchanged'])} selected modules unchanged, skipped" if rep["unchanged"] else ""))
+    if rep["modules_to_save"]:
+        c.print(f"carried over whole from the LoRA: {', '.join(rep['modules_to_save'])}")
+    lost = rep["not_captured"]
+    if lost:
+        shown = ", ".join(f"{n} (‖Δ‖ {v:.3g})" for n, v in lost[:3]) + (f", … ({len(lost)} tensors)" if len(lost) > 3 else "")
+        c.print(f"[yellow]note:[/] TUNED also changed tensors a LoKr adapter does not hold: {shown}")

@@ -12,7 +12,7 @@ import os
 
 from ..arch import arch_of
 from ..errors import AdapterError, ShapeError
-from ..io.adapter import CONFIG, Adapter, lora_key, targets_module, write_adapter
+from ..io.adapter import CONFIG, Adapter, lora_key, saved_module_key, targets_module, write_adapter
 from ..io.checkpoint import Checkpoint
 from ..io.writer import OutputDir
 
@@ -50,11 +50,25 @@ def _refuse_conv1d(specs) -> None:
                            "pass --targets naming only nn.Linear modules, and keep a LoRA for the Conv1D layers")
 
 
-def _model_deltas(base: Checkpoint, tuned_path: str, specs):
+def _not_captured(base: Checkpoint, tuned: Checkpoint, specs) -> list:
+    """[name, ||Δ||_F] of tensors TUNED changed outside the selected linear weights (a LoKr adapter drops them)."""
+    from ..ops.bitfit import delta_sq_norm, same_bits
+
+    taken = {t.name for t in specs}
+    out = []
+    for name in base.keys():
+        if name in taken or name not in tuned or tuned.shape(name) != base.shape(name):
+            continue
+        b, t = base.read(name), tuned.read(name)
+        if not same_bits(b, t):
+            out.append([name, delta_sq_norm(b, t) ** 0.5])
+    return sorted(out, key=lambda x: (-x[1], x[0]))
+
+
+def _model_deltas(base: Checkpoint, tuned: Checkpoint, specs):
     """(spec, ΔW [out, in] float64 or None when unchanged) for each selected module."""
     import torch
 
-    tuned = Checkpoint.open(tuned_path)
     for t in specs:
         if t.name not in tuned:
             raise ShapeError(f"{tuned.path} has no tensor {t.name} (BASE has it)",
@@ -105,7 +119,8 @@ def extract_krona(base_path: str, source: str, out: str, *, factor: int = -1, ta
         touched = {m for m in ad.module_params()}
         specs = [t for t in specs if t.module in touched]
     _refuse_conv1d(specs)
-    deltas = _adapter_deltas(base, arch, ad, specs) if ad else _model_deltas(base, source, specs)
+    tuned = None if ad else Checkpoint.open(source)
+    deltas = _adapter_deltas(base, arch, ad, specs) if ad else _model_deltas(base, tuned, specs)
 
     tensors, rows, unchanged = {}, [], []
     max_w2 = 1
@@ -125,10 +140,16 @@ def extract_krona(base_path: str, source: str, out: str, *, factor: int = -1, ta
     if not rows:
         raise AdapterError(f"no selected module of {source} differs from BASE",
                            "check that TUNED was fine-tuned from BASE, or widen --targets")
+    if ad is not None:  # whole modules the LoRA replaced (a task head) carry over unchanged
+        saved = ad.modules_to_save()
+        tensors.update({saved_module_key(mod, p): t for mod, ps in saved.items() for p, t in ps.items()})
     # peft keeps lokr_w2 whole only when r >= max(w2 dims) / 2; alpha = r makes alpha / r exactly 1.
     r = max_w2
     with OutputDir(out, inputs=[base.path, source], force=force) as od:
-        write_adapter(od, lokr_config(base.path, r, [row["module"] for row in rows], factor), tensors)
+        cfg = lokr_config(base.path, r, [row["module"] for row in rows], factor)
+        if ad is not None:
+            cfg.update(modules_to_save=ad.config.get("modules_to_save"), task_type=ad.config.get("task_type"))
+        write_adapter(od, cfg, tensors)
         path = od.commit()
     dense = sum(row["dense_params"] for row in rows)
     kept = sum(row["params"] for row in rows)
@@ -136,4 +157,7 @@ def extract_krona(base_path: str, source: str, out: str, *, factor: int = -1, ta
     sq_err = sum((row["rel_error"] * row["delta_norm"]) ** 2 for row in rows)
     return {"output": path, "source": "lora" if ad else "model", "r": r, "alpha": r, "factor": factor,
             "modules": rows, "unchanged": unchanged, "params": kept, "dense_params": dense,
-            "compression": dense / kept, "rel_error": (sq_err / sq) ** 0.5 if sq else 0.0}
+            "compression": dense / kept, "rel_error": (sq_err / sq) ** 0.5 if sq else 0.0,
+            "modules_to_save": sorted(ad.modules_to_save()) if ad else [],
+            # what the adapter cannot carry: other tensors the fine-tune changed (biases, norms, excluded layers)
+            "not_captured": _not_captured(base, tuned, specs) if tuned else []}
