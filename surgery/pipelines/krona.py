@@ -36,8 +36,10 @@ def _selected(arch, targets: list[str] | None) -> list:
         cfg = {"target_modules": list(targets)}
         mods = [t for t in mods if targets_module(cfg, t.module)]
         if not mods:
-            names = sorted({t.module.rsplit(".", 1)[-1] for t in arch.linears()})
-            raise AdapterError(f"--targets {', '.join(targets)} match no linear module of this {arch.family} model",
+            names = sorted({t.module.rsplit(".", 1)[-1] for t in arch.linears() if t.tied_to is None})
+            tied = [t for t in arch.linears() if t.tied_to and targets_module(cfg, t.module)]
+            why = f" ({tied[0].module} is tied to {tied[0].tied_to} and has no weight of its own)" if tied else ""
+            raise AdapterError(f"--targets {', '.join(targets)} match no linear module of this {arch.family} model{why}",
                                f"use module names such as {', '.join(names)}")
     return mods
 
