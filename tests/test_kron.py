@@ -42,7 +42,8 @@ def test_dense_delta_gets_the_optimal_error():
     # Eckart–Young on the rearranged matrix: the error is the norm of the discarded singular values
     assert fit.iterations > 0  # the subspace-iteration path, checked against a dense SVD
     assert err == pytest.approx(float(S[1:].norm()), rel=1e-9)
-    assert fit.error == pytest.approx(err, rel=1e-12) and fit.sigma1 == pytest.approx(float(S[0]), rel=1e-9)
+    # converged on the error (what is reported); sigma1 itself to what that needs
+    assert fit.error == pytest.approx(err, rel=1e-12) and fit.sigma1 == pytest.approx(float(S[0]), rel=1e-6)
     # and no nearby factor pair does better
     for _ in range(5):
         A2 = fit.A + 1e-3 * torch.randn(fit.A.shape, generator=g, dtype=torch.float64)
@@ -65,7 +66,7 @@ def test_subspace_iteration_finds_the_leading_pair():
     V, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))
     S = 0.9 ** torch.arange(200, dtype=torch.float64)
     R = U[:, :200] @ torch.diag(S) @ V.T
-    s1, u, v, iters = leading_pair(R)
+    s1, u, v, iters = leading_pair(R, tol=1e-16)  # tight: down to float64 noise
     assert 0 < iters < 100 and s1 == pytest.approx(1.0, rel=1e-12)
     assert abs(float(u @ U[:, 0])) == pytest.approx(1.0, abs=1e-10) and abs(float(v @ V[:, 0])) == pytest.approx(1.0, abs=1e-10)
     assert torch.allclose(R @ v, s1 * u, atol=1e-10)

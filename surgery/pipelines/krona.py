@@ -118,7 +118,7 @@ def extract_krona(base_path: str, source: str, out: str, *, factor: int = -1, ta
     ad = Adapter.open(source) if is_adapter else None
     specs = _selected(arch, targets)
     if ad is not None:  # only the modules the adapter touches matter
-        touched = {m for m in ad.module_params()}
+        touched = set(ad.module_params())
         specs = [t for t in specs if t.module in touched]
     _refuse_conv1d(specs)
     tuned = None if ad else Checkpoint.open(source)
@@ -137,14 +137,16 @@ def extract_krona(base_path: str, source: str, out: str, *, factor: int = -1, ta
         dense = d.numel()
         kept = fit.A.numel() + fit.B.numel()
         rows.append({"module": t.module, "shape": list(d.shape), "w1": list(fit.A.shape), "w2": list(fit.B.shape),
-                     "rel_error": fit.rel_error, "delta_norm": fit.norm, "iterations": fit.iterations, "params": kept, "dense_params": dense,
-                     "compression": dense / kept})
+                     "rel_error": fit.rel_error, "delta_norm": fit.norm, "iterations": fit.iterations,
+                     "params": kept, "dense_params": dense, "compression": dense / kept})
     if not rows:
         raise AdapterError(f"no selected module of {source} differs from BASE",
                            "check that TUNED was fine-tuned from BASE, or widen --targets")
     if ad is not None:  # whole modules the LoRA replaced (a task head) carry over unchanged
         saved = ad.modules_to_save()
         tensors.update({saved_module_key(mod, p): t for mod, ps in saved.items() for p, t in ps.items()})
+    # what the adapter cannot carry: other tensors the fine-tune changed (biases, norms, excluded layers)
+    lost = _not_captured(base, tuned, specs) if tuned else []
     # peft keeps lokr_w2 whole only when r >= max(w2 dims) / 2; alpha = r makes alpha / r exactly 1.
     r = max_w2
     with OutputDir(out, inputs=[base.path, source], force=force) as od:
@@ -160,6 +162,4 @@ def extract_krona(base_path: str, source: str, out: str, *, factor: int = -1, ta
     return {"output": path, "source": "lora" if ad else "model", "r": r, "alpha": r, "factor": factor,
             "modules": rows, "unchanged": unchanged, "params": kept, "dense_params": dense,
             "compression": dense / kept, "rel_error": (sq_err / sq) ** 0.5 if sq else 0.0,
-            "modules_to_save": sorted(ad.modules_to_save()) if ad else [],
-            # what the adapter cannot carry: other tensors the fine-tune changed (biases, norms, excluded layers)
-            "not_captured": _not_captured(base, tuned, specs) if tuned else []}
+            "modules_to_save": sorted(ad.modules_to_save()) if ad else [], "not_captured": lost}
