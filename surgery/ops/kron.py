@@ -23,6 +23,7 @@ Evaluation", ICLR 2024) stores a Linear delta [out, in] as kron(lokr_w1 [out_l, 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -90,6 +91,35 @@ def leading_pair(R, block: int = 16, tol: float = 1e-8, max_iter: int = 100, see
     `seed`, so results are reproducible. Matrices no wider than the block get a dense SVD (exact,
     cheap at that size). Invariant on return: R v1 = sigma1 u1.
     """
+    import torch
+
+    m, n = R.shape
+    with _serial_if_small(R.numel()):
+        return _leading_pair(R, block, tol, max_iter, seed)
+
+
+@contextmanager
+def _serial_if_small(numel: int, limit: int = 1 << 20):
+    """One torch thread for small matrices, restored afterwards.
+
+    Why: the loop is many tiny BLAS/LAPACK calls; on a busy machine their thread pool contends for
+    cores and a 64 x 64 fit took 14 s with two threads against 0.1 s with one (measured). Large
+    matrices keep every thread: there the products dominate and parallelise.
+    """
+    import torch
+
+    if numel >= limit or torch.get_num_threads() == 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _leading_pair(R, block, tol, max_iter, seed):
     import torch
 
     m, n = R.shape
