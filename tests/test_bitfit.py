@@ -70,6 +70,25 @@ def test_task_head_is_kept_and_restored(fx, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"] and model.config.num_labels == 3
 
 
+def test_resized_embeddings_are_kept_whole(fx, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = fx.model("gpt2")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(model.config.vocab_size + 8)  # a tokenizer grown during fine-tuning
+    model.save_pretrained(tmp_path / "grown")
+    tuned = _tune(str(tmp_path / "grown"), tmp_path / "tuned")
+    code, out, err = run_cli("extract-bitfit", base, tuned, "-o", tmp_path / "d", "--json")
+    assert code == 0, err
+    assert json.loads(out)["heads"] == ["transformer.wte.weight"]
+    code, _, err = run_cli("apply-bitfit", base, tmp_path / "d", "-o", tmp_path / "r")
+    assert code == 0, err
+    want, back = _tensors(tuned), _tensors(tmp_path / "r")
+    assert set(back) == set(want) and all(_same_bits(back[k], want[k]) for k in want)
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "r", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
 def test_norm_report_shows_what_a_bias_only_delta_drops(fx, tmp_path):
     base = fx.model("gpt2")
     w = "transformer.h.1.mlp.c_fc.weight"

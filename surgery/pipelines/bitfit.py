@@ -138,8 +138,9 @@ def apply_bitfit(base_path: str, delta_dir: str, out: str, *, force: bool = Fals
         if k["kind"] == "bias" and (name not in base or list(base.shape(name)) != k["shape"]):
             raise CheckpointError(f"BASE {base.path} has no {name} of shape {k['shape']}",
                                   f"pass {m['base']['path']} as BASE")
-    dropped = set(m["dropped"])
-    specs = [(n, base.dtype(n), base.shape(n)) for n in base.keys() if n not in dropped]
+    dropped, heads = set(m["dropped"]), set(m["heads"])
+    # a reshaped tensor (resized embeddings) is a head that replaces BASE's tensor of that name
+    specs = [(n, base.dtype(n), base.shape(n)) for n in base.keys() if n not in dropped and n not in heads]
     specs += [(n, getattr(torch, kept[n]["dtype"]), tuple(kept[n]["shape"])) for n in m["heads"]]
 
     def produce(name):
