@@ -126,6 +126,28 @@ class Arch:
     def norm(self) -> str:
         return self.spec.get("norm", "rms")
 
+    @property
+    def prune(self) -> dict:
+        """What structured pruning needs beyond the tensor map: which config key holds each width
+        (`config_keys`), neuron spaces and the width they follow (`neurons`), attention groups whose
+        heads must be one set per stack (`shared_heads`), and an output scale that depends on the width."""
+        return self.spec.get("prune", {})
+
+    def head_groups(self, stack: str) -> dict[str, list[str]]:
+        """{attention group: its head spaces} used by the layers of `stack` ("attn" -> attn.q, ...)."""
+        out: dict[str, list[str]] = {}
+        for t in self.spec["layer"][stack]:
+            for axis in t["dims"]:
+                for space in axis.split("|"):
+                    if "head" in self.spec["spaces"][space]:
+                        group = out.setdefault(space.split(".")[0], [])
+                        if space not in group:
+                            group.append(space)
+        return out
+
+    def is_kv(self, space: str) -> bool:
+        return bool(self.spec["spaces"][space].get("kv"))
+
     def space_size(self, space: str) -> int:
         try:
             return int(_eval(self.spec["spaces"][space]["size"], self.dims))

@@ -1,0 +1,77 @@
+"""`surgery prune-bridge`: prune an LLM into a bridge model (Jin, Zhang & Zong, EMNLP 2023)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from . import app
+from .common import Force, JsonOut, MaxShard, Output, Seed, console, human_count, print_json
+
+Size = lambda flag, what: Annotated[Optional[int], typer.Option(flag, help=f"{what} of the bridge (overrides --reduction).")]  # noqa: E731
+
+
+@app.command("prune-bridge")
+def prune_bridge_cmd(
+    llm: Annotated[str, typer.Argument(help="The LLM's model directory (config.json, weights, tokenizer).")],
+    output: Output,
+    data: Annotated[str, typer.Option("--data", help="Calibration text: one document a line, or .jsonl with a \"text\" field.")],
+    reduction: Annotated[float, typer.Option("--reduction", help="Keep about 1/R of the parameters (the paper uses 16).")] = 16.0,
+    hidden_size: Size("--hidden-size", "Residual width") = None,
+    intermediate_size: Size("--intermediate-size", "MLP width") = None,
+    num_attention_heads: Size("--num-attention-heads", "Attention heads") = None,
+    num_key_value_heads: Size("--num-key-value-heads", "Key/value heads") = None,
+    samples: Annotated[int, typer.Option("--samples", help="Calibration blocks to use.")] = 32,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration block.")] = 128,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Blocks per forward/backward pass.")] = 8,
+    importance: Annotated[str, typer.Option("--importance", help="fisher-mask (Kwon et al. 2022), fisher-param (LST) or magnitude.")] = "fisher-mask",
+    seed: Seed = 0,
+    force: Force = False,
+    max_shard_size: MaxShard = "5GB",
+    device_map: Annotated[Optional[str], typer.Option("--device-map", help="accelerate device map for the calibration passes (default: auto with a GPU, plain CPU otherwise).")] = None,
+    json_out: JsonOut = False,
+):
+    """Prune LLM into a smaller checkpoint of the same family, by Fisher information on calibration data."""
+    import transformers
+
+    from ..pipelines.prune import prune_bridge
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    r = prune_bridge(llm, output, data, reduction=reduction, hidden_size=hidden_size,
+                     intermediate_size=intermediate_size, num_attention_heads=num_attention_heads,
+                     num_key_value_heads=num_key_value_heads, samples=samples, seq_len=seq_len,
+                     importance=importance, seed=seed, batch_size=batch_size, force=force,
+                     max_shard_size=max_shard_size, device_map=device_map)
+    if json_out:
+        print_json({k: v for k, v in r.items() if k != "kept"})
+        return
+    render(r)
+
+
+def render(r: dict) -> None:
+    from rich.table import Table
+
+    p, loss = r["parameters"], r["calibration_loss"]
+    head = Table(title=f"bridge {r['output']}", show_header=False)
+    head.add_column(style="bold")
+    head.add_column()
+    head.add_row("from", f"{r['source']} ({r['family']})")
+    head.add_row("importance", f"{r['importance']} on {r['samples']} x {r['seq_len']} tokens (seed {r['seed']})")
+    head.add_row("sizes", ", ".join(f"{k} {r['llm_sizes'][k]} -> {v}" for k, v in r["sizes"].items()))
+    head.add_row("parameters", f"{human_count(p['llm'])} -> {human_count(p['bridge'])} ({p['bridge'] / p['llm']:.1%})")
+    head.add_row("calibration loss", f"LLM {loss['llm']:.4f}, bridge {loss['bridge']:.4f} ({loss['bridge'] - loss['llm']:+.4f})")
+    head.add_row("residual mass kept", f"{r['retained']['residual']:.1%}")
+    con = console()
+    con.print(head)
+    keys = sorted({k for layers in r["retained"]["layers"].values() for lay in layers for k in lay})
+    t = Table(title="importance mass retained per layer")
+    t.add_column("stack")
+    t.add_column("layer", justify="right")
+    for k in keys:
+        t.add_column(k, justify="right")
+    for stack, layers in r["retained"]["layers"].items():
+        for i, lay in enumerate(layers):
+            t.add_row(stack, str(i), *(f"{lay[k]:.1%}" if k in lay else "-" for k in keys))
+    con.print(t)

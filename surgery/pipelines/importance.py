@@ -1,0 +1,166 @@
+"""Importance of every prunable unit, accumulated in hooks so no gradient copy of the model exists.
+
+Scores are float64 vectors in one dict:
+  ("residual",)                 one per residual channel (shared by every layer and stack)
+  (stack, i, space)             one per coordinate of a per-layer space (mlp.inner, attn.q, ...)
+  (stack, i, "heads:" + group)  one per query head (from head masks)
+`units()` turns them into what is selected: residual channels, grouped-query groups, neurons.
+The formulas are in surgery/ops/fisher.py.
+"""
+
+from __future__ import annotations
+
+from ..ops.fisher import axis_scores, heads_to_groups, per_head, unit_mask
+from .calibration import batches, to_device
+
+METHODS = ("fisher-mask", "fisher-param", "magnitude")
+
+
+def _add(scores: dict, key, v) -> None:
+    scores[key] = v.clone() if key not in scores else scores[key] + v
+
+
+def accumulate_tensor(scores: dict, arch, spec, sq) -> None:
+    """Add a squared tensor's row/column sums to the scores of the spaces its axes live in."""
+    for space, v in axis_scores(sq, spec.dims, arch):
+        if space == "residual":
+            _add(scores, ("residual",), v)
+        elif spec.stack is not None:
+            _add(scores, (spec.stack, spec.layer, space), v)
+
+
+def magnitude(ck, arch) -> dict:
+    """Gradient-free baseline: squared weights, streamed one stored tensor at a time."""
+    scores: dict = {}
+    for spec in arch.stored_tensors():
+        accumulate_tensor(scores, arch, spec, ck.read(spec.name).float().pow(2))
+    return scores
+
+
+def _module_of(model, spec):
+    name = spec.module or spec.name.rsplit(".", 1)[0]
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _mask_hooks(model, arch, masks: dict) -> list:
+    """Multiplicative masks (ones) on the units' outputs; returns the hook handles."""
+    import torch
+
+    def on_output(mask):
+        return lambda mod, args, out: unit_mask(out, mask.to(out.device))
+
+    def on_input(mask, head: int):
+        def pre(mod, args):
+            x = args[0]
+            m = mask.to(x.device)
+            x = unit_mask(x.unflatten(-1, (-1, head)), m[:, None].expand(-1, head)).flatten(-2) if head > 1 else unit_mask(x, m)
+            return (x, *args[1:])
+        return pre
+
+    res = masks[("residual",)] = torch.ones(arch.dims["hidden"], dtype=torch.float32, requires_grad=True)
+    neurons = arch.prune.get("neurons", {})
+    handles, written = [], set()
+    for t in arch.tensors():
+        mod = _module_of(model, t) if (t.role == "embedding" or t.module) else None
+        if mod is None:
+            continue
+        # every write into the residual stream is masked, so m_c scales channel c of the stream
+        if (t.role == "embedding" or t.out_dims == ("residual",)) and id(mod) not in written and t.role != "bias":
+            written.add(id(mod))
+            handles.append(mod.register_forward_hook(on_output(res)))
+        if not t.module or len(t.in_dims) != 1:
+            continue
+        space = t.in_dims[0]
+        spec = arch.spec["spaces"][space]
+        if space in neurons:
+            m = masks[(t.stack, t.layer, space)] = torch.ones(arch.space_size(space), requires_grad=True)
+            handles.append(mod.register_forward_pre_hook(on_input(m, 1)))
+        elif "head" in spec and not arch.is_kv(space):  # attention output before o_proj / c_proj
+            hs = arch.head_size(space)
+            key = (t.stack, t.layer, "heads:" + space.split(".")[0])
+            m = masks[key] = torch.ones(arch.space_size(space) // hs, requires_grad=True)
+            handles.append(mod.register_forward_pre_hook(on_input(m, hs)))
+    return handles
+
+
+def fisher_mask(model, arch, blocks, batch_size: int) -> dict:
+    """Mean over batches of (dL/dm)^2 for every structural mask; parameters never get gradients."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    masks: dict = {}
+    handles = _mask_hooks(model, arch, masks)
+    scores, n = {}, 0
+    try:
+        for b in batches(blocks, batch_size, model.config.is_encoder_decoder):
+            model(**to_device(b, model)).loss.backward()
+            for key, m in masks.items():
+                _add(scores, key, m.grad.double().pow(2))
+                m.grad = None
+            n += 1
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v / max(n, 1) for k, v in scores.items()}
+
+
+def fisher_param(model, arch, blocks, batch_size: int) -> dict:
+    """LST's per-parameter Fisher, reduced to rows/columns in a post-accumulate hook that frees
+    each gradient as soon as it is complete: at most one parameter's gradient exists at a time."""
+    by_name = arch.by_name()
+    scores: dict = {}
+    handles = []
+
+    def hook(spec):
+        def h(p):
+            accumulate_tensor(scores, arch, spec, p.grad.float().pow(2))
+            p.grad = None
+        return h
+
+    for name, p in model.named_parameters():
+        spec = by_name.get(name)
+        p.requires_grad_(spec is not None)
+        if spec is not None:
+            handles.append(p.register_post_accumulate_grad_hook(hook(spec)))
+    n = 0
+    try:
+        for b in batches(blocks, batch_size, model.config.is_encoder_decoder):
+            model(**to_device(b, model)).loss.backward()
+            n += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return {k: v / max(n, 1) for k, v in scores.items()}
+
+
+def units(arch, scores: dict) -> dict:
+    """Scores of what is selected: {"residual": [hidden], (stack, i, group): [kv groups],
+    (stack, i, neuron space): [n]}. A group's score sums its query heads and its kv head."""
+    import torch
+
+    out = {"residual": scores.get(("residual",), torch.zeros(arch.dims["hidden"], dtype=torch.float64))}
+    heads, kv = arch.dims["heads"], arch.dims["kv_heads"]
+    for stack, n in arch.stacks.items():
+        for i in range(n):
+            for group, spaces in arch.head_groups(stack).items():
+                q = torch.zeros(heads, dtype=torch.float64)
+                g = torch.zeros(kv, dtype=torch.float64)
+                if (stack, i, "heads:" + group) in scores:
+                    q += scores[(stack, i, "heads:" + group)]
+                for s in spaces:
+                    if (stack, i, s) in scores:
+                        v = per_head(scores[(stack, i, s)], arch.head_size(s))
+                        if arch.is_kv(s):
+                            g += v
+                        else:
+                            q += v
+                out[(stack, i, group)] = heads_to_groups(q, kv) + g
+            for space in arch.prune.get("neurons", {}):
+                if any(space in ax.split("|") for t in arch.spec["layer"][stack] for ax in t["dims"]):
+                    out[(stack, i, space)] = scores.get((stack, i, space),
+                                                        torch.zeros(arch.space_size(space), dtype=torch.float64))
+    return out
