@@ -67,7 +67,7 @@ def summarise(results: dict) -> dict:
         for key in t["seeds"][0]:
             if key.startswith("method-") or key == "transfer-embeddings":
                 abl[key] = {"acc": ci(per_seed(t, key)), "gap": ci(g) if (g := gap_share(t, key)) else None}
-        bridges = {k: b["out"].get("parameters") for k, b in t["bridges"].items()}
+        bridges = {k: b["out"]["parameters"]["bridge"] for k, b in t["bridges"].items()}
         sm["tasks"][name] = {"rows": rows, "gap": gaps, "ablations": abl, "bridges": bridges}
     stages = {
         "train SLM + LoRA": lambda s, t: [s["slm_lora"]],

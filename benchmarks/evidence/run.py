@@ -152,6 +152,13 @@ def run(quick: bool, jobs: int, tasks: list[str], ablate_tasks: list[str], log=p
                                  "seeds": [chains[(t, sd)].result() for sd in range(s["seeds"])]} for t in tasks}}
     with open(os.path.join(pair, "pretrain.json")) as f:
         results["pretrain"] = json.load(f)
+    # training memory tensor by tensor, at the training batch shape (memory.py says why not RSS)
+    from benchmarks.evidence.memory import training_bytes
+
+    shape = dict(batch=s["batch"], seq=64)
+    t0_bridges = results["tasks"][tasks[0]]["bridges"] if not ablate_tasks else results["tasks"][ablate_tasks[0]]["bridges"]
+    results["train_memory"] = {"slm": training_bytes(b.slm, **shape), "llm": training_bytes(b.llm, **shape),
+                               **{f"bridge {k}": training_bytes(v["dir"], **shape) for k, v in t0_bridges.items()}}
     results.update(settings=s, quick=quick, jobs=jobs, floor_rss_mb=floor_rss_mb(), seconds=time.time() - t0,
                    machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), ablate_tasks=ablate_tasks,
@@ -167,7 +174,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny pair, few examples, 2 seeds: a smoke run")
     ap.add_argument("--jobs", type=int, default=2, help="stages run in parallel (one thread each)")
     ap.add_argument("--tasks", default=",".join(TASKS))
-    ap.add_argument("--ablate", default="home,colour", help="tasks that get the ablations")
+    ap.add_argument("--ablate", default="home", help="tasks that get the ablations")
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/results.md and the plots")
     a = ap.parse_args()
     tasks = [t for t in a.tasks.split(",") if t]

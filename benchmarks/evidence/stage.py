@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
            OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
 
@@ -29,7 +30,8 @@ def run_stage(rec_path: str, args: list[str], log=print) -> dict:
             return json.load(f)
     cmd = [sys.executable, "-m", "surgery", *args, "--json"]
     t0 = time.time()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, text=True)
+    # cwd = the repository root, so `-m surgery` is this checkout's package, not an installed one
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, text=True, cwd=ROOT)
     out, err = _communicate_wait4(p)
     secs = time.time() - t0
     if p.returncode != 0:
@@ -71,5 +73,5 @@ def floor_rss_mb() -> float:
     """Peak RSS of a process that only imports what every training stage imports (the runtime floor)."""
     code = ("import torch, transformers, peft, accelerate, surgery.pipelines.train, surgery.pipelines.tune_bridge;"
             "import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, check=True, cwd=ROOT)
     return int(out.stdout.strip().splitlines()[-1]) / 1024
