@@ -83,8 +83,10 @@ def render(results: dict, sm: dict, plots: list[str]) -> str:
          "", "## Headline", "",
          f"- the method closes **{100 * mean_gap:.0f} %** of the (LLM+LoRA - zero-shot) gap on average over the tasks "
          f"that have a gap (goal: 90 %: {'met' if mean_gap >= 0.9 else 'not met'}).",
-         f"- peak training memory (process RSS): LLM+LoRA / the method's largest stage = **{mr['rss']:.2f}x**; "
-         f"above the {sm['floor_rss_mb']:.0f} MB runtime floor: **{mr['above_floor']:.1f}x** (goal: 5x).",
+         f"- training memory (weights + saved activations + LoRA gradients and Adam moments, counted tensor by "
+         f"tensor): LoRA on the LLM / the method's largest training stage = **{mr['tensors']:.1f}x** (goal: 5x); "
+         f"whole-process peak RSS: {mr['rss']:.2f}x ({mr['above_floor']:.1f}x above the {sm['floor_rss_mb']:.0f} MB "
+         "runtime floor).",
          f"- parameters back-propagated through: LLM {p['llm']:,} vs bridge {p['bridge_r16'] or 0:,} "
          f"({p['llm'] / max(1, p['bridge_r16'] or 1):.1f}x); trainable LoRA: SLM {p['lora_slm']:,}, "
          f"LLM {p['lora_llm']:,}, on the bridge {p['lora_bridge'] or 0:,}.", ""]
@@ -99,6 +101,15 @@ def render(results: dict, sm: dict, plots: list[str]) -> str:
           "is the one that tracks model size.", "", "| stage | peak RSS (MB) | above floor (MB) |", "|---|---:|---:|"]
     for k, (m, h) in sm["memory"].items():
         L.append(f"| {k} | {fmt((m, h), pct=False)} | {m - sm['floor_rss_mb']:.0f} |")
+    tm = sm["train_memory"]
+    L += ["", f"Training memory of one step at the training shape ({tm['llm']['batch']} x {tm['llm']['seq']} tokens), "
+          "counted tensor by tensor (benchmarks/evidence/memory.py): weights of the model back-propagated through, "
+          "tensors autograd saves for backward, and the LoRA's gradients + AdamW moments (3x its parameters).", "",
+          "| model trained | weights (MB) | activations (MB) | LoRA state (MB) | total (MB) | LLM / this |",
+          "|---|---:|---:|---:|---:|---:|"]
+    for k, v in tm.items():
+        L.append(f"| {k} | {v['weights'] / 2**20:.2f} | {v['activations'] / 2**20:.2f} | {v['lora_state'] / 2**20:.2f} "
+                 f"| {v['total'] / 2**20:.2f} | {tm['llm']['total'] / v['total']:.1f}x |")
     L += [""] + [f"![{x}]({x})" for x in plots if "memory" in x] + [""]
     L += ["## Ablations", "", "On the tasks " + ", ".join(results["ablate_tasks"]) + " (same seeds; the SLM adapter "
           "and its transfer are shared, only the bridge or the map changes).", ""]

@@ -84,6 +84,10 @@ def summarise(results: dict) -> dict:
     f = results["floor_rss_mb"]
     sm["memory_ratio"] = {"rss": llm / method_peak,
                           "above_floor": (llm - f) / max(method_peak - f, 1e-9)}
+    tm = results["train_memory"]
+    method_tm = max(tm["slm"]["total"], tm["bridge fisher-mask-r16"]["total"])
+    sm["memory_ratio"]["tensors"] = tm["llm"]["total"] / method_tm
+    sm["train_memory"] = tm
     pre = results["pretrain"]
     any_task = next(iter(results["tasks"].values()))
     tb = any_task["seeds"][0]["method"]["train"]["out"]
