@@ -5,24 +5,7 @@ import json
 import pytest
 
 from .conftest import run_cli
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads, and on a shared 2-core box two threads contend badly.
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    from fixtures.tasks import write_task
-
-    return write_task("colour", str(tmp_path_factory.mktemp("tasks")), n_train=64, n_dev=32)
+from .train_fixtures import one_thread, task  # noqa: F401 (pytest fixtures)
 
 
 def _cfg(**kw):

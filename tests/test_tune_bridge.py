@@ -5,25 +5,9 @@ import json
 import pytest
 
 from .conftest import run_cli
+from .train_fixtures import one_thread, task  # noqa: F401 (pytest fixtures)
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    from fixtures.tasks import write_task
-
-    return write_task("colour", str(tmp_path_factory.mktemp("tasks")), n_train=48, n_dev=16)
 
 
 @pytest.fixture(scope="module")
