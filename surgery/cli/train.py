@@ -81,6 +81,8 @@ def train_cmd(
                       targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
                       virtual_tokens=virtual_tokens, max_length=max_length, force=force,
                       cfg=_cfg(epochs, lr, batch_size, seed, eval_every))
+    if not s:  # a data-parallel worker; the main process reports
+        return
     if json_out:
         print_json(s)
         return
@@ -111,6 +113,8 @@ def tune_bridge_cmd(
 
     s = tune_bridge(adapter, bridge, data, output, eval_data=eval_data, llm=llm, max_length=max_length, force=force,
                     cfg=_cfg(epochs, lr, batch_size, seed, eval_every))
+    if not s:
+        return
     if json_out:
         print_json(s)
         return

@@ -12,9 +12,8 @@ import os
 
 def evaluate(model_dir: str, data: str, *, adapter: str | None = None, batch_size: int = 8,
              max_length: int = 512) -> dict:
-    import torch
-
     from ..train.data import load_examples, pad_id_of
+    from ..train.loop import place
     from ..train.methods import attach, load_base
     from ..train.score import evaluate_examples
 
@@ -23,8 +22,7 @@ def evaluate(model_dir: str, data: str, *, adapter: str | None = None, batch_siz
     examples = load_examples(data, tok, seq2seq=seq2seq, max_length=max_length)
     if adapter:
         model = attach(model, adapter)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+    model = place(model)
     metrics = evaluate_examples(model, examples, batch_size=batch_size, pad_id=pad_id_of(tok, model.config),
                                 seq2seq=seq2seq)
     return {"model": os.path.abspath(model_dir), "adapter": os.path.abspath(adapter) if adapter else None,

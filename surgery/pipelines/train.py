@@ -17,7 +17,7 @@ def train_adapter(model_dir: str, data: str, out: str, *, method: str = "lora", 
     """Train an adapter for `model_dir` on `data` (JSONL) and write it to `out`; returns a summary."""
     from ..io.writer import OutputDir
     from ..train.data import load_examples, pad_id_of
-    from ..train.loop import train_loop
+    from ..train.loop import is_main_process, place, train_loop
     from ..train.methods import load_base, save, wrap
     from ..train.score import evaluate_examples
 
@@ -30,12 +30,16 @@ def train_adapter(model_dir: str, data: str, out: str, *, method: str = "lora", 
         eval_ex = load_examples(eval_data, tok, seq2seq=seq2seq, max_length=max_length) if eval_data else None
         model = wrap(model, arch, method, rank=rank, alpha=alpha, targets=targets, virtual_tokens=virtual_tokens,
                      seed=cfg.seed)
+        model = place(model)
         pad = pad_id_of(tok, model.config)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         before = evaluate_examples(model, eval_ex or train_ex, batch_size=cfg.batch_size, pad_id=pad, seq2seq=seq2seq)
         hist = train_loop(model, train_ex, cfg, pad_id=pad, seq2seq=seq2seq, eval_examples=eval_ex)
         after = evaluate_examples(model, eval_ex or train_ex, batch_size=cfg.batch_size, pad_id=pad, seq2seq=seq2seq)
+        if not is_main_process():  # data-parallel workers: the main process writes the one output
+            od.abort()
+            return {}
         save(model, od, method=method, base=os.path.abspath(model_dir))
         od.write_json("training.json", {"method": method, "data": os.path.abspath(data),
                                         "eval_data": os.path.abspath(eval_data) if eval_data else None,

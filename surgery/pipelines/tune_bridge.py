@@ -91,7 +91,7 @@ def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data
     from ..io.writer import OutputDir
     from ..ops.bridge import lift
     from ..train.data import load_examples, pad_id_of
-    from ..train.loop import train_loop
+    from ..train.loop import is_main_process, place, train_loop
     from ..train.methods import load_base
     from ..train.score import evaluate_examples
 
@@ -112,7 +112,7 @@ def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data
         # The same LoRA config (rank, alpha, targets, patterns) on the bridge: the module names match.
         lcfg = peft.LoraConfig.from_pretrained(ad.path)
         lcfg.inference_mode = False
-        pm = peft.get_peft_model(model, lcfg)
+        pm = place(peft.get_peft_model(model, lcfg))
         sd = {}
         for s in steps:
             sd[lora_key(s["module"], "lora_A.weight")] = s["A_b"]
@@ -122,6 +122,9 @@ def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data
         before = evaluate_examples(pm, eval_ex or train_ex, batch_size=cfg.batch_size, pad_id=pad, seq2seq=seq2seq)
         hist = train_loop(pm, train_ex, cfg, pad_id=pad, seq2seq=seq2seq, eval_examples=eval_ex)
         after = evaluate_examples(pm, eval_ex or train_ex, batch_size=cfg.batch_size, pad_id=pad, seq2seq=seq2seq)
+        if not is_main_process():  # data-parallel workers: the main process writes the one output
+            od.abort()
+            return {}
         new = peft.get_peft_model_state_dict(pm)
         tensors = dict(ad.tensors)
         for s in steps:

@@ -48,6 +48,20 @@ def make_accelerator():
     return Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
 
 
+def place(model):
+    """Move the model to this process's device: its GPU (one per process under `accelerate launch`) or the CPU."""
+    from accelerate import PartialState
+
+    return model.to(PartialState().device)
+
+
+def is_main_process() -> bool:
+    """Only one process writes outputs under `accelerate launch`."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 def train_loop(model, train_examples, cfg: TrainConfig, *, pad_id: int, seq2seq: bool, eval_examples=None,
                accelerator=None) -> History:
     """Train `model` in place (only parameters with requires_grad) and return its history."""
