@@ -41,11 +41,10 @@ def load_base(model_dir: str, dtype=None):
 
 def default_targets(arch) -> list[str]:
     """Every linear layer inside the layer stacks (not the LM head), as module-name suffixes."""
-    names = []
-    for stack in arch.stacks:
-        for t in arch.spec["layer"][stack]:
-            if t.get("module") and arch._active(t) and t["module"] not in names:
-                names.append(t["module"])
+    names = set()
+    for t in arch.linears():
+        if t.stack is not None:
+            names.add(t.module[len(arch.spec["stacks"][t.stack]["prefix"].format(i=t.layer)):])
     return sorted(names)
 
 
