@@ -60,7 +60,7 @@ def child(stage: str, work: str, steps: int, batch: int, seq: int) -> dict:
     # Import every heavy library before the baseline, so "- imports" is what models and training add.
     import accelerate  # noqa: F401
     import peft  # noqa: F401
-    import torch  # noqa: F401
+    import torch
     import transformers
     from transformers import GPT2LMHeadModel  # noqa: F401
 
@@ -83,7 +83,8 @@ def child(stage: str, work: str, steps: int, batch: int, seq: int) -> dict:
                           eval_data=dev, max_length=seq, force=True, cfg=cfg)
         params = s["parameters"] - s["trainable"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"stage": stage, "params": params, "trainable": s["trainable"], "steps": s["steps"],
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None  # the paper's measure
+    return {"stage": stage, "gpu_peak_mb": gpu, "params": params, "trainable": s["trainable"], "steps": s["steps"],
             "peak_rss_mb": peak, "import_rss_mb": base, "seconds": time.time() - t}
 
 
@@ -116,6 +117,9 @@ def main() -> None:
         llm_added = llm["peak_rss_mb"] - llm["import_rss_mb"]
         print(f"{r['stage']:8} {r['params'] / 1e6:13.1f}M {r['trainable'] / 1e3:9.0f}K {r['peak_rss_mb']:12.0f} "
               f"{added:13.0f} {llm['peak_rss_mb'] / r['peak_rss_mb']:15.2f}x {llm_added / added:22.2f}x {r['seconds']:6.1f}")
+    if llm["gpu_peak_mb"]:
+        for r in rows:
+            print(f"{r['stage']:8} GPU peak allocated {r['gpu_peak_mb']:9.0f} MB   LLM/this {llm['gpu_peak_mb'] / r['gpu_peak_mb']:.2f}x")
 
 
 if __name__ == "__main__":
