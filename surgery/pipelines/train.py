@@ -16,10 +16,9 @@ def train_adapter(model_dir: str, data: str, out: str, *, method: str = "lora", 
                   max_length: int = 512, force: bool = False, cfg: TrainConfig | None = None) -> dict:
     """Train an adapter for `model_dir` on `data` (JSONL) and write it to `out`; returns a summary."""
     from ..io.writer import OutputDir
-    from ..train.data import load_examples, pad_id_of
-    from ..train.loop import is_main_process, place, train_loop
+    from ..train.data import load_examples
+    from ..train.loop import fit, is_main_process, place
     from ..train.methods import load_base, save, wrap
-    from ..train.score import evaluate_examples
 
     cfg = cfg or TrainConfig()
     inputs = [model_dir, data] + ([eval_data] if eval_data else [])
@@ -31,12 +30,9 @@ def train_adapter(model_dir: str, data: str, out: str, *, method: str = "lora", 
         model = wrap(model, arch, method, rank=rank, alpha=alpha, targets=targets, virtual_tokens=virtual_tokens,
                      seed=cfg.seed)
         model = place(model)
-        pad = pad_id_of(tok, model.config)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        before = evaluate_examples(model, eval_ex or train_ex, batch_size=cfg.batch_size, pad_id=pad, seq2seq=seq2seq)
-        hist = train_loop(model, train_ex, cfg, pad_id=pad, seq2seq=seq2seq, eval_examples=eval_ex)
-        after = evaluate_examples(model, eval_ex or train_ex, batch_size=cfg.batch_size, pad_id=pad, seq2seq=seq2seq)
+        before, hist, after = fit(model, tok, train_ex, eval_ex, cfg, seq2seq=seq2seq)
         if not is_main_process():  # data-parallel workers: the main process writes the one output
             od.abort()
             return {}

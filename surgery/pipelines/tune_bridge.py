@@ -90,10 +90,9 @@ def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data
     from ..io.adapter import Adapter, lora_key, write_adapter
     from ..io.writer import OutputDir
     from ..ops.bridge import lift
-    from ..train.data import load_examples, pad_id_of
-    from ..train.loop import is_main_process, place, train_loop
+    from ..train.data import load_examples
+    from ..train.loop import fit, is_main_process, place
     from ..train.methods import load_base
-    from ..train.score import evaluate_examples
 
     cfg = cfg or TrainConfig()
     ad = Adapter.open(adapter_dir)
@@ -118,10 +117,7 @@ def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data
             sd[lora_key(s["module"], "lora_A.weight")] = s["A_b"]
             sd[lora_key(s["module"], "lora_B.weight")] = s["B_b"]
         _load_exact(pm, sd, bdir)
-        pad = pad_id_of(tok, pm.config)
-        before = evaluate_examples(pm, eval_ex or train_ex, batch_size=cfg.batch_size, pad_id=pad, seq2seq=seq2seq)
-        hist = train_loop(pm, train_ex, cfg, pad_id=pad, seq2seq=seq2seq, eval_examples=eval_ex)
-        after = evaluate_examples(pm, eval_ex or train_ex, batch_size=cfg.batch_size, pad_id=pad, seq2seq=seq2seq)
+        before, hist, after = fit(pm, tok, train_ex, eval_ex, cfg, seq2seq=seq2seq)
         if not is_main_process():  # data-parallel workers: the main process writes the one output
             od.abort()
             return {}

@@ -132,6 +132,22 @@ def train_loop(model, train_examples, cfg: TrainConfig, *, pad_id: int, seq2seq:
     return hist
 
 
+def fit(model, tokenizer, train_examples, eval_examples, cfg: TrainConfig, *, seq2seq: bool):
+    """Measure, train, measure: (before, history, after), measured on the eval set (else the training set)."""
+    from .data import pad_id_of
+    from .score import evaluate_examples
+
+    pad = pad_id_of(tokenizer, model.config)
+    measure_on = eval_examples or train_examples
+
+    def measure():
+        return evaluate_examples(model, measure_on, batch_size=cfg.batch_size, pad_id=pad, seq2seq=seq2seq)
+
+    before = measure()
+    hist = train_loop(model, train_examples, cfg, pad_id=pad, seq2seq=seq2seq, eval_examples=eval_examples)
+    return before, hist, measure()
+
+
 class _progress:
     """A rich bar with the latest loss (and eval loss/accuracy); silent when disabled."""
 
