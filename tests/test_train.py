@@ -144,3 +144,30 @@ def _greedy_equals(model, tok, rec) -> bool:
     want = tok(rec["completion"], add_special_tokens=False)["input_ids"]
     gen = model.generate(ids, max_new_tokens=len(want), do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
     return gen == want
+
+
+def test_eval_on_text_records_is_the_lm_loss(fx, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fixtures.corpus import sentences
+    from fixtures.tasks import write_jsonl
+
+    path = fx.model("gpt2")
+    texts = sentences(5, seed=2)
+    data = write_jsonl(str(tmp_path / "text.jsonl"), [{"text": t} for t in texts])
+    code, o, err = run_cli("eval", path, "--data", data, "--json", "--batch-size", "2")
+    assert code == 0, err
+    res = json.loads(o)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    nll = n = 0
+    for t in texts:
+        ids = torch.tensor([tok(t)["input_ids"]])
+        with torch.no_grad():
+            nll += float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
+        n += ids.shape[1] - 1
+    assert res["accuracy"] is None and res["scored"] == 0 and res["tokens"] == n
+    assert res["loss"] == pytest.approx(nll / n, rel=1e-5)
+    code, o, _ = run_cli("eval", path, "--data", data)
+    assert code == 0 and "accuracy" in o and "perplexity" in o
