@@ -78,6 +78,32 @@ def test_every_method_reduces_loss_and_saves_what_eval_loads(fx, task, tmp_path,
     assert e["loss"] == pytest.approx(s["after"]["loss"], rel=1e-5)
 
 
+def test_bitfit_writes_the_bitfit_format(fx, task, tmp_path):
+    """docs/formats.md `surgery.bitfit/1`: biases and norm biases per the family map, base's dtype and config hash."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    from surgery.arch import arch_of
+    from surgery.io.checkpoint import Checkpoint
+    from surgery.pipelines.train import train_adapter
+
+    base = fx.model("gpt2")
+    train_adapter(base, task[0], str(tmp_path / "b"), method="bitfit", cfg=_cfg())
+    m = json.loads((tmp_path / "b" / "bitfit.json").read_text())
+    ck = Checkpoint.open(base)
+    biases = [t.name for t in arch_of(ck).stored_tensors() if t.role in ("bias", "norm_bias")]
+    assert m["format"] == "surgery.bitfit/1" and m["heads"] == [] and m["dropped"] == []
+    assert m["base"]["config_sha256"] == hashlib.sha256(open(f"{base}/config.json", "rb").read()).hexdigest()
+    assert sorted(k["name"] for k in m["kept"]) == sorted(biases) and "transformer.h.0.ln_1.bias" in biases
+    with safe_open(str(tmp_path / "b" / "bitfit.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == sorted(biases)
+        for k in m["kept"]:
+            t = f.get_tensor(k["name"])
+            assert list(t.shape) == k["shape"] == list(ck.shape(k["name"])) and k["dtype"] == "float32"
+    assert m["norms"]["bias_norm"] > 0 and m["config"] == ck.config
+
+
 def test_same_seed_same_bytes(fx, task, tmp_path):
     from surgery.pipelines.train import train_adapter
 

@@ -1,21 +1,18 @@
 """Models and parameter-efficient methods for training: load a base, wrap it, save what was learned.
 
 LoRA, LoKr, prompt and prefix tuning are peft's own layers (configs built here, nothing
-re-implemented). BitFit (Ben Zaken et al., 2022) trains only the bias vectors; it is saved as a
-PEFT-free `bitfit.safetensors` holding the trained biases under their checkpoint names.
+re-implemented). BitFit trains only the bias vectors (surgery/train/bitfit.py) and is saved in the
+`surgery.bitfit/1` format that extract-bitfit and apply-bitfit use.
 Which layers are linear, and whether they are stored transposed (GPT-2's Conv1D), comes from the
 family map, so no code here knows a family by name.
 """
 
 from __future__ import annotations
 
-import os
 
 from ..errors import AdapterError, CheckpointError
 
 METHODS = ("lora", "prompt", "prefix", "lokr", "bitfit")
-BITFIT_FILE = "bitfit.safetensors"
-BITFIT_META = "bitfit.json"
 
 
 def load_base(model_dir: str, dtype=None):
@@ -66,7 +63,9 @@ def wrap(model, arch, method: str, *, rank: int = 8, alpha: float | None = None,
         raise AdapterError(f"unknown method {method!r}", f"choose one of {', '.join(METHODS)}")
     torch.manual_seed(seed)  # peft initialises A (LoRA) and prompts randomly
     if method == "bitfit":
-        return _bitfit(model, arch)
+        from .bitfit import freeze_to_biases
+
+        return freeze_to_biases(model, arch)
     import peft
 
     task = "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM"
@@ -90,35 +89,12 @@ def wrap(model, arch, method: str, *, rank: int = 8, alpha: float | None = None,
     return peft.get_peft_model(model, cfg)
 
 
-def _bitfit(model, arch):
-    names = set(bias_names(model))
-    if not names:
-        raise AdapterError(f"this {arch.family} model has no bias parameters, so BitFit has nothing to train",
-                           "use --method lora (or a model built with biases)")
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in names)
-    return model
-
-
-def bias_names(model) -> list[str]:
-    return [n for n, p in model.named_parameters() if n.endswith(".bias") and p.ndim == 1]
-
-
 def save(model, out, *, method: str, base: str) -> None:
     """Write what was learned into the OutputDir: a PEFT adapter, or bitfit.safetensors + bitfit.json."""
     if method == "bitfit":
-        from safetensors.torch import save_file
+        from .bitfit import save_bitfit
 
-        from ..io.writer import check_finite
-
-        tensors = {}
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                check_finite(n, p)
-                tensors[n] = p.detach().float().contiguous().cpu()
-        save_file(dict(sorted(tensors.items())), out.path(BITFIT_FILE), metadata={"format": "pt"})
-        out.write_json(BITFIT_META, {"format": "surgery.bitfit/1", "method": "bitfit", "base_model_name_or_path": base,
-                                     "tensors": sorted(tensors)})
+        save_bitfit(model, out, base)
         return
     model.peft_config["default"].base_model_name_or_path = base
     model.save_pretrained(out.tmp)
@@ -126,20 +102,10 @@ def save(model, out, *, method: str, base: str) -> None:
 
 def attach(model, adapter_dir: str):
     """Put a saved adapter (PEFT or BitFit) on a loaded base model, for evaluation."""
-    if os.path.exists(os.path.join(adapter_dir, BITFIT_FILE)):
-        import torch
-        from safetensors.torch import load_file
+    from .bitfit import is_bitfit, load_bitfit
 
-        sd = load_file(os.path.join(adapter_dir, BITFIT_FILE))
-        params = dict(model.named_parameters())
-        missing = [k for k in sd if k not in params or params[k].shape != sd[k].shape]
-        if missing:
-            raise AdapterError(f"{adapter_dir}: bias {missing[0]} does not fit this model",
-                               "evaluate the BitFit biases on the model they were trained on")
-        with torch.no_grad():
-            for k, v in sd.items():
-                params[k].copy_(v)
-        return model
+    if is_bitfit(adapter_dir):
+        return load_bitfit(model, adapter_dir)
     from peft import PeftModel
 
     from ..io.adapter import Adapter
