@@ -1,0 +1,153 @@
+"""`surgery train`, `surgery tune-bridge`, `surgery eval`: the training stages of Algorithm 1 and evaluation."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from . import app
+from .common import Force, JsonOut, Output, Seed, console, human_count, print_json
+
+Data = Annotated[str, typer.Option("--data", help="JSONL: {\"text\"} (LM loss) or {\"prompt\",\"completion\"} (loss on the completion).")]
+EvalData = Annotated[str | None, typer.Option("--eval", help="JSONL evaluated periodically and at the end.")]
+Epochs = Annotated[float, typer.Option("--epochs", help="Passes over the training data (fractions allowed).")]
+Lr = Annotated[float, typer.Option("--lr", help="AdamW learning rate.")]
+Batch = Annotated[int, typer.Option("--batch-size", help="Examples per step.")]
+MaxLen = Annotated[int, typer.Option("--max-length", help="Tokens per example (long prompts lose their start).")]
+EvalEvery = Annotated[int, typer.Option("--eval-every", help="Steps between evaluations (0: once per epoch).")]
+
+
+def _quiet() -> None:
+    """Our own table and bar report progress; transformers' loading bars and peft's deprecation
+    warnings would only bury them."""
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _cfg(epochs, lr, batch_size, seed, eval_every):
+    from ..train.loop import TrainConfig
+
+    _quiet()
+
+    return TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, eval_every=eval_every)
+
+
+def _render(title: str, s: dict, extra: list[tuple[str, str]]) -> None:
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in ("", "loss", "perplexity", "accuracy"):
+        t.add_column(c, justify="right" if c else "left")
+    for name in ("before", "after"):
+        m = s[name]
+        acc = "-" if m["accuracy"] is None else f"{m['accuracy']:.1%} ({m['correct']}/{m['scored']})"
+        t.add_row(f"{name} ({s['evaluated_on']})", f"{m['loss']:.4f}", f"{m['perplexity']:.2f}", acc)
+    c = console()
+    c.print(t)
+    for k, v in extra:
+        c.print(f"{k}: {v}")
+
+
+@app.command("train")
+def train_cmd(
+    model: Annotated[str, typer.Argument(help="The (small) model to tune: a Hugging Face checkpoint directory.")],
+    data: Data,
+    output: Output,
+    method: Annotated[str, typer.Option("--method", help="lora | prompt | prefix | lokr | bitfit")] = "lora",
+    eval_data: EvalData = None,
+    epochs: Epochs = 3.0,
+    lr: Lr = 1e-3,
+    batch_size: Batch = 8,
+    rank: Annotated[int, typer.Option("--rank", help="LoRA/LoKr rank.")] = 8,
+    alpha: Annotated[float | None, typer.Option("--alpha", help="LoRA/LoKr alpha (default 2 x rank).")] = None,
+    targets: Annotated[str | None, typer.Option("--targets", help="Comma-separated module names (default: every linear layer in the blocks).")] = None,
+    virtual_tokens: Annotated[int, typer.Option("--virtual-tokens", help="Prompt/prefix length.")] = 8,
+    max_length: MaxLen = 512,
+    eval_every: EvalEvery = 0,
+    seed: Seed = 0,
+    force: Force = False,
+    json_out: JsonOut = False,
+):
+    """Parameter-efficient tuning of a model (step 1 of Algorithm 1); saves a PEFT adapter (BitFit: bitfit.safetensors)."""
+    from ..pipelines.train import train_adapter
+
+    s = train_adapter(model, data, output, method=method, eval_data=eval_data, rank=rank, alpha=alpha,
+                      targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
+                      virtual_tokens=virtual_tokens, max_length=max_length, force=force,
+                      cfg=_cfg(epochs, lr, batch_size, seed, eval_every))
+    if not s:  # a data-parallel worker; the main process reports
+        return
+    if json_out:
+        print_json(s)
+        return
+    _render(f"train {s['method']} on {s['family']}: {s['output']}", s,
+            [("trainable", f"{human_count(s['trainable'])} of {human_count(s['parameters'])} parameters"),
+             ("steps", f"{s['steps']} on {s['device']} (mixed precision: {s['mixed_precision']})")])
+
+
+@app.command("tune-bridge")
+def tune_bridge_cmd(
+    adapter: Annotated[str, typer.Option("--adapter", help="The LLM's LoRA adapter (from `surgery transfer`).")],
+    bridge: Annotated[str, typer.Option("--bridge", help="The bridge directory (from `surgery prune-bridge`, with bridge.json).")],
+    data: Data,
+    output: Output,
+    eval_data: EvalData = None,
+    llm: Annotated[str | None, typer.Option("--llm", help="The LLM directory, if it moved since prune-bridge (only config.json is read).")] = None,
+    epochs: Epochs = 3.0,
+    lr: Lr = 1e-3,
+    batch_size: Batch = 8,
+    max_length: MaxLen = 512,
+    eval_every: EvalEvery = 0,
+    seed: Seed = 0,
+    force: Force = False,
+    json_out: JsonOut = False,
+):
+    """Tune an LLM's LoRA adapter through the bridge (W_down), then lift the update back: OUT is an adapter for the LLM."""
+    from ..pipelines.tune_bridge import tune_bridge
+
+    s = tune_bridge(adapter, bridge, data, output, eval_data=eval_data, llm=llm, max_length=max_length, force=force,
+                    cfg=_cfg(epochs, lr, batch_size, seed, eval_every))
+    if not s:
+        return
+    if json_out:
+        print_json(s)
+        return
+    _render(f"tune-bridge ({s['family']}, {s['modules']} LoRA modules, measured on the bridge): {s['output']}", s,
+            [("bridge", f"{human_count(s['bridge_parameters'])} parameters (LLM {human_count(s['llm_parameters'])}); "
+                        f"{human_count(s['trainable'])} trainable"),
+             ("steps", f"{s['steps']} on {s['device']} (mixed precision: {s['mixed_precision']})")])
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="A Hugging Face checkpoint directory.")],
+    data: Data,
+    adapter: Annotated[str | None, typer.Option("--adapter", help="A PEFT adapter (or BitFit directory) to apply first.")] = None,
+    batch_size: Batch = 8,
+    max_length: MaxLen = 512,
+    json_out: JsonOut = False,
+):
+    """Loss, perplexity and exact-match accuracy (teacher-forced argmax = greedy) of completions."""
+    from ..pipelines.evaluate import evaluate
+
+    _quiet()
+    s = evaluate(model, data, adapter=adapter, batch_size=batch_size, max_length=max_length)
+    if json_out:
+        print_json(s)
+        return
+    from rich.table import Table
+
+    t = Table(title=f"eval {s['model']}" + (f" + {s['adapter']}" if s["adapter"] else ""), show_header=False)
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    acc = "-" if s["accuracy"] is None else f"{s['accuracy']:.1%} ({s['correct']}/{s['scored']})"
+    for k, v in (("loss", f"{s['loss']:.4f}"), ("perplexity", f"{s['perplexity']:.2f}"), ("accuracy", acc),
+                 ("examples", str(s["examples"])), ("tokens scored", str(s["tokens"]))):
+        t.add_row(k, v)
+    console().print(t)

@@ -1,0 +1,29 @@
+"""`surgery eval`: loss, perplexity and exact-match accuracy of a model (with an optional adapter) on JSONL.
+
+Accuracy is exact match under teacher forcing (surgery.train.score): a prompt/completion record
+counts as correct when the argmax token at every completion position is the completion's token,
+which is exactly "greedy decoding reproduces the completion". Text records count toward the loss only.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def evaluate(model_dir: str, data: str, *, adapter: str | None = None, batch_size: int = 8,
+             max_length: int = 512) -> dict:
+    from ..train.data import load_examples, pad_id_of
+    from ..train.loop import place
+    from ..train.methods import attach, load_base
+    from ..train.score import evaluate_examples
+
+    model, tok, arch = load_base(model_dir)
+    seq2seq = bool(model.config.is_encoder_decoder)
+    examples = load_examples(data, tok, seq2seq=seq2seq, max_length=max_length)
+    if adapter:
+        model = attach(model, adapter)
+    model = place(model)
+    metrics = evaluate_examples(model, examples, batch_size=batch_size, pad_id=pad_id_of(tok, model.config),
+                                seq2seq=seq2seq)
+    return {"model": os.path.abspath(model_dir), "adapter": os.path.abspath(adapter) if adapter else None,
+            "data": os.path.abspath(data), "family": arch.family, **metrics}

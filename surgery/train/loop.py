@@ -1,0 +1,180 @@
+"""The small training loop shared by `surgery train` (SLM stage) and `surgery tune-bridge` (bridge stage).
+
+AdamW on the trainable parameters only, gradient-norm clipping, seeded shuffling, periodic evaluation
+and a rich progress bar. accelerate.Accelerator places the model: the GPU with bf16 autocast when
+one is present, the CPU in float32 otherwise, and several GPUs under `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from ..errors import DataError
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 3.0
+    lr: float = 1e-3
+    batch_size: int = 8
+    seed: int = 0
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    eval_every: int = 0  # steps between evaluations; 0 = once per epoch
+    max_steps: int | None = None  # stop early (benchmarks)
+    progress: bool | None = None  # None = only on a terminal
+
+
+@dataclass
+class History:
+    steps: int = 0
+    train_loss: list = field(default_factory=list)  # (step, mean loss since the last record)
+    evals: list = field(default_factory=list)  # (step, metrics dict)
+    device: str = "cpu"
+    mixed_precision: str = "no"
+
+    def as_dict(self) -> dict:
+        return {"steps": self.steps, "device": self.device, "mixed_precision": self.mixed_precision,
+                "train_loss": self.train_loss, "evals": [{"step": s, **m} for s, m in self.evals]}
+
+
+def make_accelerator():
+    """bf16 autocast on GPU, plain float32 on CPU (bf16 matmuls on CPU are slow and inexact)."""
+    import torch
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    return Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+
+
+def place(model):
+    """Move the model to this process's device: its GPU (one per process under `accelerate launch`) or the CPU."""
+    from accelerate import PartialState
+
+    return model.to(PartialState().device)
+
+
+def is_main_process() -> bool:
+    """Only one process writes outputs under `accelerate launch`."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def train_loop(model, train_examples, cfg: TrainConfig, *, pad_id: int, seq2seq: bool, eval_examples=None,
+               accelerator=None) -> History:
+    """Train `model` in place (only parameters with requires_grad) and return its history."""
+    import math
+
+    import torch
+    from accelerate.utils import set_seed
+
+    from .data import collate
+    from .score import aligned_logits, evaluate_examples, token_loss
+
+    if not train_examples:
+        raise DataError("no training examples", "pass a non-empty JSONL file")
+    set_seed(cfg.seed)
+    acc = accelerator or make_accelerator()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise DataError("the model has no trainable parameters", "wrap it with a parameter-efficient method first")
+    g = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(train_examples, batch_size=cfg.batch_size, shuffle=True, generator=g,
+                                         collate_fn=lambda b: collate(b, pad_id, seq2seq))
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, opt, loader = acc.prepare(model, opt, loader)
+    steps_per_epoch = len(loader)
+    total = math.ceil(cfg.epochs * steps_per_epoch)
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    eval_every = cfg.eval_every or steps_per_epoch
+    hist = History(device=str(acc.device), mixed_precision=str(acc.mixed_precision))
+
+    def run_eval(step):
+        if eval_examples:
+            m = evaluate_examples(acc.unwrap_model(model), eval_examples, batch_size=cfg.batch_size,
+                                  pad_id=pad_id, seq2seq=seq2seq)
+            hist.evals.append((step, m))
+            return m
+        return None
+
+    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    show = show and acc.is_main_process
+    with _progress(show, total) as bar:
+        model.train()
+        step, running, count = 0, 0.0, 0
+        while step < total:
+            for batch in loader:
+                logits, labels = aligned_logits(model, batch, seq2seq)
+                nll, n = token_loss(logits, labels)
+                loss = nll / max(n, 1)
+                acc.backward(loss)
+                if cfg.max_grad_norm:
+                    acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                running += float(loss.detach())
+                count += 1
+                if step % eval_every == 0 or step == total:
+                    hist.train_loss.append((step, running / count))
+                    running, count = 0.0, 0
+                    m = run_eval(step)
+                    bar(step, hist.train_loss[-1][1], m)
+                else:
+                    bar(step, float(loss.detach()), None)
+                if step >= total:
+                    break
+    hist.steps = step
+    acc.wait_for_everyone()
+    return hist
+
+
+def fit(model, tokenizer, train_examples, eval_examples, cfg: TrainConfig, *, seq2seq: bool):
+    """Measure, train, measure: (before, history, after), measured on the eval set (else the training set)."""
+    from .data import pad_id_of
+    from .score import evaluate_examples
+
+    pad = pad_id_of(tokenizer, model.config)
+    measure_on = eval_examples or train_examples
+
+    def measure():
+        return evaluate_examples(model, measure_on, batch_size=cfg.batch_size, pad_id=pad, seq2seq=seq2seq)
+
+    before = measure()
+    hist = train_loop(model, train_examples, cfg, pad_id=pad, seq2seq=seq2seq, eval_examples=eval_examples)
+    return before, hist, measure()
+
+
+class _progress:
+    """A rich bar with the latest loss (and eval loss/accuracy); silent when disabled."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total = enabled, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda *a: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                          TextColumn("{task.fields[info]}"), console=Console(stderr=True))
+        self.p.__enter__()
+        self.task = self.p.add_task("train", total=self.total, info="")
+        self.last_eval = ""
+
+        def update(step, loss, metrics):
+            if metrics:
+                a = metrics.get("accuracy")
+                self.last_eval = f" eval {metrics['loss']:.3f}" + (f" acc {a:.1%}" if a is not None else "")
+            self.p.update(self.task, completed=step, info=f"loss {loss:.3f}{self.last_eval}")
+
+        return update
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.p.__exit__(*exc)
+        return False

@@ -1,0 +1,76 @@
+"""Token losses and exact-match accuracy from one forward pass (teacher forcing).
+
+loss = -(1/N) * sum over labelled tokens t of log p(y_t | y_<t, x)   (N = labelled tokens, the same
+token-weighted mean transformers computes); perplexity = exp(loss).
+Exact match: a prompt/completion example is correct when, under teacher forcing, the argmax token at
+every completion position equals the completion token. For greedy decoding this is the same test as
+"the greedy continuation starts with the completion": if every argmax matches, greedy decoding
+reproduces the completion token by token; at the first mismatch it leaves it.
+"""
+
+from __future__ import annotations
+
+from .data import IGNORE
+
+
+def aligned_logits(model, batch: dict, seq2seq: bool):
+    """Logits [b, L, V] lined up with batch["labels"] (shifted for causal models).
+
+    Prompt tuning prepends virtual tokens to a causal model's input, so its logits are longer
+    than the input; the last L positions are the ones that belong to the real tokens.
+    """
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    logits = out.logits
+    labels = batch["labels"]
+    if seq2seq:
+        return logits, labels
+    logits = logits[:, -batch["input_ids"].shape[1]:]
+    return logits[:, :-1], labels[:, 1:]
+
+
+def token_loss(logits, labels):
+    """(sum of token NLL, number of labelled tokens), in float32."""
+    import torch.nn.functional as F
+
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                          ignore_index=IGNORE, reduction="sum")
+    return nll, int((labels != IGNORE).sum())
+
+
+def exact_matches(logits, labels) -> list[bool]:
+    """Per row: every labelled position's argmax equals its label."""
+    pred = logits.argmax(-1)
+    keep = labels != IGNORE
+    ok = (pred == labels) | ~keep
+    return [bool(r) for r in ok.all(-1)]
+
+
+def evaluate_examples(model, examples, *, batch_size: int, pad_id: int, seq2seq: bool) -> dict:
+    """loss, perplexity, accuracy (None without prompt/completion records), examples, tokens."""
+    import math
+
+    import torch
+
+    from .data import collate
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, tokens, right, scored = 0.0, 0, 0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            batch = {k: v.to(device) for k, v in collate(chunk, pad_id, seq2seq).items()}
+            logits, labels = aligned_logits(model, batch, seq2seq)
+            nll, n = token_loss(logits, labels)
+            total += float(nll)
+            tokens += n
+            for e, ok in zip(chunk, exact_matches(logits, labels)):
+                if e.completion:
+                    scored += 1
+                    right += ok
+    if was_training:
+        model.train()
+    loss = total / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": right / scored if scored else None,
+            "correct": right, "scored": scored, "examples": len(examples), "tokens": tokens}
