@@ -122,12 +122,16 @@ def render(results: dict, sm: dict, plots: list[str]) -> str:
     L += ["## Per-stage commands", "", "Every number above comes from these commands (seed 0 of the first task shown; "
           "the full list is in the run's `stages/*.json`):", "", "```"]
     first = next(iter(results["tasks"].values()))
+    start = len(L)
     L += [first["zero_shot"]["cmd"], first["bridges"]["fisher-mask-r16"]["cmd"]]
     sd = first["seeds"][0]
     L += [sd[k]["cmd"] for k in ("slm_lora", "llm_lora")] + [sd["transfer"]["transfer"]["cmd"],
                                                              sd["method"]["train"]["cmd"], sd["method"]["eval"]["cmd"],
                                                              sd["fresh"]["cmd"], sd["bridge_only"]["train"]["cmd"]]
-    L += ["```", ""]
+    short = lambda c: c.replace(results["work"], "$WORK").replace(results["pair"], "$PAIR")  # noqa: E731
+    L[start:] = [short(x) for x in L[start:]]
+    L += ["```", "", f"`$PAIR` = the pretrained pair (`python -m benchmarks.evidence.pretrain --print-dir`), "
+          "`$WORK` = benchmarks/.work/evidence-<pair key>/.", ""]
     return "\n".join(x for x in L if x is not None) + "\n"
 
 

@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -42,12 +43,17 @@ class Bench:
     def __init__(self, pair: str, work: str, s: dict, log=print):
         self.slm, self.llm = os.path.join(pair, "slm"), os.path.join(pair, "llm")
         self.work, self.s, self.log = work, s, log
+        self._guard, self._locks = threading.Lock(), {}
 
     def p(self, *parts):
         return os.path.join(self.work, *parts)
 
     def stage(self, rec: str, args: list[str]) -> dict:
-        return run_stage(self.p("stages", rec + ".json"), args, log=self.log)
+        # two chains may ask for the same stage (the shared transfer, a bridge): one runs, the other waits
+        with self._guard:
+            lock = self._locks.setdefault(rec, threading.Lock())
+        with lock:
+            return run_stage(self.p("stages", rec + ".json"), args, log=self.log)
 
     def data(self, task: str) -> tuple[str, str, str]:
         """Train/dev JSONL and a calibration text file (the train examples as plain text)."""
@@ -100,7 +106,7 @@ class Bench:
         return {"dir": out, "transfer": t, "eval": self.evaluate(f"{task}/s{seed}/transfer-{kind}-eval", task,
                                                                  self.llm, out)}
 
-    def seed_chain(self, task: str, seed: int, bridges: dict, ablate: bool) -> dict:
+    def seed_chain(self, task: str, seed: int) -> dict:
         train, dev, _ = self.data(task)
         d = lambda n: self.p(task, f"s{seed}", n)  # noqa: E731
         r = {}
@@ -109,19 +115,26 @@ class Bench:
                                 + self.train_args(seed))
         tr = self.transfer(task, seed, d("slm_lora"), "activations")
         r["transfer"] = tr
-        main = bridges[(MAIN["reduction"], MAIN["importance"])]
+        main = self.bridge(task, MAIN["reduction"], MAIN["importance"])
         r["method"] = self.tuned(task, seed, tr["dir"], main, "method")
         # Table 8: the same LoRA shapes, but fresh (B = 0) instead of transferred, tuned on the bridge alone.
         r["fresh"] = self.stage(f"{task}/s{seed}/fresh", ["train", self.llm, "--data", train, "-o", d("fresh")]
                                 + self.train_args(seed, epochs=0))
         r["bridge_only"] = self.tuned(task, seed, d("fresh"), main, "bridge-only")
-        if ablate:
-            for (red, imp), b in bridges.items():
-                if (red, imp) != (MAIN["reduction"], MAIN["importance"]):
-                    r[f"method-{imp}-r{red}"] = self.tuned(task, seed, tr["dir"], b, f"method-{imp}-r{red}")
-            emb = self.transfer(task, seed, d("slm_lora"), "embeddings")
-            r["transfer-embeddings"] = emb
-            r["method-embeddings"] = self.tuned(task, seed, emb["dir"], main, "method-embeddings")
+        return r
+
+    def ablation_chain(self, task: str, seed: int) -> dict:
+        """Same SLM adapter and transfer as seed_chain (cached stages); only the bridge or the map changes."""
+        d = lambda n: self.p(task, f"s{seed}", n)  # noqa: E731
+        tr = self.transfer(task, seed, d("slm_lora"), "activations")
+        main = self.bridge(task, MAIN["reduction"], MAIN["importance"])
+        r = {}
+        for red, imp in variants(True)[1:]:
+            r[f"method-{imp}-r{red}"] = self.tuned(task, seed, tr["dir"], self.bridge(task, red, imp),
+                                                   f"method-{imp}-r{red}")
+        emb = self.transfer(task, seed, d("slm_lora"), "embeddings")
+        r["transfer-embeddings"] = emb
+        r["method-embeddings"] = self.tuned(task, seed, emb["dir"], main, "method-embeddings")
         return r
 
 
@@ -139,17 +152,20 @@ def run(quick: bool, jobs: int, tasks: list[str], ablate_tasks: list[str], log=p
     work = os.path.join(ROOT, "benchmarks", ".work", "evidence-" + ("quick-" if quick else "") + os.path.basename(pair))
     b = Bench(pair, work, s, log)
     t0 = time.time()
+    seeds = range(s["seeds"])
+    for t in tasks:  # write the data files once, before threads could race on them
+        b.data(t)
+    # Queue order = priority: the main table for every task first, ablations after (FIFO pool).
     with ThreadPoolExecutor(jobs) as pool:
         zs = {t: pool.submit(b.evaluate, f"{t}/zero-shot", t, b.llm, None) for t in tasks}
         zs_slm = {t: pool.submit(b.evaluate, f"{t}/zero-shot-slm", t, b.slm, None) for t in tasks}
-        bridges = {(t, v): pool.submit(b.bridge, t, *v) for t in tasks for v in variants(t in ablate_tasks)}
-        bridges = {k: f.result() for k, f in bridges.items()}
-        chains = {(t, sd): pool.submit(b.seed_chain, t, sd, {v: bridges[(t, v)] for v in variants(t in ablate_tasks)},
-                                       t in ablate_tasks) for t in tasks for sd in range(s["seeds"])}
+        chains = {(t, sd): pool.submit(b.seed_chain, t, sd) for sd in seeds for t in tasks}
+        abl = {(t, sd): pool.submit(b.ablation_chain, t, sd) for sd in seeds for t in ablate_tasks}
         results = {"tasks": {t: {"zero_shot": zs[t].result(), "zero_shot_slm": zs_slm[t].result(),
-                                 "bridges": {f"{imp}-r{red}": bridges[(t, (red, imp))] for red, imp in
-                                             variants(t in ablate_tasks)},
-                                 "seeds": [chains[(t, sd)].result() for sd in range(s["seeds"])]} for t in tasks}}
+                                 "bridges": {f"{imp}-r{red}": b.bridge(t, red, imp)
+                                             for red, imp in variants(t in ablate_tasks)},
+                                 "seeds": [chains[(t, sd)].result() | (abl[(t, sd)].result() if (t, sd) in abl else {})
+                                           for sd in seeds]} for t in tasks}}
     with open(os.path.join(pair, "pretrain.json")) as f:
         results["pretrain"] = json.load(f)
     # training memory tensor by tensor, at the training batch shape (memory.py says why not RSS)
@@ -159,7 +175,7 @@ def run(quick: bool, jobs: int, tasks: list[str], ablate_tasks: list[str], log=p
     t0_bridges = results["tasks"][tasks[0]]["bridges"] if not ablate_tasks else results["tasks"][ablate_tasks[0]]["bridges"]
     results["train_memory"] = {"slm": training_bytes(b.slm, **shape), "llm": training_bytes(b.llm, **shape),
                                **{f"bridge {k}": training_bytes(v["dir"], **shape) for k, v in t0_bridges.items()}}
-    results.update(settings=s, quick=quick, jobs=jobs, floor_rss_mb=floor_rss_mb(), seconds=time.time() - t0,
+    results.update(settings=s, quick=quick, jobs=jobs, work=work, pair=pair, floor_rss_mb=floor_rss_mb(), seconds=time.time() - t0,
                    machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), ablate_tasks=ablate_tasks,
                    command="python -m benchmarks.evidence.run" + (" --quick" if quick else ""))
