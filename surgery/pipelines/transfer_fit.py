@@ -104,6 +104,10 @@ def fit_projections(ck_s, ck_l, arch_s, arch_l, stack, blocks, needs, *, map_kin
                     if m.count < rec["dim"]:
                         warnings.append(f"layer {j} {key} ({d}): {m.count} calibration tokens for a {rec['dim']}-dim "
                                         f"space, so the fit has rank ≤ {m.count}; pass more --samples or longer texts")
+                    elif d == "to_llm" and rank < rec["dim"] and prior is None and not rec["silent"]:
+                        # (a to_slm map of lower rank is normal: the LLM's silent directions carry nothing)
+                        warnings.append(f"layer {j} {key}: the SLM's activations span {rank} of {rec['dim']} dims; "
+                                        "adapter components outside that span are dropped")
     return maps, records, warnings, embed
 
 

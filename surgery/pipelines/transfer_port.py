@@ -91,7 +91,8 @@ def port_prompt_adapter(ad, arch_l, embed, llm_path) -> tuple[dict, dict]:
         raise AdapterError(f"{ad.path} has prompts for several submodules", "transfer supports decoder-only models")
     cfg.update(base_model_name_or_path=llm_path, token_dim=arch_l.dims["hidden"],
                num_attention_heads=arch_l.dims["heads"], num_layers=next(iter(arch_l.stacks.values())))
-    cfg["encoder_hidden_size"] = cfg["token_dim"]
+    if "encoder_hidden_size" in cfg:  # only some prompt-learning configs carry it
+        cfg["encoder_hidden_size"] = cfg["token_dim"]
     return cfg, {"prompt_embeddings": (e @ embed["to_llm"].T).float()}
 
 
