@@ -89,7 +89,15 @@ def resolved_rank(gram, ridge: float) -> int:
     lam = ridge * float(torch.trace(gram)) / max(gram.shape[0], 1)
     if lam <= 0:
         return 0
-    return int((torch.linalg.eigvalsh(gram) > lam).sum())
+    # LAPACK's symmetric eigensolver can be ~100× slower multi-threaded on small matrices when CPUs
+    # are contended; one thread is always fast here (matrices are at most a space's width).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ev = torch.linalg.eigvalsh(gram)
+    finally:
+        torch.set_num_threads(threads)
+    return int((ev > lam).sum())
 
 
 def fit_to_llm(m: Moments, ridge: float, prior=None) -> tuple:
