@@ -134,8 +134,7 @@ def test_embeddings_map_is_data_free(fx, tmp_path, ids, expanded):
     assert relative_error(slm, ad, llm, str(tmp_path / "out"), ids) < 0.01
 
 
-@pytest.mark.parametrize("kind", ["prompt", "prefix"])
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family,kind", [("llama", "prefix"), ("gpt2", "prefix"), ("gpt2", "prompt")], ids=str)
 def test_prompt_and_prefix_tuning(fx, tmp_path, calib, ids, expanded, kind, family):
     import torch
     from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model

@@ -43,12 +43,12 @@ class Moments:
         if xs.shape[0] != xl.shape[0]:
             raise ValueError(f"unpaired activations: {xs.shape[0]} vs {xl.shape[0]} rows")
         if self.ss is not None:
-            self.ss += xs.T @ xs
+            self.ss.addmm_(xs.T, xs)
         if self.ll is not None:
-            self.ll += xl.T @ xl
-        self.ls += xl.T @ xs
-        self.tr_ss += float(xs.pow(2).sum())
-        self.tr_ll += float(xl.pow(2).sum())
+            self.ll.addmm_(xl.T, xl)
+        self.ls.addmm_(xl.T, xs)
+        self.tr_ss += float(torch.vdot(xs.reshape(-1), xs.reshape(-1)))
+        self.tr_ll += float(torch.vdot(xl.reshape(-1), xl.reshape(-1)))
         self.count += xs.shape[0]
 
 

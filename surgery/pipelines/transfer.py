@@ -16,7 +16,7 @@ from ..arch import arch_of
 from ..errors import AdapterError, ArchitectureError, ShapeError
 from ..io.adapter import Adapter, write_adapter
 from ..io.checkpoint import Checkpoint
-from ..io.writer import OutputDir, check_finite
+from ..io.writer import OutputDir, check_finite, check_output
 from ..ops.project import depth_blocks
 from .transfer_fit import fit_projections
 from .transfer_port import (lora_needs, port_lora_adapter, port_prefix_adapter, port_prompt_adapter,
@@ -79,6 +79,8 @@ def transfer(adapter: str, llm: str, out: str, *, slm_base: str | None = None, d
     if depth not in DEPTHS:
         raise AdapterError(f"unknown --depth {depth!r}", f"choose one of {', '.join(DEPTHS)}")
     ad, ck_s, ck_l, arch_s, arch_l, stack = _open_pair(adapter, llm, slm_base)
+    inputs = [ad.path, ck_s.path, ck_l.path]
+    check_output(os.path.abspath(out), inputs, force)  # before any forward pass, not after
     blocks = depth_blocks(arch_s.stacks[stack], arch_l.stacks[stack])
     kind = ad.peft_type
     needs = {"LORA": lora_needs, "PREFIX_TUNING": prefix_needs}.get(kind, lambda *a: {})(ad, arch_s, stack)
@@ -108,7 +110,7 @@ def transfer(adapter: str, llm: str, out: str, *, slm_base: str | None = None, d
         "depth_map": {stack: blocks}, "layers_used": {stack: chosen},
         "fits": records, "warnings": warnings,
     }
-    with OutputDir(out, inputs=[ad.path, ck_s.path, ck_l.path], force=force) as od:
+    with OutputDir(out, inputs=inputs, force=force) as od:
         write_adapter(od, config, tensors)
         save_file(projections, od.path(PROJECTIONS), metadata={"format": FORMAT})
         od.write_json("transfer.json", summary)
