@@ -220,3 +220,14 @@ def test_cli_prints_the_fit_table(fx, tmp_path, calib, expanded):
     assert "in.attn" in out and "to_slm" in out and "silent" in out and "0→0..1" in out
     code, _, err = run_cli("transfer", "--slm", ad, "--llm", llm, "-o", tmp_path / "o", "--data", calib)
     assert code != 0 and "already exists" in err
+
+
+def test_says_when_calibration_data_is_too_little(fx, tmp_path, calib):
+    from surgery.pipelines.transfer import transfer
+
+    info = transfer(fx.lora("llama", targets=["down_proj"], name="down"), fx.model("llama"), str(tmp_path / "o"),
+                    data=calib, samples=1, seq_len=16, depth="first")
+    assert any("calibration tokens for a 128-dim space" in w and "--samples" in w for w in info["warnings"])
+    inner = [f for f in info["fits"] if f["space"] == "mlp.inner"]
+    assert inner and all(f["rank"] <= f["tokens"] < f["dim"] for f in inner)
+    assert info["layers_used"] == {"layers": [[0], [1]]}
