@@ -1,9 +1,10 @@
 """Fit every projection a transfer needs: per (LLM layer, space, direction), from activations or embeddings.
 
 `--map activations` pairs the two models' activations on calibration text at mapped layers.
-`--map embeddings` is data-free: residual spaces (in.*, out.*) share one map fitted between the
-token-embedding matrices over the shared vocabulary; inner spaces (q/k/v, attn.o, mlp.inner) are
-fitted on the shared vocabulary run as one-token sequences, so no calibration text is needed.
+`--map embeddings` is data-free: the residual a sublayer reads (in.*) uses one map fitted between
+the token-embedding matrices over the shared vocabulary; every other space (q/k/v, attn.o,
+mlp.inner, and the residual writes out.*, with the embedding map as their ridge prior) is fitted
+on the shared vocabulary run as one-token sequences, so no calibration text is needed.
 """
 
 from __future__ import annotations
@@ -62,11 +63,11 @@ def fit_projections(ck_s, ck_l, arch_s, arch_l, stack, blocks, needs, *, map_kin
     for i, keys in sorted(needs.items()):
         for j in blocks[i]:
             for key, dirs in sorted(keys.items()):
-                if map_kind == "embeddings" and key.startswith(("in.", "out.")):
+                if map_kind == "embeddings" and key.startswith("in."):
                     from_embed.append((j, key, dirs))
                 else:
                     captured[(j, key)] = ("to_llm" in dirs, "to_slm" in dirs)
-                    if key.startswith("out."):  # the residual-stream map is its prior
+                    if key.startswith("out.") and map_kind == "activations":  # the residual-stream map is its prior
                         captured[(j, "res")] = (True, captured.get((j, "res"), (False, False))[1])
     for j, key, dirs in from_embed:
         for d in sorted(dirs):
@@ -96,7 +97,9 @@ def fit_projections(ck_s, ck_l, arch_s, arch_l, stack, blocks, needs, *, map_kin
                                 "pass text both tokenizers can read, or use --map embeddings")
             for d, want in (("to_llm", gs), ("to_slm", gl)):
                 if want:
-                    prior = maps.get((j, "res", "to_llm")) if key.startswith("out.") else None
+                    prior = None
+                    if key.startswith("out."):  # residual writes lean on the residual-stream (or embedding) map
+                        prior = maps.get((j, "res", "to_llm"), embed.get("to_llm"))
                     fit = DIRECTIONS[d]
                     maps[(j, key, d)], rel, rank = fit(m, ridge, prior) if prior is not None else fit(m, ridge)
                     rec = _record(j, slm_of[j], key, d, rel, rank, m, source, d == "to_llm")
