@@ -231,3 +231,24 @@ def test_says_when_calibration_data_is_too_little(fx, tmp_path, calib):
     inner = [f for f in info["fits"] if f["space"] == "mlp.inner"]
     assert inner and all(f["rank"] <= f["tokens"] < f["dim"] for f in inner)
     assert info["layers_used"] == {"layers": [[0], [1]]}
+
+
+def test_fit_map_is_exact_on_exact_data_and_shrinks_noise():
+    import torch
+
+    from surgery.ops.project import Moments, fit_to_llm, fit_to_slm
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(400, 8, generator=g, dtype=torch.float64) * torch.logspace(0, -3, 8, dtype=torch.float64)
+    S = torch.randn(12, 8, generator=g, dtype=torch.float64)
+    exact = Moments(8, 12)
+    exact.add(X, X @ S.T)
+    P, rel, rank = fit_to_llm(exact, 1e-9)
+    assert torch.allclose(P, S, atol=1e-3) and rel < 1e-6 and rank == 8
+    Q, _, rank_q = fit_to_slm(exact, 1e-9)
+    assert rank_q == 8 and torch.allclose(Q @ S, torch.eye(8, dtype=torch.float64), atol=1e-3)
+    noisy = Moments(8, 12)
+    noisy.add(X, X @ S.T + 0.05 * torch.randn(400, 12, generator=g, dtype=torch.float64))
+    P2, rel2, rank2 = fit_to_llm(noisy, 1e-9)
+    assert rank2 < 8 and rel2 > 1e-3  # the weakest directions are shrunk, not fitted to noise
+    assert (P2 - S).norm() < (S.norm() * 0.5)

@@ -10,8 +10,8 @@ not grow with the calibration data. With rows x_s (SLM) and x_l (LLM) of paired 
     to_llm  P = argmin_P ||X_s Pᵀ − X_l||² + λ||P||²  =  (X_lᵀX_s)(X_sᵀX_s + λI)⁻¹      [n_l, n_s]
     to_slm  Q = argmin_Q ||X_l Qᵀ − X_s||² + λ||Q||²  =  (X_sᵀX_l)(X_lᵀX_l + λI)⁻¹      [n_s, n_l]
 
-λ = ridge · tr(G)/n (relative to the mean eigenvalue of the regressor's Gram G), so it is light and
-scale-free. Fit quality is the relative residual ||X Mᵀ − Y|| / ||Y||, computed from the same moments.
+λ = ridge · tr(G)/n (relative to the mean eigenvalue of the regressor's Gram G) is a light, scale-free
+floor, raised per map to the empirical-Bayes value σ²/τ² when the data are noisy (fit_map). Fit quality is the relative residual ||X Mᵀ − Y|| / ||Y||, computed from the same moments.
 
 LoRA ΔW = s·B·A ([out, r]·[r, in]) is ported without any decomposition: the LLM's input x_l is
 carried into the SLM's input space by Q_in, through the SLM's delta, and out by P_out:
@@ -52,15 +52,15 @@ class Moments:
         self.count += xs.shape[0]
 
 
-def ridge_solve(gram, cross, ridge: float, prior=None):
-    """M = (cross + λ·M₀) · (gram + λI)⁻¹ with λ = ridge · tr(gram)/n; gram [n, n], cross [m, n].
+def ridge_solve(gram, cross, ridge: float, prior=None, lam: float | None = None):
+    """M = (cross + λ·M₀) · (gram + λI)⁻¹ with λ = ridge · tr(gram)/n (or `lam`); gram [n, n], cross [m, n].
 
     The ridge pulls M toward `prior` M₀ (zero by default) in the directions the data barely excites.
     """
     import torch
 
     n = gram.shape[0]
-    lam = ridge * float(torch.trace(gram)) / max(n, 1)
+    lam = ridge * float(torch.trace(gram)) / max(n, 1) if lam is None else lam
     if lam <= 0:  # an all-zero regressor (e.g. a silent layer): the only sensible map is zero
         return torch.zeros(cross.shape, dtype=torch.float64)
     if prior is not None:
@@ -70,6 +70,38 @@ def ridge_solve(gram, cross, ridge: float, prior=None):
     if int(info) != 0:  # numerically indefinite despite the ridge: fall back to the pseudo-inverse
         return cross @ torch.linalg.pinv(reg, hermitian=True)
     return torch.cholesky_solve(cross.T, L).T  # reg symmetric: (reg⁻¹ crossᵀ)ᵀ = cross reg⁻¹
+
+
+def fit_map(gram, cross, target_sq: float, count: int, ridge: float, prior=None) -> tuple:
+    """Ridge map with an empirical-Bayes λ: (M, λ used).
+
+    First pass at the floor λ₀ = ridge·tr(G)/n. The residual gives the noise variance
+    σ² = RSS/(m·(N − n)), the map the spread of its entries around the prior τ² = ‖M − M₀‖²/(m·n);
+    the Bayes-optimal ridge is σ²/τ². Exact relations (RSS ≈ 0) keep λ at the floor, so an exact
+    map stays exact; noisy ones get shrunk instead of fitting noise in barely-excited directions,
+    which is what a LoRA delta pointing there would otherwise amplify.
+    """
+    import torch
+
+    n = gram.shape[0]
+    lam0 = ridge * float(torch.trace(gram)) / max(n, 1)
+    M = ridge_solve(gram, cross, ridge, prior, lam0)
+    if lam0 <= 0 or target_sq <= 0:
+        return M, lam0
+    m, lam = cross.shape[0], lam0
+    for _ in range(8):  # fixed point of λ = σ²(λ)/τ²(λ): an overfitted first M underestimates λ
+        rss = max(relative_residual(M, gram, cross, target_sq), 0.0) ** 2 * target_sq
+        sigma2 = rss / (m * max(count - n, 1))
+        tau2 = float(((M - prior) if prior is not None else M).pow(2).sum()) / (m * n)
+        if sigma2 <= 0 or tau2 <= 0 or sigma2 / tau2 <= lam0:
+            break
+        new = sigma2 / tau2
+        converged = abs(new - lam) <= 0.05 * lam
+        lam = new
+        M = ridge_solve(gram, cross, ridge, prior, lam)
+        if converged:
+            break
+    return M, lam
 
 
 def relative_residual(M, gram, cross, target_sq: float) -> float:
@@ -82,11 +114,10 @@ def relative_residual(M, gram, cross, target_sq: float) -> float:
     return max(sq, 0.0) ** 0.5 / target_sq ** 0.5
 
 
-def resolved_rank(gram, ridge: float) -> int:
+def resolved_rank(gram, lam: float) -> int:
     """Directions the fit resolves: eigenvalues of the regressor's Gram above its ridge λ (shrunk < 50 %)."""
     import torch
 
-    lam = ridge * float(torch.trace(gram)) / max(gram.shape[0], 1)
     if lam <= 0:
         return 0
     # LAPACK's symmetric eigensolver can be ~100× slower multi-threaded on small matrices when CPUs
@@ -101,21 +132,29 @@ def resolved_rank(gram, ridge: float) -> int:
 
 
 def fit_to_llm(m: Moments, ridge: float, prior=None) -> tuple:
-    """P [n_l, n_s] carrying SLM vectors into the LLM's space, its relative residual and regressor rank.
+    """P [n_l, n_s] carrying SLM vectors into the LLM's space, its relative residual and resolved rank.
 
+    With a prior P₀ the ridge pulls toward g·P₀ (g fitted, see below) instead of toward 0.
     A target that is exactly zero (an LLM module that writes nothing, e.g. a pass-through layer's
     o_proj) gets P = 0 whatever the prior: the LLM has nothing there for the adapter to act on.
     """
+    import torch
+
     if m.tr_ll == 0.0:
         prior = None
-    P = ridge_solve(m.ss, m.ls, ridge, prior)
-    return P, relative_residual(P, m.ss, m.ls, m.tr_ll), resolved_rank(m.ss, ridge)
+    if prior is not None:
+        # scale the prior to the data first: g = argmin ||g·X_s P₀ᵀ − X_l||², so a module that
+        # writes little (a near-silent layer) gets a correspondingly small prior
+        denom = float(torch.sum((prior @ m.ss) * prior))
+        prior = prior * (float(torch.sum(prior * m.ls)) / denom if denom > 0 else 0.0)
+    P, lam = fit_map(m.ss, m.ls, m.tr_ll, m.count, ridge, prior)
+    return P, relative_residual(P, m.ss, m.ls, m.tr_ll), resolved_rank(m.ss, lam)
 
 
 def fit_to_slm(m: Moments, ridge: float) -> tuple:
-    """Q [n_s, n_l] carrying LLM vectors into the SLM's space, its relative residual and regressor rank."""
-    Q = ridge_solve(m.ll, m.ls.T, ridge)
-    return Q, relative_residual(Q, m.ll, m.ls.T, m.tr_ss), resolved_rank(m.ll, ridge)
+    """Q [n_s, n_l] carrying LLM vectors into the SLM's space, its relative residual and resolved rank."""
+    Q, lam = fit_map(m.ll, m.ls.T, m.tr_ss, m.count, ridge)
+    return Q, relative_residual(Q, m.ll, m.ls.T, m.tr_ss), resolved_rank(m.ll, lam)
 
 
 def port_lora(A, B, to_slm_in, to_llm_out, bias=None):
