@@ -109,8 +109,8 @@ def fit_projections(ck_s, ck_l, arch_s, arch_l, stack, blocks, needs, *, map_kin
                                         f"space, so the fit has rank ≤ {m.count}; pass more --samples or longer texts")
                     elif d == "to_llm" and rank < rec["dim"] and prior is None and not rec["silent"]:
                         # (a to_slm map of lower rank is normal: the LLM's silent directions carry nothing)
-                        warnings.append(f"layer {j} {key}: the SLM's activations span {rank} of {rec['dim']} dims; "
-                                        "adapter components outside that span are dropped")
+                        warnings.append(f"layer {j} {key}: the fit resolves {rank} of {rec['dim']} dims of the SLM's "
+                                        f"space (rel. residual {rel:.2g}); adapter components in the others are shrunk")
     return maps, records, warnings, embed
 
 
