@@ -209,7 +209,7 @@ def test_refuses_unsupported_adapters(fx, tmp_path):
     assert code != 0 and "IA3" in err and "LoRA, prompt tuning, prefix tuning" in err
     code, _, err = run_cli("transfer", "--slm", fx.lora("llama", targets=["q_proj"]), "--llm", fx.model("gpt2"),
                            "-o", tmp_path / "o")
-    assert code != 0 and "same family" not in err and "gpt2" in err and "llama" in err
+    assert code != 0 and "gpt2" in err and "llama" in err and "family" in err
 
 
 def test_cli_prints_the_fit_table(fx, tmp_path, calib, expanded):
