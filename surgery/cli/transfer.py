@@ -1,0 +1,55 @@
+"""`surgery transfer`: port an SLM adapter to an LLM without the LLM's gradients."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from . import app
+from .common import Force, JsonOut, Output, console, print_json
+
+
+@app.command("transfer")
+def transfer_cmd(
+    slm: Annotated[str, typer.Option("--slm", help="PEFT adapter trained on the small model (LoRA, prompt or prefix tuning).")],
+    llm: Annotated[str, typer.Option("--llm", help="The large model directory (same family as the SLM).")],
+    output: Output,
+    slm_base: Annotated[str, typer.Option("--slm-base", help="The SLM directory (default: the adapter config's base).")] = None,
+    data: Annotated[str, typer.Option("--data", help="Calibration text: one text per line, or .jsonl with a \"text\" field.")] = None,
+    map_kind: Annotated[str, typer.Option("--map", help="activations (fit on calibration text) or embeddings (data-free).")] = "activations",
+    depth: Annotated[str, typer.Option("--depth", help="block: every LLM layer of an SLM layer's block; first; best (best-fitting layer).")] = "block",
+    samples: Annotated[int, typer.Option("--samples", help="Calibration texts to use.")] = 64,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration text.")] = 128,
+    ridge: Annotated[float, typer.Option("--ridge", help="Ridge strength, relative to the mean eigenvalue of each Gram.")] = 1e-9,
+    force: Force = False,
+    json_out: JsonOut = False,
+):
+    """Port ADAPTER to the LLM: layers duplicated over blocks, widths through fitted projections (W_plug)."""
+    from ..pipelines.transfer import transfer
+
+    info = transfer(slm, llm, output, slm_base=slm_base, data=data, map_kind=map_kind, depth=depth,
+                    samples=samples, seq_len=seq_len, ridge=ridge, force=force)
+    if json_out:
+        print_json(info)
+        return
+    from rich.table import Table
+
+    stack, blocks = next(iter(info["depth_map"].items()))
+    used = info["layers_used"][stack]
+    t = Table(title=f"{info['kind']} → {output}  (map: {info['map']}, depth: {info['depth']})")
+    for col in ("llm layer", "slm layer", "space", "direction", "rel. residual", "rank / dim", "tokens"):
+        t.add_column(col, justify="right" if col not in ("space", "direction") else "left")
+    for r in info["fits"]:
+        layer = "-" if r["llm_layer"] is None else str(r["llm_layer"])
+        if r["llm_layer"] is not None and not any(r["llm_layer"] in u for u in used):
+            layer += " (unused)"
+        resid = "silent" if r["silent"] else f"{r['rel_residual']:.2e}"
+        slm_layer = "-" if r["slm_layer"] is None else str(r["slm_layer"])
+        t.add_row(layer, slm_layer, r["space"], r["direction"], resid, f"{r['rank']}/{r['dim']}", str(r["tokens"]))
+    c = console()
+    c.print(t)
+    c.print(f"depth map ({stack}): " + ", ".join(f"{i}→{b[0]}..{b[-1]}" if len(b) > 1 else f"{i}→{b[0]}"
+                                                for i, b in enumerate(blocks)))
+    for w in info["warnings"]:
+        c.print(f"[yellow]warning:[/] {w}")

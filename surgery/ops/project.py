@@ -1,0 +1,172 @@
+"""W_plug: linear maps between an SLM's and an LLM's spaces, fitted without gradients.
+
+Jin, Zhang & Zong, "Parameter-efficient Tuning for Large Language Model without Calculating Its
+Gradients", EMNLP 2023: a parameter-efficient module learned on an SLM is plugged into an LLM
+through linear projections W_plug (width) and duplicated over layers (depth).
+
+Each space gets a ridge least-squares map fitted from accumulated second moments, so memory does
+not grow with the calibration data. With rows x_s (SLM) and x_l (LLM) of paired activations:
+
+    to_llm  P = argmin_P ||X_s Pᵀ − X_l||² + λ||P||²  =  (X_lᵀX_s)(X_sᵀX_s + λI)⁻¹      [n_l, n_s]
+    to_slm  Q = argmin_Q ||X_l Qᵀ − X_s||² + λ||Q||²  =  (X_sᵀX_l)(X_lᵀX_l + λI)⁻¹      [n_s, n_l]
+
+λ = ridge · tr(G)/n (relative to the mean eigenvalue of the regressor's Gram G) is a light, scale-free
+floor, raised per map to the empirical-Bayes value σ²/τ² when the data are noisy (fit_map). Fit quality is the relative residual ||X Mᵀ − Y|| / ||Y||, computed from the same moments.
+
+LoRA ΔW = s·B·A ([out, r]·[r, in]) is ported without any decomposition: the LLM's input x_l is
+carried into the SLM's input space by Q_in, through the SLM's delta, and out by P_out:
+
+    ΔW_llm = P_out · ΔW_slm · Q_in   ⇒   A_llm = A · Q_in,  B_llm = P_out · B      (rank and s kept)
+"""
+
+from __future__ import annotations
+
+
+class Moments:
+    """Running float64 Gram and cross-Gram matrices of paired activations (rows = tokens)."""
+
+    def __init__(self, n_slm: int, n_llm: int, need_slm_gram: bool = True, need_llm_gram: bool = True):
+        import torch
+
+        f = dict(dtype=torch.float64)
+        self.ss = torch.zeros(n_slm, n_slm, **f) if need_slm_gram else None
+        self.ll = torch.zeros(n_llm, n_llm, **f) if need_llm_gram else None
+        self.ls = torch.zeros(n_llm, n_slm, **f)  # X_lᵀ X_s
+        self.tr_ss = 0.0  # ||X_s||², enough for the residual of a map *to* the SLM
+        self.tr_ll = 0.0
+        self.count = 0
+
+    def add(self, x_slm, x_llm) -> None:
+        import torch
+
+        xs, xl = x_slm.to(torch.float64), x_llm.to(torch.float64)
+        if xs.shape[0] != xl.shape[0]:
+            raise ValueError(f"unpaired activations: {xs.shape[0]} vs {xl.shape[0]} rows")
+        if self.ss is not None:
+            self.ss.addmm_(xs.T, xs)
+        if self.ll is not None:
+            self.ll.addmm_(xl.T, xl)
+        self.ls.addmm_(xl.T, xs)
+        self.tr_ss += float(torch.vdot(xs.reshape(-1), xs.reshape(-1)))
+        self.tr_ll += float(torch.vdot(xl.reshape(-1), xl.reshape(-1)))
+        self.count += xs.shape[0]
+
+
+def ridge_solve(gram, cross, ridge: float, prior=None, lam: float | None = None):
+    """M = (cross + λ·M₀) · (gram + λI)⁻¹ with λ = ridge · tr(gram)/n (or `lam`); gram [n, n], cross [m, n].
+
+    The ridge pulls M toward `prior` M₀ (zero by default) in the directions the data barely excites.
+    """
+    import torch
+
+    n = gram.shape[0]
+    lam = ridge * float(torch.trace(gram)) / max(n, 1) if lam is None else lam
+    if lam <= 0:  # an all-zero regressor (e.g. a silent layer): the only sensible map is zero
+        return torch.zeros(cross.shape, dtype=torch.float64)
+    if prior is not None:
+        cross = cross + lam * prior
+    reg = gram + lam * torch.eye(n, dtype=gram.dtype)
+    L, info = torch.linalg.cholesky_ex(reg)
+    if int(info) != 0:  # numerically indefinite despite the ridge: fall back to the pseudo-inverse
+        return cross @ torch.linalg.pinv(reg, hermitian=True)
+    return torch.cholesky_solve(cross.T, L).T  # reg symmetric: (reg⁻¹ crossᵀ)ᵀ = cross reg⁻¹
+
+
+def fit_map(gram, cross, target_sq: float, count: int, ridge: float, prior=None) -> tuple:
+    """Ridge map with an empirical-Bayes λ: (M, λ used).
+
+    First pass at the floor λ₀ = ridge·tr(G)/n. The residual gives the noise variance
+    σ² = RSS/(m·(N − n)), the map the spread of its entries around the prior τ² = ‖M − M₀‖²/(m·n);
+    the Bayes-optimal ridge is σ²/τ². Exact relations (RSS ≈ 0) keep λ at the floor, so an exact
+    map stays exact; noisy ones get shrunk instead of fitting noise in barely-excited directions,
+    which is what a LoRA delta pointing there would otherwise amplify.
+    """
+    import torch
+
+    n = gram.shape[0]
+    lam0 = ridge * float(torch.trace(gram)) / max(n, 1)
+    M = ridge_solve(gram, cross, ridge, prior, lam0)
+    if lam0 <= 0 or target_sq <= 0:
+        return M, lam0
+    m, lam = cross.shape[0], lam0
+    for _ in range(8):  # fixed point of λ = σ²(λ)/τ²(λ): an overfitted first M underestimates λ
+        rss = max(relative_residual(M, gram, cross, target_sq), 0.0) ** 2 * target_sq
+        sigma2 = rss / (m * max(count - n, 1))
+        tau2 = float(((M - prior) if prior is not None else M).pow(2).sum()) / (m * n)
+        if sigma2 <= 0 or tau2 <= 0 or sigma2 / tau2 <= lam0:
+            break
+        new = sigma2 / tau2
+        converged = abs(new - lam) <= 0.05 * lam
+        lam = new
+        M = ridge_solve(gram, cross, ridge, prior, lam)
+        if converged:
+            break
+    return M, lam
+
+
+def relative_residual(M, gram, cross, target_sq: float) -> float:
+    """||X Mᵀ − Y|| / ||Y|| from moments: ||XMᵀ−Y||² = tr(M G Mᵀ) − 2 tr(M Cᵀ) + ||Y||², C = YᵀX."""
+    import torch
+
+    if target_sq <= 0:
+        return 0.0
+    sq = float(torch.sum((M @ gram) * M) - 2 * torch.sum(M * cross)) + target_sq
+    return max(sq, 0.0) ** 0.5 / target_sq ** 0.5
+
+
+def resolved_rank(gram, lam: float) -> int:
+    """Directions the fit resolves: eigenvalues of the regressor's Gram above its ridge λ (shrunk < 50 %)."""
+    import torch
+
+    if lam <= 0:
+        return 0
+    # LAPACK's symmetric eigensolver can be ~100× slower multi-threaded on small matrices when CPUs
+    # are contended; one thread is always fast here (matrices are at most a space's width).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ev = torch.linalg.eigvalsh(gram)
+    finally:
+        torch.set_num_threads(threads)
+    return int((ev > lam).sum())
+
+
+def fit_to_llm(m: Moments, ridge: float, prior=None) -> tuple:
+    """P [n_l, n_s] carrying SLM vectors into the LLM's space, its relative residual and resolved rank.
+
+    With a prior P₀ the ridge pulls toward g·P₀ (g fitted, see below) instead of toward 0.
+    A target that is exactly zero (an LLM module that writes nothing, e.g. a pass-through layer's
+    o_proj) gets P = 0 whatever the prior: the LLM has nothing there for the adapter to act on.
+    """
+    import torch
+
+    if m.tr_ll == 0.0:
+        prior = None
+    if prior is not None:
+        # scale the prior to the data first: g = argmin ||g·X_s P₀ᵀ − X_l||², so a module that
+        # writes little (a near-silent layer) gets a correspondingly small prior
+        denom = float(torch.sum((prior @ m.ss) * prior))
+        prior = prior * (float(torch.sum(prior * m.ls)) / denom if denom > 0 else 0.0)
+    P, lam = fit_map(m.ss, m.ls, m.tr_ll, m.count, ridge, prior)
+    return P, relative_residual(P, m.ss, m.ls, m.tr_ll), resolved_rank(m.ss, lam)
+
+
+def fit_to_slm(m: Moments, ridge: float) -> tuple:
+    """Q [n_s, n_l] carrying LLM vectors into the SLM's space, its relative residual and resolved rank."""
+    Q, lam = fit_map(m.ll, m.ls.T, m.tr_ss, m.count, ridge)
+    return Q, relative_residual(Q, m.ll, m.ls.T, m.tr_ss), resolved_rank(m.ll, lam)
+
+
+def port_lora(A, B, to_slm_in, to_llm_out, bias=None):
+    """A_llm = A · Q_in, B_llm = P_out · B (and a lora_B bias → P_out · bias); float32 results."""
+    import torch
+
+    A2 = (A.to(torch.float64) @ to_slm_in).float()
+    B2 = (to_llm_out @ B.to(torch.float64)).float()
+    b2 = None if bias is None else (to_llm_out @ bias.to(torch.float64)).float()
+    return A2, B2, b2
+
+
+def depth_blocks(n_slm: int, n_llm: int) -> list[list[int]]:
+    """SLM layer i → LLM layers [⌊i·L/l⌋, ⌊(i+1)·L/l⌋): consecutive blocks, sizes differ by ≤ 1."""
+    return [list(range(i * n_llm // n_slm, (i + 1) * n_llm // n_slm)) for i in range(n_slm)]

@@ -1,0 +1,118 @@
+"""`surgery transfer`: port a PEFT adapter trained on an SLM to an LLM without the LLM's gradients.
+
+Jin, Zhang & Zong (EMNLP 2023), W_plug: depth — SLM layer i maps to a block of consecutive LLM
+layers (ops.project.depth_blocks) and its modules are duplicated into it; width — one fitted
+projection per space each module touches (transfer_fit), through which the adapter's weights are
+carried (transfer_port). Writes a PEFT adapter for the LLM plus transfer.json (layer map, fit
+quality) and projections.safetensors (the maps, for tune-bridge). Format: docs/formats.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from ..arch import arch_of
+from ..errors import AdapterError, ArchitectureError, ShapeError
+from ..io.adapter import Adapter, write_adapter
+from ..io.checkpoint import Checkpoint
+from ..io.writer import OutputDir, check_finite, check_output
+from ..ops.project import depth_blocks
+from .transfer_fit import fit_projections
+from .transfer_port import (lora_needs, port_lora_adapter, port_prefix_adapter, port_prompt_adapter,
+                            prefix_needs)
+
+FORMAT = "surgery.transfer/1"
+SUPPORTED = {"LORA": "LoRA", "PROMPT_TUNING": "prompt tuning", "PREFIX_TUNING": "prefix tuning"}
+MAPS = ("activations", "embeddings")
+DEPTHS = ("block", "first", "best")
+PROJECTIONS = "projections.safetensors"
+
+
+def _open_pair(adapter: str, llm: str, slm_base: str | None):
+    ad = Adapter.open(adapter)
+    if ad.peft_type not in SUPPORTED:
+        raise AdapterError(f"{ad.path} is a {ad.peft_type} adapter; transfer supports {', '.join(SUPPORTED.values())}",
+                           "extract a LoRA from it first (surgery extract) or retrain the SLM adapter as LoRA")
+    base = slm_base or ad.base
+    if not base:
+        raise AdapterError(f"{ad.path}/adapter_config.json names no base model", "pass --slm-base DIR")
+    if not os.path.isdir(base):
+        raise AdapterError(f"the adapter's base model {base} is not a directory here", "pass --slm-base DIR (the SLM it was trained on)")
+    ck_s, ck_l = Checkpoint.open(base), Checkpoint.open(llm)
+    arch_s, arch_l = arch_of(ck_s), arch_of(ck_l)
+    if arch_s.family != arch_l.family:
+        raise ArchitectureError(f"the SLM is {arch_s.family} and the LLM is {arch_l.family}",
+                                "transfer maps modules by name within one family; pick an LLM of the SLM's family")
+    if len(arch_s.stacks) != 1 or ck_s.config.get("is_encoder_decoder"):
+        raise ArchitectureError(f"{arch_s.family} is an encoder-decoder family", "transfer supports decoder-only models")
+    stack = next(iter(arch_s.stacks))
+    if arch_l.stacks[stack] < arch_s.stacks[stack]:
+        raise ShapeError(f"the LLM has {arch_l.stacks[stack]} layers, fewer than the SLM's {arch_s.stacks[stack]}",
+                         "swap --slm and --llm: transfer goes from the smaller model to the larger")
+    return ad, ck_s, ck_l, arch_s, arch_l, stack
+
+
+def _choose_layers(blocks, records, depth: str) -> list[list[int]]:
+    """block: every LLM layer of the block; first: its first; best: the one whose fits explain most."""
+    if depth == "block":
+        return blocks
+    if depth == "first":
+        return [blk[:1] for blk in blocks]
+    chosen = []
+    for blk in blocks:
+        def score(j):
+            rel = [r["rel_residual"] for r in records if r["llm_layer"] == j and not r["silent"]]
+            return (sum(rel) / len(rel) if rel else float("inf"), j)
+        chosen.append([min(blk, key=score)])
+    return chosen
+
+
+def transfer(adapter: str, llm: str, out: str, *, slm_base: str | None = None, data: str | None = None,
+             map_kind: str = "activations", depth: str = "block", samples: int = 64, seq_len: int = 128,
+             ridge: float = 1e-9, batch: int = 8, force: bool = False) -> dict:
+    """Port `adapter` (trained on its SLM) to `llm`; write OUT and return transfer.json's contents."""
+    from safetensors.torch import save_file
+
+    if map_kind not in MAPS:
+        raise AdapterError(f"unknown --map {map_kind!r}", f"choose one of {', '.join(MAPS)}")
+    if depth not in DEPTHS:
+        raise AdapterError(f"unknown --depth {depth!r}", f"choose one of {', '.join(DEPTHS)}")
+    ad, ck_s, ck_l, arch_s, arch_l, stack = _open_pair(adapter, llm, slm_base)
+    inputs = [ad.path, ck_s.path, ck_l.path]
+    check_output(os.path.abspath(out), inputs, force)  # before any forward pass, not after
+    blocks = depth_blocks(arch_s.stacks[stack], arch_l.stacks[stack])
+    kind = ad.peft_type
+    needs = {"LORA": lora_needs, "PREFIX_TUNING": prefix_needs}.get(kind, lambda *a: {})(ad, arch_s, stack)
+    maps, records, warnings, embed = fit_projections(
+        ck_s, ck_l, arch_s, arch_l, stack, blocks, needs, map_kind=map_kind, data=data, samples=samples,
+        seq_len=seq_len, ridge=ridge, batch=batch, embed_needed=kind == "PROMPT_TUNING")
+    chosen = _choose_layers(blocks, records, depth) if kind == "LORA" else blocks
+    if kind == "LORA":
+        config, tensors = port_lora_adapter(ad, arch_s, arch_l, stack, chosen, maps, ck_l.path)
+    elif kind == "PROMPT_TUNING":
+        config, tensors = port_prompt_adapter(ad, arch_l, embed, ck_l.path)
+    else:
+        config, tensors = port_prefix_adapter(ad, arch_s, arch_l, stack, blocks, maps, ck_l.path)
+    projections = {f"{stack}.{j}.{key}.{d}": m.float().contiguous() for (j, key, d), m in sorted(maps.items())}
+    projections.update({f"embed.{d}": m.float().contiguous() for d, m in embed.items()})
+    for k, t in projections.items():
+        check_finite(k, t)
+    data_sha = None
+    if data and map_kind == "activations":
+        with open(data, "rb") as f:
+            data_sha = hashlib.sha256(f.read()).hexdigest()
+    summary = {
+        "format": FORMAT, "kind": kind, "slm_adapter": ad.path, "slm_base": ck_s.path, "llm": ck_l.path,
+        "family": arch_s.family, "map": map_kind, "depth": depth, "ridge": ridge,
+        "samples": samples if map_kind == "activations" else None, "seq_len": seq_len if map_kind == "activations" else None,
+        "data_sha256": data_sha,
+        "depth_map": {stack: blocks}, "layers_used": {stack: chosen},
+        "fits": records, "warnings": warnings,
+    }
+    with OutputDir(out, inputs=inputs, force=force) as od:
+        write_adapter(od, config, tensors)
+        save_file(projections, od.path(PROJECTIONS), metadata={"format": FORMAT})
+        od.write_json("transfer.json", summary)
+        od.commit()
+    return summary
