@@ -76,6 +76,10 @@ def render(results: dict, sm: dict, plots: list[str]) -> str:
          f"- pretraining: {pre['tokens']:,} tokens of fixtures/world.py, {pre['slm']['steps']} steps each; held-out LM loss "
          f"SLM {pre['slm']['heldout_loss']:.3f} (ppl {pre['slm']['heldout_ppl']:.2f}), "
          f"LLM {pre['llm']['heldout_loss']:.3f} (ppl {pre['llm']['heldout_ppl']:.2f})",
+         (f"- knowledge of fixtures/world.py's facts (6-way cloze on where a person lives, chance 16.7 %; "
+          f"benchmarks/evidence/knowledge.py): SLM {100 * results['home_cloze']['slm']['dev_people']:.1f} %, "
+          f"LLM {100 * results['home_cloze']['llm']['dev_people']:.1f} % on the `home` task's dev people"
+          if "home_cloze" in results else None),
          f"- tasks: {', '.join(sm['tasks'])} (fixtures/tasks.py), {s['n_train']} train / {s['n_dev']} dev examples; "
          f"{s['seeds']} seeds; LoRA rank 8 on every linear layer, {s['epochs']} epochs, lr {s['lr']}, batch {s['batch']}",
          f"- bridge: `prune-bridge --reduction 16 --importance fisher-mask` on {s['calib']} task texts: "

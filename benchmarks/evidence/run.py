@@ -175,6 +175,10 @@ def run(quick: bool, jobs: int, tasks: list[str], ablate_tasks: list[str], log=p
     t0_bridges = results["tasks"][tasks[0]]["bridges"] if not ablate_tasks else results["tasks"][ablate_tasks[0]]["bridges"]
     results["train_memory"] = {"slm": training_bytes(b.slm, **shape), "llm": training_bytes(b.llm, **shape),
                                **{f"bridge {k}": training_bytes(v["dir"], **shape) for k, v in t0_bridges.items()}}
+    from benchmarks.evidence.knowledge import home_cloze
+
+    results["home_cloze"] = {m: {"train_people": home_cloze(d, 0, 200), "dev_people": home_cloze(d, 1000, None)}
+                             for m, d in (("slm", b.slm), ("llm", b.llm))}
     results.update(settings=s, quick=quick, jobs=jobs, work=work, pair=pair, floor_rss_mb=floor_rss_mb(), seconds=time.time() - t0,
                    machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), ablate_tasks=ablate_tasks,
