@@ -37,18 +37,26 @@ def acc(rec: dict) -> float:
     return (out["after"] if "after" in out else out)["accuracy"]
 
 
-def per_seed(task: dict, key: str) -> list[float]:
+def loss(rec: dict) -> float:
+    """Dev loss (mean over completion tokens), like acc()."""
+    if "eval" in rec:
+        rec = rec["eval"]
+    out = rec["out"]
+    return (out["after"] if "after" in out else out)["loss"]
+
+
+def per_seed(task: dict, key: str, metric=acc) -> list[float]:
     if key == "zero-shot":
-        return [acc(task["zero_shot"])] * len(task["seeds"])
-    return [acc(s[key]) for s in task["seeds"] if key in s]
+        return [metric(task["zero_shot"])] * len(task["seeds"])
+    return [metric(s[key]) for s in task["seeds"] if key in s]
 
 
-def gap_share(task: dict, key: str) -> list[float] | None:
-    z = acc(task["zero_shot"])
-    ups = per_seed(task, "llm_lora")
-    if min(u - z for u in ups) < 0.05:  # no gap to close: a share would be noise over noise
+def gap_share(task: dict, key: str, metric=acc) -> list[float] | None:
+    z = metric(task["zero_shot"])
+    ups = per_seed(task, "llm_lora", metric)
+    if min(abs(u - z) for u in ups) < 0.05:  # no gap to close: a share would be noise over noise
         return None
-    return [(m - z) / (u - z) for m, u in zip(per_seed(task, key), ups)]
+    return [(m - z) / (u - z) for m, u in zip(per_seed(task, key, metric), ups)]
 
 
 def rss(results: dict, pick) -> tuple[float, float]:
@@ -61,14 +69,21 @@ def summarise(results: dict) -> dict:
     for name, t in results["tasks"].items():
         rows = {k: ci(per_seed(t, k)) for k, _ in ROWS}
         rows["zero-shot-slm"] = (acc(t["zero_shot_slm"]), float("nan"))
+        losses = {k: ci(per_seed(t, k, loss)) for k, _ in ROWS}
+        losses["zero-shot-slm"] = (loss(t["zero_shot_slm"]), float("nan"))
+        loss_gaps = {k: (ci(g) if (g := gap_share(t, k, loss)) else None) for k in ("transfer", "method", "bridge_only",
+                                                                                   "slm_lora")}
         gaps = {k: (ci(g) if (g := gap_share(t, k)) else None) for k in ("transfer", "method", "bridge_only",
                                                                           "slm_lora")}
         abl = {}
         for key in t["seeds"][0]:
             if key.startswith("method-") or key == "transfer-embeddings":
-                abl[key] = {"acc": ci(per_seed(t, key)), "gap": ci(g) if (g := gap_share(t, key)) else None}
+                abl[key] = {"acc": ci(per_seed(t, key)), "gap": ci(g) if (g := gap_share(t, key)) else None,
+                            "loss": ci(per_seed(t, key, loss)),
+                            "loss_gap": ci(g) if (g := gap_share(t, key, loss)) else None}
         bridges = {k: b["out"]["parameters"]["bridge"] for k, b in t["bridges"].items()}
-        sm["tasks"][name] = {"rows": rows, "gap": gaps, "ablations": abl, "bridges": bridges}
+        sm["tasks"][name] = {"rows": rows, "gap": gaps, "ablations": abl, "bridges": bridges, "loss": losses,
+                             "loss_gap": loss_gaps}
     stages = {
         "train SLM + LoRA": lambda s, t: [s["slm_lora"]],
         "train LLM + LoRA": lambda s, t: [s["llm_lora"]],
@@ -97,10 +112,12 @@ def summarise(results: dict) -> dict:
     return sm
 
 
-def fmt(mc, pct=True) -> str:
+def fmt(mc, pct=True, digits=None) -> str:
     if mc is None:
         return "n/a"
     m, h = mc
+    if digits is not None:
+        return f"{m:.{digits}f}" + ("" if math.isnan(h) else f" ± {h:.{digits}f}")
     if pct:
         return f"{100 * m:.1f}" + ("" if math.isnan(h) else f" ± {100 * h:.1f}")
     return f"{m:.0f}" + ("" if math.isnan(h) else f" ± {h:.0f}")
