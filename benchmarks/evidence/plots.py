@@ -73,11 +73,20 @@ def ablations(sm, docs):
 
 def memory(sm, docs):
     names = list(sm["memory"])
-    f = sm["floor_rss_mb"]
-    fig, ax = plt.subplots(figsize=(8, 3))
+    tm = sm["train_memory"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
+    ax = axes[0]
     ax.barh(names, [sm["memory"][n][0] for n in names], color="tab:blue")
-    ax.axvline(f, color="k", ls="--", label=f"runtime floor ({f:.0f} MB)")
     ax.set_xlabel("peak RSS of the stage's process (MB)")
+    ax.invert_yaxis()
+    ax = axes[1]
+    keys = list(tm)
+    left = [0.0] * len(keys)
+    for part, colour in (("weights", "tab:gray"), ("activations", "tab:orange"), ("lora_state", "tab:green")):
+        vals = [tm[k][part] / 2**20 for k in keys]
+        ax.barh(keys, vals, left=left, color=colour, label=part)
+        left = [a + b for a, b in zip(left, vals)]
+    ax.set_xlabel("training memory of one step, counted tensor by tensor (MB)")
     ax.invert_yaxis()
     ax.legend(fontsize=8)
     fig.tight_layout()

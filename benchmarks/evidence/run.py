@@ -29,7 +29,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks.evidence.pretrain import pretrain  # noqa: E402
-from benchmarks.evidence.stage import floor_rss_mb, run_stage  # noqa: E402
+from benchmarks.evidence.stage import run_stage  # noqa: E402
 
 TASKS = ["colour", "count", "place", "home"]
 MAIN = dict(reduction=16, importance="fisher-mask")
@@ -179,7 +179,7 @@ def run(quick: bool, jobs: int, tasks: list[str], ablate_tasks: list[str], log=p
 
     results["home_cloze"] = {m: {"train_people": home_cloze(d, 0, 200), "dev_people": home_cloze(d, 1000, None)}
                              for m, d in (("slm", b.slm), ("llm", b.llm))}
-    results.update(settings=s, quick=quick, jobs=jobs, work=work, pair=pair, floor_rss_mb=floor_rss_mb(), seconds=time.time() - t0,
+    results.update(settings=s, quick=quick, jobs=jobs, work=work, pair=pair, seconds=time.time() - t0,
                    machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), ablate_tasks=ablate_tasks,
                    command="python -m benchmarks.evidence.run" + (" --quick" if quick else ""))

@@ -67,11 +67,3 @@ def _communicate_wait4(p: subprocess.Popen) -> tuple[str, str]:
     p.returncode = os.waitstatus_to_exitcode(status)
     p.rss_kb = ru.ru_maxrss
     return bufs["out"], bufs["err"]
-
-
-def floor_rss_mb() -> float:
-    """Peak RSS of a process that only imports what every training stage imports (the runtime floor)."""
-    code = ("import torch, transformers, peft, accelerate, surgery.pipelines.train, surgery.pipelines.tune_bridge;"
-            "import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, check=True, cwd=ROOT)
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
