@@ -93,16 +93,22 @@ def lift_sites(old_llm: dict, old_bridge: dict, new_bridge: dict, kept_residual)
 
 def attach_saved(model, arch, path: str):
     """eval --adapter on an AdapterHub directory: read it, check it fits `model`, hook it in."""
-    from ..arch import family_for_model_type
     from ..io.adapterhub import read_adapterhub
     from ..train.bottleneck import attach_bottleneck
 
     ad = read_adapterhub(path)
+    check_fits(ad, arch, "model", "use the adapter with the model family it was trained or ported for",
+               "port it to this model with `surgery transfer` first")
+    return attach_bottleneck(model, arch, ad.bn, weights=ad.modules, name=ad.name)
+
+
+def check_fits(ad, arch, role: str, family_fix: str, width_fix: str) -> None:
+    """Refuse an adapter saved for another family, or reading another width than `arch`'s residual."""
+    from ..arch import family_for_model_type
+
     if family_for_model_type(ad.config["model_type"])["family"] != arch.family:
-        raise AdapterError(f"{ad.path} is a {ad.config['model_type']} adapter but the model is {arch.family}",
-                           "use the adapter with the model family it was trained or ported for")
+        raise AdapterError(f"{ad.path} is a {ad.config['model_type']} adapter but the {role} is {arch.family}", family_fix)
     d = {int(w["W_down"].shape[1]) for w in ad.modules.values()}
     if d != {arch.dims["hidden"]}:
-        raise AdapterError(f"{ad.path} reads width {sorted(d)} but the model's hidden size is {arch.dims['hidden']}",
-                           "port it to this model with `surgery transfer` first")
-    return attach_bottleneck(model, arch, ad.bn, weights=ad.modules, name=ad.name)
+        raise AdapterError(f"{ad.path} reads width {sorted(d)} but the {role}'s hidden size is {arch.dims['hidden']}",
+                           width_fix)

@@ -16,7 +16,7 @@ SLM layer i gets layer i's adapters; LLM layers that get none are written to `le
 from __future__ import annotations
 
 from ..arch import bottleneck_templates
-from ..errors import AdapterError, ArchitectureError
+from ..errors import ArchitectureError
 
 
 def site_keys(arch, stack: str) -> dict[str, str]:
@@ -40,15 +40,10 @@ def _keys(ad, arch, stack, placement) -> tuple[str, str]:
 
 def bottleneck_needs(ad, arch, stack) -> dict:
     """{slm layer: {key: {directions}}}: P_in (to_slm) and P_out (to_llm) for every SLM site."""
-    from ..arch import family_for_model_type
+    from .bottleneck import check_fits
 
-    if family_for_model_type(ad.config["model_type"])["family"] != arch.family:
-        raise AdapterError(f"{ad.path} is a {ad.config['model_type']} adapter but the SLM is {arch.family}",
-                           "pass --slm-base DIR: the SLM the adapter was trained on")
-    widths = {int(w["W_down"].shape[1]) for w in ad.modules.values()}
-    if widths != {arch.dims["hidden"]}:
-        raise AdapterError(f"{ad.path} reads width {sorted(widths)} but the SLM's hidden size is {arch.dims['hidden']}",
-                           "pass --slm-base DIR: the SLM the adapter was trained on")
+    fix = "pass --slm-base DIR: the SLM the adapter was trained on"
+    check_fits(ad, arch, "SLM", fix, fix)
     needs: dict = {}
     for st, i, placement in ad.placements.values():
         if st != stack:

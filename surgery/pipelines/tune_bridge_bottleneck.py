@@ -16,19 +16,13 @@ class BottleneckRoute:
     kind = "bottleneck"
 
     def __init__(self, adapter_dir: str, arch, kept: dict):
-        from ..arch import family_for_model_type
         from ..io.adapterhub import read_adapterhub
-        from .bottleneck import restrict_sites
+        from .bottleneck import check_fits, restrict_sites
 
         self.ad = ad = read_adapterhub(adapter_dir)
         self.path = ad.path
-        if family_for_model_type(ad.config["model_type"])["family"] != arch.family:
-            raise AdapterError(f"{ad.path} is a {ad.config['model_type']} adapter but the LLM is {arch.family}",
-                               "pass the adapter `surgery transfer` wrote for this LLM")
-        widths = {int(w["W_down"].shape[1]) for w in ad.modules.values()}
-        if widths != {arch.dims["hidden"]}:
-            raise AdapterError(f"{ad.path} reads width {sorted(widths)} but the LLM's hidden size is {arch.dims['hidden']}",
-                               "pass the adapter `surgery transfer` wrote for this LLM")
+        fix = "pass the adapter `surgery transfer` wrote for this LLM"
+        check_fits(ad, arch, "LLM", fix, fix)
         self.kept = kept["residual"]
         self.bridge_w = restrict_sites(ad.modules, self.kept)
 
