@@ -103,6 +103,12 @@ def test_qwen2_bias_deltas_are_applied_by_peft(fx, tmp_path):
     pm = get_peft_model(AutoModelForCausalLM.from_pretrained(base), cfg)
     res = set_peft_model_state_dict(pm, load_peft_weights(str(tmp_path / "a")))
     assert not res.unexpected_keys and not [k for k in res.missing_keys if "lora_" in k]
+    # peft's merge_and_unload refuses lora_bias on bias-less o_proj; merge-lora folds it (zero biases skipped)
+    from surgery.pipelines.merge import merge_lora
+
+    merge_lora(base, [str(tmp_path / "a")], str(tmp_path / "m"))
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m")).state_dict()
+    assert max((merged[k] - v).abs().max().item() for k, v in tuned.state_dict().items()) < 1e-5
 
 
 def test_energy_mode_picks_ranks_and_peft_loads_patterns(fx, tmp_path):

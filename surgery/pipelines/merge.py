@@ -96,8 +96,9 @@ def _plan_lora(plan: Plan, ad: Adapter, weight: float, sign: int, dora_norms: di
                         "so only the row directions are recoverable")
                 factor = dora_factor(m.magnitude, dora_norms[spec.name], spec.transposed)
         plan.add(spec.name, Step(label, _lora_step(plan, spec, delta, sign, factor, m.magnitude)))
-        if m.bias is not None:
-            bname = spec.name[: -len("weight")] + "bias"
+        bname = spec.name[: -len("weight")] + "bias"
+        if m.bias is not None and (bname in by_name or bool(m.bias.abs().max() > 0)):
+            # lora_bias is one flag per adapter: extract-lora gives bias-less layers a zero bias, skipped here
             if bname not in by_name:
                 raise AdapterError(f"{label}: the adapter has a lora_B bias but the base layer has no bias",
                                    "peft cannot merge lora_bias into a layer without bias either")
