@@ -21,7 +21,7 @@ from ..arch import arch_of
 from ..errors import AdapterError, NumericsError, ShapeError
 from ..io.adapter import Adapter
 from ..io.checkpoint import Checkpoint
-from ..io.writer import OutputDir
+from ..io.writer import OutputDir, nonfinite_count
 from ..ops.lokr import lokr_delta
 from ..ops.lora import dora_factor, dora_norm, fold, lora_bias_delta, lora_delta
 from .stream import write_checkpoint
@@ -54,10 +54,8 @@ class Plan:
 
 
 def _checked(label: str, t):
-    import torch
-
-    if not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
+    bad = nonfinite_count(t)
+    if bad:
         raise NumericsError(f"{label}: the adapter's delta has {bad} NaN/inf values",
                             "the adapter is broken (check its weights and alpha/scaling); nothing was written")
     return t
@@ -82,7 +80,8 @@ def _plan_lora(plan: Plan, ad: Adapter, weight: float, sign: int, dora_norms: di
             raise ShapeError(f"{label}: lora_A {list(m.A.shape)} / lora_B {list(m.B.shape)} do not fit the base "
                              f"weight [{n_out} out, {n_in} in]", "use the adapter with the base model it was trained on")
         # Orientation follows the family map, as peft's Conv1D detection does, whatever fan_in_fan_out says.
-        delta = _checked(label, lora_delta(m.A, m.B, m.scaling * weight, spec.transposed))
+        # Deltas are built when their tensor streams through, never all at once (that would be the model again).
+        delta = lambda m=m, t=spec.transposed, label=label: _checked(label, lora_delta(m.A, m.B, m.scaling * weight, t))  # noqa: E731
         factor = None
         if m.magnitude is not None:
             if weight != 1.0:
@@ -102,20 +101,22 @@ def _plan_lora(plan: Plan, ad: Adapter, weight: float, sign: int, dora_norms: di
             if bname not in by_name:
                 raise AdapterError(f"{label}: the adapter has a lora_B bias but the base layer has no bias",
                                    "peft cannot merge lora_bias into a layer without bias either")
-            bdelta = _checked(label, lora_bias_delta(m.bias, m.scaling * weight))
+            bdelta = _checked(label, lora_bias_delta(m.bias, m.scaling * weight))  # a vector: cheap to keep
             plan.add(bname, Step(label, lambda w, orig, d=bdelta: fold(w, d, sign)))
         plan.modules += 1
 
 
 def _lora_step(plan: Plan, spec, delta, sign: int, factor, magnitude):
+    """delta: a thunk building ΔW."""
     if magnitude is None or factor is not None:
-        return lambda w, orig: fold(w, delta, sign, factor)
+        return lambda w, orig: fold(w, delta(), sign, factor)
 
     def dora_merge(w, orig):
         # peft: the norm is taken on the *unmerged* base weight plus this adapter's delta
-        n = dora_norm(orig, delta, spec.transposed)
+        d = delta()
+        n = dora_norm(orig, d, spec.transposed)
         plan.dora_norms[spec.name] = n
-        return fold(w, delta, sign, dora_factor(magnitude, n, spec.transposed))
+        return fold(w, d, sign, dora_factor(magnitude, n, spec.transposed))
 
     return dora_merge
 
@@ -124,14 +125,32 @@ def _plan_lokr(plan: Plan, ad: Adapter, weight: float, sign: int) -> None:
     for m in ad.lokr_modules():
         spec, shape, out_in = _linear(plan, ad, m.module)
         label = f"{os.path.basename(ad.path)}:{m.module}"
-        try:
+        _lokr_fits(label, m.params, out_in)
+
+        def step(w, orig, m=m, label=label, out_in=out_in, t=spec.transposed):
             d = lokr_delta(m.params, m.scaling * weight, out_in)
-        except (KeyError, RuntimeError) as e:
-            raise ShapeError(f"{label}: LoKr factors do not make a {list(out_in)} weight ({e})",
-                             "use the adapter with the base model it was trained on") from e
-        d = _checked(label, d.T if spec.transposed else d)
-        plan.add(spec.name, Step(label, lambda w, orig, d=d: fold(w, d, sign)))
+            return fold(w, _checked(label, d.T if t else d), sign)
+
+        plan.add(spec.name, Step(label, step))
         plan.modules += 1
+
+
+def _lokr_fits(label: str, params: dict, out_in: tuple) -> None:
+    """Check the Kronecker factors' shapes at plan time (kron of [a,b] and [c,d] is [a·c, b·d])."""
+    try:
+        shapes = []
+        for i in (1, 2):
+            if f"lokr_w{i}" in params:
+                shapes.append(tuple(params[f"lokr_w{i}"].shape[:2]))
+            elif i == 2 and "lokr_t2" in params:  # einsum("ijkl,ip,jr->prkl")
+                shapes.append((params["lokr_w2_a"].shape[1], params["lokr_w2_b"].shape[1]))
+            else:
+                shapes.append((params[f"lokr_w{i}_a"].shape[0], params[f"lokr_w{i}_b"].shape[1]))
+    except KeyError as e:
+        raise ShapeError(f"{label}: LoKr factors are incomplete (no {e})", "the adapter file is incomplete; re-save it") from e
+    if shapes[0][0] * shapes[1][0] * shapes[0][1] * shapes[1][1] != out_in[0] * out_in[1]:
+        raise ShapeError(f"{label}: LoKr factors {shapes} do not make a {list(out_in)} weight",
+                         "use the adapter with the base model it was trained on")
 
 
 def _plan_saved(plan: Plan, ad: Adapter, weight: float, sign: int) -> None:
@@ -151,8 +170,8 @@ def _plan_saved(plan: Plan, ad: Adapter, weight: float, sign: int) -> None:
             if tuple(t.shape) != want:
                 raise ShapeError(f"{ad.path}: saved {name} is {list(t.shape)} but the base has {list(want)}",
                                  "use the adapter with the base model it was trained on")
-            s = _checked(f"{os.path.basename(ad.path)}:{name}", t.float())
-            plan.add(name, Step(f"{ad.path}:{name}", lambda w, orig, s=s: w + weight * (s - w)))
+            label = f"{os.path.basename(ad.path)}:{name}"
+            plan.add(name, Step(label, lambda w, orig, t=t, label=label: w + weight * (_checked(label, t.float()) - w)))
 
 
 def plan_adapters(ck: Checkpoint, adapters: list[Adapter], weights: list[float], sign: int,
