@@ -42,14 +42,38 @@ def dora_factor(magnitude, norm, fan_in_fan_out: bool = False):
     return f.view(1, -1) if fan_in_fan_out else f.view(-1, 1)
 
 
+class LowRankDelta:
+    """ΔW = scale · B A kept as its factors (B [out, r], A [r, in], float32), stored-orientation aware.
+
+    fold adds it with one addmm into the weight, never materialising ΔW: for a rank-16 LoRA on a
+    4352×1536 weight that saves a 27 MB buffer and a pass over it per module.
+    """
+
+    def __init__(self, A, B, scale: float, fan_in_fan_out: bool = False):
+        self.A, self.B, self.scale, self.fan_in_fan_out = A.float(), B.float(), float(scale), fan_in_fan_out
+
+    def dense(self):
+        return lora_delta(self.A, self.B, self.scale, self.fan_in_fan_out)
+
+    def add_to(self, weight, alpha: float):
+        if self.fan_in_fan_out:  # (B A)ᵀ = Aᵀ Bᵀ
+            return weight.addmm_(self.A.T, self.B.T, alpha=alpha * self.scale)
+        return weight.addmm_(self.B, self.A, alpha=alpha * self.scale)
+
+
 def fold(weight, delta, sign: int = 1, factor=None):
-    """The shared merge/unmerge step on a float32 weight.
+    """The shared merge/unmerge step on a float32 weight the caller owns (updated in place when it can).
 
     merge (sign=+1):   W' = W + ΔW            or, DoRA,  W' = f ⊙ (W + ΔW)
     unmerge (sign=-1): W  = W' − ΔW           or, DoRA,  W  = W' / f − ΔW
+    delta is a dense tensor or a LowRankDelta.
     """
     if sign not in (1, -1):
         raise ValueError("sign must be +1 (merge) or -1 (unmerge)")
     if factor is None:
-        return weight + delta if sign > 0 else weight - delta
+        if isinstance(delta, LowRankDelta):
+            return delta.add_to(weight, sign)
+        return weight.add_(delta, alpha=sign)
+    if isinstance(delta, LowRankDelta):
+        delta = delta.dense()
     return factor * (weight + delta) if sign > 0 else weight / factor - delta

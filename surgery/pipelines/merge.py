@@ -23,7 +23,7 @@ from ..io.adapter import Adapter
 from ..io.checkpoint import Checkpoint
 from ..io.writer import OutputDir, nonfinite_count
 from ..ops.lokr import lokr_delta
-from ..ops.lora import dora_factor, dora_norm, fold, lora_bias_delta, lora_delta
+from ..ops.lora import LowRankDelta, dora_factor, dora_norm, fold, lora_bias_delta
 from .stream import write_checkpoint
 
 DORA_NORMS = "dora_norms.safetensors"  # n = ‖W + ΔW‖ per DoRA module, written beside a merged checkpoint
@@ -80,8 +80,10 @@ def _plan_lora(plan: Plan, ad: Adapter, weight: float, sign: int, dora_norms: di
             raise ShapeError(f"{label}: lora_A {list(m.A.shape)} / lora_B {list(m.B.shape)} do not fit the base "
                              f"weight [{n_out} out, {n_in} in]", "use the adapter with the base model it was trained on")
         # Orientation follows the family map, as peft's Conv1D detection does, whatever fan_in_fan_out says.
-        # Deltas are built when their tensor streams through, never all at once (that would be the model again).
-        delta = lambda m=m, t=spec.transposed, label=label: _checked(label, lora_delta(m.A, m.B, m.scaling * weight, t))  # noqa: E731
+        # Kept as factors: a dense ΔW per module held until its tensor streams by would be the model again.
+        _checked(label, m.A)
+        _checked(label, m.B)
+        delta = LowRankDelta(m.A, m.B, m.scaling * weight, spec.transposed)
         factor = None
         if m.magnitude is not None:
             if weight != 1.0:
@@ -107,14 +109,13 @@ def _plan_lora(plan: Plan, ad: Adapter, weight: float, sign: int, dora_norms: di
 
 
 def _lora_step(plan: Plan, spec, delta, sign: int, factor, magnitude):
-    """delta: a thunk building ΔW."""
     if magnitude is None or factor is not None:
-        return lambda w, orig: fold(w, delta(), sign, factor)
+        return lambda w, orig: fold(w, delta, sign, factor)
 
     def dora_merge(w, orig):
         # peft: the norm is taken on the *unmerged* base weight plus this adapter's delta
-        d = delta()
-        n = dora_norm(orig, d, spec.transposed)
+        d = delta.dense()
+        n = dora_norm(orig.float(), d, spec.transposed)
         plan.dora_norms[spec.name] = n
         return fold(w, d, sign, dora_factor(magnitude, n, spec.transposed))
 
@@ -171,7 +172,8 @@ def _plan_saved(plan: Plan, ad: Adapter, weight: float, sign: int) -> None:
                 raise ShapeError(f"{ad.path}: saved {name} is {list(t.shape)} but the base has {list(want)}",
                                  "use the adapter with the base model it was trained on")
             label = f"{os.path.basename(ad.path)}:{name}"
-            plan.add(name, Step(label, lambda w, orig, t=t, label=label: w + weight * (_checked(label, t.float()) - w)))
+            _checked(label, t)
+            plan.add(name, Step(label, lambda w, orig, t=t: w.lerp_(t.float(), weight)))
 
 
 def plan_adapters(ck: Checkpoint, adapters: list[Adapter], weights: list[float], sign: int,
@@ -209,6 +211,8 @@ def _out_dtype(dtype: str, stored):
 def apply_adapters(base: str, adapters: list[str], out: str, *, weights: list[float] | None = None, sign: int = 1,
                    dtype: str = "auto", max_shard_size="5GB", force: bool = False, progress: bool | None = None) -> dict:
     """Merge (sign=+1) or unmerge (sign=-1) adapters into the checkpoint `base`, writing `out`."""
+    import torch
+
     t0 = time.time()
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ShapeError(f"unknown dtype {dtype!r}", "use auto, float32, bfloat16 or float16")
@@ -231,10 +235,10 @@ def apply_adapters(base: str, adapters: list[str], out: str, *, weights: list[fl
         steps = plan.steps.get(name, [])
         if not steps:
             return t.to(out_dtype[name])
-        orig = t.float()
-        w = orig
+        # w is ours to update in place; steps that need the unmerged base (DoRA) read `orig` (stored dtype)
+        w = t.float() if t.dtype != torch.float32 else t.clone()
         for s in steps:
-            w = s.fn(w, orig)
+            w = s.fn(w, t)
         return w.to(out_dtype[name])
 
     config = copy.deepcopy(ck.config)
