@@ -1,6 +1,7 @@
 """Benchmark merge-lora against peft's pipeline and extract-lora against mergekit-extract-lora.
 
-    python benchmarks/bench_merge.py            # writes benchmarks/.work/merge/*, updates docs/benchmarks.md
+    python benchmarks/bench_merge.py                 # writes benchmarks/.work/merge/*, updates docs/benchmarks.md
+    python benchmarks/bench_merge.py --only merge    # re-run one half, keep the other's last results
 
 Generates (no downloads) bf16 llama-style checkpoints (hidden 1536, GQA 12/2 heads, MLP 4352,
 vocab 32000) in 300 MB shards at two depths (8 and 16 layers: ~0.6 and ~1.0 GB), a rank-16 LoRA on
@@ -165,10 +166,16 @@ def dir_bytes(path: str) -> int:
 
 
 def main() -> None:
+    """`--only merge` or `--only extract` re-runs one half and keeps the other half's last results."""
     os.makedirs(WORK, exist_ok=True)
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
     surgery = [PY, "-m", "surgery"]
-    res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}", "sizes": {}}
-    for layers in (8, 16):
+    saved = os.path.join(WORK, "results.json")
+    res = json.load(open(saved)) if only and os.path.exists(saved) else {"sizes": {}}
+    res["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    if only != "extract":
+        res["sizes"] = {}
+    for layers in (8, 16) if only != "extract" else ():
         base, lora = os.path.join(WORK, f"base{layers}"), os.path.join(WORK, f"lora{layers}")
         gen_model(base, layers)
         gen_lora(base, lora)
@@ -179,8 +186,10 @@ def main() -> None:
         row = {"layers": layers, "checkpoint_bytes": size, "ours": ours, "peft": peft}
         if ours["ok"] and peft["ok"]:
             row["agreement"] = compare_merged(os.path.join(WORK, f"ours{layers}"), os.path.join(WORK, f"peft{layers}"))
-        res["sizes"][layers] = row
+        res["sizes"][str(layers)] = row
         print(json.dumps(row), flush=True)
+    if only == "merge":
+        return finish(res)
     base, tuned = os.path.join(WORK, "base16"), os.path.join(WORK, "tuned16")
     gen_tuned(base, tuned)
     ex = {"ours": measured([*surgery, "extract-lora", base, tuned, "-o", os.path.join(WORK, "ex-ours"), "--rank", "16",
@@ -203,10 +212,15 @@ def main() -> None:
         ex["modules_where_ours_is_worse_by_more_than_1e-6"] = sum(g > 1e-6 for g in gaps)
     res["extract"] = ex
     print(json.dumps(ex), flush=True)
-    json.dump(res, open(os.path.join(WORK, "results.json"), "w"), indent=2)
-    from benchmarks.merge_report import write_section
+    finish(res)
 
-    write_section(res, os.path.join(ROOT, "docs", "benchmarks.md"))
+
+def finish(res: dict) -> None:
+    json.dump(res, open(os.path.join(WORK, "results.json"), "w"), indent=2)
+    if "extract" in res and res["sizes"]:
+        from benchmarks.merge_report import write_section
+
+        write_section(res, os.path.join(ROOT, "docs", "benchmarks.md"))
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ def render(res: dict) -> str:
 
 
 def write_section(res: dict, path: str) -> None:
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\nMeasured speed and memory, with the commands that reproduce them.\n\n"
+    text = open(path).read() if os.path.exists(path) else ("# Benchmarks and measurements\n\n"
+                                                           "Each section says what was measured, the command that re-runs it, and the machine.\n\n")
     sec = render(res)
     if START in text and END in text:
         a, b = text.index(START), text.index(END) + len(END)
