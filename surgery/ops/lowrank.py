@@ -44,9 +44,10 @@ def svd_gram(D):
     return V, S, W * inv[:, None]
 
 
-def _block_krylov(D, rank: int, seed: int):
-    """D float32 [m, n] with m ≤ n. The Krylov matmuls run in float32 (they only choose a subspace);
-    the Rayleigh–Ritz step and the factors are float64.
+def _block_krylov(D, D64, rank: int, seed: int):
+    """D float32 [m, n] with m ≤ n, D64 the same in float64. The Krylov matmuls and the small projected
+    matrix run in float32 (they only choose a subspace); its eigendecomposition and the factors
+    (U_rᵀ D64) are float64, so the error is the subspace's, not float32's.
 
     Rayleigh–Ritz on D Dᵀ needs H = Kᵀ (D Dᵀ K); every D Dᵀ Q_i is already computed while building
     the basis (before orthogonalization), so H costs one extra block product instead of Kᵀ D.
@@ -69,11 +70,11 @@ def _block_krylov(D, rank: int, seed: int):
                 Y -= P @ (P.T @ Y)
         Q, _ = torch.linalg.qr(Y)
         blocks.append(Q)
-    K = torch.cat(blocks, 1).double()
-    H = K.T @ torch.cat(images, 1).double()
+    K = torch.cat(blocks, 1)
+    H = (K.T @ torch.cat(images, 1)).double()
     lam, V = torch.linalg.eigh((H + H.T) / 2)
-    U = K @ V.flip(1)[:, :rank]
-    W = U.T @ D.double()  # Σ Vh: rows orthogonal with norms σ_i
+    U = K.double() @ V.flip(1)[:, :rank]
+    W = U.T @ D64  # Σ Vh: rows orthogonal with norms σ_i
     S = W.norm(dim=1)
     return U, S, W / torch.where(S > 0, S, torch.ones_like(S))[:, None]
 
@@ -92,12 +93,12 @@ def truncated_svd(delta, rank: int, seed: int = 0):
     if not use_randomized(tuple(delta.shape), rank):
         U, S, Vh = svd_gram(delta.double())
         return U[:, :rank], S[:rank], Vh[:rank], "exact"
-    D = delta.float()
+    D, D64 = delta.float(), delta.double()
     # the Krylov basis lives in the short side's space: cheaper QR and projection
     if D.shape[0] > D.shape[1]:
-        U, S, Vh = _block_krylov(D.T, rank, seed)
+        U, S, Vh = _block_krylov(D.T, D64.T, rank, seed)
         return Vh.T, S, U.T, "krylov"
-    U, S, Vh = _block_krylov(D, rank, seed)
+    U, S, Vh = _block_krylov(D, D64, rank, seed)
     return U, S, Vh, "krylov"
 
 

@@ -21,6 +21,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.progress import byte_progress
 from ..io.writer import OutputDir, check_finite
 from ..ops.lowrank import energy_rank, lora_factors, relative_error, spectrum_svd, truncated_svd
+from .stream import mmap_large_buffers
 
 
 def _reader(ck: Checkpoint, arch):
@@ -66,6 +67,7 @@ def extract_lora(base: str, tuned: str, out: str, *, rank: int | None = None, en
         raise AdapterError(f"--rank {rank} must be at least 1")
     if energy is not None and not 0.0 < energy <= 1.0:
         raise AdapterError(f"--energy {energy} must be in (0, 1]", "e.g. --energy 0.9")
+    mmap_large_buffers()
     cb, ct = Checkpoint.open(base), Checkpoint.open(tuned)
     arch = _check_pair(cb, ct)
     mods = _targets(arch, targets)
@@ -78,7 +80,8 @@ def extract_lora(base: str, tuned: str, out: str, *, rank: int | None = None, en
         for s in mods:
             wb, wt = rb(s.name), rt(s.name)
             advance(2 * wb.numel() * wb.element_size())
-            d = wt.double() - wb.double()
+            d = wt.to(torch.float64)
+            d -= wb  # promoted on the fly: no float64 copy of the base
             del wb, wt
             check_finite(f"{s.name} (tuned - base)", d)
             d = d.T if s.transposed else d  # peft's A/B are [r, in] / [out, r] in either layout

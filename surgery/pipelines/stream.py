@@ -1,12 +1,13 @@
 """Stream a checkpoint into a new one, tensor by tensor: the skeleton every rewrite uses.
 
-Peak memory is one input tensor plus what `produce` builds for it; shards are planned up front,
-so each tensor is written straight to its place and dropped.
+Peak memory is two tensors (one being written, the next being produced) plus what `produce`
+builds; shards are planned up front, so each tensor is written straight to its place and dropped.
 """
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 from ..io.checkpoint import Checkpoint
 from ..io.progress import byte_progress
@@ -39,12 +40,23 @@ def write_checkpoint(out: OutputDir, specs, produce, *, config: dict, side_from:
     """specs: [(name, dtype, shape)]; produce(name) -> tensor. Writes config.json and copies side files."""
     mmap_large_buffers()
     writer = ShardedWriter(out, specs, max_shard_size, metadata=metadata)
-    with byte_progress(writer.total, description, progress) as advance:
+
+    def write_one(name, t, advance):
+        writer.write(name, t)
+        advance(t.numel() * t.element_size())
+
+    # One write in flight on a helper thread while the next tensor is read and computed: file writes
+    # and torch ops release the GIL, so I/O overlaps compute; memory stays at two tensors.
+    with byte_progress(writer.total, description, progress) as advance, ThreadPoolExecutor(1) as pool:
+        pending = None
         for name, _, _ in specs:
             t = produce(name)
-            writer.write(name, t)
-            advance(t.numel() * t.element_size())
+            if pending is not None:
+                pending.result()  # re-raises a write error here, in order
+            pending = pool.submit(write_one, name, t, advance)
             del t
+        if pending is not None:
+            pending.result()
     writer.close()
     out.write_json("config.json", config)
     if side_from:
