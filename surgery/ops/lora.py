@@ -50,15 +50,18 @@ class LowRankDelta:
     """
 
     def __init__(self, A, B, scale: float, fan_in_fan_out: bool = False):
-        self.A, self.B, self.scale, self.fan_in_fan_out = A.float(), B.float(), float(scale), fan_in_fan_out
+        # kept in the adapter's dtype until used: float32 copies of every module's factors at once
+        # would grow with the model
+        self.A, self.B, self.scale, self.fan_in_fan_out = A, B, float(scale), fan_in_fan_out
 
     def dense(self):
         return lora_delta(self.A, self.B, self.scale, self.fan_in_fan_out)
 
     def add_to(self, weight, alpha: float):
+        A, B = self.A.float(), self.B.float()
         if self.fan_in_fan_out:  # (B A)ᵀ = Aᵀ Bᵀ
-            return weight.addmm_(self.A.T, self.B.T, alpha=alpha * self.scale)
-        return weight.addmm_(self.B, self.A, alpha=alpha * self.scale)
+            return weight.addmm_(A.T, B.T, alpha=alpha * self.scale)
+        return weight.addmm_(B, A, alpha=alpha * self.scale)
 
 
 def fold(weight, delta, sign: int = 1, factor=None):
