@@ -124,6 +124,17 @@ def measured(cmd: list[str], label: str) -> dict:
     return {"ok": True, "wall_s": round(wall, 2), "rss_mb": round(int(rss_kb) / 1024, 1)}
 
 
+REPEAT = 3
+
+
+def _summary(runs: list[dict]) -> dict:
+    bad = [r for r in runs if not r["ok"]]
+    if bad:
+        return bad[0]
+    walls = sorted(r["wall_s"] for r in runs)
+    return {"ok": True, "wall_s": walls[len(walls) // 2], "walls": walls, "rss_mb": max(r["rss_mb"] for r in runs)}
+
+
 def peft_pipeline_cmd(base, adapter, out):
     code = ("import sys,torch; from transformers import AutoModelForCausalLM; from peft import PeftModel\n"
             "m=AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)\n"
@@ -180,9 +191,15 @@ def main() -> None:
         gen_model(base, layers)
         gen_lora(base, lora)
         size = dir_bytes(base)
-        ours = measured([*surgery, "merge-lora", base, lora, "-o", os.path.join(WORK, f"ours{layers}"), "--force",
-                         "--max-shard-size", "300MB"], f"ours{layers}")
-        peft = measured(peft_pipeline_cmd(base, lora, os.path.join(WORK, f"peft{layers}")), f"peft{layers}")
+        # alternate the two tools REPEAT times and keep the median wall time (the machine is shared and
+        # its load swings within seconds) and the largest peak RSS
+        runs = {"ours": [], "peft": []}
+        for i in range(REPEAT):
+            runs["ours"].append(measured([*surgery, "merge-lora", base, lora, "-o", os.path.join(WORK, f"ours{layers}"),
+                                          "--force", "--max-shard-size", "300MB"], f"ours{layers}"))
+            runs["peft"].append(measured(peft_pipeline_cmd(base, lora, os.path.join(WORK, f"peft{layers}")), f"peft{layers}"))
+            subprocess.run(["rm", "-rf", os.path.join(WORK, f"peft{layers}")] if i < REPEAT - 1 else ["true"])
+        ours, peft = (_summary(runs[k]) for k in ("ours", "peft"))
         row = {"layers": layers, "checkpoint_bytes": size, "ours": ours, "peft": peft}
         if ours["ok"] and peft["ok"]:
             row["agreement"] = compare_merged(os.path.join(WORK, f"ours{layers}"), os.path.join(WORK, f"peft{layers}"))

@@ -31,7 +31,10 @@ def render(res: dict) -> str:
                  f"{o['wall_s'] / p['wall_s']:.2f}× | {o['rss_mb']:.0f} MB | {p['rss_mb']:.0f} MB | "
                  f"{o['rss_mb'] / p['rss_mb']:.2f}× | {o['rss_mb'] * 2**20 / row['checkpoint_bytes']:.2f}× | "
                  f"{ag.get('max_abs_diff', float('nan')):.2e} ({100 * ag.get('frac_elements_differing', 0):.3f}% of elements) |")
-    L += ["", "surgery's peak RSS is the interpreter plus torch plus one touched tensor in float32: it does not grow "
+    L += ["", "Wall times are the median of 3 alternating runs of each tool (all runs: "
+          + "; ".join(f"{r['layers']} layers surgery {r['ours'].get('walls')} s, peft {r['peft'].get('walls')} s"
+                      for r in res["sizes"].values()) + "); peak RSS is the largest of the 3.",
+          "", "surgery's peak RSS is the interpreter plus torch plus one touched tensor in float32: it does not grow "
           "with depth (compare the two rows); peft's holds the whole model. The differences from peft are one bf16 "
           "ulp where peft rounds Δ to bf16 before adding it and surgery rounds W + Δ once.", ""]
     ex = res["extract"]
