@@ -127,8 +127,10 @@ def lora_factors(U, S, Vh):
 
 def relative_error(delta, A, B) -> float:
     """‖Δ − B A‖_F / ‖Δ‖_F without forming B A: ‖Δ‖² − 2⟨BᵀΔ, A⟩ + tr((BᵀB)(AAᵀ))."""
+    import torch
+
     D, A, B = delta.double(), A.double(), B.double()
-    dd = float(D.square().sum())
+    dd = float(torch.linalg.vector_norm(D)) ** 2  # no squared copy of Δ
     if dd == 0.0:
         return 0.0
     cross = float(((B.T @ D) * A).sum())
