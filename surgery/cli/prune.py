@@ -25,7 +25,7 @@ def prune_bridge_cmd(
     samples: Annotated[int, typer.Option("--samples", help="Calibration blocks to use.")] = 32,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration block.")] = 128,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Blocks per forward/backward pass.")] = 8,
-    importance: Annotated[str, typer.Option("--importance", help="fisher-mask (Kwon et al. 2022), fisher-param (LST) or magnitude.")] = "fisher-mask",
+    importance: Annotated[str, typer.Option("--importance", help="fisher-mask (Kwon et al. 2022), fisher-param (LST), magnitude, or random (a control).")] = "fisher-mask",
     seed: Seed = 0,
     force: Force = False,
     max_shard_size: MaxShard = "5GB",

@@ -38,7 +38,15 @@ def _sizes_at(arch, s: float, fixed: dict) -> dict:
         kv = shrink(d["kv_heads"])
     out["kv_heads"], out["heads"] = kv, kv * rep
     # no head_dim field: the residual width is heads * head_dim
-    out["hidden"] = out["heads"] * d["head_dim"] if "head_dim" not in keys else fixed.get("hidden", shrink(d["hidden"]))
+    if "head_dim" not in keys:
+        out["hidden"] = out["heads"] * d["head_dim"]
+    elif arch.prune.get("hidden_multiple_of_heads") and "hidden" not in fixed:
+        # the family's config refuses a hidden size that is not whole heads (transformers' LlamaConfig
+        # does even with an explicit head_dim): round the shrunk width to a multiple of the heads
+        h = out["heads"]
+        out["hidden"] = min(d["hidden"] // h * h, max(h, round(shrink(d["hidden"]) / h) * h))
+    else:
+        out["hidden"] = fixed.get("hidden", shrink(d["hidden"]))
     return out
 
 
@@ -55,6 +63,10 @@ def _check_fixed(arch, fixed: dict) -> None:
     if "heads" in fixed and "kv_heads" in fixed and fixed["heads"] != fixed["kv_heads"] * rep:
         raise ShapeError(f"requested {fixed['heads']} heads with {fixed['kv_heads']} kv heads; the LLM's ratio is {rep}",
                          "keep heads = kv_heads * the LLM's group size, or give only one of them")
+    if arch.prune.get("hidden_multiple_of_heads") and "hidden" in fixed and "heads" in fixed \
+            and fixed["hidden"] % fixed["heads"]:
+        raise ShapeError(f"{arch.family}: hidden {fixed['hidden']} is not a multiple of {fixed['heads']} heads",
+                         "its config refuses that; choose a hidden size that is a multiple of the heads")
     if "head_dim" not in keys and "hidden" in fixed:
         if fixed["hidden"] % (d["head_dim"] * rep):
             raise ShapeError(f"{arch.family}: hidden {fixed['hidden']} is not a multiple of head_dim {d['head_dim']}"

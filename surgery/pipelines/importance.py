@@ -13,7 +13,7 @@ from __future__ import annotations
 from ..ops.fisher import axis_scores, heads_to_groups, per_head, unit_mask
 from .calibration import batches, to_device
 
-METHODS = ("fisher-mask", "fisher-param", "magnitude")
+METHODS = ("fisher-mask", "fisher-param", "magnitude", "random")
 
 
 def _add(scores: dict, key, v) -> None:
@@ -35,6 +35,15 @@ def magnitude(ck, arch) -> dict:
     for spec in arch.stored_tensors():
         accumulate_tensor(scores, arch, spec, ck.read(spec.name).float().pow(2))
     return scores
+
+
+def random_scores(ck, arch, seed: int) -> dict:
+    """Control: the units `magnitude` scores, scored by seeded uniform noise instead. Any importance
+    worth its cost must beat it (the evidence benchmark's ablation)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.rand(v.shape, generator=g, dtype=torch.float64) for k, v in magnitude(ck, arch).items()}
 
 
 def _module_of(model, spec):

@@ -112,6 +112,8 @@ def prune_bridge(llm: str, out: str, data: str, *, reduction: float = 16.0, hidd
         model = load_model(ck.path, device_map=device_map)
         if importance == "magnitude":
             scores = imp.magnitude(ck, arch)
+        elif importance == "random":
+            scores = imp.random_scores(ck, arch, seed)
         elif importance == "fisher-param":
             scores = imp.fisher_param(model, arch, blocks, batch_size)
         else:

@@ -1,0 +1,76 @@
+"""prune-bridge additions the evidence benchmark needed: a random-importance control, and llama
+bridge widths that transformers' LlamaConfig accepts (hidden a multiple of the heads)."""
+
+import json
+import os
+
+import pytest
+
+from surgery.errors import ShapeError
+
+FAST = dict(samples=4, seq_len=32, batch_size=4, force=True)
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    from fixtures.corpus import documents
+
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n".join(documents(24, seed=3)) + "\n")
+    return str(path)
+
+
+def _arch(path):
+    from surgery.arch import load_arch
+
+    with open(os.path.join(path, "config.json")) as f:
+        return load_arch(json.load(f))
+
+
+@pytest.mark.parametrize("reduction", [4, 16, 64])
+def test_llama_bridge_widths_are_whole_heads_and_construct(fx, reduction):
+    from transformers import AutoConfig
+
+    from surgery.pipelines.bridge_plan import bridge_config, plan_sizes
+
+    arch = _arch(fx.model("llama", hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32))
+    sizes = plan_sizes(arch, reduction, {})
+    assert sizes["hidden"] % sizes["heads"] == 0 and 0 < sizes["hidden"] <= 128
+    cfg = dict(bridge_config(arch, sizes))
+    AutoConfig.for_model(cfg.pop("model_type"), **cfg)  # LlamaConfig validates hidden % heads
+
+
+def test_llama_r64_bridge_is_written_and_loads(fx, calib, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from surgery.pipelines.prune import prune_bridge
+
+    llm = fx.model("llama", hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    r = prune_bridge(llm, tmp_path / "b", calib, reduction=64, **FAST)
+    model, info = AutoModelForCausalLM.from_pretrained(r["output"], dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.config.hidden_size % model.config.num_attention_heads == 0
+
+
+def test_llama_fixed_hidden_that_is_not_whole_heads_is_refused(fx, calib, tmp_path):
+    from surgery.pipelines.prune import prune_bridge
+
+    with pytest.raises(ShapeError, match="not a multiple of 2 heads"):
+        prune_bridge(fx.model("llama"), tmp_path / "o", calib, hidden_size=31, num_attention_heads=2)
+
+
+def test_random_importance_is_seeded_and_differs_from_magnitude(fx, calib, tmp_path):
+    from surgery.pipelines.prune import prune_bridge
+
+    llm = fx.model("llama")
+    a = prune_bridge(llm, tmp_path / "a", calib, reduction=4, importance="random", seed=1, **FAST)
+    b = prune_bridge(llm, tmp_path / "b", calib, reduction=4, importance="random", seed=1, **FAST)
+    c = prune_bridge(llm, tmp_path / "c", calib, reduction=4, importance="random", seed=2, **FAST)
+    m = prune_bridge(llm, tmp_path / "m", calib, reduction=4, importance="magnitude", seed=1, **FAST)
+    assert a["importance"] == "random" and a["sizes"] == m["sizes"]
+    assert a["kept"] == b["kept"]
+    assert a["kept"] != c["kept"] and a["kept"] != m["kept"]
+    with open(os.path.join(a["output"], "model.safetensors"), "rb") as f, \
+            open(os.path.join(b["output"], "model.safetensors"), "rb") as g:
+        assert f.read() == g.read()
