@@ -112,11 +112,25 @@ def test_lora_adapter_as_source_with_factor(fx, tmp_path):
         assert torch.allclose(merged[m.module + ".weight"].double(), want, atol=1e-5)
 
 
-def test_gpt2_conv1d_is_refused_with_the_modules_named(fx, tmp_path):
-    code, _, err = run_cli("extract-krona", fx.model("gpt2"), fx.lora("gpt2", targets=["c_attn"], name="c"),
-                           "-o", tmp_path / "o")
-    assert code == 2 and "Conv1D" in err and "transformer.h.0.attn.c_attn" in err and "--targets" in err
-    assert not (tmp_path / "o").exists()
+def test_gpt2_conv1d_goes_through_merge_lora(fx, tmp_path):
+    """PEFT's LoKr cannot wrap Conv1D: the adapter is written for `surgery merge-lora`, which folds it
+    in the Conv1D [in, out] orientation (fused c_attn included)."""
+    from surgery.io.checkpoint import Checkpoint
+
+    base, lora = fx.model("gpt2"), fx.lora("gpt2", targets=["c_attn", "c_fc"], name="c")
+    code, out, err = run_cli("extract-krona", base, lora, "-o", tmp_path / "k")
+    assert code == 0, err
+    assert "merge-lora" in out and "transformer.h.0.attn.c_attn" in out
+    code, _, err = run_cli("merge-lora", base, tmp_path / "k", "-o", tmp_path / "m")
+    assert code == 0, err
+    b, m = Checkpoint.open(base), Checkpoint.open(str(tmp_path / "m"))
+    ad = Adapter.open(lora)
+    for mod in ad.lora_modules():
+        fit = kron_params(mod.scaling * (mod.B.double() @ mod.A.double()), -1)  # [out, in]
+        want = b.read(mod.module + ".weight").double() + torch.kron(fit.A, fit.B).T  # Conv1D stores [in, out]
+        assert torch.allclose(m.read(mod.module + ".weight").double(), want, atol=1e-5), mod.module
+    untouched = "transformer.h.0.attn.c_proj.weight"
+    assert torch.equal(m.read(untouched), b.read(untouched))
 
 
 def test_bad_targets_and_unchanged_model(fx, tmp_path):

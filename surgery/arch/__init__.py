@@ -170,6 +170,13 @@ class Arch:
             out[t["name"]] = t["tied_to"]
         return out
 
+    def tie_flag(self, name: str) -> str | None:
+        """The config flag whose truth ties `name` to another tensor (e.g. tie_word_embeddings), if any."""
+        for t in self.spec["globals"]:
+            if t["name"] == name and "tied_to" in t:
+                return t.get("tied_when")
+        return None
+
     def tensors(self) -> list[TensorSpec]:
         """Every weight of this model, globals first then stack by stack, layer by layer."""
         ties = self.tied()

@@ -42,6 +42,11 @@ def extract_krona_cmd(
             + (f"; {len(rep['unchanged'])} selected modules unchanged, skipped" if rep["unchanged"] else ""))
     if rep["modules_to_save"]:
         c.print(f"carried over whole from the LoRA: {', '.join(rep['modules_to_save'])}")
+    if rep["merge_only"]:
+        mo = rep["merge_only"]
+        shown = ", ".join(mo[:3]) + (f", … ({len(mo)} modules)" if len(mo) > 3 else "")
+        c.print(f"[yellow]note:[/] PEFT's LoKr cannot wrap Conv1D layers ({shown}): fold this adapter with "
+                "`surgery merge-lora`; PeftModel.from_pretrained will refuse it")
     lost = rep["not_captured"]
     if lost:
         shown = ", ".join(f"{n} (‖Δ‖ {v:.3g})" for n, v in lost[:3]) + (f", … ({len(lost)} tensors)" if len(lost) > 3 else "")

@@ -38,6 +38,11 @@ def _cfg(epochs, lr, batch_size, seed, eval_every):
     return TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, eval_every=eval_every)
 
 
+def _whole(x: float | None):
+    """AdapterHub writes reduction_factor 16, not 16.0, when it is a whole number."""
+    return int(x) if x is not None and float(x).is_integer() else x
+
+
 def _render(title: str, s: dict, extra: list[tuple[str, str]]) -> None:
     from rich.table import Table
 
@@ -59,7 +64,7 @@ def train_cmd(
     model: Annotated[str, typer.Argument(help="The (small) model to tune: a Hugging Face checkpoint directory.")],
     data: Data,
     output: Output,
-    method: Annotated[str, typer.Option("--method", help="lora | prompt | prefix | lokr | bitfit")] = "lora",
+    method: Annotated[str, typer.Option("--method", help="lora | prompt | prefix | lokr | bitfit | adapter (bottleneck)")] = "lora",
     eval_data: EvalData = None,
     epochs: Epochs = 3.0,
     lr: Lr = 1e-3,
@@ -68,19 +73,22 @@ def train_cmd(
     alpha: Annotated[float | None, typer.Option("--alpha", help="LoRA/LoKr alpha (default 2 x rank).")] = None,
     targets: Annotated[str | None, typer.Option("--targets", help="Comma-separated module names (default: every linear layer in the blocks).")] = None,
     virtual_tokens: Annotated[int, typer.Option("--virtual-tokens", help="Prompt/prefix length.")] = 8,
+    adapter_config: Annotated[str, typer.Option("--adapter-config", help="Bottleneck adapter preset: houlsby (attention + FFN) | pfeiffer (FFN).")] = "houlsby",
+    reduction_factor: Annotated[float | None, typer.Option("--reduction-factor", help="Bottleneck width = hidden // N (default 16).")] = None,
     max_length: MaxLen = 512,
     eval_every: EvalEvery = 0,
     seed: Seed = 0,
     force: Force = False,
     json_out: JsonOut = False,
 ):
-    """Parameter-efficient tuning of a model (step 1 of Algorithm 1); saves a PEFT adapter (BitFit: bitfit.safetensors)."""
+    """Parameter-efficient tuning of a model (step 1 of Algorithm 1); saves a PEFT adapter (BitFit: bitfit.safetensors; adapter: AdapterHub layout)."""
     from ..pipelines.train import train_adapter
 
     s = train_adapter(model, data, output, method=method, eval_data=eval_data, rank=rank, alpha=alpha,
                       targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
                       virtual_tokens=virtual_tokens, max_length=max_length, force=force,
-                      cfg=_cfg(epochs, lr, batch_size, seed, eval_every))
+                      cfg=_cfg(epochs, lr, batch_size, seed, eval_every), adapter_config=adapter_config,
+                      reduction_factor=_whole(reduction_factor))
     if not s:  # a data-parallel worker; the main process reports
         return
     if json_out:
@@ -93,7 +101,7 @@ def train_cmd(
 
 @app.command("tune-bridge")
 def tune_bridge_cmd(
-    adapter: Annotated[str, typer.Option("--adapter", help="The LLM's LoRA adapter (from `surgery transfer`).")],
+    adapter: Annotated[str, typer.Option("--adapter", help="The LLM's LoRA or bottleneck adapter (from `surgery transfer`).")],
     bridge: Annotated[str, typer.Option("--bridge", help="The bridge directory (from `surgery prune-bridge`, with bridge.json).")],
     data: Data,
     output: Output,
@@ -108,7 +116,7 @@ def tune_bridge_cmd(
     force: Force = False,
     json_out: JsonOut = False,
 ):
-    """Tune an LLM's LoRA adapter through the bridge (W_down), then lift the update back: OUT is an adapter for the LLM."""
+    """Tune an LLM's LoRA or bottleneck adapter through the bridge (W_down), then lift the update back: OUT is an adapter for the LLM."""
     from ..pipelines.tune_bridge import tune_bridge
 
     s = tune_bridge(adapter, bridge, data, output, eval_data=eval_data, llm=llm, max_length=max_length, force=force,
@@ -118,7 +126,7 @@ def tune_bridge_cmd(
     if json_out:
         print_json(s)
         return
-    _render(f"tune-bridge ({s['family']}, {s['modules']} LoRA modules, measured on the bridge): {s['output']}", s,
+    _render(f"tune-bridge ({s['family']}, {s['modules']} {s.get('kind', 'LoRA')} modules, measured on the bridge): {s['output']}", s,
             [("bridge", f"{human_count(s['bridge_parameters'])} parameters (LLM {human_count(s['llm_parameters'])}); "
                         f"{human_count(s['trainable'])} trainable"),
              ("steps", f"{s['steps']} on {s['device']} (mixed precision: {s['mixed_precision']})")])
@@ -128,7 +136,7 @@ def tune_bridge_cmd(
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="A Hugging Face checkpoint directory.")],
     data: Data,
-    adapter: Annotated[str | None, typer.Option("--adapter", help="A PEFT adapter (or BitFit directory) to apply first.")] = None,
+    adapter: Annotated[str | None, typer.Option("--adapter", help="A PEFT adapter, BitFit directory or AdapterHub bottleneck adapter to apply first.")] = None,
     batch_size: Batch = 8,
     max_length: MaxLen = 512,
     json_out: JsonOut = False,

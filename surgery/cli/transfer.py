@@ -12,7 +12,7 @@ from .common import Force, JsonOut, Output, console, print_json
 
 @app.command("transfer")
 def transfer_cmd(
-    slm: Annotated[str, typer.Option("--slm", help="PEFT adapter trained on the small model (LoRA, prompt or prefix tuning).")],
+    slm: Annotated[str, typer.Option("--slm", help="Adapter trained on the small model: PEFT (LoRA, prompt or prefix tuning) or AdapterHub bottleneck.")],
     llm: Annotated[str, typer.Option("--llm", help="The large model directory (same family as the SLM).")],
     output: Output,
     slm_base: Annotated[str, typer.Option("--slm-base", help="The SLM directory (default: the adapter config's base).")] = None,

@@ -139,6 +139,10 @@ class Adapter:
             if not key.startswith(PREFIX):
                 continue
             rest = key[len(PREFIX):]
+            if rest.endswith(".base_layer.weight"):
+                # peft's save_embedding_layers copies a targeted embedding/lm_head's *base* weight;
+                # it is the base model's own tensor, not part of the adapter's delta
+                continue
             for p in known:
                 if rest.endswith("." + p):
                     out.setdefault(rest[: -len(p) - 1], {})[p] = t

@@ -160,9 +160,16 @@ class BottleneckAdapter:
     modules: dict = field(default_factory=dict)  # site module path -> {W_down, b_down, W_up, b_up}
     placements: dict = field(default_factory=dict)  # site module path -> (stack, layer, placement)
 
+    peft_type = "BOTTLENECK"  # the kind name transfer and tune-bridge dispatch on, beside PEFT's
+
     @property
     def name(self) -> str:
         return self.config["name"]
+
+    @property
+    def base(self) -> str | None:
+        """The base model it was saved for (AdapterHub's model_name: a path, or a hub name)."""
+        return self.config.get("model_name")
 
     @property
     def bn(self) -> dict:

@@ -91,17 +91,23 @@ def read_tensor(info: TensorInfo):
     """Read one tensor with a single positioned read into memory we own."""
     import torch
 
-    buf = bytearray(info.nbytes)
-    with open(info.path, "rb", buffering=0) as f:
-        f.seek(info.start)
-        got = f.readinto(buf)
-    if got != info.nbytes:
-        raise CheckpointError(f"{info.path}: short read for {info.name} ({got} of {info.nbytes} bytes)",
-                              "the shard is truncated; re-download or re-save it")
     dt = getattr(torch, info.torch_dtype_name)
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=dt)
-    return torch.frombuffer(buf, dtype=dt).reshape(info.shape)
+    # torch.empty, not bytearray: a bytearray is zero-filled first, one more pass over every page
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    with open(info.path, "rb", buffering=0) as f:
+        f.seek(info.start)
+        view, got = memoryview(buf.numpy()), 0
+        while got < info.nbytes:  # one read(2) returns at most ~2 GiB on Linux
+            k = f.readinto(view[got:])
+            if not k:
+                break
+            got += k
+    if got != info.nbytes:
+        raise CheckpointError(f"{info.path}: short read for {info.name} ({got} of {info.nbytes} bytes)",
+                              "the shard is truncated; re-download or re-save it")
+    return buf.view(dt).reshape(info.shape)
 
 
 class SafetensorsWriter:

@@ -46,11 +46,22 @@ def check_output(out: str, inputs: list[str], force: bool) -> None:
         raise OutputError(f"output {out} already exists", "choose a new path or pass --force to replace it")
 
 
-def check_finite(name: str, t) -> None:
+def nonfinite_count(t) -> int:
+    """Number of NaN/inf elements. Fast path: a sum is finite iff every element is (NaN and inf propagate,
+    inf − inf is NaN), and a reduction is ~10× faster than isfinite on bf16; only a non-finite sum (or an
+    overflowing one) pays for the element-wise count."""
     import torch
 
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
+    if not t.is_floating_point() or t.numel() == 0:
+        return 0
+    if bool(torch.isfinite(t.sum())):  # accumulates in float32 even for bf16/fp16; overflow -> exact count
+        return 0
+    return int((~torch.isfinite(t)).sum())
+
+
+def check_finite(name: str, t) -> None:
+    bad = nonfinite_count(t)
+    if bad:
         raise NumericsError(f"{name} has {bad} NaN/inf values", "check the inputs (adapter weights, scaling) for overflow; nothing was written")
 
 

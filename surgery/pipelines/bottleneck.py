@@ -11,25 +11,32 @@ from __future__ import annotations
 from ..errors import AdapterError
 
 
-def save_bottleneck(out: str, name: str, bn: dict, modules: dict, model_config: dict, hidden: int,
-                    base: str | None = None, inputs: list[str] = (), force: bool = False) -> str:
-    """Write an AdapterHub adapter directory atomically (train, transfer and tune-bridge outputs).
+def write_bottleneck(od, name: str, bn: dict, modules: dict, model_config: dict, hidden: int,
+                     base: str | None = None) -> None:
+    """Write an AdapterHub adapter into an open OutputDir (train and tune-bridge add their own json next to it).
 
     The reduction_factor is set so AdapterHub builds the widths the weights have (a port keeps r
     while the hidden size grows). `bn["leave_out"]` must list the layers without adapters (for a
     port: the list port_sites returns).
     """
     from ..io.adapterhub import adapterhub_config, reduction_factor_for, write_adapterhub
-    from ..io.writer import OutputDir
 
     widths = {int(w["W_down"].shape[0]) for w in modules.values()}
     if len(widths) != 1:
         raise AdapterError(f"sites have different bottleneck widths {sorted(widths)}",
                            "use one width per adapter (a per-layer reduction_factor mapping is not written)")
     bn = dict(bn, reduction_factor=reduction_factor_for(hidden, widths.pop()))
+    write_adapterhub(od, adapterhub_config(name, bn, model_config, hidden, base), modules)
+
+
+def save_bottleneck(out: str, name: str, bn: dict, modules: dict, model_config: dict, hidden: int,
+                    base: str | None = None, inputs: list[str] = (), force: bool = False) -> str:
+    """Write an AdapterHub adapter directory atomically (write_bottleneck into a fresh OutputDir)."""
+    from ..io.writer import OutputDir
+
     od = OutputDir(out, inputs=list(inputs), force=force)
     try:
-        write_adapterhub(od, adapterhub_config(name, bn, model_config, hidden, base), modules)
+        write_bottleneck(od, name, bn, modules, model_config, hidden, base)
         return od.commit()
     finally:
         od.abort()
@@ -86,16 +93,22 @@ def lift_sites(old_llm: dict, old_bridge: dict, new_bridge: dict, kept_residual)
 
 def attach_saved(model, arch, path: str):
     """eval --adapter on an AdapterHub directory: read it, check it fits `model`, hook it in."""
-    from ..arch import family_for_model_type
     from ..io.adapterhub import read_adapterhub
     from ..train.bottleneck import attach_bottleneck
 
     ad = read_adapterhub(path)
+    check_fits(ad, arch, "model", "use the adapter with the model family it was trained or ported for",
+               "port it to this model with `surgery transfer` first")
+    return attach_bottleneck(model, arch, ad.bn, weights=ad.modules, name=ad.name)
+
+
+def check_fits(ad, arch, role: str, family_fix: str, width_fix: str) -> None:
+    """Refuse an adapter saved for another family, or reading another width than `arch`'s residual."""
+    from ..arch import family_for_model_type
+
     if family_for_model_type(ad.config["model_type"])["family"] != arch.family:
-        raise AdapterError(f"{ad.path} is a {ad.config['model_type']} adapter but the model is {arch.family}",
-                           "use the adapter with the model family it was trained or ported for")
+        raise AdapterError(f"{ad.path} is a {ad.config['model_type']} adapter but the {role} is {arch.family}", family_fix)
     d = {int(w["W_down"].shape[1]) for w in ad.modules.values()}
     if d != {arch.dims["hidden"]}:
-        raise AdapterError(f"{ad.path} reads width {sorted(d)} but the model's hidden size is {arch.dims['hidden']}",
-                           "port it to this model with `surgery transfer` first")
-    return attach_bottleneck(model, arch, ad.bn, weights=ad.modules, name=ad.name)
+        raise AdapterError(f"{ad.path} reads width {sorted(d)} but the {role}'s hidden size is {arch.dims['hidden']}",
+                           width_fix)

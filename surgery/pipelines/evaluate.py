@@ -21,9 +21,11 @@ def evaluate(model_dir: str, data: str, *, adapter: str | None = None, batch_siz
     seq2seq = bool(model.config.is_encoder_decoder)
     examples = load_examples(data, tok, seq2seq=seq2seq, max_length=max_length)
     if adapter:
-        model = attach(model, adapter)
+        model = attach(model, adapter, arch)
     model = place(model)
     metrics = evaluate_examples(model, examples, batch_size=batch_size, pad_id=pad_id_of(tok, model.config),
                                 seq2seq=seq2seq)
+    if hasattr(model, "bottleneck"):  # hooks off: the base model computes what it did before
+        model.bottleneck.detach()
     return {"model": os.path.abspath(model_dir), "adapter": os.path.abspath(adapter) if adapter else None,
             "data": os.path.abspath(data), "family": arch.family, **metrics}

@@ -44,14 +44,6 @@ def _selected(arch, targets: list[str] | None) -> list:
     return mods
 
 
-def _refuse_conv1d(specs) -> None:
-    conv = [t.module for t in specs if t.transposed]
-    if conv:
-        shown = ", ".join(conv[:4]) + (f", … ({len(conv)} modules)" if len(conv) > 4 else "")
-        raise AdapterError(f"PEFT's LoKr cannot wrap Conv1D layers (stored [in, out]): {shown}",
-                           "pass --targets naming only nn.Linear modules, and keep a LoRA for the Conv1D layers")
-
-
 def _not_captured(base: Checkpoint, tuned: Checkpoint, specs) -> list:
     """[name, ||Δ||_F] of tensors TUNED changed outside the selected linear weights (a LoKr adapter drops them)."""
     from ..ops.bitfit import delta_sq_norm, same_bits
@@ -120,7 +112,10 @@ def extract_krona(base_path: str, source: str, out: str, *, factor: int = -1, ta
     if ad is not None:  # only the modules the adapter touches matter
         touched = set(ad.module_params())
         specs = [t for t in specs if t.module in touched]
-    _refuse_conv1d(specs)
+    # PEFT's LoKr wraps nn.Linear only. Conv1D layers (GPT-2, stored [in, out]) still get factors in
+    # nn.Linear [out, in] orientation, which `surgery merge-lora` folds (it transposes by the family
+    # map); the report says such an adapter is for merge-lora, not for PeftModel.from_pretrained.
+    merge_only = [t.module for t in specs if t.transposed]
     tuned = None if ad else Checkpoint.open(source)
     deltas = _adapter_deltas(base, arch, ad, specs) if ad else _model_deltas(base, tuned, specs)
 
@@ -162,4 +157,5 @@ def extract_krona(base_path: str, source: str, out: str, *, factor: int = -1, ta
     return {"output": path, "source": "lora" if ad else "model", "r": r, "alpha": r, "factor": factor,
             "modules": rows, "unchanged": unchanged, "params": kept, "dense_params": dense,
             "compression": dense / kept, "rel_error": (sq_err / sq) ** 0.5 if sq else 0.0,
-            "modules_to_save": sorted(ad.modules_to_save()) if ad else [], "not_captured": lost}
+            "modules_to_save": sorted(ad.modules_to_save()) if ad else [], "not_captured": lost,
+            "merge_only": [m for m in merge_only if m in {row["module"] for row in rows}]}

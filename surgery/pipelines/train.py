@@ -13,7 +13,8 @@ from ..train.loop import TrainConfig
 
 def train_adapter(model_dir: str, data: str, out: str, *, method: str = "lora", eval_data: str | None = None,
                   rank: int = 8, alpha: float | None = None, targets=None, virtual_tokens: int = 8,
-                  max_length: int = 512, force: bool = False, cfg: TrainConfig | None = None) -> dict:
+                  max_length: int = 512, force: bool = False, cfg: TrainConfig | None = None,
+                  adapter_config: str = "houlsby", reduction_factor=None) -> dict:
     """Train an adapter for `model_dir` on `data` (JSONL) and write it to `out`; returns a summary."""
     from ..io.writer import OutputDir
     from ..train.data import load_examples
@@ -28,7 +29,7 @@ def train_adapter(model_dir: str, data: str, out: str, *, method: str = "lora", 
         train_ex = load_examples(data, tok, seq2seq=seq2seq, max_length=max_length)
         eval_ex = load_examples(eval_data, tok, seq2seq=seq2seq, max_length=max_length) if eval_data else None
         model = wrap(model, arch, method, rank=rank, alpha=alpha, targets=targets, virtual_tokens=virtual_tokens,
-                     seed=cfg.seed)
+                     seed=cfg.seed, adapter_config=adapter_config, reduction_factor=reduction_factor)
         model = place(model)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
@@ -37,7 +38,8 @@ def train_adapter(model_dir: str, data: str, out: str, *, method: str = "lora", 
             od.abort()
             return {}
         save(model, od, method=method, base=os.path.abspath(model_dir))
-        od.write_json("training.json", {"method": method, "data": os.path.abspath(data),
+        od.write_json("training.json", {"method": method,
+                                        **({"adapter_config": adapter_config} if method == "adapter" else {}), "data": os.path.abspath(data),
                                         "eval_data": os.path.abspath(eval_data) if eval_data else None,
                                         "seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr,
                                         "batch_size": cfg.batch_size, "trainable": trainable,

@@ -3,7 +3,8 @@
 Jin, Zhang & Zong (EMNLP 2023), W_plug: depth — SLM layer i maps to a block of consecutive LLM
 layers (ops.project.depth_blocks) and its modules are duplicated into it; width — one fitted
 projection per space each module touches (transfer_fit), through which the adapter's weights are
-carried (transfer_port). Writes a PEFT adapter for the LLM plus transfer.json (layer map, fit
+carried (transfer_port; AdapterHub bottleneck adapters: transfer_bottleneck). Writes a PEFT adapter
+(or an AdapterHub directory, for a bottleneck adapter) for the LLM plus transfer.json (layer map, fit
 quality) and projections.safetensors (the maps, for tune-bridge). Format: docs/formats.md.
 """
 
@@ -15,22 +16,27 @@ import os
 from ..arch import arch_of
 from ..errors import AdapterError, ArchitectureError, ShapeError
 from ..io.adapter import Adapter, write_adapter
+from ..io.adapterhub import is_adapterhub_dir, read_adapterhub
 from ..io.checkpoint import Checkpoint
 from ..io.writer import OutputDir, check_finite, check_output
 from ..ops.project import depth_blocks
+from .bottleneck import write_bottleneck
+from .transfer_bottleneck import bottleneck_needs, port_bottleneck_adapter
 from .transfer_fit import fit_projections
 from .transfer_port import (lora_needs, port_lora_adapter, port_prefix_adapter, port_prompt_adapter,
                             prefix_needs)
 
 FORMAT = "surgery.transfer/1"
-SUPPORTED = {"LORA": "LoRA", "PROMPT_TUNING": "prompt tuning", "PREFIX_TUNING": "prefix tuning"}
+SUPPORTED = {"LORA": "LoRA", "PROMPT_TUNING": "prompt tuning", "PREFIX_TUNING": "prefix tuning",
+             "BOTTLENECK": "bottleneck adapters (AdapterHub)"}
+LAYERED = ("LORA", "BOTTLENECK")  # kinds whose modules sit in chosen layers (--depth applies)
 MAPS = ("activations", "embeddings")
 DEPTHS = ("block", "first", "best")
 PROJECTIONS = "projections.safetensors"
 
 
 def _open_pair(adapter: str, llm: str, slm_base: str | None):
-    ad = Adapter.open(adapter)
+    ad = read_adapterhub(adapter) if is_adapterhub_dir(adapter) else Adapter.open(adapter)
     if ad.peft_type not in SUPPORTED:
         raise AdapterError(f"{ad.path} is a {ad.peft_type} adapter; transfer supports {', '.join(SUPPORTED.values())}",
                            "extract a LoRA from it first (surgery extract) or retrain the SLM adapter as LoRA")
@@ -83,12 +89,15 @@ def transfer(adapter: str, llm: str, out: str, *, slm_base: str | None = None, d
     check_output(os.path.abspath(out), inputs, force)  # before any forward pass, not after
     blocks = depth_blocks(arch_s.stacks[stack], arch_l.stacks[stack])
     kind = ad.peft_type
-    needs = {"LORA": lora_needs, "PREFIX_TUNING": prefix_needs}.get(kind, lambda *a: {})(ad, arch_s, stack)
+    needs = {"LORA": lora_needs, "PREFIX_TUNING": prefix_needs,
+             "BOTTLENECK": bottleneck_needs}.get(kind, lambda *a: {})(ad, arch_s, stack)
     maps, records, warnings, embed = fit_projections(
         ck_s, ck_l, arch_s, arch_l, stack, blocks, needs, map_kind=map_kind, data=data, samples=samples,
         seq_len=seq_len, ridge=ridge, batch=batch, embed_needed=kind == "PROMPT_TUNING")
-    chosen = _choose_layers(blocks, records, depth) if kind == "LORA" else blocks
-    if kind == "LORA":
+    chosen = _choose_layers(blocks, records, depth) if kind in LAYERED else blocks
+    if kind == "BOTTLENECK":
+        modules, leave_out = port_bottleneck_adapter(ad, arch_s, arch_l, stack, chosen, maps)
+    elif kind == "LORA":
         config, tensors = port_lora_adapter(ad, arch_s, arch_l, stack, chosen, maps, ck_l.path)
     elif kind == "PROMPT_TUNING":
         config, tensors = port_prompt_adapter(ad, arch_l, embed, ck_l.path)
@@ -111,7 +120,11 @@ def transfer(adapter: str, llm: str, out: str, *, slm_base: str | None = None, d
         "fits": records, "warnings": warnings,
     }
     with OutputDir(out, inputs=inputs, force=force) as od:
-        write_adapter(od, config, tensors)
+        if kind == "BOTTLENECK":
+            write_bottleneck(od, ad.name, dict(ad.bn, leave_out=leave_out), modules, ck_l.config,
+                             arch_l.dims["hidden"], base=ck_l.path)
+        else:
+            write_adapter(od, config, tensors)
         save_file(projections, od.path(PROJECTIONS), metadata={"format": FORMAT})
         od.write_json("transfer.json", summary)
         od.commit()

@@ -98,7 +98,7 @@ def fit_projections(ck_s, ck_l, arch_s, arch_l, stack, blocks, needs, *, map_kin
             for d, want in (("to_llm", gs), ("to_slm", gl)):
                 if want:
                     prior = None
-                    if key.startswith("out."):  # residual writes lean on the residual-stream (or embedding) map
+                    if key.startswith("out.") and d == "to_llm":  # residual writes lean on the residual-stream (or embedding) map
                         prior = maps.get((j, "res", "to_llm"), embed.get("to_llm"))
                     fit = DIRECTIONS[d]
                     maps[(j, key, d)], rel, rank = fit(m, ridge, prior) if prior is not None else fit(m, ridge)

@@ -1,4 +1,4 @@
-"""`surgery tune-bridge`: fine-tune an LLM's LoRA adapter through the bridge, never touching the LLM.
+"""`surgery tune-bridge`: fine-tune an LLM's LoRA (or bottleneck) adapter through the bridge, never touching the LLM.
 
 Algorithm 1 steps 4-8 (Jin, Zhang & Zong, 2023). Plan: for every LoRA module of the LLM adapter,
 find its tensor in the family map, turn the bridge's kept coordinates into positions along the
@@ -6,6 +6,7 @@ module's input and output axes (surgery.ops.slice.axis_indices; fused q|k|v axes
 restrict A and B to them (W_down). Then put a peft LoRA with those weights on the bridge, train it
 with the shared loop, and lift the learned change back into the LLM's coordinates
 (surgery.ops.bridge). Only the LLM's config.json is read, for the sizes of its spaces.
+An AdapterHub bottleneck adapter takes the same path through BottleneckRoute (tune_bridge_bottleneck).
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ def plan(adapter, arch, kept: dict) -> list[dict]:
 def _check_supported(adapter) -> None:
     cfg = adapter.config
     if adapter.peft_type != "LORA":
-        raise AdapterError(f"{adapter.path} is a {adapter.peft_type} adapter; tune-bridge tunes LoRA adapters",
-                           "transfer a LoRA adapter (surgery train --method lora, then surgery transfer)")
+        raise AdapterError(f"{adapter.path} is a {adapter.peft_type} adapter; tune-bridge tunes LoRA and bottleneck adapters",
+                           "transfer a LoRA or bottleneck adapter (surgery train --method lora|adapter, then surgery transfer)")
     for key, what in (("use_dora", "DoRA"), ("lora_bias", "lora_bias")):
         if cfg.get(key):
             raise AdapterError(f"{adapter.path} uses {what}, which tune-bridge does not lift back", "use a plain LoRA adapter")
@@ -80,61 +81,92 @@ def _check_supported(adapter) -> None:
         raise AdapterError(f"{adapter.path} saves whole modules (modules_to_save)", "use a LoRA adapter without modules_to_save")
 
 
+class LoraRoute:
+    """tune-bridge for a PEFT LoRA: restrict A and B (plan), train a peft LoRA on the bridge, lift (ops.bridge)."""
+
+    kind = "LoRA"
+
+    def __init__(self, adapter_dir: str, arch, kept: dict):
+        from ..io.adapter import Adapter
+
+        self.ad = Adapter.open(adapter_dir)
+        _check_supported(self.ad)
+        self.steps = plan(self.ad, arch, kept)
+        self.path = self.ad.path
+
+    def wrap(self, model, bdir: str):
+        """The bridge with the same LoRA config (rank, alpha, targets, patterns) and the restricted weights."""
+        import peft
+
+        from ..io.adapter import lora_key
+
+        lcfg = peft.LoraConfig.from_pretrained(self.ad.path)
+        lcfg.inference_mode = False
+        pm = peft.get_peft_model(model, lcfg)
+        sd = {}
+        for s in self.steps:
+            sd[lora_key(s["module"], "lora_A.weight")] = s["A_b"]
+            sd[lora_key(s["module"], "lora_B.weight")] = s["B_b"]
+        _load_exact(pm, sd, bdir)
+        return pm
+
+    def write(self, od, pm, arch, llm_config: dict) -> None:
+        import peft
+
+        from ..io.adapter import lora_key, write_adapter
+        from ..ops.bridge import lift
+
+        new = peft.get_peft_model_state_dict(pm)
+        tensors = dict(self.ad.tensors)
+        for s in self.steps:
+            ka, kb = lora_key(s["module"], "lora_A.weight"), lora_key(s["module"], "lora_B.weight")
+            tensors[ka], tensors[kb] = lift(s["A"], s["B"], s["in_idx"], s["out_idx"],
+                                            s["A_b"], new[ka].cpu(), s["B_b"], new[kb].cpu())
+        write_adapter(od, self.ad.config, tensors)
+
+    @property
+    def modules(self) -> int:
+        return len(self.steps)
+
+
 def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data: str | None = None,
                 llm: str | None = None, max_length: int = 512, force: bool = False,
                 cfg: TrainConfig | None = None) -> dict:
-    """Tune `adapter_dir` (a LoRA for the LLM) on the bridge; write the lifted LLM adapter to `out`."""
-    import peft
-
+    """Tune `adapter_dir` (a LoRA or bottleneck adapter for the LLM) on the bridge; write the lifted LLM adapter to `out`."""
     from ..arch import load_arch
-    from ..io.adapter import Adapter, lora_key, write_adapter
+    from ..io.adapterhub import is_adapterhub_dir
     from ..io.writer import OutputDir
-    from ..ops.bridge import lift
     from ..train.data import load_examples
     from ..train.loop import fit, is_main_process, place
     from ..train.methods import load_base
+    from .tune_bridge_bottleneck import BottleneckRoute
 
     cfg = cfg or TrainConfig()
-    ad = Adapter.open(adapter_dir)
-    _check_supported(ad)
     bdir, meta = read_bridge(bridge)
-    arch = load_arch(_llm_config(meta, llm, os.path.join(bdir, "bridge.json")), "the LLM's config.json")
+    llm_config = _llm_config(meta, llm, os.path.join(bdir, "bridge.json"))
+    arch = load_arch(llm_config, "the LLM's config.json")
     if arch.family != meta.get("family", arch.family):
         raise CheckpointError(f"bridge.json says family {meta['family']} but the LLM is {arch.family}", "pass the matching --llm")
-    steps = plan(ad, arch, meta["kept"])
-    inputs = [ad.path, bdir, data] + ([eval_data] if eval_data else [])
+    route = (BottleneckRoute if is_adapterhub_dir(adapter_dir) else LoraRoute)(adapter_dir, arch, meta["kept"])
+    inputs = [route.path, bdir, data] + ([eval_data] if eval_data else [])
     with OutputDir(out, inputs=inputs, force=force) as od:
         model, tok, _ = load_base(bdir)
         seq2seq = bool(model.config.is_encoder_decoder)
         train_ex = load_examples(data, tok, seq2seq=seq2seq, max_length=max_length)
         eval_ex = load_examples(eval_data, tok, seq2seq=seq2seq, max_length=max_length) if eval_data else None
-        # The same LoRA config (rank, alpha, targets, patterns) on the bridge: the module names match.
-        lcfg = peft.LoraConfig.from_pretrained(ad.path)
-        lcfg.inference_mode = False
-        pm = place(peft.get_peft_model(model, lcfg))
-        sd = {}
-        for s in steps:
-            sd[lora_key(s["module"], "lora_A.weight")] = s["A_b"]
-            sd[lora_key(s["module"], "lora_B.weight")] = s["B_b"]
-        _load_exact(pm, sd, bdir)
+        pm = place(route.wrap(model, bdir))
         before, hist, after = fit(pm, tok, train_ex, eval_ex, cfg, seq2seq=seq2seq)
         if not is_main_process():  # data-parallel workers: the main process writes the one output
             od.abort()
             return {}
-        new = peft.get_peft_model_state_dict(pm)
-        tensors = dict(ad.tensors)
-        for s in steps:
-            ka, kb = lora_key(s["module"], "lora_A.weight"), lora_key(s["module"], "lora_B.weight")
-            tensors[ka], tensors[kb] = lift(s["A"], s["B"], s["in_idx"], s["out_idx"],
-                                            s["A_b"], new[ka].cpu(), s["B_b"], new[kb].cpu())
-        write_adapter(od, ad.config, tensors)
-        od.write_json("tune_bridge.json", {"adapter": ad.path, "bridge": bdir, "data": os.path.abspath(data),
-                                           "seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr,
+        route.write(od, pm, arch, llm_config)
+        od.write_json("tune_bridge.json", {"adapter": route.path, "bridge": bdir, "data": os.path.abspath(data),
+                                           "kind": route.kind, "seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr,
                                            "batch_size": cfg.batch_size, "bridge_before": before,
                                            "bridge_after": after, "history": hist.as_dict()})
         path = od.commit()
     bridge_params = sum(p.numel() for p in pm.parameters() if not p.requires_grad)
-    return {"output": path, "family": arch.family, "modules": len(steps), "steps": hist.steps,
+    return {"output": path, "family": arch.family, "kind": route.kind, "modules": route.modules, "steps": hist.steps,
             "bridge_parameters": bridge_params, "llm_parameters": arch.num_parameters(),
             "trainable": sum(p.numel() for p in pm.parameters() if p.requires_grad),
             "device": hist.device, "mixed_precision": hist.mixed_precision,

@@ -161,3 +161,21 @@ def attach_bottleneck(model, arch, bn: dict, weights: dict | None = None, name: 
             mods.adapters[_key(m.module)].init(init or bn.get("init_weights", "bert"), g)
     mods._attach(model)
     return mods
+
+
+class WithBottleneck(nn.Module):
+    """A frozen model and its hooked bottleneck adapters as one module, so the shared training loop
+    (which optimises `parameters()` with requires_grad) and the scorer (which calls the model) need
+    no adapter-specific code. The model's own module tree and state_dict stay untouched."""
+
+    def __init__(self, model, bottleneck: BottleneckAdapters):
+        super().__init__()
+        model.requires_grad_(False)
+        self.model, self.bottleneck = model, bottleneck
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, **kwargs):
+        return self.model(**kwargs)

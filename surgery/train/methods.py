@@ -1,7 +1,8 @@
 """Models and parameter-efficient methods for training: load a base, wrap it, save what was learned.
 
 LoRA, LoKr, prompt and prefix tuning are peft's own layers (configs built here, nothing
-re-implemented). BitFit trains only the bias vectors (surgery/train/bitfit.py) and is saved in the
+re-implemented). Bottleneck adapters (`adapter`: Houlsby / Pfeiffer) are hooked in by
+surgery/train/bottleneck.py and saved in AdapterHub's layout (docs/adapters.md). BitFit trains only the bias vectors (surgery/train/bitfit.py) and is saved in the
 `surgery.bitfit/1` format that extract-bitfit and apply-bitfit use.
 Which layers are linear, and whether they are stored transposed (GPT-2's Conv1D), comes from the
 family map, so no code here knows a family by name.
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 from ..errors import AdapterError, CheckpointError
 
-METHODS = ("lora", "prompt", "prefix", "lokr", "bitfit")
+METHODS = ("lora", "prompt", "prefix", "lokr", "bitfit", "adapter")
+ADAPTER_NAME = "adapter"  # the AdapterHub adapter name train writes (a fixed name keeps outputs byte-identical)
 
 
 def load_base(model_dir: str, dtype=None):
@@ -55,8 +57,12 @@ def targeted(arch, targets: list[str]):
 
 
 def wrap(model, arch, method: str, *, rank: int = 8, alpha: float | None = None, targets=None,
-         virtual_tokens: int = 8, seed: int = 0):
-    """Return the model with only the method's parameters trainable (a PeftModel, or the model for bitfit)."""
+         virtual_tokens: int = 8, seed: int = 0, adapter_config: str = "houlsby", reduction_factor=None):
+    """Return the model with only the method's parameters trainable.
+
+    A PeftModel; the model itself for bitfit; a WithBottleneck (frozen model + hooked adapters) for
+    `adapter`, whose bottleneck starts from AdapterHub's default `bert` init, seeded.
+    """
     import torch
 
     if method not in METHODS:
@@ -66,6 +72,12 @@ def wrap(model, arch, method: str, *, rank: int = 8, alpha: float | None = None,
         from .bitfit import freeze_to_biases
 
         return freeze_to_biases(model, arch)
+    if method == "adapter":
+        from ..io.adapterhub import bn_config
+        from .bottleneck import WithBottleneck, attach_bottleneck
+
+        bn = bn_config(adapter_config, reduction_factor=reduction_factor)
+        return WithBottleneck(model, attach_bottleneck(model, arch, bn, name=ADAPTER_NAME, seed=seed))
     import peft
 
     task = "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM"
@@ -90,7 +102,17 @@ def wrap(model, arch, method: str, *, rank: int = 8, alpha: float | None = None,
 
 
 def save(model, out, *, method: str, base: str) -> None:
-    """Write what was learned into the OutputDir: a PEFT adapter, or bitfit.safetensors + bitfit.json."""
+    """Write what was learned into the OutputDir: a PEFT adapter, bitfit.safetensors + bitfit.json, or an
+    AdapterHub adapter (adapter_config.json + pytorch_adapter.bin + adapter.safetensors)."""
+    if method == "adapter":
+        from ..pipelines.bottleneck import write_bottleneck
+
+        mods = model.bottleneck
+        mods.detach()
+        w = mods.site_weights()
+        hidden = int(next(iter(w.values()))["W_down"].shape[1])
+        write_bottleneck(out, mods.name, mods.bn, w, model.config.to_dict(), hidden, base)
+        return
     if method == "bitfit":
         from .bitfit import save_bitfit
 
@@ -100,9 +122,21 @@ def save(model, out, *, method: str, base: str) -> None:
     model.save_pretrained(out.tmp)
 
 
-def attach(model, adapter_dir: str):
-    """Put a saved adapter (PEFT or BitFit) on a loaded base model, for evaluation."""
+def attach(model, adapter_dir: str, arch=None):
+    """Put a saved adapter (PEFT, BitFit or AdapterHub bottleneck) on a loaded base model, for evaluation.
+
+    A bottleneck adapter comes back as a WithBottleneck; call `.bottleneck.detach()` when done.
+    """
+    from ..io.adapterhub import is_adapterhub_dir
     from .bitfit import is_bitfit, load_bitfit
+
+    if is_adapterhub_dir(adapter_dir):
+        from ..arch import load_arch
+        from ..pipelines.bottleneck import attach_saved
+        from .bottleneck import WithBottleneck
+
+        arch = arch or load_arch(model.config.to_dict())
+        return WithBottleneck(model, attach_saved(model, arch, adapter_dir))
 
     if is_bitfit(adapter_dir):
         return load_bitfit(model, adapter_dir)

@@ -1,0 +1,47 @@
+"""`surgery extract-lora`: a LoRA adapter approximating TUNED − BASE by truncated SVD."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from . import app
+from .common import Force, JsonOut, Output, Seed, console, human_bytes, print_json
+
+
+@app.command("extract-lora")
+def extract_cmd(
+    base: Annotated[str, typer.Argument(help="Base model directory.")],
+    tuned: Annotated[str, typer.Argument(help="Fine-tuned model directory (same architecture and sizes).")],
+    output: Output = ...,
+    rank: Annotated[Optional[int], typer.Option("--rank", help="Rank of every module's LoRA.")] = None,
+    energy: Annotated[Optional[float], typer.Option("--energy", help="Per module, the smallest rank keeping this share of the delta's energy (0-1].")] = None,
+    targets: Annotated[Optional[list[str]], typer.Option("--targets", help="Module-name suffixes to extract (default: every linear layer but the LM head).")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Adapter dtype: auto (the base's), float32, bfloat16, float16.")] = "auto",
+    seed: Seed = 0,
+    force: Force = False,
+    json_out: JsonOut = False,
+):
+    """Write a PEFT LoRA adapter approximating TUNED - BASE; report each module's relative error and the size."""
+    from ..pipelines.extract import extract_lora
+
+    info = extract_lora(base, tuned, output, rank=rank, energy=energy, targets=targets, dtype=dtype, seed=seed, force=force)
+    if json_out:
+        print_json(info)
+        return
+    from rich.table import Table
+
+    t = Table(title=f"extract-lora → {info['output']}")
+    for col in ("module", "shape", "rank", "method", "rel. error"):
+        t.add_column(col, justify="right" if col in ("rank", "rel. error") else "left")
+    for row in info["modules"]:
+        t.add_row(row["module"], "×".join(map(str, row["shape"])), str(row["rank"]), row["method"], f"{row['rel_error']:.6f}")
+    con = console()
+    con.print(t)
+    con.print(f"adapter: {human_bytes(info['adapter_bytes'])} ({info['adapter_params']:,} parameters, {info['dtype']}) "
+              f"for a {human_bytes(info['model_bytes'])} model; lora_bias={info['lora_bias']}; {info['seconds']:.2f} s")
+    if info["not_carried"]:
+        console(stderr=True).print(f"note: {len(info['not_carried'])} changed tensors are not linear targets and are not in the "
+                                   f"adapter: {', '.join(info['not_carried'][:6])}{' …' if len(info['not_carried']) > 6 else ''}",
+                                   highlight=False, soft_wrap=True)

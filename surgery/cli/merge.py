@@ -1,0 +1,69 @@
+"""`surgery merge-lora` and `surgery unmerge-lora`: fold adapters into a checkpoint or take one out."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from . import app
+from .common import Force, MaxShard, Output, console, human_bytes
+
+Dtype = Annotated[str, typer.Option("--dtype", help="Output dtype of floating tensors: auto (keep), float32, bfloat16, float16.")]
+
+
+def _report(info: dict, title: str) -> None:
+    from rich.table import Table
+
+    err = console(stderr=True)
+    for note in info["notes"]:
+        err.print(f"note: {note}", highlight=False, soft_wrap=True)
+    t = Table(title=title, show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    for a in info["adapters"]:
+        t.add_row("adapter", f"{a['path']} ({a['type']}, weight {a['weight']:g})")
+    t.add_row("modules", str(info["modules"]))
+    t.add_row("tensors changed", f"{info['tensors_changed']} of {info['tensors_written']}")
+    if info["untied"]:
+        t.add_row("untied", ", ".join(info["untied"]))
+    if info["dora_modules"]:
+        t.add_row("DoRA modules", str(info["dora_modules"]))
+    t.add_row("written", f"{human_bytes(info['bytes'])} in {info['shards']} shard(s), {info['dtype']}")
+    t.add_row("time", f"{info['seconds']:.2f} s")
+    t.add_row("output", info["output"])
+    console().print(t)
+
+
+@app.command("merge-lora")
+def merge_cmd(
+    base: Annotated[str, typer.Argument(help="Base model directory.")],
+    adapters: Annotated[list[str], typer.Argument(help="One or more PEFT adapter directories (LoRA, DoRA, LoKr).")],
+    output: Output = ...,
+    weight: Annotated[Optional[list[float]], typer.Option("--weight", help="Weight per adapter, in order (default 1).")] = None,
+    dtype: Dtype = "auto",
+    max_shard_size: MaxShard = "5GB",
+    force: Force = False,
+):
+    """Fold adapters into the base weights and write a standalone checkpoint."""
+    from ..pipelines.merge import merge_lora
+
+    info = merge_lora(base, adapters, output, weights=weight, dtype=dtype, max_shard_size=max_shard_size, force=force)
+    _report(info, "merge-lora")
+
+
+@app.command("unmerge-lora")
+def unmerge_cmd(
+    merged: Annotated[str, typer.Argument(help="A checkpoint with the adapter merged in.")],
+    adapter: Annotated[str, typer.Argument(help="The PEFT adapter directory that was merged.")],
+    output: Output = ...,
+    weight: Annotated[float, typer.Option("--weight", help="The weight it was merged with.")] = 1.0,
+    dtype: Dtype = "auto",
+    max_shard_size: MaxShard = "5GB",
+    force: Force = False,
+):
+    """Take an adapter out of a merged checkpoint again (W -= delta)."""
+    from ..pipelines.merge import unmerge_lora
+
+    info = unmerge_lora(merged, adapter, output, weights=[weight], dtype=dtype, max_shard_size=max_shard_size, force=force)
+    _report(info, "unmerge-lora")

@@ -1,0 +1,82 @@
+"""LoRA and DoRA deltas, and the one fold (merge W += Δ / unmerge W -= Δ) every adapter kind shares.
+
+LoRA (Hu et al., 2021, arXiv:2106.09685): a frozen weight W [out, in] gains ΔW = s · B A with
+A [r, in], B [out, r] and s = α/r (rsLoRA, Kalajdzievski 2023: s = α/√r). PEFT keeps A and B in
+this orientation even for GPT-2's Conv1D, whose *stored* weight is [in, out] (fan_in_fan_out), so
+the delta is transposed to the stored layout: ΔW_stored = (s · B A)ᵀ.
+
+DoRA (Liu et al., 2024, arXiv:2402.09353): W' = m ⊙ (W + ΔW) / ‖W + ΔW‖, the norm taken per output
+unit (per row of the [out, in] matrix; peft calls it column-wise after its transpose). Merging is
+W' = f ⊙ (W + ΔW) with f = m / n, n = ‖W + ΔW‖; unmerging is W = W' / f − ΔW, which needs n.
+n is *not* recoverable from W' (its rows have norm |m| whatever n was), so unmerge needs the n
+recorded at merge time; only the row directions of W + ΔW can be recovered without it.
+
+Everything here is float32 in, float32 out (bias deltas too): callers round once to the stored dtype.
+"""
+
+from __future__ import annotations
+
+
+def lora_delta(A, B, scaling: float, fan_in_fan_out: bool = False):
+    """ΔW = scaling · B @ A in float32, in the stored orientation ([in, out] when fan_in_fan_out)."""
+    d = (B.float() @ A.float()) * float(scaling)
+    return d.T if fan_in_fan_out else d
+
+
+def lora_bias_delta(bias, scaling: float):
+    """peft's lora_bias: lora_B carries a bias that the base bias absorbs as scaling · b."""
+    return bias.float() * float(scaling)
+
+
+def dora_norm(weight, delta, fan_in_fan_out: bool = False):
+    """n = ‖W + ΔW‖ per output unit (float32 [out]); weight and delta in the stored orientation."""
+    import torch
+
+    full = weight.float() + delta
+    return torch.linalg.norm(full.T if fan_in_fan_out else full, dim=1)
+
+
+def dora_factor(magnitude, norm, fan_in_fan_out: bool = False):
+    """f = m / n shaped to broadcast over the stored weight (a column when [out, in], a row when [in, out])."""
+    f = magnitude.float() / norm
+    return f.view(1, -1) if fan_in_fan_out else f.view(-1, 1)
+
+
+class LowRankDelta:
+    """ΔW = scale · B A kept as its factors (B [out, r], A [r, in], float32), stored-orientation aware.
+
+    fold adds it with one addmm into the weight, never materialising ΔW: for a rank-16 LoRA on a
+    4352×1536 weight that saves a 27 MB buffer and a pass over it per module.
+    """
+
+    def __init__(self, A, B, scale: float, fan_in_fan_out: bool = False):
+        # kept in the adapter's dtype until used: float32 copies of every module's factors at once
+        # would grow with the model
+        self.A, self.B, self.scale, self.fan_in_fan_out = A, B, float(scale), fan_in_fan_out
+
+    def dense(self):
+        return lora_delta(self.A, self.B, self.scale, self.fan_in_fan_out)
+
+    def add_to(self, weight, alpha: float):
+        A, B = self.A.float(), self.B.float()
+        if self.fan_in_fan_out:  # (B A)ᵀ = Aᵀ Bᵀ
+            return weight.addmm_(A.T, B.T, alpha=alpha * self.scale)
+        return weight.addmm_(B, A, alpha=alpha * self.scale)
+
+
+def fold(weight, delta, sign: int = 1, factor=None):
+    """The shared merge/unmerge step on a float32 weight the caller owns (updated in place when it can).
+
+    merge (sign=+1):   W' = W + ΔW            or, DoRA,  W' = f ⊙ (W + ΔW)
+    unmerge (sign=-1): W  = W' − ΔW           or, DoRA,  W  = W' / f − ΔW
+    delta is a dense tensor or a LowRankDelta.
+    """
+    if sign not in (1, -1):
+        raise ValueError("sign must be +1 (merge) or -1 (unmerge)")
+    if factor is None:
+        if isinstance(delta, LowRankDelta):
+            return delta.add_to(weight, sign)
+        return weight.add_(delta, alpha=sign)
+    if isinstance(delta, LowRankDelta):
+        delta = delta.dense()
+    return factor * (weight + delta) if sign > 0 else weight / factor - delta
