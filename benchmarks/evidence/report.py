@@ -144,10 +144,13 @@ def _plots(summary: str, docs: str) -> list[str]:
     """Draw with the benchmark's own matplotlib venv (not a project dependency); skip if absent."""
     here = os.path.dirname(os.path.abspath(__file__))
     py = os.path.join(here, "..", ".work", "plotenv", "bin", "python")
-    if not os.path.exists(py):
-        print(f"no {py}: plots skipped (python3 -m venv benchmarks/.work/plotenv && "
-              "benchmarks/.work/plotenv/bin/pip install matplotlib)")
-        return []
+    if not os.path.exists(py):  # first run: make the venv (matplotlib only, no torch)
+        env = os.path.dirname(os.path.dirname(py))
+        ok = subprocess.run([sys.executable, "-m", "venv", env]).returncode == 0 and subprocess.run(
+            [os.path.join(env, "bin", "pip"), "install", "-q", "matplotlib"]).returncode == 0
+        if not ok:
+            print(f"could not build {env} with matplotlib: plots skipped")
+            return []
     out = subprocess.run([py, os.path.join(here, "plots.py"), summary, docs], capture_output=True, text=True)
     if out.returncode != 0:
         print(out.stderr[-2000:])
