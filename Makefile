@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install clean bench
+.PHONY: demo test install clean bench evidence
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: install
 
 demo: install
 	$(BIN)/python -m fixtures.demo
+
+# the paper's table in miniature (docs/results.md): pretrains a pair once (~12 min), then ~25 min on 2 cores
+evidence: install
+	$(BIN)/python -m benchmarks.evidence.run
 
 clean:
 	rm -rf $(VENV) .fixtures

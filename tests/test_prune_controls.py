@@ -8,16 +8,7 @@ import pytest
 
 from surgery.errors import ShapeError
 
-FAST = dict(samples=4, seq_len=32, batch_size=4, force=True)
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    from fixtures.corpus import documents
-
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text("\n".join(documents(24, seed=3)) + "\n")
-    return str(path)
+from .test_prune import FAST, calib  # noqa: F401  (the shared calibration fixture)
 
 
 def _arch(path):

@@ -1,0 +1,43 @@
+"""Training memory of one LoRA step, measured tensor by tensor (not process RSS).
+
+At the evidence pair's size (under a million parameters) a process's RSS is ~95 % Python, torch
+and transformers, so RSS ratios say little about the method. This counts what training itself
+holds at the peak of a step, for a given model and the LoRA that `surgery train` puts on it:
+  weights      every parameter of the model the loss is back-propagated through (bytes as stored)
+  activations  every tensor autograd saves for the backward pass, counted once per storage
+               (torch.autograd.graph.saved_tensors_hooks during the forward pass)
+  lora state   trainable parameters x 3 (their gradients and AdamW's two moments)
+at a stated batch shape. It is the memory that scales with the model; the paper's Tables 6-7
+report GPU memory, which is the same quantity plus the CUDA context.
+"""
+
+from __future__ import annotations
+
+
+def training_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: int = 0) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
+    model.train()
+    ids = torch.randint(4, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    seen: dict[tuple, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        seen[(st.data_ptr(), st.nbytes())] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    # parameters saved for backward are already counted as weights
+    params = {(p.untyped_storage().data_ptr(), p.untyped_storage().nbytes()) for p in model.parameters()}
+    acts = sum(v for k, v in seen.items() if k not in params)
+    return {"weights": weights, "activations": acts, "lora_state": 3 * trainable,
+            "total": weights + acts + 3 * trainable, "batch": batch, "seq": seq}
