@@ -23,7 +23,7 @@ from ..io.adapter import Adapter
 from ..io.checkpoint import Checkpoint
 from ..io.writer import OutputDir, nonfinite_count
 from ..ops.lokr import lokr_delta
-from ..ops.lora import LowRankDelta, dora_factor, dora_norm, fold, lora_bias_delta
+from ..ops.lora import LowRankDelta, dora_factor, dora_norm, fold, fold_rounded, lora_bias_delta
 from .stream import write_checkpoint
 
 DORA_NORMS = "dora_norms.safetensors"  # n = ‖W + ΔW‖ per DoRA module, written beside a merged checkpoint
@@ -36,6 +36,7 @@ class Step:
 
     label: str  # "adapter-dir:module" for messages
     fn: object
+    lowrank: object = None  # a plain LoRA step's LowRankDelta: lets produce() fold in place, row block by block
 
 
 @dataclass
@@ -96,7 +97,8 @@ def _plan_lora(plan: Plan, ad: Adapter, weight: float, sign: int, dora_norms: di
                         "unmerge a checkpoint written by `surgery merge-lora`; a DoRA merge loses each row's norm, "
                         "so only the row directions are recoverable")
                 factor = dora_factor(m.magnitude, dora_norms[spec.name], spec.transposed)
-        plan.add(spec.name, Step(label, _lora_step(plan, spec, delta, sign, factor, m.magnitude)))
+        plain = m.magnitude is None and factor is None
+        plan.add(spec.name, Step(label, _lora_step(plan, spec, delta, sign, factor, m.magnitude), delta if plain else None))
         bname = spec.name[: -len("weight")] + "bias"
         if m.bias is not None and (bname in by_name or bool(m.bias.abs().max() > 0)):
             # lora_bias is one flag per adapter: extract-lora gives bias-less layers a zero bias, skipped here
@@ -235,6 +237,10 @@ def apply_adapters(base: str, adapters: list[str], out: str, *, weights: list[fl
         steps = plan.steps.get(name, [])
         if not steps:
             return t.to(out_dtype[name])
+        if t.dtype == out_dtype[name] in (torch.bfloat16, torch.float16) and all(s.lowrank is not None for s in steps):
+            # plain LoRA into a half-precision weight we own: the same sums, rounded once, without
+            # a float32 copy of the whole weight (see fold_rounded)
+            return fold_rounded(t, [s.lowrank for s in steps], sign)
         # w is ours to update in place; steps that need the unmerged base (DoRA) read `orig` (stored dtype)
         w = t.float() if t.dtype != torch.float32 else t.clone()
         for s in steps:
