@@ -78,9 +78,10 @@ BLOCK_BYTES = 1 << 20  # float32 rows per block: stays in L2, so each element is
 def fold_rounded(weight, deltas, sign: int = 1):
     """W ← round(W + Σ ±ΔW) in place on a bf16/fp16 weight, for LowRankDelta deltas, a block of rows at a time.
 
-    Same numbers as converting the whole weight to float32, adding each delta and rounding once
-    (every step is element-wise or row-local), without a float32 copy of the weight: one pass over
-    memory instead of four (convert, add, round, allocate twice), which is what a merge spends its time on.
+    The same sums as converting the whole weight to float32, adding each delta and rounding once
+    (every step is element-wise or row-local; BLAS may order a short block's rank-r sums differently,
+    a float32 ulp), without a float32 copy of the weight: one pass over memory instead of four
+    (allocate, convert, add, round), which is what a merge spends its time on.
     """
     import torch
 
