@@ -49,6 +49,7 @@ class Plan:
     tie_flags: set = field(default_factory=set)
     dora_norms: dict = field(default_factory=dict)  # filled while streaming (merge) or read (unmerge)
     modules: int = 0
+    by_module: dict = field(default_factory=dict)  # the family map's module -> spec, built once (not per module)
 
     def add(self, name: str, step: Step) -> None:
         self.steps.setdefault(name, []).append(step)
@@ -63,7 +64,7 @@ def _checked(label: str, t):
 
 
 def _linear(plan: Plan, ad: Adapter, module: str):
-    spec = plan.arch.by_module().get(module)
+    spec = plan.by_module.get(module)
     if spec is None:
         raise AdapterError(f"{ad.path}: module {module} is not a linear layer of this {plan.arch.family} model",
                            "was the adapter trained on another base? `surgery inspect` shows both")
@@ -180,7 +181,8 @@ def _plan_saved(plan: Plan, ad: Adapter, weight: float, sign: int) -> None:
 
 def plan_adapters(ck: Checkpoint, adapters: list[Adapter], weights: list[float], sign: int,
                   dora_norms: dict | None = None) -> Plan:
-    plan = Plan(ck=ck, arch=arch_of(ck))
+    arch = arch_of(ck)
+    plan = Plan(ck=ck, arch=arch, by_module=arch.by_module())
     for ad, w in zip(adapters, weights):
         if ad.peft_type not in SUPPORTED:
             raise AdapterError(f"{ad.path} is a {ad.peft_type} adapter", "merge-lora folds LoRA, DoRA and LoKr adapters")
