@@ -195,6 +195,8 @@ def main() -> None:
         # its load swings within seconds) and the largest peak RSS
         runs = {"ours": [], "peft": []}
         for i in range(REPEAT):
+            # both tools start with no output (removing a previous 1 GB output is not merge work)
+            subprocess.run(["rm", "-rf", os.path.join(WORK, f"ours{layers}")])
             runs["ours"].append(measured([*surgery, "merge-lora", base, lora, "-o", os.path.join(WORK, f"ours{layers}"),
                                           "--force", "--max-shard-size", "300MB"], f"ours{layers}"))
             runs["peft"].append(measured(peft_pipeline_cmd(base, lora, os.path.join(WORK, f"peft{layers}")), f"peft{layers}"))

@@ -139,3 +139,20 @@ def test_table_and_errors(fx, tmp_path):
         extract_lora(base, str(tmp_path / "t"), str(tmp_path / "b"), rank=2, targets=["nothing"])
     with pytest.raises(ArchitectureError, match="base is llama but tuned is gpt2"):
         extract_lora(base, fx.model("gpt2"), str(tmp_path / "b"), rank=2)
+
+
+def test_float64_products_on_float32_delta_match_a_float64_copy():
+    """mm64 / sumsq64 promote Δ a block at a time; the results are those of a float64 copy of Δ."""
+    from surgery.ops import lowrank as L
+
+    g = torch.Generator().manual_seed(0)
+    D = torch.randn(130, 70, generator=g)
+    old = L.BLOCK_BYTES
+    L.BLOCK_BYTES = 8 * 130 * 3  # many blocks, the last one short
+    try:
+        for d in (D, D.T):  # contiguous, and a transposed view (blocked over its columns)
+            Lm = torch.randn(5, d.shape[0], generator=g, dtype=torch.float64)
+            assert torch.allclose(L.mm64(Lm, d), Lm @ d.double(), rtol=1e-12, atol=1e-12)
+            assert L.sumsq64(d) == pytest.approx(float(d.double().square().sum()), rel=1e-13)
+    finally:
+        L.BLOCK_BYTES = old

@@ -175,3 +175,34 @@ def test_cli_errors_are_one_line(fx, tmp_path):
     code, _, err = run_cli("merge-lora", fx.model("llama"), fx.lora("llama", targets=["q_proj"], name="e"),
                            "-o", fx.model("llama"))
     assert code == 2 and "overlaps input" in err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fold_rounded_matches_whole_float32_fold(dtype, transposed):
+    """The row-blocked in-place fold rounds once: within half an ulp (plus float32 noise) of the exact sum,
+    and, bar a float32 ulp in a few products (BLAS may order a short block's sums differently), the bits
+    of whole weight to float32, add each delta, round."""
+    from surgery.ops import lora as L
+
+    g = torch.Generator().manual_seed(0)
+    shape = (70, 300) if not transposed else (300, 70)  # stored layout; Conv1D stores [in, out]
+    w = (0.02 * torch.randn(shape, generator=g)).to(dtype)
+    deltas = [L.LowRankDelta(torch.randn(4, 300, generator=g).to(dtype), torch.randn(70, 4, generator=g).to(dtype), s, transposed)
+              for s in (0.5, -1.25)]
+    for sign in (1, -1):
+        ref, exact = w.float(), w.double()
+        for d in deltas:
+            ref = L.fold(ref, d, sign)
+            dd = d.B.double() @ d.A.double()
+            exact += sign * d.scale * (dd.T if transposed else dd)
+        old = L.BLOCK_BYTES
+        L.BLOCK_BYTES = 4 * 300 * 7  # several blocks, the last one short
+        try:
+            got = L.fold_rounded(w.clone(), deltas, sign)
+        finally:
+            L.BLOCK_BYTES = old
+        eps = torch.finfo(dtype).eps
+        assert torch.all((got.double() - exact).abs() <= exact.abs() * eps * 0.5 * 1.001 + 1e-5)
+        assert (got != ref.to(dtype)).float().mean() < 0.001
+        assert torch.equal(L.fold_rounded(w.clone(), deltas, sign), L.fold_rounded(w.clone(), deltas, sign))  # deterministic

@@ -11,7 +11,9 @@ Unlike plain subspace iteration (torch.svd_lowrank), it reaches the Eckart–You
 relative even for flat spectra (a random full-rank delta) in a handful of matmuls. Small matrices,
 or a Krylov space that would not be much smaller than the matrix, use the exact SVD instead.
 Decompositions run in float64 (the Krylov matmuls that only pick the subspace in float32); every
-SVD goes through the Gram eigendecomposition (svd_gram).
+SVD goes through the Gram eigendecomposition (svd_gram). Δ itself may be given in float32: the
+float64 products with it (the final projection Uᵀ Δ, the error terms) promote it a block of rows at
+a time (mm64), so no float64 copy of a whole delta is ever made.
 """
 
 from __future__ import annotations
@@ -44,10 +46,65 @@ def svd_gram(D):
     return V, S, W * inv[:, None]
 
 
-def _block_krylov(D, D64, rank: int, seed: int):
-    """D float32 [m, n] with m ≤ n, D64 the same in float64. The Krylov matmuls and the small projected
+BLOCK_BYTES = 2 << 20  # float64 scratch for promoting Δ (one buffer per call, reused: cache-sized)
+
+
+def _blocks64(D):
+    """(start, float64 copy of D[start : start + k]) over row blocks of a 2-D D, reusing one scratch
+    buffer: fresh tensor-sized float64 copies would cost more page faults than the arithmetic."""
+    import torch
+
+    step = max(1, BLOCK_BYTES // (8 * max(D.shape[1], 1)))
+    scratch = torch.empty(min(step, D.shape[0]), D.shape[1], dtype=torch.float64)
+    for i in range(0, D.shape[0], step):
+        src = D[i: i + step]
+        blk = scratch[: src.shape[0]]
+        blk.copy_(src)
+        yield i, blk
+
+
+def _by_rows(D):
+    """D, or D.T when D is a transposed view of a contiguous tensor (so row blocks are contiguous)."""
+    return (D.T, True) if D.dim() == 2 and not D.is_contiguous() and D.T.is_contiguous() else (D, False)
+
+
+def mm64(L, D):
+    """L @ D in float64 for L float64 [k, m] and D [m, n] of any float dtype, promoting D one block at a
+    time (a float64 copy of a large Δ costs more memory traffic than the product itself)."""
+    import torch
+
+    L = L.double()
+    if D.dtype == torch.float64:
+        return L @ D
+    C, transposed = _by_rows(D)
+    if transposed:  # C = Dᵀ [n, m]: column blocks of the product
+        out = torch.empty(C.shape[0], L.shape[0], dtype=torch.float64)
+        for j, blk in _blocks64(C):
+            torch.mm(blk, L.T, out=out[j: j + blk.shape[0]])
+        return out.T
+    out = torch.zeros(L.shape[0], D.shape[1], dtype=torch.float64)
+    for i, blk in _blocks64(D):
+        out.addmm_(L[:, i: i + blk.shape[0]], blk)
+    return out
+
+
+def sumsq64(D) -> float:
+    """‖D‖_F² accumulated in float64 (no squared or float64 copy of D)."""
+    import torch
+
+    if D.dtype == torch.float64:
+        return float(torch.linalg.vector_norm(D)) ** 2
+    D, _ = _by_rows(D.reshape(1, -1) if D.dim() < 2 else D)
+    total = 0.0
+    for _, blk in _blocks64(D):
+        total += float(torch.linalg.vector_norm(blk)) ** 2
+    return total
+
+
+def _block_krylov(D, rank: int, seed: int):
+    """D float32 [m, n] with m ≤ n. The Krylov matmuls and the small projected
     matrix run in float32 (they only choose a subspace); its eigendecomposition and the factors
-    (U_rᵀ D64) are float64, so the error is the subspace's, not float32's.
+    (U_rᵀ D, mm64) are float64, so the error is the subspace's, not float32's.
 
     Rayleigh–Ritz on D Dᵀ needs H = Kᵀ (D Dᵀ K); every D Dᵀ Q_i is already computed while building
     the basis (before orthogonalization), so H costs one extra block product instead of Kᵀ D.
@@ -58,23 +115,25 @@ def _block_krylov(D, D64, rank: int, seed: int):
     b = rank + BLOCK_OVERSAMPLE
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(D @ torch.randn(n, b, generator=g, dtype=D.dtype))
-    blocks, images = [Q], []
+    # basis and images in two preallocated panels: Gram–Schmidt against all earlier blocks is then
+    # one tall-skinny product pair instead of one small product per block
+    K = torch.empty(m, b * (KRYLOV_DEPTH + 1), dtype=D.dtype)
+    images = torch.empty_like(K)
+    K[:, :b] = Q
     for i in range(KRYLOV_DEPTH + 1):
-        Y = D @ (D.T @ Q)
-        images.append(Y)
+        Y = images[:, i * b: (i + 1) * b]
+        torch.mm(D, D.T @ Q, out=Y)
         if i == KRYLOV_DEPTH:
             break
-        Y = Y.clone()
+        P, Y = K[:, : (i + 1) * b], Y.clone()
         for _ in range(2):  # block Gram–Schmidt twice: one pass loses orthogonality in floating point
-            for P in blocks:
-                Y -= P @ (P.T @ Y)
+            Y -= P @ (P.T @ Y)
         Q, _ = torch.linalg.qr(Y)
-        blocks.append(Q)
-    K = torch.cat(blocks, 1)
-    H = (K.T @ torch.cat(images, 1)).double()
+        K[:, (i + 1) * b: (i + 2) * b] = Q
+    H = (K.T @ images).double()
     lam, V = torch.linalg.eigh((H + H.T) / 2)
     U = K.double() @ V.flip(1)[:, :rank]
-    W = U.T @ D64  # Σ Vh: rows orthogonal with norms σ_i
+    W = mm64(U.T, D)  # Σ Vh: rows orthogonal with norms σ_i
     S = W.norm(dim=1)
     return U, S, W / torch.where(S > 0, S, torch.ones_like(S))[:, None]
 
@@ -93,12 +152,12 @@ def truncated_svd(delta, rank: int, seed: int = 0):
     if not use_randomized(tuple(delta.shape), rank):
         U, S, Vh = svd_gram(delta.double())
         return U[:, :rank], S[:rank], Vh[:rank], "exact"
-    D, D64 = delta.float(), delta.double()
+    D = delta.float()  # no copy when Δ is already float32
     # the Krylov basis lives in the short side's space: cheaper QR and projection
     if D.shape[0] > D.shape[1]:
-        U, S, Vh = _block_krylov(D.T, D64.T, rank, seed)
+        U, S, Vh = _block_krylov(D.T, rank, seed)
         return Vh.T, S, U.T, "krylov"
-    U, S, Vh = _block_krylov(D, D64, rank, seed)
+    U, S, Vh = _block_krylov(D, rank, seed)
     return U, S, Vh, "krylov"
 
 
@@ -129,10 +188,10 @@ def relative_error(delta, A, B) -> float:
     """‖Δ − B A‖_F / ‖Δ‖_F without forming B A: ‖Δ‖² − 2⟨BᵀΔ, A⟩ + tr((BᵀB)(AAᵀ))."""
     import torch
 
-    D, A, B = delta.double(), A.double(), B.double()
-    dd = float(torch.linalg.vector_norm(D)) ** 2  # no squared copy of Δ
+    A, B = A.double(), B.double()
+    dd = sumsq64(delta)
     if dd == 0.0:
         return 0.0
-    cross = float(((B.T @ D) * A).sum())
+    cross = float((mm64(B.T, delta) * A).sum())
     ba = float(((B.T @ B) * (A @ A.T)).sum())
     return max(dd - 2 * cross + ba, 0.0) ** 0.5 / dd ** 0.5

@@ -1,6 +1,6 @@
 """extract-lora: a PEFT LoRA adapter approximating TUNED − BASE, one linear module at a time.
 
-Per module: read both weights (one tensor each), Δ in float64 in peft's [out, in] orientation
+Per module: read both weights (one tensor each), Δ in float32 in peft's [out, in] orientation
 (GPT-2's Conv1D stores [in, out]: the adapter gets fan_in_fan_out=True), truncated SVD
 (surgery.ops.lowrank), factors rounded once to the adapter dtype, and the relative error measured on
 the rounded factors. Bias deltas ride in peft's lora_bias (lora_B.bias, absorbed on merge as
@@ -20,7 +20,7 @@ from ..io.adapter import lora_config, lora_key, targets_module, write_adapter, W
 from ..io.checkpoint import Checkpoint
 from ..io.progress import byte_progress
 from ..io.writer import OutputDir, check_finite
-from ..ops.lowrank import energy_rank, lora_factors, relative_error, spectrum_svd, truncated_svd
+from ..ops.lowrank import energy_rank, lora_factors, relative_error, spectrum_svd, sumsq64, truncated_svd
 from .stream import mmap_large_buffers
 
 
@@ -80,8 +80,11 @@ def extract_lora(base: str, tuned: str, out: str, *, rank: int | None = None, en
         for s in mods:
             wb, wt = rb(s.name), rt(s.name)
             advance(2 * wb.numel() * wb.element_size())
-            d = wt.to(torch.float64)
-            d -= wb  # promoted on the fly: no float64 copy of the base
+            # float32 Δ (float64 for float64 checkpoints): each element is tuned − base rounded once, to
+            # 2⁻²⁴ relative (exact for bf16/fp16 weights less than 2¹⁶ apart), so ‖Δ₃₂ − Δ‖ ≤ 6e-8 ‖Δ‖, far
+            # below any truncation error; the float64 products with it promote a block at a time (mm64)
+            d = wt.to(torch.float64 if wt.dtype == torch.float64 else torch.float32)
+            d -= wb  # promoted on the fly: no float32 copy of the base
             del wb, wt
             check_finite(f"{s.name} (tuned - base)", d)
             d = d.T if s.transposed else d  # peft's A/B are [r, in] / [out, r] in either layout
@@ -95,7 +98,7 @@ def extract_lora(base: str, tuned: str, out: str, *, rank: int | None = None, en
             tensors[lora_key(s.module, "lora_A.weight")] = A
             tensors[lora_key(s.module, "lora_B.weight")] = B
             rows.append({"module": s.module, "shape": list(d.shape), "rank": int(S.shape[0]), "method": method,
-                         "rel_error": relative_error(d, A, B), "delta_norm": float(d.norm())})
+                         "rel_error": relative_error(d, A, B), "delta_norm": sumsq64(d) ** 0.5})
             bname = s.name[: -len("weight")] + "bias"
             if bname in by_name:
                 bias[s.module] = (rt(bname).double() - rb(bname).double()).float()

@@ -23,7 +23,7 @@ from ..io.adapter import Adapter
 from ..io.checkpoint import Checkpoint
 from ..io.writer import OutputDir, nonfinite_count
 from ..ops.lokr import lokr_delta
-from ..ops.lora import LowRankDelta, dora_factor, dora_norm, fold, lora_bias_delta
+from ..ops.lora import LowRankDelta, dora_factor, dora_norm, fold, fold_rounded, lora_bias_delta
 from .stream import write_checkpoint
 
 DORA_NORMS = "dora_norms.safetensors"  # n = ‖W + ΔW‖ per DoRA module, written beside a merged checkpoint
@@ -36,6 +36,7 @@ class Step:
 
     label: str  # "adapter-dir:module" for messages
     fn: object
+    lowrank: object = None  # a plain LoRA step's LowRankDelta: lets produce() fold in place, row block by block
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Plan:
     tie_flags: set = field(default_factory=set)
     dora_norms: dict = field(default_factory=dict)  # filled while streaming (merge) or read (unmerge)
     modules: int = 0
+    by_module: dict = field(default_factory=dict)  # the family map's module -> spec, built once (not per module)
 
     def add(self, name: str, step: Step) -> None:
         self.steps.setdefault(name, []).append(step)
@@ -62,7 +64,7 @@ def _checked(label: str, t):
 
 
 def _linear(plan: Plan, ad: Adapter, module: str):
-    spec = plan.arch.by_module().get(module)
+    spec = plan.by_module.get(module)
     if spec is None:
         raise AdapterError(f"{ad.path}: module {module} is not a linear layer of this {plan.arch.family} model",
                            "was the adapter trained on another base? `surgery inspect` shows both")
@@ -96,7 +98,8 @@ def _plan_lora(plan: Plan, ad: Adapter, weight: float, sign: int, dora_norms: di
                         "unmerge a checkpoint written by `surgery merge-lora`; a DoRA merge loses each row's norm, "
                         "so only the row directions are recoverable")
                 factor = dora_factor(m.magnitude, dora_norms[spec.name], spec.transposed)
-        plan.add(spec.name, Step(label, _lora_step(plan, spec, delta, sign, factor, m.magnitude)))
+        plain = m.magnitude is None and factor is None
+        plan.add(spec.name, Step(label, _lora_step(plan, spec, delta, sign, factor, m.magnitude), delta if plain else None))
         bname = spec.name[: -len("weight")] + "bias"
         if m.bias is not None and (bname in by_name or bool(m.bias.abs().max() > 0)):
             # lora_bias is one flag per adapter: extract-lora gives bias-less layers a zero bias, skipped here
@@ -178,7 +181,8 @@ def _plan_saved(plan: Plan, ad: Adapter, weight: float, sign: int) -> None:
 
 def plan_adapters(ck: Checkpoint, adapters: list[Adapter], weights: list[float], sign: int,
                   dora_norms: dict | None = None) -> Plan:
-    plan = Plan(ck=ck, arch=arch_of(ck))
+    arch = arch_of(ck)
+    plan = Plan(ck=ck, arch=arch, by_module=arch.by_module())
     for ad, w in zip(adapters, weights):
         if ad.peft_type not in SUPPORTED:
             raise AdapterError(f"{ad.path} is a {ad.peft_type} adapter", "merge-lora folds LoRA, DoRA and LoKr adapters")
@@ -235,6 +239,10 @@ def apply_adapters(base: str, adapters: list[str], out: str, *, weights: list[fl
         steps = plan.steps.get(name, [])
         if not steps:
             return t.to(out_dtype[name])
+        if t.dtype == out_dtype[name] in (torch.bfloat16, torch.float16) and all(s.lowrank is not None for s in steps):
+            # plain LoRA into a half-precision weight we own: the same sums, rounded once, without
+            # a float32 copy of the whole weight (see fold_rounded)
+            return fold_rounded(t, [s.lowrank for s in steps], sign)
         # w is ours to update in place; steps that need the unmerged base (DoRA) read `orig` (stored dtype)
         w = t.float() if t.dtype != torch.float32 else t.clone()
         for s in steps:
