@@ -91,8 +91,6 @@ def leading_pair(R, block: int = 16, tol: float = 1e-8, max_iter: int = 100, see
     `seed`, so results are reproducible. Matrices no wider than the block get a dense SVD (exact,
     cheap at that size). Invariant on return: R v1 = sigma1 u1.
     """
-    import torch
-
     m, n = R.shape
     with _serial_if_small(R.numel()):
         return _leading_pair(R, block, tol, max_iter, seed)

@@ -186,8 +186,6 @@ def lora_factors(U, S, Vh):
 
 def relative_error(delta, A, B) -> float:
     """‖Δ − B A‖_F / ‖Δ‖_F without forming B A: ‖Δ‖² − 2⟨BᵀΔ, A⟩ + tr((BᵀB)(AAᵀ))."""
-    import torch
-
     A, B = A.double(), B.double()
     dd = sumsq64(delta)
     if dd == 0.0:

@@ -8,13 +8,13 @@ the family map (roles `bias` and `norm_bias`), never from names.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
 from ..arch import arch_of
 from ..errors import ArchitectureError, CheckpointError, SurgeryError
 from ..io.checkpoint import Checkpoint
+from ..io.hashing import config_sha256
 from ..io.safetensors_file import read_header, read_tensor
 from ..io.writer import OutputDir, ShardedWriter
 from ..ops.bitfit import delta_sq_norm, norm_split, same_bits
@@ -24,11 +24,6 @@ FORMAT = "surgery.bitfit/1"
 TENSORS = "bitfit.safetensors"
 MANIFEST = "bitfit.json"
 BIAS_ROLES = ("bias", "norm_bias")  # BitFit trains every additive bias, LayerNorm's included
-
-
-def config_sha256(model_dir: str) -> str:
-    with open(os.path.join(model_dir, "config.json"), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _dtype_name(dtype) -> str:

@@ -9,7 +9,6 @@ the first half of the block and predict the second (a prefix-LM objective).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -41,14 +40,6 @@ def read_documents(path: str) -> list[str]:
     if not docs:
         raise DataError(f"calibration data {path} has no text", "put at least one non-empty document in it")
     return docs
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def token_blocks(model_dir: str, data: str, samples: int, seq_len: int, seed: int, max_len: int | None = None):

@@ -18,7 +18,8 @@ from ..ops.fisher import norm_correction, recalibrate_norm
 from ..ops.slice import select as slice_select
 from . import importance as imp
 from .bridge_plan import bridge_config, layer_kept, plan_sizes, select
-from .calibration import batches, file_sha256, load_model, mean_loss, to_device, token_blocks
+from ..io.hashing import file_sha256
+from .calibration import batches, load_model, mean_loss, to_device, token_blocks
 from .stream import write_checkpoint
 
 FORMAT = "surgery.bridge/1"

@@ -10,7 +10,6 @@ quality) and projections.safetensors (the maps, for tune-bridge). Format: docs/f
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 from ..arch import arch_of
@@ -18,6 +17,7 @@ from ..errors import AdapterError, ArchitectureError, ShapeError
 from ..io.adapter import Adapter, write_adapter
 from ..io.adapterhub import is_adapterhub_dir, read_adapterhub
 from ..io.checkpoint import Checkpoint
+from ..io.hashing import file_sha256
 from ..io.writer import OutputDir, check_finite, check_output
 from ..ops.project import depth_blocks
 from .bottleneck import write_bottleneck
@@ -109,8 +109,7 @@ def transfer(adapter: str, llm: str, out: str, *, slm_base: str | None = None, d
         check_finite(k, t)
     data_sha = None
     if data and map_kind == "activations":
-        with open(data, "rb") as f:
-            data_sha = hashlib.sha256(f.read()).hexdigest()
+        data_sha = file_sha256(data)
     summary = {
         "format": FORMAT, "kind": kind, "slm_adapter": ad.path, "slm_base": ck_s.path, "llm": ck_l.path,
         "family": arch_s.family, "map": map_kind, "depth": depth, "ridge": ridge,

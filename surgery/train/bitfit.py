@@ -9,10 +9,10 @@ manifest), so `surgery apply-bitfit BASE OUT` turns it into a full checkpoint an
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 from ..errors import AdapterError
+from ..io.hashing import config_sha256
 
 FORMAT = "surgery.bitfit/1"
 TENSORS = "bitfit.safetensors"
@@ -56,7 +56,7 @@ def save_bitfit(model, out, base_dir: str) -> dict:
     for n, t in kept.items():
         w.write(n, t)
     w.close()
-    sha = _config_sha256(base.path)
+    sha = config_sha256(base.path)
     delta = sum(t.numel() * t.element_size() for t in kept.values())
     dtype = str(base.main_dtype()).replace("torch.", "")
     manifest = {
@@ -100,7 +100,3 @@ def load_bitfit(model, adapter_dir: str):
     return model
 
 
-def _config_sha256(model_dir: str) -> str:
-    # The identity apply-bitfit checks: the bytes of the base's config.json.
-    with open(os.path.join(model_dir, "config.json"), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
