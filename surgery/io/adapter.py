@@ -12,13 +12,13 @@ target_modules is a list of name suffixes or one regex matched against the full 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from dataclasses import dataclass, field
 
 from ..errors import AdapterError
+from .jsonfile import load_json
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
@@ -108,11 +108,7 @@ class Adapter:
                 raise AdapterError(f"{path} is a model directory, not an adapter",
                                    "pass the PEFT adapter directory (with adapter_config.json) here")
             raise AdapterError(f"{path} has no {CONFIG}", "pass a PEFT adapter directory")
-        try:
-            with open(cfg_path) as f:
-                config = json.load(f)
-        except ValueError as e:
-            raise AdapterError(f"{cfg_path} is not valid JSON ({e})", "restore it from the trained adapter") from e
+        config = load_json(cfg_path, AdapterError, "restore it from the trained adapter")
         from .adapterhub import is_adapterhub_dir
 
         if is_adapterhub_dir(path):  # merge-lora and friends land here: say what it is and where it works

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..errors import CheckpointError
+from .jsonfile import load_json
 from .safetensors_file import TensorInfo, read_header, read_tensor
 
 SAFE_SINGLE = "model.safetensors"
@@ -51,11 +52,7 @@ class Checkpoint:
                 raise CheckpointError(f"{path} is an adapter directory, not a model",
                                       "pass the base model directory here and the adapter where an adapter is expected")
             raise CheckpointError(f"{path} has no config.json", "pass a Hugging Face model directory (config.json + weights)")
-        try:
-            with open(cfg_path) as f:
-                config = json.load(f)
-        except ValueError as e:
-            raise CheckpointError(f"{cfg_path} is not valid JSON ({e})", "restore the file from the original model") from e
+        config = load_json(cfg_path, CheckpointError, "restore the file from the original model")
         ck = cls(path=path, config=config)
         ck._index_weights()
         return ck

@@ -8,13 +8,13 @@ the family map (roles `bias` and `norm_bias`), never from names.
 
 from __future__ import annotations
 
-import json
 import os
 
 from ..arch import arch_of
 from ..errors import ArchitectureError, CheckpointError, SurgeryError
 from ..io.checkpoint import Checkpoint
 from ..io.hashing import config_sha256
+from ..io.jsonfile import load_json
 from ..io.safetensors_file import read_header, read_tensor
 from ..io.writer import OutputDir, ShardedWriter
 from ..ops.bitfit import delta_sq_norm, norm_split, same_bits
@@ -98,11 +98,7 @@ def read_manifest(delta_dir: str) -> dict:
     path = os.path.join(os.path.abspath(delta_dir), MANIFEST)
     if not os.path.exists(path):
         raise CheckpointError(f"{delta_dir} has no {MANIFEST}", "pass the directory `surgery extract-bitfit` wrote")
-    try:
-        with open(path) as f:
-            m = json.load(f)
-    except ValueError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})", "re-run `surgery extract-bitfit`") from e
+    m = load_json(path, CheckpointError, "re-run `surgery extract-bitfit`")
     if m.get("format") != FORMAT:
         raise CheckpointError(f"{path} has format {m.get('format')!r}, expected {FORMAT!r}",
                               "pass a directory written by `surgery extract-bitfit`")
