@@ -8,7 +8,7 @@ import torch
 from surgery.arch import load_arch
 from surgery.errors import AdapterError
 from surgery.io.adapterhub import bn_config, read_adapterhub
-from surgery.pipelines.bottleneck import attach_saved, save_bottleneck
+from surgery.kinds.bottleneck import attach_saved, save_bottleneck
 from surgery.train.bottleneck import attach_bottleneck
 
 from .conftest import run_cli
@@ -73,7 +73,7 @@ def test_exact_expansion_reproduces_the_adapter(fx, tmp_path, calib, ids, expand
     slm, llm, ad = fx.model(family), expanded(family, width, depth), slm_adapter(family, kind)
     out = str(tmp_path / "out")
     info = transfer(ad, llm, out, data=calib, **FAST)
-    assert info["kind"] == "BOTTLENECK"
+    assert info["kind"] == "bottleneck"
     assert _relative_error(slm, ad, llm, out, ids) < 0.01
     back = read_adapterhub(out)
     src = read_adapterhub(ad)
