@@ -102,7 +102,7 @@ def test_cli_and_errors(fx, tmp_path, calib, expanded, slm_adapter):  # noqa: F8
     code, out, err = run_cli("transfer", "--slm", ad, "--llm", expanded("gpt2", 2, 2), "-o", tmp_path / "o",
                              "--data", calib, "--samples", "8", "--seq-len", "32")
     assert code == 0, err
-    assert "BOTTLENECK" in out and "out.attn" in out and "to_slm" in out
+    assert "bottleneck →" in out and "out.attn" in out and "to_slm" in out
     code, _, err = run_cli("transfer", "--slm", ad, "--llm", fx.model("llama"), "-o", tmp_path / "o2", "--data", calib)
     assert code != 0 and "gpt2" in err and "llama" in err and "family" in err
     from surgery.pipelines.transfer import transfer

@@ -134,5 +134,5 @@ def test_errors(fx, task, bridges, tmp_path):
     assert code == 2 and "pass --llm" in err
     code, _, err = run_cli("tune-bridge", "--adapter", fx.lora("llama", targets=["q_proj"], name="dora", use_dora=True),
                            "--bridge", bridges["llama"], "--data", train, "-o", tmp_path / "o")
-    assert code == 2 and "uses DoRA" in err
+    assert code == 2 and "dora is not supported by tune-bridge (supported: lora, bottleneck)" in err
     assert not (tmp_path / "o").exists()

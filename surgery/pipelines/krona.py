@@ -111,7 +111,7 @@ def extract_krona(base_path: str, source: str, out: str, *, factor: int = -1, ta
     ad = Adapter.open(source) if is_adapter else None
     specs = _selected(arch, targets)
     if ad is not None:  # only the modules the adapter touches matter
-        touched = set(ad.module_params())
+        touched = {m.module for m in lora_modules(ad)}
         specs = [t for t in specs if t.module in touched]
     # PEFT's LoKr wraps nn.Linear only. Conv1D layers (GPT-2, stored [in, out]) still get factors in
     # nn.Linear [out, in] orientation, which `surgery merge-lora` folds (it transposes by the family
