@@ -57,10 +57,15 @@ class MergeTarget:
     by_name: dict  # tensor name -> TensorSpec
     norms_in: dict | None = None  # DoRA row norms recorded at merge time (unmerge reads them)
     norms_out: dict = field(default_factory=dict)  # DoRA row norms computed while merging
+    generic: bool = False  # the generic linear-layer map (no family file): every weight is nn.Linear's [out, in]
+    path: str = ""  # the checkpoint, for messages
 
     def linear(self, ad, module: str):
         """(spec, shape as stored, (out, in)) of the linear layer an adapter module wraps."""
         spec = self.by_module.get(module)
+        if spec is None and self.generic:
+            raise AdapterError(f"{ad.path}: module {module} has no 2-D weight {module}.weight in {self.path}",
+                               "was the adapter trained on another base? (a tied lm_head needs a family file: docs/arch.md)")
         if spec is None:
             raise AdapterError(f"{ad.path}: module {module} is not a linear layer of this {self.arch.family} model",
                                "was the adapter trained on another base? `surgery inspect` shows both")

@@ -74,6 +74,10 @@ def module_delta(ad, target: MergeTarget, m: LoraModule, weight: float):
 
     spec, _, (n_out, n_in) = target.linear(ad, m.module)
     label = f"{os.path.basename(ad.path)}:{m.module}"
+    if m.fan_in_fan_out and target.generic:
+        raise AdapterError(f"{label}: the adapter says fan_in_fan_out (a Conv1D layer stored [in, out]) but the "
+                           "generic map assumes nn.Linear's [out, in]", "add a family file that marks the layer "
+                           "transposed, with --family FILE.json (docs/arch.md)")
     if tuple(m.A.shape) != (m.rank, n_in) or tuple(m.B.shape) != (n_out, m.rank):
         raise ShapeError(f"{label}: lora_A {list(m.A.shape)} / lora_B {list(m.B.shape)} do not fit the base "
                          f"weight [{n_out} out, {n_in} in]", "use the adapter with the base model it was trained on")

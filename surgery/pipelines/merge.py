@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from ..arch import arch_of
+from ..arch.generic import GenericArch, linear_map
 from ..errors import AdapterError, ShapeError
 from ..io.checkpoint import Checkpoint
 from ..io.writer import OutputDir
@@ -74,8 +74,9 @@ def _plan_saved(plan: Plan, ad, weight: float, sign: int) -> None:
 def plan_adapters(ck: Checkpoint, adapters: list, weights: list[float], sign: int,
                   dora_norms: dict | None = None) -> Plan:
     """adapters: (kind, opened adapter) pairs; each kind gives the steps of its modules."""
-    arch = arch_of(ck)
-    plan = Plan(ck=ck, target=MergeTarget(arch, arch.by_module(), arch.by_name(), norms_in=dora_norms))
+    arch = linear_map(ck)
+    plan = Plan(ck=ck, target=MergeTarget(arch, arch.by_module(), arch.by_name(), norms_in=dora_norms,
+                                          generic=isinstance(arch, GenericArch), path=ck.path))
     for (kind, ad), w in zip(adapters, weights):
         steps = kind.merge_steps(ad, plan.target, w, sign)
         for name, step in steps:
