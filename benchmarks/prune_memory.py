@@ -26,7 +26,8 @@ WORK = os.path.join(ROOT, "benchmarks", ".work", "prune_memory")
 
 PLAIN = """
 import sys, torch
-from surgery.pipelines.calibration import batches, load_model, token_blocks
+from surgery.io.model import load_model
+from surgery.pipelines.calibration import batches, token_blocks
 model_dir, data, n, L = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 blocks, _ = token_blocks(model_dir, data, n, L, 0)
 model = load_model(model_dir)

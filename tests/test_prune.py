@@ -114,11 +114,12 @@ def test_reduction_4_loads_runs_and_keeps_a_quarter(fx, calib, tmp_path, family)
 
 def test_same_inputs_give_byte_identical_output(fx, calib, tmp_path):
     """Twice the same command -> the same bytes, also when calibration goes through accelerate."""
+    from surgery.io.model import Placement
     from surgery.pipelines.prune import prune_bridge
 
     llm = fx.model("llama")
     prune_bridge(llm, tmp_path / "a", calib, reduction=4, **FAST)
-    prune_bridge(llm, tmp_path / "b", calib, reduction=4, device_map="auto", **FAST)
+    prune_bridge(llm, tmp_path / "b", calib, reduction=4, placement=Placement(device_map="auto"), **FAST)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
 
 
@@ -163,7 +164,8 @@ def test_fisher_param_matches_squared_gradients_and_holds_one_gradient(fx, calib
     from surgery.arch import load_arch
     from surgery.ops.fisher import axis_scores
     from surgery.pipelines import importance as imp
-    from surgery.pipelines.calibration import load_model, token_blocks
+    from surgery.io.model import load_model
+    from surgery.pipelines.calibration import token_blocks
 
     path = fx.model("llama")
     arch = load_arch(json.loads(open(os.path.join(path, "config.json")).read()))
@@ -200,7 +202,8 @@ def test_fisher_mask_equals_weight_times_gradient(fx, calib):
 
     from surgery.arch import load_arch
     from surgery.pipelines import importance as imp
-    from surgery.pipelines.calibration import load_model, token_blocks
+    from surgery.io.model import load_model
+    from surgery.pipelines.calibration import token_blocks
 
     path = fx.model("llama")
     arch = load_arch(json.loads(open(os.path.join(path, "config.json")).read()))

@@ -14,6 +14,19 @@ Family = Annotated[Optional[list[str]], typer.Option(
     "--family", metavar="FILE.json",
     help="A family map for a model type surgery lacks (repeatable; also SURGERY_FAMILIES=DIR; docs/arch.md).")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed (same inputs and seed give identical output).")]
+# How a command that runs a model loads it (surgery/io/model.py owns what they mean)
+ModelDtype = Annotated[str, typer.Option("--dtype", help="Model dtype: auto (the checkpoint's on a GPU, float32 on "
+                                                         "the CPU), float32, bfloat16, float16.")]
+Device = Annotated[Optional[str], typer.Option("--device", help="Put the whole model on one device: cpu, cuda, cuda:N, mps.")]
+DeviceMap = Annotated[Optional[str], typer.Option("--device-map", help="Spread the model over the GPUs (then CPU, disk) "
+                                                                       "with accelerate: auto, balanced, balanced_low_0, sequential.")]
+
+
+def placement(dtype: str, device: str | None, device_map: str | None):
+    """The Placement of --dtype/--device/--device-map, checked before torch is imported."""
+    from ..io.model import Placement
+
+    return Placement(dtype, device, device_map).check()
 
 
 def use_families(files: list[str] | None) -> None:

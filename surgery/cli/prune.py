@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from .common import Force, JsonOut, MaxShard, Output, Seed, console, human_count, print_json
+from .common import (Device, DeviceMap, Force, JsonOut, MaxShard, ModelDtype, Output, Seed, console, human_count,
+                     placement, print_json)
 
 Size = lambda flag, what: Annotated[Optional[int], typer.Option(flag, help=f"{what} of the bridge (overrides --reduction).")]  # noqa: E731
 
@@ -29,10 +30,13 @@ def prune_bridge_cmd(
     seed: Seed = 0,
     force: Force = False,
     max_shard_size: MaxShard = "5GB",
-    device_map: Annotated[Optional[str], typer.Option("--device-map", help="accelerate device map for the calibration passes (default: auto with a GPU, plain CPU otherwise).")] = None,
+    dtype: ModelDtype = "auto",
+    device: Device = None,
+    device_map: DeviceMap = None,
     json_out: JsonOut = False,
 ):
     """Prune LLM into a smaller checkpoint of the same family, by Fisher information on calibration data."""
+    where = placement(dtype, device, device_map)  # default: device_map auto with a GPU, the CPU otherwise
     import transformers
 
     from ..pipelines.prune import prune_bridge
@@ -43,7 +47,7 @@ def prune_bridge_cmd(
                      intermediate_size=intermediate_size, num_attention_heads=num_attention_heads,
                      num_key_value_heads=num_key_value_heads, samples=samples, seq_len=seq_len,
                      importance=importance, seed=seed, batch_size=batch_size, force=force,
-                     max_shard_size=max_shard_size, device_map=device_map)
+                     max_shard_size=max_shard_size, placement=where)
     if json_out:
         print_json({k: v for k, v in r.items() if k != "kept"})
         return

@@ -8,7 +8,8 @@ import typer
 
 from ..kinds import names as kind_names
 from . import app
-from .common import Force, JsonOut, Output, Seed, console, human_count, print_json
+from .common import (Device, DeviceMap, Force, JsonOut, ModelDtype, Output, Seed, console, human_count, placement,
+                     print_json)
 
 Data = Annotated[str, typer.Option("--data", help="JSONL: {\"text\"} (LM loss) or {\"prompt\",\"completion\"} (loss on the completion).")]
 EvalData = Annotated[str | None, typer.Option("--eval", help="JSONL evaluated periodically and at the end.")]
@@ -79,17 +80,21 @@ def train_cmd(
     max_length: MaxLen = 512,
     eval_every: EvalEvery = 0,
     seed: Seed = 0,
+    dtype: ModelDtype = "auto",
+    device: Device = None,
+    device_map: DeviceMap = None,
     force: Force = False,
     json_out: JsonOut = False,
 ):
     """Parameter-efficient tuning of a model (step 1 of Algorithm 1); saves a PEFT adapter (BitFit: bitfit.safetensors; bottleneck: AdapterHub layout)."""
+    where = placement(dtype, device, device_map)
     from ..pipelines.train import train_adapter
 
     s = train_adapter(model, data, output, method=method, eval_data=eval_data, rank=rank, alpha=alpha,
                       targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
                       virtual_tokens=virtual_tokens, max_length=max_length, force=force,
                       cfg=_cfg(epochs, lr, batch_size, seed, eval_every), adapter_config=adapter_config,
-                      reduction_factor=_whole(reduction_factor))
+                      reduction_factor=_whole(reduction_factor), placement=where)
     if not s:  # a data-parallel worker; the main process reports
         return
     if json_out:
@@ -114,14 +119,18 @@ def tune_bridge_cmd(
     max_length: MaxLen = 512,
     eval_every: EvalEvery = 0,
     seed: Seed = 0,
+    dtype: ModelDtype = "auto",
+    device: Device = None,
+    device_map: DeviceMap = None,
     force: Force = False,
     json_out: JsonOut = False,
 ):
     """Tune an LLM's LoRA or bottleneck adapter through the bridge (W_down), then lift the update back: OUT is an adapter for the LLM."""
+    where = placement(dtype, device, device_map)
     from ..pipelines.tune_bridge import tune_bridge
 
     s = tune_bridge(adapter, bridge, data, output, eval_data=eval_data, llm=llm, max_length=max_length, force=force,
-                    cfg=_cfg(epochs, lr, batch_size, seed, eval_every))
+                    cfg=_cfg(epochs, lr, batch_size, seed, eval_every), placement=where)
     if not s:
         return
     if json_out:
@@ -140,13 +149,17 @@ def eval_cmd(
     adapter: Annotated[str | None, typer.Option("--adapter", help=f"An adapter to apply first: {', '.join(kind_names('eval'))}.")] = None,
     batch_size: Batch = 8,
     max_length: MaxLen = 512,
+    dtype: ModelDtype = "auto",
+    device: Device = None,
+    device_map: DeviceMap = None,
     json_out: JsonOut = False,
 ):
     """Loss, perplexity and exact-match accuracy (teacher-forced argmax = greedy) of completions."""
+    where = placement(dtype, device, device_map)
     from ..pipelines.evaluate import evaluate
 
     _quiet()
-    s = evaluate(model, data, adapter=adapter, batch_size=batch_size, max_length=max_length)
+    s = evaluate(model, data, adapter=adapter, batch_size=batch_size, max_length=max_length, placement=where)
     if json_out:
         print_json(s)
         return

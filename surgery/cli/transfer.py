@@ -8,7 +8,7 @@ import typer
 
 from ..kinds import names as kind_names
 from . import app
-from .common import Force, JsonOut, Output, console, print_json
+from .common import Device, DeviceMap, Force, JsonOut, ModelDtype, Output, console, placement, print_json
 
 
 @app.command("transfer")
@@ -23,14 +23,18 @@ def transfer_cmd(
     samples: Annotated[int, typer.Option("--samples", help="Calibration texts to use.")] = 64,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration text.")] = 128,
     ridge: Annotated[float, typer.Option("--ridge", help="Ridge strength, relative to the mean eigenvalue of each Gram.")] = 1e-9,
+    dtype: ModelDtype = "auto",
+    device: Device = None,
+    device_map: DeviceMap = None,
     force: Force = False,
     json_out: JsonOut = False,
 ):
     """Port ADAPTER to the LLM: layers duplicated over blocks, widths through fitted projections (W_plug)."""
+    where = placement(dtype, device, device_map)  # default: device_map auto with a GPU or when a model would not fit
     from ..pipelines.transfer import transfer
 
     info = transfer(slm, llm, output, slm_base=slm_base, data=data, map_kind=map_kind, depth=depth,
-                    samples=samples, seq_len=seq_len, ridge=ridge, force=force)
+                    samples=samples, seq_len=seq_len, ridge=ridge, force=force, placement=where)
     if json_out:
         print_json(info)
         return

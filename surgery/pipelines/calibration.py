@@ -1,4 +1,5 @@
-"""Calibration data and the calibration model: text file -> token blocks -> batches -> loss.
+"""Calibration data for prune-bridge: text file -> token blocks -> batches -> loss (the model itself is
+loaded by surgery.io.model.load_model).
 
 A data file holds one document a line (plain text), or JSON lines with a "text" field (.jsonl).
 Documents are tokenized with the LLM's own tokenizer, joined with its EOS token, and cut into
@@ -80,23 +81,6 @@ def batches(blocks, batch_size: int, encoder_decoder: bool):
             yield {"input_ids": b[:, :h].contiguous(), "labels": b[:, h:].contiguous()}
         else:
             yield {"input_ids": b, "labels": b}
-
-
-def load_model(path: str, dtype: str = "float32", device_map: str | None = None):
-    """The transformers model for calibration passes: plain on CPU, accelerate's device_map="auto"
-    when a GPU is present (layers spread over devices, offloaded to CPU when they do not fit).
-    `device_map` overrides that choice ("auto", "cpu", ...; passed to from_pretrained as is)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    cfg = AutoConfig.from_pretrained(path)
-    cls = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM
-    if device_map is None and torch.cuda.is_available():
-        device_map = "auto"
-    kw = {"device_map": device_map} if device_map else {}
-    model = cls.from_pretrained(path, dtype=getattr(torch, dtype), **kw)
-    model.eval()
-    return model
 
 
 def to_device(batch: dict, model) -> dict:

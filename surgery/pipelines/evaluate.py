@@ -11,7 +11,7 @@ import os
 
 
 def evaluate(model_dir: str, data: str, *, adapter: str | None = None, batch_size: int = 8,
-             max_length: int = 512) -> dict:
+             max_length: int = 512, placement=None) -> dict:
     from ..train.data import load_examples, pad_id_of
     from ..train.loop import place
     from ..kinds import kind_of
@@ -19,12 +19,12 @@ def evaluate(model_dir: str, data: str, *, adapter: str | None = None, batch_siz
     from ..train.score import evaluate_examples
 
     kind = kind_of(adapter, "eval") if adapter else None
-    model, tok, arch = load_base(model_dir)
+    model, tok, arch = load_base(model_dir, placement)
     seq2seq = bool(model.config.is_encoder_decoder)
     examples = load_examples(data, tok, seq2seq=seq2seq, max_length=max_length)
     if adapter:
         model = kind.attach(model, adapter, arch)
-    model = place(model)
+    model = place(model, placement)
     metrics = evaluate_examples(model, examples, batch_size=batch_size, pad_id=pad_id_of(tok, model.config),
                                 seq2seq=seq2seq)
     if hasattr(model, "bottleneck"):  # hooks off: the base model computes what it did before

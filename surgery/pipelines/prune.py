@@ -19,7 +19,8 @@ from ..ops.slice import select as slice_select
 from . import importance as imp
 from .bridge_plan import bridge_config, layer_kept, plan_sizes, select
 from ..io.hashing import file_sha256
-from .calibration import batches, load_model, mean_loss, to_device, token_blocks
+from ..io.model import Placement, load_model
+from .calibration import batches, mean_loss, to_device, token_blocks
 from .stream import write_checkpoint
 
 FORMAT = "surgery.bridge/1"
@@ -89,7 +90,7 @@ def prune_bridge(llm: str, out: str, data: str, *, reduction: float = 16.0, hidd
                  intermediate_size: int | None = None, num_attention_heads: int | None = None,
                  num_key_value_heads: int | None = None, samples: int = 32, seq_len: int = 128,
                  importance: str = "fisher-mask", seed: int = 0, batch_size: int = 8, force: bool = False,
-                 max_shard_size: str = "5GB", device_map: str | None = None, progress: bool | None = None) -> dict:
+                 max_shard_size: str = "5GB", placement: Placement | None = None, progress: bool | None = None) -> dict:
     """Write a bridge of `llm` to `out`; returns the report (also the content of bridge.json)."""
     import torch
 
@@ -113,7 +114,7 @@ def prune_bridge(llm: str, out: str, data: str, *, reduction: float = 16.0, hidd
     with OutputDir(out, inputs=[ck.path], force=force) as od:
         torch.manual_seed(seed)
         blocks, L = token_blocks(ck.path, data, samples, seq_len, seed, arch.dims.get("positions"))
-        model = load_model(ck.path, device_map=device_map)
+        model = load_model(ck.path, placement, dispatch="gpu")
         if importance == "magnitude":
             scores = imp.magnitude(ck, arch)
         elif importance == "random":
@@ -129,7 +130,7 @@ def prune_bridge(llm: str, out: str, data: str, *, reduction: float = 16.0, hidd
         specs = [(t.name, ck.dtype(t.name), barch.shape(t)) for t in barch.stored_tensors()]
         write_checkpoint(od, specs, _tensor_producer(ck, arch, kept, corr, sizes), config=cfg, side_from=ck.path,
                          max_shard_size=max_shard_size, description="writing bridge", progress=progress)
-        bridge = load_model(od.tmp, device_map=device_map)
+        bridge = load_model(od.tmp, placement, dispatch="gpu")
         bridge_loss = mean_loss(bridge, blocks, batch_size)
         del bridge
         manifest = {

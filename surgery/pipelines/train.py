@@ -14,8 +14,10 @@ from ..train.loop import TrainConfig
 def train_adapter(model_dir: str, data: str, out: str, *, method: str = "lora", eval_data: str | None = None,
                   rank: int = 8, alpha: float | None = None, targets=None, virtual_tokens: int = 8,
                   max_length: int = 512, force: bool = False, cfg: TrainConfig | None = None,
-                  adapter_config: str = "houlsby", reduction_factor=None) -> dict:
-    """Train an adapter for `model_dir` on `data` (JSONL) and write it to `out`; returns a summary."""
+                  adapter_config: str = "houlsby", reduction_factor=None, placement=None) -> dict:
+    """Train an adapter for `model_dir` on `data` (JSONL) and write it to `out`; returns a summary.
+
+    placement: dtype and device of the base model (surgery.io.model.Placement; default auto)."""
     import torch
 
     from ..io.writer import OutputDir
@@ -30,12 +32,12 @@ def train_adapter(model_dir: str, data: str, out: str, *, method: str = "lora", 
                          adapter_config=adapter_config, reduction_factor=reduction_factor, seed=cfg.seed)
     inputs = [model_dir, data] + ([eval_data] if eval_data else [])
     with OutputDir(out, inputs=inputs, force=force) as od:  # refuse a bad output before any work
-        model, tok, arch = load_base(model_dir)
+        model, tok, arch = load_base(model_dir, placement)
         seq2seq = bool(model.config.is_encoder_decoder)
         train_ex = load_examples(data, tok, seq2seq=seq2seq, max_length=max_length)
         eval_ex = load_examples(eval_data, tok, seq2seq=seq2seq, max_length=max_length) if eval_data else None
         torch.manual_seed(cfg.seed)  # peft initialises A (LoRA) and prompts randomly
-        model = place(kind.wrap(model, arch, opts))
+        model = place(kind.wrap(model, arch, opts), placement)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         before, hist, after = fit(model, tok, train_ex, eval_ex, cfg, seq2seq=seq2seq)

@@ -68,7 +68,7 @@ def _choose_layers(blocks, records, depth: str) -> list[list[int]]:
 
 def transfer(adapter: str, llm: str, out: str, *, slm_base: str | None = None, data: str | None = None,
              map_kind: str = "activations", depth: str = "block", samples: int = 64, seq_len: int = 128,
-             ridge: float = 1e-9, batch: int = 8, force: bool = False) -> dict:
+             ridge: float = 1e-9, batch: int = 8, force: bool = False, placement=None) -> dict:
     """Port `adapter` (trained on its SLM) to `llm`; write OUT and return transfer.json's contents."""
     from safetensors.torch import save_file
 
@@ -87,7 +87,7 @@ def transfer(adapter: str, llm: str, out: str, *, slm_base: str | None = None, d
     needs = kind.transfer_needs(ad, port)
     maps, records, warnings, embed = fit_projections(
         ck_s, ck_l, arch_s, arch_l, stack, blocks, needs, map_kind=map_kind, data=data, samples=samples,
-        seq_len=seq_len, ridge=ridge, batch=batch, embed_needed=kind.needs_embeddings)
+        seq_len=seq_len, ridge=ridge, batch=batch, embed_needed=kind.needs_embeddings, placement=placement)
     chosen = _choose_layers(blocks, records, depth) if kind.layered else blocks
     port.chosen, port.maps, port.embed = chosen, maps, embed
     write = kind.port(ad, port)

@@ -1,7 +1,7 @@
 """Run the SLM and the LLM forward on the same inputs and accumulate paired activation moments.
 
-Only forward passes: the LLM never needs gradients, and it is loaded with accelerate's
-`device_map="auto"` so it may be larger than one device (layers spill to CPU or disk).
+Only forward passes: the LLM never needs gradients, and surgery.io.model loads it with accelerate's
+`device_map="auto"` when needed, so it may be larger than one device (layers spill to CPU or disk).
 Forward hooks on the modules the family map names read each needed space; rows of the two
 models are paired token by token:
   * text  — each model tokenizes the text with its own tokenizer; a token of one is paired with the
@@ -114,32 +114,6 @@ def vocab_batches(pairs, batch: int):
         ones = torch.ones_like(ids_s)
         rows = torch.arange(len(chunk))
         yield ids_s, ones, rows, ids_l, ones.clone(), rows
-
-
-def _needs_dispatch(path: str) -> bool:
-    """accelerate's device_map="auto" when there is a GPU or the model would not fit in free memory."""
-    import torch
-
-    from ..io.checkpoint import Checkpoint
-
-    if torch.cuda.is_available():
-        return True
-    try:
-        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return False
-    return 2 * Checkpoint.open(path).total_bytes() > free  # float32 copy of a possibly 16-bit checkpoint
-
-
-def load_model(path: str, auto: bool | None = None):
-    """The model for forward passes only; dispatched over devices (and disk) by accelerate when needed."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    auto = _needs_dispatch(path) if auto is None else auto
-    kw = {"device_map": "auto"} if auto else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
-    return model.eval()
 
 
 class Recorder:

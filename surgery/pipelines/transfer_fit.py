@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from ..errors import DataError
 from ..ops.project import Moments, fit_to_llm, fit_to_slm
-from .transfer_capture import (accumulate, load_model, load_texts, load_tokenizer, shared_vocab, text_batches,
-                               vocab_batches)
+from ..io.model import load_model
+from .transfer_capture import accumulate, load_texts, load_tokenizer, shared_vocab, text_batches, vocab_batches
 from .transfer_plan import capture_points
 
 DIRECTIONS = {"to_llm": fit_to_llm, "to_slm": fit_to_slm}
@@ -44,7 +44,7 @@ def _vocab_pairs(tok_s, tok_l, why: str):
 
 
 def fit_projections(ck_s, ck_l, arch_s, arch_l, stack, blocks, needs, *, map_kind, data, samples, seq_len,
-                    ridge, batch, embed_needed=False) -> tuple[dict, list, list, dict]:
+                    ridge, batch, embed_needed=False, placement=None) -> tuple[dict, list, list, dict]:
     """needs: {slm layer: {key: {directions}}}. Returns (maps, records, warnings, embed maps).
 
     maps: {(llm layer, key, direction): float64 matrix}; records: one dict per fit (transfer.json).
@@ -87,7 +87,8 @@ def fit_projections(ck_s, ck_l, arch_s, arch_l, stack, blocks, needs, *, map_kin
         for (j, key) in captured:
             wanted_s.setdefault(slm_of[j], set()).add(pts_s[key])
             wanted_l.setdefault(j, set()).add(pts_l[key])
-        models = (load_model(ck_s.path), load_model(ck_l.path))
+        # forward passes only: dispatched by accelerate when there is a GPU or the model would not fit in memory
+        models = (load_model(ck_s.path, placement, dispatch="fit"), load_model(ck_l.path, placement, dispatch="fit"))
         moments = accumulate(models, (arch_s, arch_l), stack, wanted_s, wanted_l, slm_of, batches, captured)
         del models
         for (j, key), (gs, gl) in sorted(captured.items(), key=lambda kv: (kv[0][0], kv[0][1] != "res", kv[0][1])):

@@ -44,7 +44,7 @@ def _llm_config(meta: dict, llm: str | None, where: str) -> dict:
 
 def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data: str | None = None,
                 llm: str | None = None, max_length: int = 512, force: bool = False,
-                cfg: TrainConfig | None = None) -> dict:
+                cfg: TrainConfig | None = None, placement=None) -> dict:
     """Tune `adapter_dir` (a LoRA or bottleneck adapter for the LLM) on the bridge; write the lifted LLM adapter to `out`."""
     from ..arch import load_arch
     from ..io.writer import OutputDir
@@ -63,11 +63,11 @@ def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data
     route = kind.bridge_route(adapter_dir, arch, meta["kept"])
     inputs = [route.path, bdir, data] + ([eval_data] if eval_data else [])
     with OutputDir(out, inputs=inputs, force=force) as od:
-        model, tok, _ = load_base(bdir)
+        model, tok, _ = load_base(bdir, placement)
         seq2seq = bool(model.config.is_encoder_decoder)
         train_ex = load_examples(data, tok, seq2seq=seq2seq, max_length=max_length)
         eval_ex = load_examples(eval_data, tok, seq2seq=seq2seq, max_length=max_length) if eval_data else None
-        pm = place(route.wrap(model, bdir))
+        pm = place(route.wrap(model, bdir), placement)
         before, hist, after = fit(pm, tok, train_ex, eval_ex, cfg, seq2seq=seq2seq)
         if not is_main_process():  # data-parallel workers: the main process writes the one output
             od.abort()

@@ -1,8 +1,9 @@
 """The small training loop shared by `surgery train` (SLM stage) and `surgery tune-bridge` (bridge stage).
 
 AdamW on the trainable parameters only, gradient-norm clipping, seeded shuffling, periodic evaluation
-and a rich progress bar. accelerate.Accelerator places the model: the GPU with bf16 autocast when
-one is present, the CPU in float32 otherwise, and several GPUs under `accelerate launch`.
+and a rich progress bar. The loader (surgery/io/model.py) decides dtype and device and place() puts
+the model there; accelerate.Accelerator adds bf16 autocast on a GPU and data parallelism under
+`accelerate launch`.
 """
 
 from __future__ import annotations
@@ -39,19 +40,31 @@ class History:
                 "train_loss": self.train_loss, "evals": [{"step": s, **m} for s, m in self.evals]}
 
 
-def make_accelerator():
-    """bf16 autocast on GPU, plain float32 on CPU (bf16 matmuls on CPU are slow and inexact)."""
+def make_accelerator(model=None):
+    """bf16 autocast on GPU, plain float32 on CPU (bf16 matmuls on CPU are slow and inexact).
+
+    The model is already where place() put it, so the accelerator moves neither it nor the batches
+    (the loop sends each batch to the model's input device).
+    """
     import torch
     from accelerate import Accelerator
 
-    cuda = torch.cuda.is_available()
-    return Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    cpu = not torch.cuda.is_available() or (model is not None and input_device(model).type == "cpu")
+    return Accelerator(cpu=cpu, mixed_precision="no" if cpu else "bf16", device_placement=False)
 
 
-def place(model):
-    """Move the model to this process's device: its GPU (one per process under `accelerate launch`) or the CPU."""
+def input_device(model):
+    """Where a batch goes: the device of the model's first parameter (a dispatched model's hooks do the rest)."""
+    return next(model.parameters()).device
+
+
+def place(model, placement=None):
+    """Put the model where it runs: left alone when accelerate dispatched it (--device-map) or the
+    loader put it on --device; else this process's device (its GPU under `accelerate launch`, the CPU)."""
     from accelerate import PartialState
 
+    if getattr(model, "hf_device_map", None) or (placement is not None and (placement.device or placement.device_map)):
+        return model
     return model.to(PartialState().device)
 
 
@@ -76,7 +89,8 @@ def train_loop(model, train_examples, cfg: TrainConfig, *, pad_id: int, seq2seq:
     if not train_examples:
         raise DataError("no training examples", "pass a non-empty JSONL file")
     set_seed(cfg.seed)
-    acc = accelerator or make_accelerator()
+    acc = accelerator or make_accelerator(model)
+    device = input_device(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise DataError("the model has no trainable parameters", "wrap it with a parameter-efficient method first")
@@ -90,7 +104,7 @@ def train_loop(model, train_examples, cfg: TrainConfig, *, pad_id: int, seq2seq:
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     eval_every = cfg.eval_every or steps_per_epoch
-    hist = History(device=str(acc.device), mixed_precision=str(acc.mixed_precision))
+    hist = History(device=str(device), mixed_precision=str(acc.mixed_precision))
 
     def run_eval(step):
         if eval_examples:
@@ -107,6 +121,7 @@ def train_loop(model, train_examples, cfg: TrainConfig, *, pad_id: int, seq2seq:
         step, running, count = 0, 0.0, 0
         while step < total:
             for batch in loader:
+                batch = {k: v.to(device) for k, v in batch.items()}
                 logits, labels = aligned_logits(model, batch, seq2seq)
                 nll, n = token_loss(logits, labels)
                 loss = nll / max(n, 1)

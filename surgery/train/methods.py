@@ -1,4 +1,4 @@
-"""Load a base model for training and evaluation.
+"""Load a base model and its tokenizer for training and evaluation.
 
 What a method puts on the model, and how it is saved and re-attached, is its kind's business
 (surgery.kinds: wrap, save, attach); this module only loads.
@@ -9,19 +9,18 @@ from __future__ import annotations
 from ..errors import CheckpointError
 
 
-def load_base(model_dir: str, dtype=None):
-    """(model, tokenizer, arch) for a checkpoint directory; the model in float32 unless told."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+def load_base(model_dir: str, placement=None):
+    """(model, tokenizer, arch) for a checkpoint directory, loaded by io.model.load_model (dtype and
+    device from `placement`; by default float32 on the CPU, or the checkpoint's dtype with a GPU)."""
+    from transformers import AutoTokenizer
 
     from ..arch import arch_of
     from ..io.checkpoint import Checkpoint
+    from ..io.model import load_model
 
     ck = Checkpoint.open(model_dir)  # checks the directory and gives a clear error first
     arch = arch_of(ck)
-    config = AutoConfig.from_pretrained(ck.path)
-    cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    model = cls.from_pretrained(ck.path, dtype=dtype or torch.float32)
+    model = load_model(ck.path, placement)
     try:
         tok = AutoTokenizer.from_pretrained(ck.path)
     except (OSError, ValueError) as e:

@@ -21,7 +21,7 @@ def aligned_logits(model, batch: dict, seq2seq: bool):
     """
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
     logits = out.logits
-    labels = batch["labels"]
+    labels = batch["labels"].to(logits.device)  # a dispatched model's logits leave on its last device
     if seq2seq:
         return logits, labels
     logits = logits[:, -batch["input_ids"].shape[1]:]
