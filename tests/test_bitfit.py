@@ -118,7 +118,8 @@ def test_model_without_biases_gets_a_clear_message(fx, tmp_path):
 
 def test_apply_refuses_a_different_base(fx, tmp_path):
     base = fx.model("qwen2")
-    run_cli("extract-bitfit", base, _tune(base, tmp_path / "tuned"), "-o", tmp_path / "d")
+    code, _, err = run_cli("extract-bitfit", base, _tune(base, tmp_path / "tuned"), "-o", tmp_path / "d")
+    assert code == 0, err  # the refusal below must be about the base, not a missing delta
     code, _, err = run_cli("apply-bitfit", fx.model("gpt2"), tmp_path / "d", "-o", tmp_path / "r")
     assert code == 2 and "is not the base this delta was extracted from" in err and f"pass {base}" in err
     # an identical copy of the base is accepted

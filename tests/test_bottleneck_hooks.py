@@ -90,5 +90,6 @@ def test_loaded_weights_must_match_the_sites(fx):
     with pytest.raises(AdapterError, match="missing: \\['model.layers.0.attention_adapters'"):
         attach_bottleneck(m, arch, bn_config("houlsby", reduction_factor=16), weights=w)
     again = attach_bottleneck(m, arch, bn, weights=w)
+    assert w and set(again.site_weights()) == set(w)  # every site came back (an empty dict would pass all())
     assert all(torch.equal(again.site_weights()[k]["W_up"], w[k]["W_up"]) for k in w)
     again.detach()

@@ -4,24 +4,25 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 from .conftest import FAMILY_NAMES, MORE_FAMILIES, run_cli
 
 
-def test_help_is_fast_and_imports_no_torch():
-    code = ("import sys,time; t=time.time(); sys.argv=['surgery','--help']\n"
-            "from surgery.cli import main\n"
-            "try: main()\nexcept SystemExit: pass\n"
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import at start-up'\n"
-            "print('ELAPSED', time.time()-t)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+def test_help_imports_no_heavy_library():
+    """`surgery --help` (and each command's) stays fast by importing no torch/transformers/peft; measured
+    by what is imported, not by a wall clock that a busy machine makes flaky."""
+    code = ("import sys\nfrom surgery.cli import app, main\n"
+            "for argv in [['--help']] + [[c.name or c.callback.__name__, '--help'] for c in app.registered_commands]:\n"
+            "    sys.argv = ['surgery', *argv]\n"
+            "    try: main()\n"
+            "    except SystemExit: pass\n"
+            "print('HEAVY', sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'peft', 'accelerate'}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "inspect" in r.stdout
-    elapsed = float(r.stdout.rsplit("ELAPSED", 1)[1])
-    assert elapsed < 1.0
+    assert "inspect" in r.stdout and "--max-shard-size" in r.stdout  # the top-level and the commands' help ran
+    assert r.stdout.rsplit("HEAVY", 1)[1].strip() == "[]"
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES + MORE_FAMILIES)

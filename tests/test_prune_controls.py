@@ -22,12 +22,15 @@ def _arch(path):
 def test_llama_bridge_widths_are_whole_heads_and_construct(fx, reduction):
     from transformers import AutoConfig
 
+    from surgery.arch import load_arch
     from surgery.pipelines.bridge_plan import bridge_config, plan_sizes
 
     arch = _arch(fx.model("llama", hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32))
     sizes = plan_sizes(arch, reduction, {})
     assert sizes["hidden"] % sizes["heads"] == 0 and 0 < sizes["hidden"] <= 128
     cfg = dict(bridge_config(arch, sizes))
+    # the reduction is applied: about 1/R of the parameters are kept (whole heads allow ~10% either way)
+    assert arch.num_parameters() / load_arch(cfg).num_parameters() == pytest.approx(reduction, rel=0.1)
     AutoConfig.for_model(cfg.pop("model_type"), **cfg)  # LlamaConfig validates hidden % heads
 
 
