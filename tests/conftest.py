@@ -1,5 +1,6 @@
 """Shared fixtures: tiny deterministic checkpoints built once per test session (no downloads)."""
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,9 +10,24 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import pytest  # noqa: E402
 
-FAMILY_NAMES = ["gpt2", "llama", "mistral", "qwen2", "t5"]
+
+def _family_names(with_bottleneck: bool) -> list[str]:
+    """Installed family files (a new family is one file): those with bottleneck sites run every test."""
+    from surgery.arch import FAMILY_DIR
+
+    names = []
+    for f in sorted(os.listdir(FAMILY_DIR)):
+        if f.endswith(".json"):
+            with open(os.path.join(FAMILY_DIR, f)) as fh:
+                spec = json.load(fh)
+            if ("bottleneck" in spec) == with_bottleneck:
+                names.append(spec["family"])
+    return names
+
+
+FAMILY_NAMES = _family_names(True)  # gpt2, llama, mistral, qwen2, t5
 # families with a map for merge/extract/inspect but no bottleneck sites (and, for gemma, no pruning)
-MORE_FAMILIES = ["gemma", "gemma2", "phi3", "qwen3"]
+MORE_FAMILIES = _family_names(False)
 
 
 class FixtureFactory:
