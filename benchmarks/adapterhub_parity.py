@@ -103,7 +103,7 @@ def back():
     """Project venv: read AdapterHub's saved adapters, hook them, compare with its logits."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from surgery.arch import load_arch
-    from surgery.io.adapterhub import read_adapterhub
+    from surgery.kinds.bottleneck import read_adapterhub
     from surgery.train.bottleneck import attach_bottleneck
 
     report = {}

@@ -8,9 +8,9 @@ import torch
 
 from surgery.errors import AdapterError
 from surgery.io.adapter import Adapter
-from surgery.io.adapterhub import (adapterhub_config, bn_config, is_adapterhub_dir, read_adapterhub,
-                                   reduction_factor_for, write_adapterhub)
+from surgery.io.adapterhub import adapterhub_config, bn_config, is_adapterhub_dir, reduction_factor_for, write_adapterhub
 from surgery.io.writer import OutputDir
+from surgery.kinds.bottleneck import read_adapterhub
 
 from .conftest import run_cli
 

@@ -5,8 +5,8 @@ import torch
 
 from surgery.arch import load_arch
 from surgery.errors import AdapterError
-from surgery.io.adapterhub import bn_config, read_adapterhub
-from surgery.kinds.bottleneck import attach_saved, lift_sites, port_sites, restrict_sites, save_bottleneck
+from surgery.io.adapterhub import bn_config
+from surgery.kinds.bottleneck import attach_saved, lift_sites, port_sites, read_adapterhub, restrict_sites, save_bottleneck
 from surgery.train.bottleneck import attach_bottleneck
 
 from .test_bottleneck_hooks import load, logits

@@ -7,8 +7,8 @@ import torch
 
 from surgery.arch import load_arch
 from surgery.errors import AdapterError
-from surgery.io.adapterhub import bn_config, read_adapterhub
-from surgery.kinds.bottleneck import attach_saved, save_bottleneck
+from surgery.io.adapterhub import bn_config
+from surgery.kinds.bottleneck import attach_saved, read_adapterhub, save_bottleneck
 from surgery.train.bottleneck import attach_bottleneck
 
 from .conftest import run_cli

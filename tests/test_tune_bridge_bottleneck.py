@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from surgery.io.adapterhub import bn_config, read_adapterhub
+from surgery.io.adapterhub import bn_config
+from surgery.kinds.bottleneck import read_adapterhub
 
 from .conftest import run_cli
 from .train_fixtures import one_thread, task  # noqa: F401 (pytest fixtures)

@@ -6,10 +6,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..pipelines.prune import PruneConfig
 from . import app
 from .common import (Device, DeviceMap, Force, JsonOut, MaxShard, ModelDtype, Output, Seed, console, human_count,
                      placement, print_json)
 
+C = PruneConfig()  # every default below is PruneConfig's
 Size = lambda flag, what: Annotated[Optional[int], typer.Option(flag, help=f"{what} of the bridge (overrides --reduction).")]  # noqa: E731
 
 
@@ -18,18 +20,18 @@ def prune_bridge_cmd(
     llm: Annotated[str, typer.Argument(help="The LLM's model directory (config.json, weights, tokenizer).")],
     output: Output,
     data: Annotated[str, typer.Option("--data", help="Calibration text: one document a line, or .jsonl with a \"text\" field.")],
-    reduction: Annotated[float, typer.Option("--reduction", help="Keep about 1/R of the parameters (the paper uses 16).")] = 16.0,
-    hidden_size: Size("--hidden-size", "Residual width") = None,
-    intermediate_size: Size("--intermediate-size", "MLP width") = None,
-    num_attention_heads: Size("--num-attention-heads", "Attention heads") = None,
-    num_key_value_heads: Size("--num-key-value-heads", "Key/value heads") = None,
-    samples: Annotated[int, typer.Option("--samples", help="Calibration blocks to use.")] = 32,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration block.")] = 128,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Blocks per forward/backward pass.")] = 8,
-    importance: Annotated[str, typer.Option("--importance", help="fisher-mask (Kwon et al. 2022), fisher-param (LST), magnitude, or random (a control).")] = "fisher-mask",
-    seed: Seed = 0,
+    reduction: Annotated[float, typer.Option("--reduction", help="Keep about 1/R of the parameters (the paper uses 16).")] = C.reduction,
+    hidden_size: Size("--hidden-size", "Residual width") = C.hidden_size,
+    intermediate_size: Size("--intermediate-size", "MLP width") = C.intermediate_size,
+    num_attention_heads: Size("--num-attention-heads", "Attention heads") = C.num_attention_heads,
+    num_key_value_heads: Size("--num-key-value-heads", "Key/value heads") = C.num_key_value_heads,
+    samples: Annotated[int, typer.Option("--samples", help="Calibration blocks to use.")] = C.samples,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration block.")] = C.seq_len,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Blocks per forward/backward pass.")] = C.batch_size,
+    importance: Annotated[str, typer.Option("--importance", help="fisher-mask (Kwon et al. 2022), fisher-param (LST), magnitude, or random (a control).")] = C.importance,
+    seed: Seed = C.seed,
     force: Force = False,
-    max_shard_size: MaxShard = "5GB",
+    max_shard_size: MaxShard = C.max_shard_size,
     dtype: ModelDtype = "auto",
     device: Device = None,
     device_map: DeviceMap = None,
@@ -43,11 +45,11 @@ def prune_bridge_cmd(
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    r = prune_bridge(llm, output, data, reduction=reduction, hidden_size=hidden_size,
-                     intermediate_size=intermediate_size, num_attention_heads=num_attention_heads,
-                     num_key_value_heads=num_key_value_heads, samples=samples, seq_len=seq_len,
-                     importance=importance, seed=seed, batch_size=batch_size, force=force,
-                     max_shard_size=max_shard_size, placement=where)
+    cfg = PruneConfig(reduction=reduction, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                      num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+                      samples=samples, seq_len=seq_len, batch_size=batch_size, importance=importance, seed=seed,
+                      max_shard_size=max_shard_size)
+    r = prune_bridge(llm, output, data, cfg, force=force, placement=where)
     if json_out:
         print_json({k: v for k, v in r.items() if k != "kept"})
         return

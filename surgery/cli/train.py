@@ -6,7 +6,9 @@ from typing import Annotated
 
 import typer
 
+from ..kinds import MethodOptions
 from ..kinds import names as kind_names
+from ..train.loop import TrainConfig
 from . import app
 from .common import (Device, DeviceMap, Force, JsonOut, ModelDtype, Output, Seed, console, human_count, placement,
                      print_json)
@@ -16,6 +18,7 @@ EvalData = Annotated[str | None, typer.Option("--eval", help="JSONL evaluated pe
 Epochs = Annotated[float, typer.Option("--epochs", help="Passes over the training data (fractions allowed).")]
 Lr = Annotated[float, typer.Option("--lr", help="AdamW learning rate.")]
 Batch = Annotated[int, typer.Option("--batch-size", help="Examples per step.")]
+T, M = TrainConfig(), MethodOptions()  # the loop's and the methods' defaults, defined there once
 MaxLen = Annotated[int, typer.Option("--max-length", help="Tokens per example (long prompts lose their start).")]
 EvalEvery = Annotated[int, typer.Option("--eval-every", help="Steps between evaluations (0: once per epoch).")]
 
@@ -33,8 +36,6 @@ def _quiet() -> None:
 
 
 def _cfg(epochs, lr, batch_size, seed, eval_every):
-    from ..train.loop import TrainConfig
-
     _quiet()
 
     return TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, eval_every=eval_every)
@@ -68,18 +69,18 @@ def train_cmd(
     output: Output,
     method: Annotated[str, typer.Option("--method", help=f"Adapter kind: {' | '.join(kind_names('train'))}.")] = "lora",
     eval_data: EvalData = None,
-    epochs: Epochs = 3.0,
-    lr: Lr = 1e-3,
-    batch_size: Batch = 8,
-    rank: Annotated[int, typer.Option("--rank", help="LoRA/LoKr rank.")] = 8,
-    alpha: Annotated[float | None, typer.Option("--alpha", help="LoRA/LoKr alpha (default 2 x rank).")] = None,
+    epochs: Epochs = T.epochs,
+    lr: Lr = T.lr,
+    batch_size: Batch = T.batch_size,
+    rank: Annotated[int, typer.Option("--rank", help="LoRA/LoKr rank.")] = M.rank,
+    alpha: Annotated[float | None, typer.Option("--alpha", help="LoRA/LoKr alpha (default 2 x rank).")] = M.alpha,
     targets: Annotated[str | None, typer.Option("--targets", help="Comma-separated module names (default: every linear layer in the blocks).")] = None,
-    virtual_tokens: Annotated[int, typer.Option("--virtual-tokens", help="Prompt/prefix length.")] = 8,
-    adapter_config: Annotated[str, typer.Option("--adapter-config", help="Bottleneck adapter preset: houlsby (attention + FFN) | pfeiffer (FFN).")] = "houlsby",
-    reduction_factor: Annotated[float | None, typer.Option("--reduction-factor", help="Bottleneck width = hidden // N (default 16).")] = None,
+    virtual_tokens: Annotated[int, typer.Option("--virtual-tokens", help="Prompt/prefix length.")] = M.virtual_tokens,
+    adapter_config: Annotated[str, typer.Option("--adapter-config", help="Bottleneck adapter preset: houlsby (attention + FFN) | pfeiffer (FFN).")] = M.adapter_config,
+    reduction_factor: Annotated[float | None, typer.Option("--reduction-factor", help="Bottleneck width = hidden // N (default 16).")] = M.reduction_factor,
     max_length: MaxLen = 512,
-    eval_every: EvalEvery = 0,
-    seed: Seed = 0,
+    eval_every: EvalEvery = T.eval_every,
+    seed: Seed = T.seed,
     dtype: ModelDtype = "auto",
     device: Device = None,
     device_map: DeviceMap = None,
@@ -90,11 +91,11 @@ def train_cmd(
     where = placement(dtype, device, device_map)
     from ..pipelines.train import train_adapter
 
-    s = train_adapter(model, data, output, method=method, eval_data=eval_data, rank=rank, alpha=alpha,
-                      targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
-                      virtual_tokens=virtual_tokens, max_length=max_length, force=force,
-                      cfg=_cfg(epochs, lr, batch_size, seed, eval_every), adapter_config=adapter_config,
-                      reduction_factor=_whole(reduction_factor), placement=where)
+    opts = MethodOptions(rank=rank, alpha=alpha, virtual_tokens=virtual_tokens, adapter_config=adapter_config,
+                         targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
+                         reduction_factor=_whole(reduction_factor))
+    s = train_adapter(model, data, output, method=method, eval_data=eval_data, max_length=max_length, force=force,
+                      cfg=_cfg(epochs, lr, batch_size, seed, eval_every), opts=opts, placement=where)
     if not s:  # a data-parallel worker; the main process reports
         return
     if json_out:
@@ -113,12 +114,12 @@ def tune_bridge_cmd(
     output: Output,
     eval_data: EvalData = None,
     llm: Annotated[str | None, typer.Option("--llm", help="The LLM directory, if it moved since prune-bridge (only config.json is read).")] = None,
-    epochs: Epochs = 3.0,
-    lr: Lr = 1e-3,
-    batch_size: Batch = 8,
+    epochs: Epochs = T.epochs,
+    lr: Lr = T.lr,
+    batch_size: Batch = T.batch_size,
     max_length: MaxLen = 512,
-    eval_every: EvalEvery = 0,
-    seed: Seed = 0,
+    eval_every: EvalEvery = T.eval_every,
+    seed: Seed = T.seed,
     dtype: ModelDtype = "auto",
     device: Device = None,
     device_map: DeviceMap = None,

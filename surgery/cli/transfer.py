@@ -7,8 +7,11 @@ from typing import Annotated
 import typer
 
 from ..kinds import names as kind_names
+from ..pipelines.transfer import TransferConfig
 from . import app
 from .common import Device, DeviceMap, Force, JsonOut, ModelDtype, Output, console, placement, print_json
+
+C = TransferConfig()  # every default below is TransferConfig's
 
 
 @app.command("transfer")
@@ -18,11 +21,11 @@ def transfer_cmd(
     output: Output,
     slm_base: Annotated[str, typer.Option("--slm-base", help="The SLM directory (default: the adapter config's base).")] = None,
     data: Annotated[str, typer.Option("--data", help="Calibration text: one text per line, or .jsonl with a \"text\" field.")] = None,
-    map_kind: Annotated[str, typer.Option("--map", help="activations (fit on calibration text) or embeddings (data-free).")] = "activations",
-    depth: Annotated[str, typer.Option("--depth", help="block: every LLM layer of an SLM layer's block; first; best (best-fitting layer).")] = "block",
-    samples: Annotated[int, typer.Option("--samples", help="Calibration texts to use.")] = 64,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration text.")] = 128,
-    ridge: Annotated[float, typer.Option("--ridge", help="Ridge strength, relative to the mean eigenvalue of each Gram.")] = 1e-9,
+    map_kind: Annotated[str, typer.Option("--map", help="activations (fit on calibration text) or embeddings (data-free).")] = C.map_kind,
+    depth: Annotated[str, typer.Option("--depth", help="block: every LLM layer of an SLM layer's block; first; best (best-fitting layer).")] = C.depth,
+    samples: Annotated[int, typer.Option("--samples", help="Calibration texts to use.")] = C.samples,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration text.")] = C.seq_len,
+    ridge: Annotated[float, typer.Option("--ridge", help="Ridge strength, relative to the mean eigenvalue of each Gram.")] = C.ridge,
     dtype: ModelDtype = "auto",
     device: Device = None,
     device_map: DeviceMap = None,
@@ -33,8 +36,8 @@ def transfer_cmd(
     where = placement(dtype, device, device_map)  # default: device_map auto with a GPU or when a model would not fit
     from ..pipelines.transfer import transfer
 
-    info = transfer(slm, llm, output, slm_base=slm_base, data=data, map_kind=map_kind, depth=depth,
-                    samples=samples, seq_len=seq_len, ridge=ridge, force=force, placement=where)
+    cfg = TransferConfig(map_kind=map_kind, depth=depth, samples=samples, seq_len=seq_len, ridge=ridge)
+    info = transfer(slm, llm, output, cfg, slm_base=slm_base, data=data, force=force, placement=where)
     if json_out:
         print_json(info)
         return

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 
 from ..errors import AdapterError
+from .jsonfile import load_json
 
 CONFIG = "adapter_config.json"
 WEIGHTS_BIN = "pytorch_adapter.bin"
@@ -84,13 +84,9 @@ def preset_of(cfg: dict) -> str:
     return "custom"
 
 
-def check_bn_config(cfg: dict, where: str, check_activation: bool = True) -> None:
-    """Refuse the options whose computation we do not reproduce exactly (module doc).
-
-    check_activation=False skips resolving non_linearity (it imports transformers: seconds), for inspect.
-    """
-    from ..ops.bottleneck import activation
-
+def check_bn_config(cfg: dict, where: str) -> None:
+    """Refuse the options whose computation we do not reproduce exactly (module doc). Whether
+    non_linearity names a known activation is checked by surgery.kinds.bottleneck (it needs transformers)."""
     arch = cfg.get("architecture")
     if arch not in (None, "bottleneck"):
         raise AdapterError(f"{where}: an AdapterHub {arch!r} adapter, not a bottleneck adapter",
@@ -106,12 +102,6 @@ def check_bn_config(cfg: dict, where: str, check_activation: bool = True) -> Non
                            "(AdapterHub itself fails on it for models without a post-norm)", "use true or false")
     if cfg.get("stochastic_depth") not in (None, 0, 0.0):
         raise AdapterError(f"{where}: stochastic_depth={cfg['stochastic_depth']} is not supported", "use 0.0")
-    try:
-        if check_activation:
-            activation(str(cfg.get("non_linearity")))
-    except KeyError:
-        raise AdapterError(f"{where}: unknown non_linearity {cfg.get('non_linearity')!r}",
-                           "use a transformers activation name (relu, swish, gelu, gelu_new, tanh, ...)") from None
 
 
 def down_size(cfg: dict, hidden: int, index: int) -> int:
@@ -187,66 +177,27 @@ class BottleneckAdapter:
         return sum(t.numel() for w in self.modules.values() for t in w.values())
 
 
-def site_patterns(spec: dict) -> list:
-    """(regex, stack, placement) matching the saved keys of every bottleneck site of a family."""
-    from ..arch import bottleneck_templates
-
-    out = []
-    for stack, placement, prefix, entry in bottleneck_templates(spec):
-        pre = re.escape(prefix).replace(re.escape("{i}"), r"(?P<layer>\d+)")
-        # keys may carry a head model's extra prefix (e.g. T5AdapterModel's "transformer.")
-        rx = re.compile(rf"^(?:.+\.)?(?P<module>{pre}{re.escape(entry['module'])})\.adapters\.(?P<name>[^.]+)\."
-                        rf"(?P<param>adapter_down\.0\.weight|adapter_down\.0\.bias|adapter_up\.weight|adapter_up\.bias)$")
-        out.append((rx, stack, placement))
-    return out
-
-
-def read_adapterhub(path: str, check_activation: bool = True) -> BottleneckAdapter:
-    """Open an AdapterHub bottleneck adapter directory; weights are keyed by the family map's site paths."""
-    from ..arch import family_for_model_type
-
+def read_config(path: str) -> dict:
+    """adapter_config.json of an AdapterHub directory, with AdapterHub's own load-time fix-ups and
+    BnConfig's defaults filled in, checked (check_bn_config). Mapping its weights to the family's
+    sites needs the family map: surgery.kinds.bottleneck.read_adapterhub does that."""
     path = os.path.abspath(path)
     if not is_adapterhub_dir(path):
         raise AdapterError(f"{path} is not an AdapterHub adapter directory",
                            f"pass the directory save_adapter wrote ({CONFIG} with a nested \"config\" + {WEIGHTS_BIN})")
-    with open(os.path.join(path, CONFIG)) as f:
-        cfg = json.load(f)
+    cfg = load_json(os.path.join(path, CONFIG), AdapterError, "re-save the adapter")
     bn = cfg["config"]
     if "version" not in cfg and bn.get("non_linearity") in ACTIVATION_RENAME:
         bn["non_linearity"] = ACTIVATION_RENAME[bn["non_linearity"]]  # what AdapterHub does on load
     bn = {**BN_DEFAULTS, **bn}
     cfg["config"] = bn
-    check_bn_config(bn, os.path.join(path, CONFIG), check_activation)
+    check_bn_config(bn, os.path.join(path, CONFIG))
     if not cfg.get("model_type"):
         raise AdapterError(f"{os.path.join(path, CONFIG)} has no model_type", "add the base model's model_type")
-    spec = family_for_model_type(cfg["model_type"])
-    ad = BottleneckAdapter(path=path, config=cfg)
-    inverse = {v: k for k, v in PARAM_KEYS.items()}
-    patterns = site_patterns(spec)
-    for key, t in sorted(_load(path).items()):
-        for rx, stack, placement in patterns:
-            m = rx.match(key)
-            if m:
-                break
-        else:
-            raise AdapterError(f"{path}: unrecognised key {key}",
-                               f"only bottleneck adapter weights at the {spec['family']} sites of the family map are supported")
-        if m["name"] != ad.name:
-            raise AdapterError(f"{path}: key {key} belongs to adapter {m['name']!r}, the config names {ad.name!r}",
-                               "save one adapter per directory")
-        if not bn.get(placement):
-            raise AdapterError(f"{path}: weights for {placement} at {m['module']} but the config has {placement}=false",
-                               f"set {placement}: true in {CONFIG} or remove those weights")
-        ad.modules.setdefault(m["module"], {})[inverse[m["param"]]] = t
-        ad.placements[m["module"]] = (stack, int(m["layer"]), placement)
-    if not ad.modules:
-        raise AdapterError(f"{path} holds no adapter weights", "re-save the adapter")
-    for mod, w in ad.modules.items():
-        _check_site(path, mod, w)
-    return ad
+    return cfg
 
 
-def _check_site(path: str, mod: str, w: dict) -> None:
+def check_site(path: str, mod: str, w: dict) -> None:
     missing = [PARAM_KEYS[p] for p in PARAM_KEYS if p not in w]
     if missing:
         raise AdapterError(f"{path}: {mod} lacks {', '.join(missing)}", "the adapter file is incomplete; re-save it")
@@ -256,7 +207,7 @@ def _check_site(path: str, mod: str, w: dict) -> None:
                            f"{list(w['W_up'].shape)} that do not chain", "re-save the adapter")
 
 
-def _load(path: str) -> dict:
+def load_weights(path: str) -> dict:
     st, binf = os.path.join(path, WEIGHTS_SAFE), os.path.join(path, WEIGHTS_BIN)
     try:
         if os.path.exists(st):

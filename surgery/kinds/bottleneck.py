@@ -23,6 +23,9 @@ Merge refuses it: an adapter adds modules, there is no weight to fold it into.
 
 from __future__ import annotations
 
+import os
+import re
+
 from ..errors import AdapterError, ArchitectureError
 from .base import Kind, PortContext
 
@@ -30,6 +33,69 @@ ADAPTER_NAME = "adapter"  # the AdapterHub adapter name train writes (a fixed na
 
 
 # ---- files ----------------------------------------------------------------------------------------
+def site_patterns(spec: dict) -> list:
+    """(regex, stack, placement) matching the saved keys of every bottleneck site of a family."""
+    from ..arch import bottleneck_templates
+
+    out = []
+    for stack, placement, prefix, entry in bottleneck_templates(spec):
+        pre = re.escape(prefix).replace(re.escape("{i}"), r"(?P<layer>\d+)")
+        # keys may carry a head model's extra prefix (e.g. T5AdapterModel's "transformer.")
+        rx = re.compile(rf"^(?:.+\.)?(?P<module>{pre}{re.escape(entry['module'])})\.adapters\.(?P<name>[^.]+)\."
+                        rf"(?P<param>adapter_down\.0\.weight|adapter_down\.0\.bias|adapter_up\.weight|adapter_up\.bias)$")
+        out.append((rx, stack, placement))
+    return out
+
+
+def check_activation(bn: dict, where: str) -> None:
+    """non_linearity must name an activation transformers knows (importing it takes seconds: not for inspect)."""
+    from ..ops.bottleneck import activation
+
+    try:
+        activation(str(bn.get("non_linearity")))
+    except KeyError:
+        raise AdapterError(f"{where}: unknown non_linearity {bn.get('non_linearity')!r}",
+                           "use a transformers activation name (relu, swish, gelu, gelu_new, tanh, ...)") from None
+
+
+def read_adapterhub(path: str, check_act: bool = True):
+    """Open an AdapterHub bottleneck adapter directory (io.adapterhub reads the files); its weights are
+    keyed by the family map's site paths. check_act=False skips the activation check (inspect)."""
+    from ..arch import family_for_model_type
+    from ..io.adapterhub import CONFIG, PARAM_KEYS, BottleneckAdapter, check_site, load_weights, read_config
+
+    path = os.path.abspath(path)
+    cfg = read_config(path)
+    bn = cfg["config"]
+    if check_act:
+        check_activation(bn, os.path.join(path, CONFIG))
+    spec = family_for_model_type(cfg["model_type"])
+    ad = BottleneckAdapter(path=path, config=cfg)
+    inverse = {v: k for k, v in PARAM_KEYS.items()}
+    patterns = site_patterns(spec)
+    for key, t in sorted(load_weights(path).items()):
+        for rx, stack, placement in patterns:
+            m = rx.match(key)
+            if m:
+                break
+        else:
+            raise AdapterError(f"{path}: unrecognised key {key}",
+                               f"only bottleneck adapter weights at the {spec['family']} sites of the family map are supported")
+        if m["name"] != ad.name:
+            raise AdapterError(f"{path}: key {key} belongs to adapter {m['name']!r}, the config names {ad.name!r}",
+                               "save one adapter per directory")
+        if not bn.get(placement):
+            raise AdapterError(f"{path}: weights for {placement} at {m['module']} but the config has {placement}=false",
+                               f"set {placement}: true in {CONFIG} or remove those weights")
+        ad.modules.setdefault(m["module"], {})[inverse[m["param"]]] = t
+        ad.placements[m["module"]] = (stack, int(m["layer"]), placement)
+    if not ad.modules:
+        raise AdapterError(f"{path} holds no adapter weights", "re-save the adapter")
+    for mod, w in ad.modules.items():
+        check_site(path, mod, w)
+    return ad
+
+
 def write_bottleneck(od, name: str, bn: dict, modules: dict, model_config: dict, hidden: int,
                      base: str | None = None) -> None:
     """Write an AdapterHub adapter into an open OutputDir (train and tune-bridge add their own json next to it).
@@ -75,7 +141,6 @@ def check_fits(ad, arch, role: str, family_fix: str, width_fix: str) -> None:
 
 def attach_saved(model, arch, path: str):
     """eval --adapter on an AdapterHub directory: read it, check it fits `model`, hook it in."""
-    from ..io.adapterhub import read_adapterhub
     from ..train.bottleneck import attach_bottleneck
 
     ad = read_adapterhub(path)
@@ -160,8 +225,6 @@ class BottleneckRoute:
     """tune-bridge for an AdapterHub bottleneck adapter (module doc)."""
 
     def __init__(self, kind, path: str, arch, kept: dict):
-        from ..io.adapterhub import read_adapterhub
-
         self.kind = kind
         self.ad = ad = read_adapterhub(path)
         self.path = ad.path
@@ -203,8 +266,6 @@ class Bottleneck(Kind):
         return is_adapterhub_dir(path)
 
     def read(self, path: str):
-        from ..io.adapterhub import read_adapterhub
-
         return read_adapterhub(path)
 
     def transfer_needs(self, ad, port: PortContext) -> dict:
@@ -248,6 +309,7 @@ class Bottleneck(Kind):
         from ..train.bottleneck import WithBottleneck, attach_bottleneck
 
         bn = bn_config(opts.adapter_config, reduction_factor=opts.reduction_factor)
+        check_activation(bn, "--adapter-config")
         return WithBottleneck(model, attach_bottleneck(model, arch, bn, name=ADAPTER_NAME, seed=opts.seed))
 
     def save(self, model, od, base: str, opts) -> None:
@@ -270,9 +332,9 @@ class Bottleneck(Kind):
 
     def describe(self, path: str) -> dict:
         """Preset, reduction factor, widths, where the adapters sit."""
-        from ..io.adapterhub import preset_of, read_adapterhub
+        from ..io.adapterhub import preset_of
 
-        ad = read_adapterhub(path, check_activation=False)  # keeps inspect free of the transformers import
+        ad = read_adapterhub(path, check_act=False)  # keeps inspect free of the transformers import
         bn = ad.bn
         layers: dict = {}
         for stack, layer, _ in ad.placements.values():

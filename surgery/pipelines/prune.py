@@ -9,6 +9,7 @@ surgery.ops.slice.select into a checkpoint of the same family, with bridge.json 
 from __future__ import annotations
 
 import gc
+from dataclasses import dataclass, replace
 
 from ..arch import arch_of, load_arch
 from ..errors import ArchitectureError, DataError
@@ -86,16 +87,34 @@ def _tensor_producer(ck, arch, kept: dict, corr: dict, sizes: dict):
     return produce
 
 
-def prune_bridge(llm: str, out: str, data: str, *, reduction: float = 16.0, hidden_size: int | None = None,
-                 intermediate_size: int | None = None, num_attention_heads: int | None = None,
-                 num_key_value_heads: int | None = None, samples: int = 32, seq_len: int = 128,
-                 importance: str = "fisher-mask", seed: int = 0, batch_size: int = 8, force: bool = False,
-                 max_shard_size: str = "5GB", placement: Placement | None = None, progress: bool | None = None) -> dict:
-    """Write a bridge of `llm` to `out`; returns the report (also the content of bridge.json)."""
+@dataclass(frozen=True)
+class PruneConfig:
+    """prune-bridge's settings. The CLI's flags take their defaults from here, so each is defined once."""
+
+    reduction: float = 16.0  # keep about 1/R of the parameters (the paper uses 16)
+    hidden_size: int | None = None  # explicit bridge widths override the reduction
+    intermediate_size: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    samples: int = 32  # calibration blocks
+    seq_len: int = 128  # tokens per block
+    batch_size: int = 8  # blocks per forward/backward pass
+    importance: str = "fisher-mask"
+    seed: int = 0
+    max_shard_size: str = "5GB"
+
+
+def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, *, force: bool = False,
+                 placement: Placement | None = None, progress: bool | None = None, **settings) -> dict:
+    """Write a bridge of `llm` to `out`; returns the report (also the content of bridge.json).
+
+    cfg: the settings (PruneConfig); keyword `settings` override single fields, e.g. reduction=4.
+    """
+    cfg = replace(cfg or PruneConfig(), **settings)
     import torch
 
-    if importance not in imp.METHODS:
-        raise DataError(f"unknown importance {importance!r}", f"choose one of {', '.join(imp.METHODS)}")
+    if cfg.importance not in imp.METHODS:
+        raise DataError(f"unknown importance {cfg.importance!r}", f"choose one of {', '.join(imp.METHODS)}")
     ck = Checkpoint.open(llm)
     arch = arch_of(ck)
     if arch.prune.get("unsupported"):
@@ -103,40 +122,40 @@ def prune_bridge(llm: str, out: str, data: str, *, reduction: float = 16.0, hidd
                                 "use a family whose map has prune.config_keys (docs/arch.md)")
     if "config_keys" not in arch.prune:
         raise ArchitectureError(f"family {arch.family} has no prune.config_keys", "add it to its family file (docs/arch.md)")
-    sizes = plan_sizes(arch, reduction, {"hidden": hidden_size, "intermediate": intermediate_size,
-                                         "heads": num_attention_heads, "kv_heads": num_key_value_heads})
-    cfg = bridge_config(arch, sizes)
-    barch = load_arch(cfg)
+    sizes = plan_sizes(arch, cfg.reduction, {"hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size,
+                                             "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads})
+    bcfg = bridge_config(arch, sizes)
+    barch = load_arch(bcfg)
     missing = [t.name for t in barch.stored_tensors() if t.name not in ck]
     if missing:
         raise ArchitectureError(f"{ck.path} lacks {missing[0]} (and {len(missing) - 1} more) that its family map lists",
                                 "re-save the LLM with save_pretrained")
     with OutputDir(out, inputs=[ck.path], force=force) as od:
-        torch.manual_seed(seed)
-        blocks, L = token_blocks(ck.path, data, samples, seq_len, seed, arch.dims.get("positions"))
+        torch.manual_seed(cfg.seed)
+        blocks, L = token_blocks(ck.path, data, cfg.samples, cfg.seq_len, cfg.seed, arch.dims.get("positions"))
         model = load_model(ck.path, placement, dispatch="gpu")
-        if importance == "magnitude":
+        if cfg.importance == "magnitude":
             scores = imp.magnitude(ck, arch)
-        elif importance == "random":
-            scores = imp.random_scores(ck, arch, seed)
-        elif importance == "fisher-param":
-            scores = imp.fisher_param(model, arch, blocks, batch_size)
+        elif cfg.importance == "random":
+            scores = imp.random_scores(ck, arch, cfg.seed)
+        elif cfg.importance == "fisher-param":
+            scores = imp.fisher_param(model, arch, blocks, cfg.batch_size)
         else:
-            scores = imp.fisher_mask(model, arch, blocks, batch_size)
+            scores = imp.fisher_mask(model, arch, blocks, cfg.batch_size)
         kept, ret = select(arch, imp.units(arch, scores), sizes)
-        corr, llm_loss = norm_corrections(model, arch, blocks, batch_size, kept["residual"])
+        corr, llm_loss = norm_corrections(model, arch, blocks, cfg.batch_size, kept["residual"])
         del model, scores
         gc.collect()
         specs = [(t.name, ck.dtype(t.name), barch.shape(t)) for t in barch.stored_tensors()]
-        write_checkpoint(od, specs, _tensor_producer(ck, arch, kept, corr, sizes), config=cfg, side_from=ck.path,
-                         max_shard_size=max_shard_size, description="writing bridge", progress=progress)
+        write_checkpoint(od, specs, _tensor_producer(ck, arch, kept, corr, sizes), config=bcfg, side_from=ck.path,
+                         max_shard_size=cfg.max_shard_size, description="writing bridge", progress=progress)
         bridge = load_model(od.tmp, placement, dispatch="gpu")
-        bridge_loss = mean_loss(bridge, blocks, batch_size)
+        bridge_loss = mean_loss(bridge, blocks, cfg.batch_size)
         del bridge
         manifest = {
-            "format": FORMAT, "source": ck.path, "family": arch.family, "importance": importance,
-            "seed": seed, "samples": int(blocks.shape[0]), "seq_len": L, "data_sha256": file_sha256(data),
-            "reduction": float(reduction),
+            "format": FORMAT, "source": ck.path, "family": arch.family, "importance": cfg.importance,
+            "seed": cfg.seed, "samples": int(blocks.shape[0]), "seq_len": L, "data_sha256": file_sha256(data),
+            "reduction": float(cfg.reduction),
             "sizes": sizes, "llm_sizes": {k: arch.dims[k] for k in sizes},
             "parameters": {"llm": arch.num_parameters(), "bridge": barch.num_parameters()},
             "calibration_loss": {"llm": llm_loss, "bridge": bridge_loss},

@@ -7,29 +7,31 @@ adapters, or bias-only), train with the shared loop, save the adapter atomically
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
+from ..kinds.base import MethodOptions
 from ..train.loop import TrainConfig
 
 
 def train_adapter(model_dir: str, data: str, out: str, *, method: str = "lora", eval_data: str | None = None,
-                  rank: int = 8, alpha: float | None = None, targets=None, virtual_tokens: int = 8,
                   max_length: int = 512, force: bool = False, cfg: TrainConfig | None = None,
-                  adapter_config: str = "houlsby", reduction_factor=None, placement=None) -> dict:
+                  opts: MethodOptions | None = None, placement=None, **options) -> dict:
     """Train an adapter for `model_dir` on `data` (JSONL) and write it to `out`; returns a summary.
 
-    placement: dtype and device of the base model (surgery.io.model.Placement; default auto)."""
+    cfg: the loop's settings (TrainConfig); opts: the method's (MethodOptions: rank, alpha, targets, ...),
+    single fields overridable as keywords (rank=4); placement: dtype and device of the base model
+    (surgery.io.model.Placement; default auto)."""
     import torch
 
     from ..io.writer import OutputDir
-    from ..kinds import MethodOptions, get
+    from ..kinds import get
     from ..train.data import load_examples
     from ..train.loop import fit, is_main_process, place
     from ..train.methods import load_base
 
     cfg = cfg or TrainConfig()
     kind = get(method, "train")  # an unknown or untrainable method is refused before any loading
-    opts = MethodOptions(rank=rank, alpha=alpha, targets=targets, virtual_tokens=virtual_tokens,
-                         adapter_config=adapter_config, reduction_factor=reduction_factor, seed=cfg.seed)
+    opts = replace(opts or MethodOptions(), **options, seed=cfg.seed)
     inputs = [model_dir, data] + ([eval_data] if eval_data else [])
     with OutputDir(out, inputs=inputs, force=force) as od:  # refuse a bad output before any work
         model, tok, arch = load_base(model_dir, placement)

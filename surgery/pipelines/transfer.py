@@ -11,6 +11,7 @@ quality) and projections.safetensors (the maps, for tune-bridge). Format: docs/f
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, replace
 
 from ..arch import arch_of
 from ..errors import AdapterError, ArchitectureError, ShapeError
@@ -66,16 +67,31 @@ def _choose_layers(blocks, records, depth: str) -> list[list[int]]:
     return chosen
 
 
-def transfer(adapter: str, llm: str, out: str, *, slm_base: str | None = None, data: str | None = None,
-             map_kind: str = "activations", depth: str = "block", samples: int = 64, seq_len: int = 128,
-             ridge: float = 1e-9, batch: int = 8, force: bool = False, placement=None) -> dict:
-    """Port `adapter` (trained on its SLM) to `llm`; write OUT and return transfer.json's contents."""
+@dataclass(frozen=True)
+class TransferConfig:
+    """transfer's settings. The CLI's flags take their defaults from here, so each is defined once."""
+
+    map_kind: str = "activations"  # activations (fit on calibration text) or embeddings (data-free)
+    depth: str = "block"  # block | first | best: which LLM layers of a block take an SLM layer's modules
+    samples: int = 64  # calibration texts
+    seq_len: int = 128  # tokens per calibration text
+    ridge: float = 1e-9  # relative to the mean eigenvalue of each Gram
+    batch: int = 8
+
+
+def transfer(adapter: str, llm: str, out: str, cfg: TransferConfig | None = None, *, slm_base: str | None = None,
+             data: str | None = None, force: bool = False, placement=None, **settings) -> dict:
+    """Port `adapter` (trained on its SLM) to `llm`; write OUT and return transfer.json's contents.
+
+    cfg: the settings (TransferConfig); keyword `settings` override single fields, e.g. map_kind="embeddings".
+    """
+    cfg = replace(cfg or TransferConfig(), **settings)
     from safetensors.torch import save_file
 
-    if map_kind not in MAPS:
-        raise AdapterError(f"unknown --map {map_kind!r}", f"choose one of {', '.join(MAPS)}")
-    if depth not in DEPTHS:
-        raise AdapterError(f"unknown --depth {depth!r}", f"choose one of {', '.join(DEPTHS)}")
+    if cfg.map_kind not in MAPS:
+        raise AdapterError(f"unknown --map {cfg.map_kind!r}", f"choose one of {', '.join(MAPS)}")
+    if cfg.depth not in DEPTHS:
+        raise AdapterError(f"unknown --depth {cfg.depth!r}", f"choose one of {', '.join(DEPTHS)}")
     kind, ad, ck_s, ck_l, arch_s, arch_l, stack = _open_pair(adapter, llm, slm_base)
     inputs = [ad.path, ck_s.path, ck_l.path]
     check_output(os.path.abspath(out), inputs, force)  # before any forward pass, not after
@@ -86,9 +102,10 @@ def transfer(adapter: str, llm: str, out: str, *, slm_base: str | None = None, d
                        kv_keys=lambda: kv_keys(arch_s, stack))
     needs = kind.transfer_needs(ad, port)
     maps, records, warnings, embed = fit_projections(
-        ck_s, ck_l, arch_s, arch_l, stack, blocks, needs, map_kind=map_kind, data=data, samples=samples,
-        seq_len=seq_len, ridge=ridge, batch=batch, embed_needed=kind.needs_embeddings, placement=placement)
-    chosen = _choose_layers(blocks, records, depth) if kind.layered else blocks
+        ck_s, ck_l, arch_s, arch_l, stack, blocks, needs, map_kind=cfg.map_kind, data=data, samples=cfg.samples,
+        seq_len=cfg.seq_len, ridge=cfg.ridge, batch=cfg.batch, embed_needed=kind.needs_embeddings,
+        placement=placement)
+    chosen = _choose_layers(blocks, records, cfg.depth) if kind.layered else blocks
     port.chosen, port.maps, port.embed = chosen, maps, embed
     write = kind.port(ad, port)
     projections = {f"{stack}.{j}.{key}.{d}": m.float().contiguous() for (j, key, d), m in sorted(maps.items())}
@@ -96,12 +113,13 @@ def transfer(adapter: str, llm: str, out: str, *, slm_base: str | None = None, d
     for k, t in projections.items():
         check_finite(k, t)
     data_sha = None
-    if data and map_kind == "activations":
+    if data and cfg.map_kind == "activations":
         data_sha = file_sha256(data)
     summary = {
         "format": FORMAT, "kind": kind.name, "slm_adapter": ad.path, "slm_base": ck_s.path, "llm": ck_l.path,
-        "family": arch_s.family, "map": map_kind, "depth": depth, "ridge": ridge,
-        "samples": samples if map_kind == "activations" else None, "seq_len": seq_len if map_kind == "activations" else None,
+        "family": arch_s.family, "map": cfg.map_kind, "depth": cfg.depth, "ridge": cfg.ridge,
+        "samples": cfg.samples if cfg.map_kind == "activations" else None,
+        "seq_len": cfg.seq_len if cfg.map_kind == "activations" else None,
         "data_sha256": data_sha,
         "depth_map": {stack: blocks}, "layers_used": {stack: chosen},
         "fits": records, "warnings": warnings,
