@@ -13,10 +13,10 @@ import errno
 import os
 import re
 import shutil
-import sys
 import tempfile
 
 from ..errors import NumericsError, OutputError
+from ..log import note
 from .jsonfile import dumps
 from .paths import member
 from .safetensors_file import SafetensorsWriter, dtype_tag, itemsize
@@ -125,8 +125,7 @@ def remove_stale_temps(out: str) -> list[str]:
         if m and not _pid_alive(int(m.group(1))):
             _remove(os.path.join(parent, name))
             removed.append(name)
-            print(f"surgery: removed {os.path.join(parent, name)}, left by an interrupted run (process {m.group(1)})",
-                  file=sys.stderr)
+            note(f"removed {os.path.join(parent, name)}, left by an interrupted run (process {m.group(1)})")
     return removed
 
 
