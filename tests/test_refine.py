@@ -206,3 +206,29 @@ def test_bad_input_is_one_line_and_writes_nothing(fx, task, tmp_path):
         assert not os.path.exists(tmp_path / "o")
     code, _, err = _refine(src, llm, task, llm)  # never over an input
     assert code != 0 and len(err.strip().splitlines()) == 1
+
+
+def test_keep_best_never_writes_an_adapter_worse_than_its_input(fx, task, tmp_path):
+    """A learning rate that only makes things worse: --keep-best (the default) gives back the input's
+    weights and says so; --keep-last writes the damaged adapter."""
+    from surgery.io.adapter import Adapter
+
+    llm, src = fx.model("llama"), fx.lora("llama", targets=TARGETS)
+    code, o, err = _refine(src, llm, task, tmp_path / "best", "--lr", "3", "--steps", "10")
+    assert code == 0, err
+    s = json.loads(o)
+    assert s["kept_step"] == 0 and s["after"] == s["before"]
+    a, b = Adapter.open(src).tensors, Adapter.open(str(tmp_path / "best")).tensors
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    code, o, err = _refine(src, llm, task, tmp_path / "last", "--lr", "3", "--steps", "10", "--keep-last")
+    assert code == 0, err
+    s = json.loads(o)
+    assert s["kept_step"] == 10 and s["after"]["loss"] > s["before"]["loss"]
+    # with periodic evaluations the best of them is kept
+    code, o, err = _refine(src, llm, task, tmp_path / "mid", "--eval-every", "10")
+    assert code == 0, err
+    s = json.loads(o)
+    log = json.load(open(tmp_path / "mid" / "refine.json"))
+    evals = {e["step"]: e["loss"] for e in log["history"]["evals"]}
+    assert sorted(evals) == [10, 20, 30] and s["kept_step"] in evals
+    assert s["after"]["loss"] == min(evals.values()) <= s["before"]["loss"]

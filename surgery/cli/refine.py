@@ -29,6 +29,7 @@ def refine_cmd(
     max_length: MaxLen = 512,
     log_every: Annotated[int, typer.Option("--log-every", help="Steps per recorded training loss.")] = _D.log_every,
     eval_every: Annotated[int, typer.Option("--eval-every", help="Steps between evaluations on --eval (0: before and after only).")] = _D.eval_every,
+    keep_best: Annotated[bool, typer.Option("--keep-best/--keep-last", help="Write the evaluated state (input, each --eval-every, last) with the lowest loss, or the last step's.")] = _D.keep_best,
     seed: Seed = _D.seed,
     force: Force = False,
     json_out: JsonOut = False,
@@ -38,11 +39,12 @@ def refine_cmd(
 
     _quiet()
     cfg = RefineConfig(steps=steps, lr=lr, eps=eps, batch_size=batch_size, seed=seed, log_every=log_every,
-                       eval_every=eval_every)
+                       eval_every=eval_every, keep_best=keep_best)
     s = refine(adapter, llm, data, output, eval_data=eval_data, max_length=max_length, force=force, cfg=cfg)
     if json_out:
         print_json(s)
         return
     _render(f"refine {s['kind']} on the {s['family']} LLM (MeZO): {s['output']}", s,
             [("tuned", f"{human_count(s['trainable'])} adapter parameters; LLM {human_count(s['llm_parameters'])} frozen"),
-             ("steps", f"{s['steps']} on {s['device']} ({2 * s['steps']} forward passes, no backward)")])
+             ("steps", f"{s['steps']} on {s['device']} ({2 * s['steps']} forward passes, no backward); "
+                       f"kept the state after step {s['kept_step']}")])

@@ -123,13 +123,14 @@ def refine(adapter_dir: str, llm_dir: str, data: str, out: str, *, eval_data: st
         model.requires_grad_(False)
         wrapped, params = route.attach(model, arch)
         wrapped = place(wrapped)
-        before, hist, after = mezo_fit(wrapped, params, tok, train_ex, eval_ex, cfg, seq2seq=seq2seq)
+        before, hist, after, kept = mezo_fit(wrapped, params, tok, train_ex, eval_ex, cfg, seq2seq=seq2seq)
         route.write(od, wrapped, model.config.to_dict(), arch)
         od.write_json("refine.json", {"method": "mezo", "kind": route.kind, "adapter": route.path,
                                       "llm": os.path.abspath(llm_dir), "data": os.path.abspath(data),
                                       "eval_data": os.path.abspath(eval_data) if eval_data else None,
                                       "seed": cfg.seed, "steps": cfg.steps, "lr": cfg.lr, "eps": cfg.eps,
                                       "batch_size": cfg.batch_size, "max_length": max_length,
+                                      "eval_every": cfg.eval_every, "keep_best": cfg.keep_best, "kept_step": kept,
                                       "trainable": sum(p.numel() for p in params),
                                       "before": before, "after": after, "history": hist.as_dict()})
         path = od.commit()
@@ -137,5 +138,5 @@ def refine(adapter_dir: str, llm_dir: str, data: str, out: str, *, eval_data: st
     return {"output": path, "kind": route.kind, "family": arch.family, "trainable": trainable,
             "llm_parameters": sum(p.numel() for p in wrapped.parameters()) - trainable, "steps": hist.steps,
             "device": hist.device,
-            "evaluated_on": "eval" if eval_ex else "train", "before": before, "after": after,
+            "evaluated_on": "eval" if eval_ex else "train", "kept_step": kept, "before": before, "after": after,
             "history": hist.as_dict()}

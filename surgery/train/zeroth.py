@@ -28,6 +28,7 @@ class RefineConfig:
     seed: int = 0
     log_every: int = 25  # steps per train_loss record (the mean of (L₊+L₋)/2 over them)
     eval_every: int = 0  # steps between evaluations on the eval set (0: only before and after)
+    keep_best: bool = True  # write the evaluated state (input, every eval, last) with the lowest loss
     progress: bool | None = None  # None = only on a terminal
 
     def check(self) -> None:
@@ -63,10 +64,11 @@ def batch_loss(model, batch: dict, seq2seq: bool) -> float:
 
 
 def mezo_loop(model, params, train_examples, cfg: RefineConfig, *, pad_id: int, seq2seq: bool,
-              eval_examples=None) -> History:
+              eval_examples=None, on_eval=None) -> History:
     """Run cfg.steps MeZO steps on `params` (tensors of `model`, updated in place); returns the history.
 
     Every parameter of `model` must already have requires_grad False; params are the adapter's.
+    on_eval(step, metrics) is called after each periodic evaluation (cfg.eval_every).
     """
     import torch
 
@@ -91,6 +93,8 @@ def mezo_loop(model, params, train_examples, cfg: RefineConfig, *, pad_id: int, 
         if eval_examples:
             m = evaluate_examples(model, eval_examples, batch_size=cfg.batch_size, pad_id=pad_id, seq2seq=seq2seq)
             hist.evals.append((step, m))
+            if on_eval:
+                on_eval(step, m)
             return m
         return None
 
@@ -118,7 +122,15 @@ def mezo_loop(model, params, train_examples, cfg: RefineConfig, *, pad_id: int, 
 
 
 def mezo_fit(model, params, tokenizer, train_examples, eval_examples, cfg: RefineConfig, *, seq2seq: bool):
-    """Measure, refine, measure: (before, history, after) on the eval set (else the training set)."""
+    """Measure, refine, measure: (before, history, after, kept) on the eval set (else the training set).
+
+    MeZO's steps are noisy and a too-large lr drifts upward instead of failing loudly, so with
+    cfg.keep_best the parameters end at the evaluated state with the lowest loss: the input (step
+    0), a periodic evaluation, or the last step. `kept` is that step; `after` measures what is kept.
+    Keeping a state costs one copy of the adapter (on the CPU), never of the LLM.
+    """
+    import torch
+
     from .data import pad_id_of
     from .score import evaluate_examples
 
@@ -128,6 +140,22 @@ def mezo_fit(model, params, tokenizer, train_examples, eval_examples, cfg: Refin
     def measure():
         return evaluate_examples(model, on, batch_size=cfg.batch_size, pad_id=pad, seq2seq=seq2seq)
 
+    def snapshot():
+        return [p.detach().to("cpu", copy=True) for p in params]
+
     before = measure()
-    hist = mezo_loop(model, params, train_examples, cfg, pad_id=pad, seq2seq=seq2seq, eval_examples=eval_examples)
-    return before, hist, measure()
+    best = {"loss": before["loss"], "step": 0, "state": snapshot() if cfg.keep_best else None, "metrics": before}
+
+    def consider(step, m):
+        if cfg.keep_best and m["loss"] < best["loss"]:
+            best.update(loss=m["loss"], step=step, state=snapshot(), metrics=m)
+
+    hist = mezo_loop(model, params, train_examples, cfg, pad_id=pad, seq2seq=seq2seq, eval_examples=eval_examples,
+                     on_eval=consider)
+    after = hist.evals[-1][1] if hist.evals and hist.evals[-1][0] == cfg.steps else measure()
+    if not cfg.keep_best or after["loss"] <= best["loss"]:
+        return before, hist, after, cfg.steps
+    with torch.no_grad():
+        for p, s in zip(params, best["state"]):
+            p.copy_(s)
+    return before, hist, best["metrics"], best["step"]
