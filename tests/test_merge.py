@@ -10,7 +10,7 @@ from surgery.errors import AdapterError, NumericsError
 from surgery.io.checkpoint import Checkpoint
 from surgery.pipelines.merge import DORA_NORMS, merge_lora, unmerge_lora
 
-from .conftest import FAMILY_NAMES, run_cli
+from .conftest import FAMILY_NAMES, MORE_FAMILIES, run_cli
 
 ALL = {"gpt2": ["c_attn", "c_proj", "c_fc"], "t5": None}
 
@@ -47,7 +47,7 @@ def _close_sd(ours, ref, atol=1e-5):
     assert worst <= atol, worst
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", FAMILY_NAMES + MORE_FAMILIES)
 def test_merge_equals_peft_and_unmerge_restores(fx, tmp_path, family):
     base = fx.model(family)
     ad = fx.lora(family, targets=ALL.get(family), name="m")

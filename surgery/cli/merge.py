@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from .common import Force, MaxShard, Output, console, human_bytes
+from .common import Family, Force, MaxShard, Output, console, human_bytes, use_families
 
 Dtype = Annotated[str, typer.Option("--dtype", help="Output dtype of floating tensors: auto (keep), float32, bfloat16, float16.")]
 
@@ -44,10 +44,12 @@ def merge_cmd(
     dtype: Dtype = "auto",
     max_shard_size: MaxShard = "5GB",
     force: Force = False,
+    family: Family = None,
 ):
     """Fold adapters into the base weights and write a standalone checkpoint."""
     from ..pipelines.merge import merge_lora
 
+    use_families(family)
     info = merge_lora(base, adapters, output, weights=weight, dtype=dtype, max_shard_size=max_shard_size, force=force)
     _report(info, "merge-lora")
 
@@ -61,9 +63,11 @@ def unmerge_cmd(
     dtype: Dtype = "auto",
     max_shard_size: MaxShard = "5GB",
     force: Force = False,
+    family: Family = None,
 ):
     """Take an adapter out of a merged checkpoint again (W -= delta)."""
     from ..pipelines.merge import unmerge_lora
 
+    use_families(family)
     info = unmerge_lora(merged, adapter, output, weights=[weight], dtype=dtype, max_shard_size=max_shard_size, force=force)
     _report(info, "unmerge-lora")

@@ -19,7 +19,8 @@ def describe(path: str) -> dict:
 
 
 def describe_model(path: str) -> dict:
-    from ..arch import arch_of
+    from ..arch import family_specs
+    from ..arch.generic import GenericArch, linear_map
     from ..io.checkpoint import Checkpoint
 
     ck = Checkpoint.open(path)
@@ -33,11 +34,15 @@ def describe_model(path: str) -> dict:
     shards = [{"file": s, "bytes": os.path.getsize(os.path.join(ck.path, s))} for s in ck.shards]
     info.update(parameters=params, dtypes=ck.dtypes(), shards=shards, bytes=sum(s["bytes"] for s in shards),
                 tensors=len(ck.keys()), side_files=ck.side_files())
+    family_specs()  # a bad --family file or SURGERY_FAMILIES is an error, not a note
     try:
-        arch = arch_of(ck)
+        arch = linear_map(ck)
     except SurgeryError as e:
         info["family"] = None
         info["note"] = str(e)
+        return info
+    if isinstance(arch, GenericArch):  # no widths to report: only what the checkpoint itself says
+        info.update(family=arch.family, linear_modules=len(arch.by_module()), layer_linears=len(arch.linears()))
         return info
     d = arch.dims
     info.update(family=arch.family, layers=dict(arch.stacks), hidden=d["hidden"], heads=d["heads"],

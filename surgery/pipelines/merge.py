@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from ..arch import arch_of
+from ..arch.generic import GenericArch, linear_map
 from ..errors import AdapterError, NumericsError, ShapeError
 from ..io.adapter import Adapter
 from ..io.checkpoint import Checkpoint
@@ -65,6 +65,9 @@ def _checked(label: str, t):
 
 def _linear(plan: Plan, ad: Adapter, module: str):
     spec = plan.by_module.get(module)
+    if spec is None and isinstance(plan.arch, GenericArch):
+        raise AdapterError(f"{ad.path}: module {module} has no 2-D weight {module}.weight in {plan.ck.path}",
+                           "was the adapter trained on another base? (a tied lm_head needs a family file: docs/arch.md)")
     if spec is None:
         raise AdapterError(f"{ad.path}: module {module} is not a linear layer of this {plan.arch.family} model",
                            "was the adapter trained on another base? `surgery inspect` shows both")
@@ -78,6 +81,10 @@ def _plan_lora(plan: Plan, ad: Adapter, weight: float, sign: int, dora_norms: di
     for m in ad.lora_modules():
         spec, shape, (n_out, n_in) = _linear(plan, ad, m.module)
         label = f"{os.path.basename(ad.path)}:{m.module}"
+        if m.fan_in_fan_out and isinstance(plan.arch, GenericArch):
+            raise AdapterError(f"{label}: the adapter says fan_in_fan_out (a Conv1D layer stored [in, out]) but the "
+                               "generic map assumes nn.Linear's [out, in]", "add a family file that marks the layer "
+                               "transposed, with --family FILE.json (docs/arch.md)")
         if tuple(m.A.shape) != (m.rank, n_in) or tuple(m.B.shape) != (n_out, m.rank):
             raise ShapeError(f"{label}: lora_A {list(m.A.shape)} / lora_B {list(m.B.shape)} do not fit the base "
                              f"weight [{n_out} out, {n_in} in]", "use the adapter with the base model it was trained on")
@@ -181,7 +188,7 @@ def _plan_saved(plan: Plan, ad: Adapter, weight: float, sign: int) -> None:
 
 def plan_adapters(ck: Checkpoint, adapters: list[Adapter], weights: list[float], sign: int,
                   dora_norms: dict | None = None) -> Plan:
-    arch = arch_of(ck)
+    arch = linear_map(ck)
     plan = Plan(ck=ck, arch=arch, by_module=arch.by_module())
     for ad, w in zip(adapters, weights):
         if ad.peft_type not in SUPPORTED:
