@@ -247,15 +247,15 @@ def test_norm_recalibration_is_exact_when_dropped_channels_are_silent():
 
 
 def test_data_errors_name_the_line(tmp_path, fx):
-    from surgery.pipelines.calibration import read_documents
+    from surgery.io.data import documents
 
     bad = tmp_path / "d.jsonl"
     bad.write_text('{"text": "a"}\n\n{"text": 3}\n')
-    with pytest.raises(DataError, match=r"d.jsonl:3: no string \"text\" field"):
-        read_documents(str(bad))
+    with pytest.raises(DataError, match=r"d.jsonl:3: \"text\" is a number, not a string"):
+        documents(str(bad))
     bad.write_text('{"text": "a"}\n{oops\n')
     with pytest.raises(DataError, match=r"d.jsonl:2: not valid JSON"):
-        read_documents(str(bad))
+        documents(str(bad))
     empty = tmp_path / "e.txt"
     empty.write_text("\n  \n")
     code, _, err = run_cli("prune-bridge", fx.model("llama"), "-o", tmp_path / "o", "--data", empty)
