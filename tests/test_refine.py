@@ -92,7 +92,7 @@ def test_spsa_estimate_matches_autograd_on_a_tiny_llm_with_lora(fx, task):
 
 
 def test_refine_never_enables_autograd_and_changes_only_the_adapter(fx, task):
-    from surgery.pipelines.refine import open_route
+    from surgery.kinds import get
     from surgery.train.data import load_examples
     from surgery.train.methods import load_base
     from surgery.train.zeroth import RefineConfig, mezo_loop
@@ -100,7 +100,7 @@ def test_refine_never_enables_autograd_and_changes_only_the_adapter(fx, task):
     model, tok, arch = load_base(fx.model("llama"))
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
     model.requires_grad_(False)
-    wrapped, params = open_route(fx.lora("llama", targets=TARGETS)).attach(model, arch)
+    wrapped, params = get("lora", "refine").tunable(model, fx.lora("llama", targets=TARGETS), arch)
     start = [p.clone() for p in params]
     seen = []
     model.get_input_embeddings().register_forward_hook(
@@ -137,7 +137,7 @@ def test_refine_lora_lowers_the_loss_reproducibly_and_loads_in_peft(fx, task, tm
     code, o, err = _refine(src, llm, task, tmp_path / "a")
     assert code == 0, err
     s = json.loads(o)
-    assert s["kind"] == "LoRA" and s["steps"] == 30 and s["evaluated_on"] == "eval"
+    assert s["kind"] == "lora" and s["steps"] == 30 and s["evaluated_on"] == "eval"
     assert s["after"]["loss"] < s["before"]["loss"] - 0.01
     log = json.load(open(tmp_path / "a" / "refine.json"))
     assert [st for st, _ in log["history"]["train_loss"]] == [10, 20, 30] and log["eps"] == 1e-3
@@ -199,6 +199,8 @@ def test_bad_input_is_one_line_and_writes_nothing(fx, task, tmp_path):
         ((gpt2_lora, llm, task, tmp_path / "o"), "does not fit this LLM"),
         ((src, llm, (str(tmp_path / "missing.jsonl"), task[1]), tmp_path / "o"), "does not exist"),
         ((src, llm, task, tmp_path / "o", "--lr", "1e30"), "non-finite"),
+        ((fx.lora("llama", targets=["q_proj"], name="dora", use_dora=True), llm, task, tmp_path / "o"),
+         "dora is not supported by refine (supported: lora, bottleneck)"),
     ]
     for args, msg in cases:
         code, _, err = _refine(*args)

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from ..kinds import names as kind_names
 from . import app
 from .common import Force, JsonOut, Output, Seed, human_count, print_json
 from .train import Data, EvalData, MaxLen, _quiet, _render
@@ -17,7 +18,7 @@ _D = RefineConfig()
 
 @app.command("refine")
 def refine_cmd(
-    adapter: Annotated[str, typer.Option("--adapter", help="The LLM's LoRA (PEFT) or bottleneck (AdapterHub) adapter, e.g. from `surgery tune-bridge`.")],
+    adapter: Annotated[str, typer.Option("--adapter", help=f"The LLM's adapter, e.g. from `surgery tune-bridge` (kinds: {', '.join(kind_names('refine'))}).")],
     llm: Annotated[str, typer.Option("--llm", help="The LLM the adapter is for: a Hugging Face checkpoint directory (never modified).")],
     data: Data,
     output: Output,
