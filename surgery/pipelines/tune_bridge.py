@@ -12,6 +12,7 @@ An AdapterHub bottleneck adapter takes the same path through BottleneckRoute (tu
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from ..errors import AdapterError, CheckpointError, ShapeError
@@ -44,8 +45,23 @@ def _llm_config(meta: dict, llm: str | None, where: str) -> dict:
         return json.load(f)
 
 
+def bridge_module(arch, t, kept: dict) -> str | None:
+    """The bridge's name for the LLM module of tensor spec `t` (layers renumber when the bridge
+    dropped some), or None when the bridge dropped its layer."""
+    from .bridge_plan import bridge_layer
+
+    if t.stack is None:
+        return t.module
+    j = bridge_layer(kept, t.stack, t.layer)
+    if j is None:
+        return None
+    prefix = arch.spec["stacks"][t.stack]["prefix"]
+    return prefix.format(i=j) + t.module[len(prefix.format(i=t.layer)):]
+
+
 def plan(adapter, arch, kept: dict) -> list[dict]:
-    """Per LoRA module: its kept input/output positions and the restricted A_b, B_b."""
+    """Per LoRA module the bridge keeps: its bridge name, kept input/output positions and the
+    restricted A_b, B_b. Modules of dropped layers are left out (their A and B stay as given)."""
     from ..ops.bridge import restrict
     from ..ops.slice import axis_indices
 
@@ -61,12 +77,36 @@ def plan(adapter, arch, kept: dict) -> list[dict]:
             raise ShapeError(f"{adapter.path}: {m.module} has lora_A {list(m.A.shape)} and lora_B {list(m.B.shape)} "
                              f"but the LLM's layer is {n_out}x{n_in}",
                              "the adapter is for another model; pass the one `surgery transfer` wrote for this LLM")
+        name = bridge_module(arch, t, kept)
+        if name is None:
+            continue
         layer = kept["layers"][t.stack][t.layer] if t.stack else {}
         k = {**layer, "residual": kept["residual"]}
         in_idx, out_idx = axis_indices(arch, t.in_dims, k), axis_indices(arch, t.out_dims, k)
         A_b, B_b = restrict(m.A, m.B, in_idx, out_idx)
-        out.append({"module": m.module, "A": m.A, "B": m.B, "in_idx": in_idx, "out_idx": out_idx, "A_b": A_b, "B_b": B_b})
+        out.append({"module": m.module, "bridge_module": name, "A": m.A, "B": m.B, "scaling": m.scaling,
+                    "in_idx": in_idx, "out_idx": out_idx, "A_b": A_b, "B_b": B_b})
+    if not out:
+        raise AdapterError(f"{adapter.path}: every LoRA module sits in a layer the bridge dropped",
+                           "prune the bridge with fewer --drop-layers")
     return out
+
+
+def bridge_lora_config(lcfg, steps: list[dict]):
+    """The LLM adapter's LoraConfig for the bridge. When the bridge renumbered layers (--drop-layers),
+    layer-indexed settings (layers_to_transform, rank/alpha patterns, regex targets) would point at
+    the wrong layers, so every module is named exactly, with its own rank and alpha."""
+    import re
+
+    if all(s["module"] == s["bridge_module"] for s in steps):
+        return lcfg
+    r = {re.escape(s["bridge_module"]): int(s["A"].shape[0]) for s in steps}
+    alpha = {re.escape(s["bridge_module"]): s["scaling"] * (math.sqrt(r[k]) if lcfg.use_rslora else r[k])
+             for s, k in zip(steps, r)}
+    lcfg.target_modules = sorted(s["bridge_module"] for s in steps)
+    lcfg.layers_to_transform, lcfg.layers_pattern = None, None
+    lcfg.rank_pattern, lcfg.alpha_pattern = r, alpha
+    return lcfg
 
 
 def _check_supported(adapter) -> None:
@@ -100,13 +140,13 @@ class LoraRoute:
 
         from ..io.adapter import lora_key
 
-        lcfg = peft.LoraConfig.from_pretrained(self.ad.path)
+        lcfg = bridge_lora_config(peft.LoraConfig.from_pretrained(self.ad.path), self.steps)
         lcfg.inference_mode = False
         pm = peft.get_peft_model(model, lcfg)
         sd = {}
         for s in self.steps:
-            sd[lora_key(s["module"], "lora_A.weight")] = s["A_b"]
-            sd[lora_key(s["module"], "lora_B.weight")] = s["B_b"]
+            sd[lora_key(s["bridge_module"], "lora_A.weight")] = s["A_b"]
+            sd[lora_key(s["bridge_module"], "lora_B.weight")] = s["B_b"]
         _load_exact(pm, sd, bdir)
         return pm
 
@@ -120,8 +160,9 @@ class LoraRoute:
         tensors = dict(self.ad.tensors)
         for s in self.steps:
             ka, kb = lora_key(s["module"], "lora_A.weight"), lora_key(s["module"], "lora_B.weight")
+            ba, bb = lora_key(s["bridge_module"], "lora_A.weight"), lora_key(s["bridge_module"], "lora_B.weight")
             tensors[ka], tensors[kb] = lift(s["A"], s["B"], s["in_idx"], s["out_idx"],
-                                            s["A_b"], new[ka].cpu(), s["B_b"], new[kb].cpu())
+                                            s["A_b"], new[ba].cpu(), s["B_b"], new[bb].cpu())
         write_adapter(od, self.ad.config, tensors)
 
     @property
