@@ -61,7 +61,7 @@ def _kl(p_logits, q_logits) -> float:
     return float((lp.exp() * (lp - lq)).sum(-1).mean())
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "t5"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "t5", "phi3", "qwen3"])
 def test_keep_everything_reproduces_the_llm_exactly(fx, calib, tmp_path, family):
     import torch
 
@@ -76,8 +76,9 @@ def test_keep_everything_reproduces_the_llm_exactly(fx, calib, tmp_path, family)
     assert r["calibration_loss"]["bridge"] == r["calibration_loss"]["llm"]
 
 
-@pytest.mark.parametrize("family,extra", [("gpt2", ["--drop-layers", "1"]), ("qwen2", []), ("t5", []),
-                                          ("qwen2", ["--residual", "prune"]), ("t5", ["--residual", "prune"])])
+@pytest.mark.parametrize("family,extra", [("gpt2", ["--drop-layers", "1"]), ("qwen2", []), ("t5", []), ("phi3", []),
+                                          ("qwen3", []), ("qwen2", ["--residual", "prune"]),
+                                          ("t5", ["--residual", "prune"])])
 def test_reduction_4_loads_runs_and_keeps_a_quarter(fx, calib, tmp_path, family, extra):
     """--reduction 4 keeps about a quarter of the non-embedding parameters; by default every residual
     channel (GPT-2 keeps every head with its residual, so it reaches 1/4 only by dropping a layer)."""
@@ -264,15 +265,15 @@ def test_norm_recalibration_is_exact_when_dropped_channels_are_silent():
 
 
 def test_data_errors_name_the_line(tmp_path, fx):
-    from surgery.pipelines.calibration import read_documents
+    from surgery.io.data import documents
 
     bad = tmp_path / "d.jsonl"
     bad.write_text('{"text": "a"}\n\n{"text": 3}\n')
-    with pytest.raises(DataError, match=r"d.jsonl:3: no string \"text\" field"):
-        read_documents(str(bad))
+    with pytest.raises(DataError, match=r"d.jsonl:3: \"text\" is a number, not a string"):
+        documents(str(bad))
     bad.write_text('{"text": "a"}\n{oops\n')
     with pytest.raises(DataError, match=r"d.jsonl:2: not valid JSON"):
-        read_documents(str(bad))
+        documents(str(bad))
     empty = tmp_path / "e.txt"
     empty.write_text("\n  \n")
     code, _, err = run_cli("prune-bridge", fx.model("llama"), "-o", tmp_path / "o", "--data", empty)
@@ -295,6 +296,11 @@ def test_size_requests_that_break_the_family_are_refused(fx, calib, tmp_path):
     with pytest.raises(ShapeError, match="outside"):
         prune_bridge(fx.model("llama"), tmp_path / "o", calib, intermediate_size=999)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_family_whose_map_says_unsupported_is_refused(fx, calib, tmp_path):
+    code, _, err = run_cli("prune-bridge", fx.model("gemma"), "-o", tmp_path / "o", "--data", calib)
+    assert code == 2 and "does not support gemma" in err and "sqrt(hidden_size)" in err and not (tmp_path / "o").exists()
 
 
 def test_sharded_bfloat16_llm_keeps_dtype_and_values(fx, calib, tmp_path):

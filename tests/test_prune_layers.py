@@ -121,7 +121,7 @@ def test_bottleneck_sites_of_a_dropped_layer_stay_as_given(fx, noop, calib, task
     from surgery.pipelines.tune_bridge import tune_bridge
     from surgery.train.loop import TrainConfig
 
-    from .test_tune_bridge_bottleneck import _adapter
+    from .test_tune_bridge_bottleneck import _adapter  # noqa: E402
 
     src = _adapter(noop, str(tmp_path / "src"), "houlsby")
     prune_bridge(noop, tmp_path / "b", calib, reduction=2, drop_layers=1, **FAST)

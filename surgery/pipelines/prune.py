@@ -172,6 +172,9 @@ def prune_bridge(llm: str, out: str, data: str, *, reduction: float = 16.0, hidd
         raise DataError(f"unknown --drop-by {drop_by!r}", f"choose one of {', '.join(DROP_BY)}")
     ck = Checkpoint.open(llm)
     arch = arch_of(ck)
+    if arch.prune.get("unsupported"):
+        raise ArchitectureError(f"prune-bridge does not support {arch.family}: {arch.prune['unsupported']}",
+                                "use a family whose map has prune.config_keys (docs/arch.md)")
     if "config_keys" not in arch.prune:
         raise ArchitectureError(f"family {arch.family} has no prune.config_keys", "add it to its family file (docs/arch.md)")
     check_drop_layers(arch, drop_layers)
