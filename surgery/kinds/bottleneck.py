@@ -156,6 +156,18 @@ def lift_sites(old_llm: dict, old_bridge: dict, new_bridge: dict, kept_residual)
     return {m: lift_bottleneck(old_llm[m], old_bridge[m], new_bridge[m], kept_residual, kept_residual) for m in old_llm}
 
 
+def _site_names(arch, kept: dict) -> dict:
+    """{LLM site module: the same site's module in the bridge}, for the layers the bridge keeps."""
+    from ..pipelines.bridge_plan import bridge_name
+
+    out = {}
+    for site in arch.bottleneck_sites():
+        name = bridge_name(arch, site.stack, site.layer, site.module, kept)
+        if name is not None:
+            out[site.module] = name
+    return out
+
+
 class BottleneckRoute:
     """tune-bridge for an AdapterHub bottleneck adapter (module doc)."""
 
@@ -168,7 +180,12 @@ class BottleneckRoute:
         fix = "pass the adapter `surgery transfer` wrote for this LLM"
         check_fits(ad, arch, "LLM", fix, fix)
         self.kept = kept["residual"]
-        self.bridge_w = restrict_sites(ad.modules, self.kept)
+        from ..pipelines.bridge_plan import bridge_layer_ids
+
+        # sites of layers the bridge dropped (--drop-layers) stay as given; the rest get bridge names
+        self.rename = _site_names(arch, kept)
+        self.bridge_w = restrict_sites({self.rename[m]: w for m, w in ad.modules.items() if m in self.rename}, self.kept)
+        self.bn = ad.bn if not ad.bn.get("leave_out") else {**ad.bn, "leave_out": bridge_layer_ids(arch, kept, ad.bn["leave_out"])}
 
     def wrap(self, model, bdir: str):
         from ..arch import load_arch
@@ -178,12 +195,15 @@ class BottleneckRoute:
         if barch.dims["hidden"] != len(self.kept):
             raise AdapterError(f"the bridge at {bdir} has hidden size {barch.dims['hidden']} but its bridge.json keeps "
                                f"{len(self.kept)} residual coordinates", "re-create the bridge with `surgery prune-bridge`")
-        return WithBottleneck(model, attach_bottleneck(model, barch, self.ad.bn, weights=self.bridge_w, name=self.ad.name))
+        return WithBottleneck(model, attach_bottleneck(model, barch, self.bn, weights=self.bridge_w, name=self.ad.name))
 
     def write(self, od, pm, arch, llm_config: dict) -> None:
         pm.bottleneck.detach()
         tuned = {m: {k: v.cpu() for k, v in w.items()} for m, w in pm.bottleneck.site_weights().items()}
-        new = lift_sites(self.ad.modules, self.bridge_w, tuned, self.kept)
+        back = {b: m for m, b in self.rename.items()}
+        lifted = lift_sites({back[b]: self.ad.modules[back[b]] for b in self.bridge_w},
+                            {back[b]: w for b, w in self.bridge_w.items()}, {back[b]: w for b, w in tuned.items()}, self.kept)
+        new = {m: lifted.get(m, w) for m, w in self.ad.modules.items()}
         write_bottleneck(od, self.ad.name, self.ad.bn, new, llm_config, arch.dims["hidden"], self.ad.base)
 
     @property
