@@ -14,7 +14,8 @@ the dtype and the placement are decided in one place:
 With neither, each command keeps its default (`dispatch`):
   "never"  load on the CPU; the training loop moves the model to its process's device (one GPU per
            process under `accelerate launch`, else the CPU) — train, eval, tune-bridge;
-  "gpu"    device_map="auto" when a GPU is present — prune-bridge;
+  "gpu"    device_map="auto" when a GPU is present — prune-bridge (whose auto dtype is the
+           checkpoint's on the CPU too: its Fisher passes recompute one block at a time in float32);
   "fit"    device_map="auto" when a GPU is present or the model would not fit in free memory — transfer.
 
 Flags are checked by `Placement.check` before torch is imported.
@@ -62,20 +63,21 @@ class Placement:
             return self.device.startswith("cuda")
         return torch.cuda.is_available()
 
-    def torch_dtype(self, path: str):
-        """The dtype to load in: as asked, or `auto` resolved against the checkpoint and the device."""
+    def torch_dtype(self, path: str, auto: str = "device"):
+        """The dtype to load in: as asked, or `auto` resolved against the checkpoint and the device
+        (auto="stored": the checkpoint's dtype on the CPU too, for prune-bridge's block-wise float32 passes)."""
         import torch
 
         if self.dtype != "auto":
             return getattr(torch, self.dtype)
-        if not self.gpu:
+        if not self.gpu and auto != "stored":
             return torch.float32
         from .checkpoint import Checkpoint
 
         stored = Checkpoint.open(path).main_dtype()
         return stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
 
-    def dispatch_map(self, path: str, dispatch: str) -> str | None:
+    def dispatch_map(self, path: str, dispatch: str, max_memory: dict | None = None) -> str | None:
         """The device_map to hand from_pretrained (None: load on the CPU)."""
         import torch
 
@@ -84,7 +86,7 @@ class Placement:
             return self.device_map
         if dispatch == "never":
             return None
-        if torch.cuda.is_available() or (dispatch == "fit" and not _fits_in_memory(path)):
+        if torch.cuda.is_available() or max_memory or (dispatch == "fit" and not _fits_in_memory(path)):
             return "auto"
         return None
 
@@ -105,10 +107,12 @@ def _fits_in_memory(path: str) -> bool:
     return 2 * Checkpoint.open(path).total_bytes() <= free
 
 
-def load_model(path: str, placement: Placement | None = None, *, dispatch: str = "never"):
+def load_model(path: str, placement: Placement | None = None, *, dispatch: str = "never", auto_dtype: str = "device",
+               max_memory: dict | None = None):
     """The transformers model of the checkpoint directory `path` (causal or seq2seq, from its config),
     in eval mode. A model placed by accelerate carries `hf_device_map`; the training loop leaves such
-    a model where it is."""
+    a model where it is. max_memory ({device: "20GiB", "cpu": ...}) caps each device for accelerate's
+    placement, which offloads what does not fit to CPU and then disk."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from .checkpoint import Checkpoint
@@ -117,9 +121,11 @@ def load_model(path: str, placement: Placement | None = None, *, dispatch: str =
     ck = Checkpoint.open(path)  # a clear error for a missing or broken directory first
     config = AutoConfig.from_pretrained(ck.path)
     cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    device_map = placement.dispatch_map(ck.path, dispatch)
+    device_map = placement.dispatch_map(ck.path, dispatch, max_memory)
     kw = {"device_map": device_map} if device_map else {}
-    model = cls.from_pretrained(ck.path, dtype=placement.torch_dtype(ck.path), **kw)
+    if device_map and max_memory:
+        kw["max_memory"] = max_memory
+    model = cls.from_pretrained(ck.path, dtype=placement.torch_dtype(ck.path, auto_dtype), **kw)
     if placement.device:
         model = model.to(placement.device)
     return model.eval()

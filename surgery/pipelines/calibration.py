@@ -64,7 +64,7 @@ def mean_loss(model, blocks, batch_size: int) -> float:
     total, n = 0.0, 0
     with torch.no_grad():
         for b in batches(blocks, batch_size, model.config.is_encoder_decoder):
-            out = model(**to_device(b, model))
+            out = model(**to_device(b, model), use_cache=False)
             k = b["labels"].numel()
             total += float(out.loss) * k
             n += k
