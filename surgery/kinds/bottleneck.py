@@ -223,7 +223,7 @@ def lift_sites(old_llm: dict, old_bridge: dict, new_bridge: dict, kept_residual)
 
 def _site_names(arch, kept: dict) -> dict:
     """{LLM site module: the same site's module in the bridge}, for the layers the bridge keeps."""
-    from ..pipelines.bridge_plan import bridge_name
+    from ..ops.slice import bridge_name
 
     out = {}
     for site in arch.bottleneck_sites():
@@ -243,7 +243,7 @@ class BottleneckRoute:
         fix = "pass the adapter `surgery transfer` wrote for this LLM"
         check_fits(ad, arch, "LLM", fix, fix)
         self.kept = kept["residual"]
-        from ..pipelines.bridge_plan import bridge_layer_ids
+        from ..ops.slice import bridge_layer_ids
 
         # sites of layers the bridge dropped (--drop-layers) stay as given; the rest get bridge names
         self.rename = _site_names(arch, kept)

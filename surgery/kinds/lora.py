@@ -269,7 +269,7 @@ class LoraRoute:
         kept positions and restricted A_b, B_b. Modules of dropped layers stay as given."""
         from ..ops.bridge import restrict
         from ..ops.slice import axis_indices
-        from ..pipelines.bridge_plan import bridge_name
+        from ..ops.slice import bridge_name
 
         by_module = arch.by_module()
         out = []

@@ -25,7 +25,7 @@ import math
 from ..arch import load_arch
 from ..errors import ShapeError
 from ..ops.fisher import retained, top_k
-from ..ops.slice import heads_to_coords
+from ..ops.slice import bridge_layer, bridge_layer_ids, bridge_name, heads_to_coords  # noqa: F401 (re-exported)
 
 SIZE_NAMES = ("hidden", "heads", "kv_heads", "intermediate")
 RESIDUAL = ("keep", "prune")
@@ -236,38 +236,6 @@ def select(arch, unit_scores: dict, sizes: dict, dropped: dict | None = None) ->
 def kept_layers(kept: dict) -> dict[str, list[int]]:
     """{stack: LLM layer indices the bridge keeps, in order}: bridge layer j is LLM layer kept_layers[stack][j]."""
     return {st: [i for i, e in enumerate(layers) if e is not None] for st, layers in kept["layers"].items()}
-
-
-def bridge_layer(kept: dict, stack: str, layer: int) -> int | None:
-    """The bridge's index of LLM layer `layer` of `stack`, or None if the bridge dropped it."""
-    layers = kept["layers"][stack]
-    return None if layers[layer] is None else sum(e is not None for e in layers[:layer])
-
-
-def bridge_name(arch, stack: str | None, layer: int | None, name: str, kept: dict) -> str | None:
-    """The bridge's name for the LLM's module/tensor `name` of (stack, layer): layers renumber when
-    the bridge dropped some. None when the bridge dropped that layer; globals keep their name."""
-    if stack is None:
-        return name
-    j = bridge_layer(kept, stack, layer)
-    if j is None:
-        return None
-    prefix = arch.spec["stacks"][stack]["prefix"]
-    return prefix.format(i=j) + name[len(prefix.format(i=layer)):]
-
-
-def bridge_layer_ids(arch, kept: dict, ids) -> list[int]:
-    """AdapterHub-style layer ids (counted across stacks) of the LLM -> the bridge's, dropping the
-    ids of dropped layers (e.g. a bottleneck config's leave_out)."""
-    out, offset, boffset = [], 0, 0
-    for stack, n in arch.stacks.items():
-        for i in range(n):
-            j = bridge_layer(kept, stack, i)
-            if offset + i in set(ids) and j is not None:
-                out.append(boffset + j)
-        offset += n
-        boffset += sum(e is not None for e in kept["layers"][stack])
-    return sorted(out)
 
 
 def layer_kept(kept: dict, stack: str | None, layer: int | None) -> dict:
