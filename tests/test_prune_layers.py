@@ -116,7 +116,7 @@ def test_tune_bridge_leaves_a_dropped_layers_adapter_as_given(fx, calib, task, t
 def test_bottleneck_sites_of_a_dropped_layer_stay_as_given(fx, noop, calib, task, tmp_path):
     import torch
 
-    from surgery.io.adapterhub import read_adapterhub
+    from surgery.kinds.bottleneck import read_adapterhub
     from surgery.pipelines.prune import prune_bridge
     from surgery.pipelines.tune_bridge import tune_bridge
     from surgery.train.loop import TrainConfig

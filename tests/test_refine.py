@@ -62,10 +62,11 @@ def test_spsa_estimate_matches_autograd_on_a_tiny_llm_with_lora(fx, task):
 
     from surgery.ops.mezo import directions, spsa_estimate
     from surgery.train.data import collate, load_examples
+    from surgery.io.model import Placement
     from surgery.train.methods import load_base
     from surgery.train.zeroth import batch_loss
 
-    model, tok, _ = load_base(fx.model("llama"), dtype=torch.float64)
+    model, tok, _ = load_base(fx.model("llama"), Placement(dtype="float64"))
     pm = PeftModel.from_pretrained(model, fx.lora("llama", targets=TARGETS), is_trainable=True).eval()
     params = [p for _, p in sorted(pm.named_parameters()) if p.requires_grad]
     batch = collate(load_examples(task[0], tok, seq2seq=False)[:8], 0, False)
@@ -165,7 +166,7 @@ def test_refine_lora_lowers_the_loss_reproducibly_and_loads_in_peft(fx, task, tm
 @pytest.mark.parametrize("kind", ["houlsby", "pfeiffer"])
 def test_refine_bottleneck_lowers_the_loss_and_keeps_the_adapterhub_layout(fx, task, tmp_path, kind):
     from fixtures import build_bottleneck
-    from surgery.io.adapterhub import read_adapterhub
+    from surgery.kinds.bottleneck import read_adapterhub
 
     llm = fx.model("llama")
     src = str(tmp_path / "src")

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 from ..errors import SurgeryError
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype
+EXTRA_DTYPES = ("float64",)  # from Python only: numerical checks (tests, benchmarks)
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 DISPATCH = ("never", "gpu", "fit")
 
@@ -42,7 +43,7 @@ class Placement:
     device_map: str | None = None
 
     def check(self) -> "Placement":
-        if self.dtype not in DTYPES:
+        if self.dtype not in DTYPES + EXTRA_DTYPES:
             raise SurgeryError(f"unknown --dtype {self.dtype!r}", f"choose one of {', '.join(DTYPES)}")
         if self.device and self.device_map:
             raise SurgeryError(f"--device {self.device} and --device-map {self.device_map} both given",
