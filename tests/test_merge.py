@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from surgery.kinds.lora import modules as lora_modules
 from surgery.errors import AdapterError, NumericsError
 from surgery.io.checkpoint import Checkpoint
 from surgery.pipelines.merge import DORA_NORMS, merge_lora, unmerge_lora
@@ -135,7 +136,7 @@ def test_bf16_rounds_once_and_unmerge_within_rounding(fx, tmp_path):
     key = "model.layers.0.self_attn.q_proj.weight"
     from surgery.io.adapter import Adapter
 
-    lm = {x.module: x for x in Adapter.open(ad).lora_modules()}["model.layers.0.self_attn.q_proj"]
+    lm = {x.module: x for x in lora_modules(Adapter.open(ad))}["model.layers.0.self_attn.q_proj"]
     want = (ck.read(key).float() + lm.scaling * lm.B.float() @ lm.A.float()).to(torch.bfloat16)
     assert m.dtype(key) == torch.bfloat16 and torch.equal(m.read(key), want)
     unmerge_lora(str(tmp_path / "m"), ad, str(tmp_path / "u"))

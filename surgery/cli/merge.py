@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..kinds import names as kind_names
 from . import app
 from .common import Family, Force, MaxShard, Output, console, human_bytes, use_families
 
@@ -38,7 +39,7 @@ def _report(info: dict, title: str) -> None:
 @app.command("merge-lora")
 def merge_cmd(
     base: Annotated[str, typer.Argument(help="Base model directory.")],
-    adapters: Annotated[list[str], typer.Argument(help="One or more PEFT adapter directories (LoRA, DoRA, LoKr).")],
+    adapters: Annotated[list[str], typer.Argument(help=f"One or more PEFT adapter directories ({', '.join(kind_names('merge-lora'))}).")],
     output: Output = ...,
     weight: Annotated[Optional[list[float]], typer.Option("--weight", help="Weight per adapter, in order (default 1).")] = None,
     dtype: Dtype = "auto",
