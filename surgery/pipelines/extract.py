@@ -18,7 +18,7 @@ from ..arch.generic import linear_map
 from ..errors import AdapterError, ArchitectureError, ShapeError
 from ..io.adapter import lora_config, lora_key, targets_module, write_adapter, WEIGHTS
 from ..io.checkpoint import Checkpoint
-from ..io.progress import byte_progress
+from ..io.progress import progress as progress_of
 from ..io.writer import OutputDir, check_finite
 from ..ops.lowrank import VERIFY_TOL, energy_rank, lora_factors, relative_error, spectrum_svd, sumsq64, truncated_svd
 from .stream import mmap_large_buffers
@@ -79,11 +79,9 @@ def extract_lora(base: str, tuned: str, out: str, *, rank: int | None = None, en
     rb, rt = _reader(cb, arch), _reader(ct, arch)
     by_name = arch.by_name()
     tensors, rows, bias = {}, [], {}
-    total = sum(cb.nbytes(s.name) if s.name in cb else 0 for s in mods) * 2
-    with byte_progress(total, "extracting", progress) as advance:
+    with progress_of(len(mods), "extract-lora", unit="modules", enabled=progress) as advance:
         for s in mods:
             wb, wt = rb(s.name), rt(s.name)
-            advance(2 * wb.numel() * wb.element_size())
             # float32 Δ (float64 for float64 checkpoints): each element is tuned − base rounded once, to
             # 2⁻²⁴ relative (exact for bf16/fp16 weights less than 2¹⁶ apart), so ‖Δ₃₂ − Δ‖ ≤ 6e-8 ‖Δ‖, far
             # below any truncation error; the float64 products with it promote a block at a time (mm64)
@@ -104,6 +102,7 @@ def extract_lora(base: str, tuned: str, out: str, *, rank: int | None = None, en
             tensors[lora_key(s.module, "lora_B.weight")] = B
             rows.append(_checked({"module": s.module, "shape": list(d.shape), "rank": int(S.shape[0]), "method": method,
                                   "rel_error": relative_error(d, A, B), "optimum": opt, "delta_norm": sumsq64(d) ** 0.5}, svd_err))
+            advance(1, s.module)
             bname = s.name[: -len("weight")] + "bias"
             if bname in by_name:
                 bias[s.module] = (rt(bname).double() - rb(bname).double()).float()
