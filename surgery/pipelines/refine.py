@@ -3,8 +3,8 @@
 The optional last stage of Algorithm 1 (Jin, Zhang & Zong, 2023): after transfer and tune-bridge,
 the adapter is plugged into the LLM and tuned there with two forward passes per step and no
 gradient of anything, so the memory is that of inference on the LLM. The LLM's weights are frozen
-and never written; OUT is the adapter in the input's own format (PEFT LoRA directory or AdapterHub
-bottleneck layout), with refine.json beside it (settings, loss per logging step, evaluations).
+and never written; OUT is the adapter in the input's own format (a PEFT directory: LoRA, DoRA, LoKr,
+(IA)³; or AdapterHub's bottleneck layout), with refine.json beside it (settings, loss per logging step, evaluations).
 
 The adapter's kind (surgery.kinds) puts the saved adapter on the LLM, names its tensors and writes
 them back (Kind.tunable / Kind.save_tuned); kinds list "refine" in their commands when they can.
