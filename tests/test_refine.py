@@ -231,6 +231,7 @@ def test_bad_input_is_one_line_and_writes_nothing(fx, task, tmp_path):
     cases = [
         ((src, llm, task, tmp_path / "o", "--steps", "0"), "--steps 0 is out of range"),
         ((src, llm, task, tmp_path / "o", "--lr", "-1"), "--lr -1.0 is out of range"),
+        ((src, llm, task, tmp_path / "o", "--backoff", "0"), "--backoff 0.0 is out of range"),
         ((str(tmp_path / "nope"), llm, task, tmp_path / "o"), "does not exist"),
         ((llm, llm, task, tmp_path / "o"), "is a model directory, not an adapter"),
         ((gpt2_lora, llm, task, tmp_path / "o"), "does not fit this LLM"),
@@ -270,3 +271,8 @@ def test_keep_best_never_writes_an_adapter_worse_than_its_input(fx, task, tmp_pa
     evals = {e["step"]: e["loss"] for e in log["history"]["evals"]}
     assert sorted(evals) == [10, 20, 30] and s["kept_step"] in evals
     assert s["after"]["loss"] == min(evals.values()) <= s["before"]["loss"]
+    # a worse evaluation than the best so far restores the best state and halves lr
+    code, o, err = _refine(src, llm, task, tmp_path / "backoff", "--lr", "3", "--eval-every", "10")
+    assert code == 0, err
+    s = json.loads(o)
+    assert s["lr_schedule"][:3] == [[0, 3.0], [10, 1.5], [20, 0.75]] and s["after"]["loss"] <= s["before"]["loss"]

@@ -54,7 +54,8 @@ def refine(adapter_dir: str, llm_dir: str, data: str, out: str, *, eval_data: st
                                       "eval_data": os.path.abspath(eval_data) if eval_data else None,
                                       "seed": cfg.seed, "steps": cfg.steps, "lr": cfg.lr, "eps": cfg.eps,
                                       "batch_size": cfg.batch_size, "max_length": max_length,
-                                      "eval_every": cfg.eval_every, "keep_best": cfg.keep_best, "kept_step": kept,
+                                      "eval_every": cfg.eval_every, "keep_best": cfg.keep_best, "backoff": cfg.backoff,
+                                      "kept_step": kept, "lr_schedule": hist.lr,
                                       "trainable": sum(p.numel() for p in params),
                                       "before": before, "after": after, "history": hist.as_dict()})
         path = od.commit()
@@ -62,5 +63,5 @@ def refine(adapter_dir: str, llm_dir: str, data: str, out: str, *, eval_data: st
     return {"output": path, "kind": kind.name, "family": arch.family, "trainable": trainable,
             "llm_parameters": sum(p.numel() for p in wrapped.parameters()) - trainable, "steps": hist.steps,
             "device": hist.device,
-            "evaluated_on": "eval" if eval_ex else "train", "kept_step": kept, "before": before, "after": after,
+            "evaluated_on": "eval" if eval_ex else "train", "kept_step": kept, "lr_schedule": hist.lr, "before": before, "after": after,
             "history": hist.as_dict()}
