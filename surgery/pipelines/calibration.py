@@ -20,8 +20,8 @@ def token_blocks(model_dir: str, data: str, samples: int, seq_len: int, seed: in
 
     if samples < 1 or seq_len < 2:
         raise DataError(f"--samples {samples} / --seq-len {seq_len} are too small", "use at least 1 sample of 2 tokens")
-    docs = documents(data)
     tok = load_tokenizer(model_dir)
+    docs = documents(data, tokenizer=tok)  # the tokenizer renders chat records with its template
     eos = tok.eos_token_id
     ids: list[int] = []
     for d in docs:
