@@ -135,7 +135,7 @@ def check_fits(ad, arch, role: str, family_fix: str, width_fix: str) -> None:
 
 def attach_saved(model, arch, path: str):
     """eval --adapter on an AdapterHub directory: read it, check it fits `model`, hook it in."""
-    from ..train.bottleneck import attach_bottleneck
+    from ..train.bottleneck import attach_bottleneck  # lazy (here and below): it defines nn.Modules, so imports torch
 
     ad = read_adapterhub(path)
     check_fits(ad, arch, "model", "use the adapter with the model family it was trained or ported for",
