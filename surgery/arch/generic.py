@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ..log import note
 from . import TensorSpec, find_family, load_arch
 
 FAMILY = "generic"
@@ -68,8 +69,6 @@ def linear_map(checkpoint, say: bool = True):
     """The family map of `checkpoint`, or the generic linear-layer map when no family covers it
     (saying so in one stderr note unless `say` is false, e.g. for the second model of a pair)."""
     import os
-
-    from ..log import note
 
     model_type = checkpoint.config.get("model_type")
     where = os.path.join(checkpoint.path, "config.json")

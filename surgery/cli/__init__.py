@@ -14,6 +14,10 @@ from importlib import import_module
 
 import typer
 
+from ..errors import SurgeryError
+from ..io.hub import local_dir
+from ..io.writer import abort_all
+
 app = typer.Typer(
     name="surgery",
     help="Surgery on saved checkpoints: merge, extract, prune and transfer parameter-efficient adapters.",
@@ -22,7 +26,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-
 
 
 @app.callback()
@@ -48,8 +51,6 @@ INPUTS = frozenset({"path", "base", "tuned", "merged", "delta", "model", "adapte
 def _resolving(fn):
     @functools.wraps(fn)  # typer reads the wrapped signature and annotations
     def run(*args, **kwargs):
-        from ..io.hub import local_dir
-
         for k in INPUTS & kwargs.keys():
             v = kwargs[k]
             kwargs[k] = [local_dir(x) for x in v] if isinstance(v, (list, tuple)) else local_dir(v)
@@ -86,9 +87,6 @@ def os_error_line(e: OSError) -> str:
 
 
 def main() -> None:
-    from ..errors import SurgeryError
-    from ..io.writer import abort_all
-
     debug = os.environ.get("SURGERY_DEBUG") == "1"
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupted)

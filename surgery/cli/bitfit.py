@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from ..pipelines.bitfit import apply_bitfit, extract_bitfit
 from . import app
 from .common import Force, JsonOut, MaxShard, Output, console, human_bytes, print_json
 
@@ -19,8 +20,6 @@ def extract_bitfit_cmd(
     json_out: JsonOut = False,
 ):
     """Save the biases (and new task heads) TUNED changed, and report what a bias-only delta drops."""
-    from ..pipelines.bitfit import extract_bitfit
-
     m = extract_bitfit(base, tuned, output, force=force)
     if json_out:
         print_json({k: v for k, v in m.items() if k != "config"})
@@ -54,8 +53,6 @@ def apply_bitfit_cmd(
     json_out: JsonOut = False,
 ):
     """Write BASE with the delta's biases and task heads: the tuned model, bit for bit."""
-    from ..pipelines.bitfit import apply_bitfit
-
     r = apply_bitfit(base, delta, output, force=force, max_shard_size=max_shard_size)
     if json_out:
         print_json(r)

@@ -6,6 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..arch import use_family_files
+from ..io.model import Placement
+
 Force = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists (inputs are never overwritten).")]
 Output = Annotated[str, typer.Option("--output", "-o", help="Output directory (written atomically).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
@@ -24,15 +27,11 @@ DeviceMap = Annotated[Optional[str], typer.Option("--device-map", help="Spread t
 
 def placement(dtype: str, device: str | None, device_map: str | None):
     """The Placement of --dtype/--device/--device-map, checked before torch is imported."""
-    from ..io.model import Placement
-
     return Placement(dtype, device, device_map).check()
 
 
 def use_families(files: list[str] | None) -> None:
     """Register this command's --family files before it reads any model (pure Python: no torch)."""
-    from ..arch import use_family_files
-
     use_family_files(files or [])
 
 

@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..pipelines.extract import extract_lora
 from . import app
 from .common import Family, Force, JsonOut, Output, Seed, console, human_bytes, print_json, use_families
 
@@ -25,8 +26,6 @@ def extract_cmd(
     family: Family = None,
 ):
     """Write a PEFT LoRA adapter approximating TUNED - BASE; report each module's relative error and the size."""
-    from ..pipelines.extract import extract_lora
-
     use_families(family)
     info = extract_lora(base, tuned, output, rank=rank, energy=energy, targets=targets, dtype=dtype, seed=seed, force=force)
     if json_out:

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from ..pipelines.inspect import describe
 from . import app
 from .common import Family, JsonOut, console, human_bytes, human_count, print_json, use_families
 
@@ -17,8 +18,6 @@ def inspect_cmd(
     family: Family = None,
 ):
     """Show family, widths, parameters, dtypes and shards of a model, or type, rank and targets of an adapter."""
-    from ..pipelines.inspect import describe
-
     use_families(family)
     info = describe(path)
     if json_out:

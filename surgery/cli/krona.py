@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..pipelines.krona import extract_krona
 from . import app
 from .common import Force, JsonOut, Output, console, human_count, print_json
 
@@ -21,8 +22,6 @@ def extract_krona_cmd(
     json_out: JsonOut = False,
 ):
     """Approximate each ΔW by the best A ⊗ B (Van Loan–Pitsianis) and write a PEFT LoKr adapter."""
-    from ..pipelines.krona import extract_krona
-
     rep = extract_krona(base, tuned, output, factor=factor, targets=targets, force=force)
     if json_out:
         print_json(rep)

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..kinds import names as kind_names
+from ..pipelines.merge import merge_lora, unmerge_lora
 from . import app
 from .common import Family, Force, MaxShard, Output, console, human_bytes, use_families
 
@@ -48,8 +49,6 @@ def merge_cmd(
     family: Family = None,
 ):
     """Fold adapters into the base weights and write a standalone checkpoint."""
-    from ..pipelines.merge import merge_lora
-
     use_families(family)
     info = merge_lora(base, adapters, output, weights=weight, dtype=dtype, max_shard_size=max_shard_size, force=force)
     _report(info, "merge-lora")
@@ -67,8 +66,6 @@ def unmerge_cmd(
     family: Family = None,
 ):
     """Take an adapter out of a merged checkpoint again (W -= delta)."""
-    from ..pipelines.merge import unmerge_lora
-
     use_families(family)
     info = unmerge_lora(merged, adapter, output, weights=[weight], dtype=dtype, max_shard_size=max_shard_size, force=force)
     _report(info, "unmerge-lora")

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..pipelines.prune import PruneConfig
+from ..pipelines.prune import PruneConfig, prune_bridge
 from . import app
 from .common import (Device, DeviceMap, Force, JsonOut, MaxShard, ModelDtype, Output, Seed, console, human_count,
                      placement, print_json)
@@ -43,8 +43,6 @@ def prune_bridge_cmd(
     """Prune LLM into a smaller checkpoint of the same family, by Fisher information on calibration data."""
     where = placement(dtype, device, device_map)  # default: device_map auto with a GPU, the CPU otherwise
     import transformers
-
-    from ..pipelines.prune import prune_bridge
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()

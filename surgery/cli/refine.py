@@ -7,11 +7,12 @@ from typing import Annotated
 import typer
 
 from ..kinds import names as kind_names
+from ..pipelines.refine import refine
+from ..train.zeroth import RefineConfig
 from . import app
 from .common import Force, JsonOut, Output, Seed, human_count, print_json
 from .train import Data, EvalData, MaxLen, _quiet, _render
 
-from ..train.zeroth import RefineConfig  # no torch at import: the defaults live in one place, cheaply
 
 _D = RefineConfig()
 
@@ -36,8 +37,6 @@ def refine_cmd(
     json_out: JsonOut = False,
 ):
     """Tune an adapter on the LLM with forward passes only (MeZO): no gradients, no optimizer state, inference memory. OUT has the input's format and refine.json."""
-    from ..pipelines.refine import refine
-
     _quiet()
     cfg = RefineConfig(steps=steps, lr=lr, eps=eps, batch_size=batch_size, seed=seed, log_every=log_every,
                        eval_every=eval_every, keep_best=keep_best)

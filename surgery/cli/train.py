@@ -6,8 +6,10 @@ from typing import Annotated
 
 import typer
 
-from ..kinds import MethodOptions
-from ..kinds import names as kind_names
+from ..kinds import MethodOptions, names as kind_names
+from ..pipelines.evaluate import evaluate
+from ..pipelines.train import train_adapter
+from ..pipelines.tune_bridge import tune_bridge
 from ..train.loop import TrainConfig
 from . import app
 from .common import (Device, DeviceMap, Force, JsonOut, ModelDtype, Output, Seed, console, human_count, placement,
@@ -89,7 +91,6 @@ def train_cmd(
 ):
     """Parameter-efficient tuning of a model (step 1 of Algorithm 1); saves a PEFT adapter (BitFit: bitfit.safetensors; bottleneck: AdapterHub layout)."""
     where = placement(dtype, device, device_map)
-    from ..pipelines.train import train_adapter
 
     opts = MethodOptions(rank=rank, alpha=alpha, virtual_tokens=virtual_tokens, adapter_config=adapter_config,
                          targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
@@ -128,7 +129,6 @@ def tune_bridge_cmd(
 ):
     """Tune an LLM's LoRA or bottleneck adapter through the bridge (W_down), then lift the update back: OUT is an adapter for the LLM."""
     where = placement(dtype, device, device_map)
-    from ..pipelines.tune_bridge import tune_bridge
 
     s = tune_bridge(adapter, bridge, data, output, eval_data=eval_data, llm=llm, max_length=max_length, force=force,
                     cfg=_cfg(epochs, lr, batch_size, seed, eval_every), placement=where)
@@ -157,7 +157,6 @@ def eval_cmd(
 ):
     """Loss, perplexity and exact-match accuracy (teacher-forced argmax = greedy) of completions."""
     where = placement(dtype, device, device_map)
-    from ..pipelines.evaluate import evaluate
 
     _quiet()
     s = evaluate(model, data, adapter=adapter, batch_size=batch_size, max_length=max_length, placement=where)

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from ..kinds import names as kind_names
-from ..pipelines.transfer import TransferConfig
+from ..pipelines.transfer import TransferConfig, transfer
 from . import app
 from .common import Device, DeviceMap, Force, JsonOut, ModelDtype, Output, console, placement, print_json
 
@@ -34,7 +34,6 @@ def transfer_cmd(
 ):
     """Port ADAPTER to the LLM: layers duplicated over blocks, widths through fitted projections (W_plug)."""
     where = placement(dtype, device, device_map)  # default: device_map auto with a GPU or when a model would not fit
-    from ..pipelines.transfer import transfer
 
     cfg = TransferConfig(map_kind=map_kind, depth=depth, samples=samples, seq_len=seq_len, ridge=ridge)
     info = transfer(slm, llm, output, cfg, slm_base=slm_base, data=data, force=force, placement=where)

@@ -18,7 +18,9 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import AdapterError
+from .adapterhub import is_adapterhub_dir
 from .jsonfile import load_json
+from .writer import check_finite
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
@@ -85,7 +87,6 @@ class Adapter:
                                    "pass the PEFT adapter directory (with adapter_config.json) here")
             raise AdapterError(f"{path} has no {CONFIG}", "pass a PEFT adapter directory")
         config = load_json(cfg_path, AdapterError, "restore it from the trained adapter")
-        from .adapterhub import is_adapterhub_dir
 
         if is_adapterhub_dir(path):  # merge-lora and friends land here: say what it is and where it works
             raise AdapterError(f"{path} is a bottleneck adapter (AdapterHub layout); bottleneck adapters add modules "
@@ -183,8 +184,6 @@ def saved_module_key(module: str, param: str) -> str:
 def write_adapter(outdir, config: dict, tensors: dict) -> None:
     """Write adapter_config.json and adapter_model.safetensors into an OutputDir (keys already full)."""
     from safetensors.torch import save_file
-
-    from .writer import check_finite
 
     clean = {}
     for k in sorted(tensors):

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from ..errors import AdapterError
 from .jsonfile import dumps, load_json
+from .writer import check_finite
 
 CONFIG = "adapter_config.json"
 WEIGHTS_BIN = "pytorch_adapter.bin"
@@ -243,8 +244,6 @@ def write_adapterhub(outdir, config: dict, modules: dict) -> None:
     """Write adapter_config.json, pytorch_adapter.bin and adapter.safetensors into an OutputDir."""
     import torch
     from safetensors.torch import save_file
-
-    from .writer import check_finite
 
     bn = config["config"]
     check_bn_config(bn, "adapter config")

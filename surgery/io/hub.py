@@ -14,6 +14,7 @@ import os
 import re
 
 from ..errors import CheckpointError
+from ..log import note
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 NEVER = ["*.h5", "*.msgpack", "*.onnx", "*.onnx_data", "*.gguf", "*.ot", "*.tflite", "*.pth", "*.pt",
@@ -34,8 +35,6 @@ def local_dir(value: str) -> str:
     if not isinstance(value, str) or not is_hub_id(value):
         return value
     from huggingface_hub import snapshot_download
-
-    from ..log import note
 
     cache = os.environ.get("HF_HUB_CACHE") or None
     fix = f"run `hf download {value}` (or pass a local directory)"

@@ -27,6 +27,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import SurgeryError
+from .checkpoint import Checkpoint
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype
 EXTRA_DTYPES = ("float64",)  # from Python only: numerical checks (tests, benchmarks)
@@ -73,7 +74,6 @@ class Placement:
             return getattr(torch, self.dtype)
         if not self.gpu and auto != "stored":
             return torch.float32
-        from .checkpoint import Checkpoint
 
         stored = Checkpoint.open(path).main_dtype()
         return stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
@@ -99,8 +99,6 @@ def _device_name_ok(name: str) -> bool:
 
 def _fits_in_memory(path: str) -> bool:
     """Would a float32 copy of the checkpoint fit in free RAM (twice a possibly 16-bit checkpoint)?"""
-    from .checkpoint import Checkpoint
-
     try:
         free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -115,8 +113,6 @@ def load_model(path: str, placement: Placement | None = None, *, dispatch: str =
     a model where it is. max_memory ({device: "20GiB", "cpu": ...}) caps each device for accelerate's
     placement, which offloads what does not fit to CPU and then disk."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    from .checkpoint import Checkpoint
 
     placement = (placement or Placement()).check()
     ck = Checkpoint.open(path)  # a clear error for a missing or broken directory first

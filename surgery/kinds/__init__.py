@@ -14,6 +14,7 @@ import os
 from importlib import import_module
 
 from ..errors import AdapterError
+from ..io.adapter import Adapter
 from ..io.jsonfile import load_json
 from .base import COMMANDS, Kind, MethodOptions
 
@@ -96,8 +97,6 @@ def kind_of(path: str, command: str) -> Kind:
     """The kind of the adapter directory `path`, refusing one `command` does not accept."""
     kind = detect(path)
     if kind is None:
-        from ..io.adapter import Adapter
-
         ad = Adapter.open(path)  # a missing or malformed directory gets its own precise error
         raise AdapterError(f"{ad.path} is a {ad.peft_type} adapter, which surgery does not know "
                            f"(supported by {command}: {', '.join(names(command))})",

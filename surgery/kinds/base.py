@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import AdapterError, NumericsError
+from ..io.adapter import Adapter, write_adapter
+from ..io.writer import nonfinite_count
 
 COMMANDS = ("train", "eval", "inspect", "merge-lora", "unmerge-lora", "transfer", "tune-bridge", "refine")
 
@@ -102,8 +104,6 @@ class PortContext:
 
 def checked(label: str, t):
     """Refuse a delta with NaN or inf before anything is written."""
-    from ..io.writer import nonfinite_count
-
     bad = nonfinite_count(t)
     if bad:
         raise NumericsError(f"{label}: the adapter's delta has {bad} NaN/inf values",
@@ -128,14 +128,12 @@ class Kind:
             str(config.get("peft_type", "")).upper() == self.peft_type
 
     def _refuse(self, command: str):
-        from . import require
+        from . import require  # lazy: the registry (kinds/__init__.py) imports this module
 
         require(self, command)
         raise NotImplementedError(f"{self.name} lists {command} but does not implement it")  # a bug, not bad input
 
     def read(self, path: str):
-        from ..io.adapter import Adapter
-
         return Adapter.open(path)
 
     def merge_steps(self, ad, target: MergeTarget, weight: float, sign: int) -> list:
@@ -216,8 +214,6 @@ def peft_tunable(kind: Kind, model, path: str):
 def write_peft_tuned(kind: Kind, od, path: str, model) -> None:
     """refine for a PEFT-format kind: the input's adapter_config.json, its keys, its dtypes (rounded once)."""
     from peft import get_peft_model_state_dict
-
-    from ..io.adapter import write_adapter
 
     ad = kind.read(path)
     new = get_peft_model_state_dict(model)

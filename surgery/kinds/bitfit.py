@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 
 from ..errors import AdapterError
+from ..io.jsonfile import load_json
+from ..train.bitfit import MANIFEST, freeze_to_biases, is_bitfit, load_bitfit, save_bitfit
 from .base import Kind
 
 
@@ -19,14 +21,9 @@ class Bitfit(Kind):
     commands = ("train", "eval", "inspect")
 
     def matches(self, path, config):
-        from ..train.bitfit import is_bitfit
-
         return is_bitfit(path)
 
     def read(self, path: str) -> dict:
-        from ..io.jsonfile import load_json
-        from ..train.bitfit import MANIFEST
-
         m = load_json(os.path.join(path, MANIFEST), AdapterError, "re-create it with `surgery extract-bitfit`")
         if not isinstance(m, dict) or not isinstance(m.get("kept"), list):
             raise AdapterError(f"{os.path.join(path, MANIFEST)} is not a BitFit manifest (no \"kept\" list)",
@@ -34,18 +31,12 @@ class Bitfit(Kind):
         return m
 
     def wrap(self, model, arch, opts):
-        from ..train.bitfit import freeze_to_biases
-
         return freeze_to_biases(model, arch)
 
     def save(self, model, od, base: str, opts) -> None:
-        from ..train.bitfit import save_bitfit
-
         save_bitfit(model, od, base)
 
     def attach(self, model, path: str, arch):
-        from ..train.bitfit import load_bitfit
-
         return load_bitfit(model, path)
 
     def describe(self, path: str) -> dict:

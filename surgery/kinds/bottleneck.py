@@ -26,7 +26,14 @@ from __future__ import annotations
 import os
 import re
 
+from ..arch import bottleneck_templates, family_for_model_type, load_arch
 from ..errors import AdapterError, ArchitectureError
+from ..io.adapterhub import (BottleneckAdapter, CONFIG, PARAM_KEYS, adapterhub_config, bn_config, check_site,
+                             is_adapterhub_dir, load_weights, preset_of, read_config, reduction_factor_for,
+                             write_adapterhub)
+from ..io.writer import OutputDir
+from ..ops.bottleneck import activation, lift_bottleneck, port_bottleneck, restrict_bottleneck
+from ..ops.slice import bridge_layer_ids, bridge_name
 from .base import Kind, PortContext
 
 ADAPTER_NAME = "adapter"  # the AdapterHub adapter name train writes (a fixed name keeps outputs byte-identical)
@@ -35,8 +42,6 @@ ADAPTER_NAME = "adapter"  # the AdapterHub adapter name train writes (a fixed na
 # ---- files ----------------------------------------------------------------------------------------
 def site_patterns(spec: dict) -> list:
     """(regex, stack, placement) matching the saved keys of every bottleneck site of a family."""
-    from ..arch import bottleneck_templates
-
     out = []
     for stack, placement, prefix, entry in bottleneck_templates(spec):
         pre = re.escape(prefix).replace(re.escape("{i}"), r"(?P<layer>\d+)")
@@ -49,8 +54,6 @@ def site_patterns(spec: dict) -> list:
 
 def check_activation(bn: dict, where: str) -> None:
     """non_linearity must name an activation transformers knows (importing it takes seconds: not for inspect)."""
-    from ..ops.bottleneck import activation
-
     try:
         activation(str(bn.get("non_linearity")))
     except KeyError:
@@ -61,9 +64,6 @@ def check_activation(bn: dict, where: str) -> None:
 def read_adapterhub(path: str, check_act: bool = True):
     """Open an AdapterHub bottleneck adapter directory (io.adapterhub reads the files); its weights are
     keyed by the family map's site paths. check_act=False skips the activation check (inspect)."""
-    from ..arch import family_for_model_type
-    from ..io.adapterhub import CONFIG, PARAM_KEYS, BottleneckAdapter, check_site, load_weights, read_config
-
     path = os.path.abspath(path)
     cfg = read_config(path)
     bn = cfg["config"]
@@ -104,8 +104,6 @@ def write_bottleneck(od, name: str, bn: dict, modules: dict, model_config: dict,
     while the hidden size grows). `bn["leave_out"]` must list the layers without adapters (for a
     port: the list port_sites returns).
     """
-    from ..io.adapterhub import adapterhub_config, reduction_factor_for, write_adapterhub
-
     widths = {int(w["W_down"].shape[0]) for w in modules.values()}
     if len(widths) != 1:
         raise AdapterError(f"sites have different bottleneck widths {sorted(widths)}",
@@ -117,8 +115,6 @@ def write_bottleneck(od, name: str, bn: dict, modules: dict, model_config: dict,
 def save_bottleneck(out: str, name: str, bn: dict, modules: dict, model_config: dict, hidden: int,
                     base: str | None = None, inputs: list[str] = (), force: bool = False) -> str:
     """Write an AdapterHub adapter directory atomically (write_bottleneck into a fresh OutputDir)."""
-    from ..io.writer import OutputDir
-
     od = OutputDir(out, inputs=list(inputs), force=force)
     try:
         write_bottleneck(od, name, bn, modules, model_config, hidden, base)
@@ -129,8 +125,6 @@ def save_bottleneck(out: str, name: str, bn: dict, modules: dict, model_config: 
 
 def check_fits(ad, arch, role: str, family_fix: str, width_fix: str) -> None:
     """Refuse an adapter saved for another family, or reading another width than `arch`'s residual."""
-    from ..arch import family_for_model_type
-
     if family_for_model_type(ad.config["model_type"])["family"] != arch.family:
         raise AdapterError(f"{ad.path} is a {ad.config['model_type']} adapter but the {role} is {arch.family}", family_fix)
     d = {int(w["W_down"].shape[1]) for w in ad.modules.values()}
@@ -141,7 +135,7 @@ def check_fits(ad, arch, role: str, family_fix: str, width_fix: str) -> None:
 
 def attach_saved(model, arch, path: str):
     """eval --adapter on an AdapterHub directory: read it, check it fits `model`, hook it in."""
-    from ..train.bottleneck import attach_bottleneck
+    from ..train.bottleneck import attach_bottleneck  # lazy (here and below): it defines nn.Modules, so imports torch
 
     ad = read_adapterhub(path)
     check_fits(ad, arch, "model", "use the adapter with the model family it was trained or ported for",
@@ -159,8 +153,6 @@ def port_sites(ad, llm_arch, depth_map: dict, maps) -> tuple[dict, list[int]]:
       with x_llm ≈ P_out x_slm and P_in its left inverse (for a coordinate embedding E: Eᵀ, E).
     Returns the LLM modules and the AdapterHub layer ids of LLM layers left without adapters.
     """
-    from ..ops.bottleneck import port_bottleneck
-
     slm = {(s, layer, p): mod for mod, (s, layer, p) in ad.placements.items()}
     out, leave_out = {}, set()
     for site in llm_arch.bottleneck_sites():
@@ -185,8 +177,6 @@ def port_sites(ad, llm_arch, depth_map: dict, maps) -> tuple[dict, list[int]]:
 
 def site_keys(arch, stack: str) -> dict[str, str]:
     """{placement: out.<sublayer>} for the bottleneck sites of `stack`."""
-    from ..arch import bottleneck_templates
-
     norms = {t["name"]: t for t in arch.spec["layer"][stack] if t.get("role") == "norm" and t.get("reads")}
     keys = {}
     for st, placement, _, entry in bottleneck_templates(arch.spec):
@@ -207,15 +197,11 @@ def _keys(ad, arch, stack, placement) -> tuple[str, str]:
 # ---- restrict / lift (tune-bridge) ----------------------------------------------------------------
 def restrict_sites(modules: dict, kept_residual) -> dict:
     """The bridge's adapters: every site restricted to the bridge's kept residual coordinates."""
-    from ..ops.bottleneck import restrict_bottleneck
-
     return {m: restrict_bottleneck(w, kept_residual, kept_residual) for m, w in modules.items()}
 
 
 def lift_sites(old_llm: dict, old_bridge: dict, new_bridge: dict, kept_residual) -> dict:
     """The LLM's adapters after bridge tuning: each site's update scattered back at the kept coordinates."""
-    from ..ops.bottleneck import lift_bottleneck
-
     if set(old_llm) != set(new_bridge) or set(old_bridge) != set(new_bridge):
         raise AdapterError("the bridge's adapter sites differ from the LLM's", "tune the adapter restrict_sites produced")
     return {m: lift_bottleneck(old_llm[m], old_bridge[m], new_bridge[m], kept_residual, kept_residual) for m in old_llm}
@@ -223,8 +209,6 @@ def lift_sites(old_llm: dict, old_bridge: dict, new_bridge: dict, kept_residual)
 
 def _site_names(arch, kept: dict) -> dict:
     """{LLM site module: the same site's module in the bridge}, for the layers the bridge keeps."""
-    from ..ops.slice import bridge_name
-
     out = {}
     for site in arch.bottleneck_sites():
         name = bridge_name(arch, site.stack, site.layer, site.module, kept)
@@ -243,7 +227,6 @@ class BottleneckRoute:
         fix = "pass the adapter `surgery transfer` wrote for this LLM"
         check_fits(ad, arch, "LLM", fix, fix)
         self.kept = kept["residual"]
-        from ..ops.slice import bridge_layer_ids
 
         # sites of layers the bridge dropped (--drop-layers) stay as given; the rest get bridge names
         self.rename = _site_names(arch, kept)
@@ -251,7 +234,6 @@ class BottleneckRoute:
         self.bn = ad.bn if not ad.bn.get("leave_out") else {**ad.bn, "leave_out": bridge_layer_ids(arch, kept, ad.bn["leave_out"])}
 
     def wrap(self, model, bdir: str):
-        from ..arch import load_arch
         from ..train.bottleneck import WithBottleneck, attach_bottleneck
 
         barch = load_arch(model.config.to_dict(), f"{bdir}/config.json")
@@ -281,8 +263,6 @@ class Bottleneck(Kind):
     layered = True
 
     def matches(self, path, config):
-        from ..io.adapterhub import is_adapterhub_dir
-
         return is_adapterhub_dir(path)
 
     def read(self, path: str):
@@ -325,7 +305,6 @@ class Bottleneck(Kind):
 
     def wrap(self, model, arch, opts):
         """Hooked adapters on the frozen model, from AdapterHub's default `bert` init, seeded."""
-        from ..io.adapterhub import bn_config
         from ..train.bottleneck import WithBottleneck, attach_bottleneck
 
         bn = bn_config(opts.adapter_config, reduction_factor=opts.reduction_factor)
@@ -344,7 +323,6 @@ class Bottleneck(Kind):
 
     def attach(self, model, path: str, arch):
         """A WithBottleneck; call `.bottleneck.detach()` when done."""
-        from ..arch import load_arch
         from ..train.bottleneck import WithBottleneck
 
         arch = arch or load_arch(model.config.to_dict())
@@ -367,8 +345,6 @@ class Bottleneck(Kind):
 
     def describe(self, path: str) -> dict:
         """Preset, reduction factor, widths, where the adapters sit."""
-        from ..io.adapterhub import preset_of
-
         ad = read_adapterhub(path, check_act=False)  # keeps inspect free of the transformers import
         bn = ad.bn
         layers: dict = {}

@@ -10,6 +10,7 @@ which neither a projection nor a restriction preserves.
 from __future__ import annotations
 
 from ..errors import AdapterError
+from ..ops.lora import dora_factor, dora_norm, fold
 from .base import Kind, MergeTarget, Step
 from .lora import bias_steps, details, module_delta, modules
 
@@ -26,8 +27,6 @@ class Dora(Kind):
         return super().matches(path, config) and bool(config.get("use_dora"))
 
     def merge_steps(self, ad, target: MergeTarget, weight: float, sign: int) -> list:
-        from ..ops.lora import dora_factor, dora_norm, fold
-
         steps = []
         for m in modules(ad):
             spec, label, delta = module_delta(ad, target, m, weight)

@@ -26,7 +26,7 @@ import os
 from ..errors import AdapterError, NumericsError, ShapeError
 from ..io.adapter import targets_module
 from .base import Kind, MergeTarget, Step, checked
-from .lora import describe_modules, task_type
+from .lora import describe_modules, targeted, task_type
 
 PARAMS = ("ia3_l",)
 
@@ -92,8 +92,6 @@ class IA3(Kind):
 
     def wrap(self, model, arch, opts):
         import peft
-
-        from .lora import targeted
 
         if opts.targets:
             targets = list(opts.targets)

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 
 from ..errors import AdapterError, ShapeError
+from ..ops.lokr import lokr_delta
+from ..ops.lora import fold
 from .base import Kind, MergeTarget, Step, checked
 from .lora import default_targets, describe_modules, targeted, task_type
 
@@ -62,9 +64,6 @@ class Lokr(Kind):
     commands = ("train", "eval", "inspect", "merge-lora", "unmerge-lora")
 
     def merge_steps(self, ad, target: MergeTarget, weight: float, sign: int) -> list:
-        from ..ops.lokr import lokr_delta
-        from ..ops.lora import fold
-
         steps = []
         for m in modules(ad):
             spec, _, out_in = target.linear(ad, m.module)

@@ -17,7 +17,11 @@ import os
 from dataclasses import dataclass
 
 from ..errors import AdapterError, ShapeError
-from ..io.adapter import lora_config, lora_key, scaling, write_adapter
+from ..io.adapter import Adapter, lora_config, lora_key, scaling, write_adapter
+from ..ops.bridge import lift, restrict
+from ..ops.lora import LowRankDelta, fold, lora_bias_delta
+from ..ops.project import port_lora
+from ..ops.slice import axis_indices, bridge_name
 from .base import Kind, MergeTarget, PortContext, Step, checked, peft_tunable, write_peft_tuned
 
 PARAMS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", "lora_magnitude_vector.weight")
@@ -70,8 +74,6 @@ def modules(ad) -> list[LoraModule]:
 
 def module_delta(ad, target: MergeTarget, m: LoraModule, weight: float):
     """(spec, label, LowRankDelta) of one module, its shapes checked against the base."""
-    from ..ops.lora import LowRankDelta
-
     spec, _, (n_out, n_in) = target.linear(ad, m.module)
     label = f"{os.path.basename(ad.path)}:{m.module}"
     if m.fan_in_fan_out and target.generic:
@@ -90,8 +92,6 @@ def module_delta(ad, target: MergeTarget, m: LoraModule, weight: float):
 
 def bias_steps(target: MergeTarget, m: LoraModule, spec, label: str, weight: float, sign: int) -> list:
     """lora_bias: the base bias absorbs scaling · b (a vector: cheap to keep)."""
-    from ..ops.lora import fold, lora_bias_delta
-
     bname = spec.name[: -len("weight")] + "bias"
     if m.bias is None or not (bname in target.by_name or bool(m.bias.abs().max() > 0)):
         # lora_bias is one flag per adapter: extract-lora gives bias-less layers a zero bias, skipped here
@@ -144,8 +144,6 @@ class Lora(Kind):
 
     # ---- merge-lora / unmerge-lora ------------------------------------------------------------
     def merge_steps(self, ad, target: MergeTarget, weight: float, sign: int) -> list:
-        from ..ops.lora import fold
-
         steps = []
         for m in modules(ad):
             spec, label, delta = module_delta(ad, target, m, weight)
@@ -173,8 +171,6 @@ class Lora(Kind):
         """Rank, alpha and rsLoRA are kept; a module whose scaling differs from what the written config
         gives it (alpha patterns) has the ratio folded into B: one scaling rule per module."""
         import torch
-
-        from ..ops.project import port_lora
 
         cfg = ad.config
         r0 = cfg.get("r", 8)
@@ -253,8 +249,6 @@ class LoraRoute:
     """
 
     def __init__(self, kind: Lora, path: str, arch, kept: dict):
-        from ..io.adapter import Adapter
-
         self.kind = kind
         self.ad = Adapter.open(path)
         self.path = self.ad.path
@@ -267,10 +261,6 @@ class LoraRoute:
     def _plan(self, arch, kept: dict) -> list[dict]:
         """Per module the bridge keeps: its bridge name (layers renumber when the bridge dropped some),
         kept positions and restricted A_b, B_b. Modules of dropped layers stay as given."""
-        from ..ops.bridge import restrict
-        from ..ops.slice import axis_indices
-        from ..ops.slice import bridge_name
-
         by_module = arch.by_module()
         out = []
         for m in modules(self.ad):
@@ -313,8 +303,6 @@ class LoraRoute:
 
     def write(self, od, pm, arch, llm_config: dict) -> None:
         import peft
-
-        from ..ops.bridge import lift
 
         new = peft.get_peft_model_state_dict(pm)
         tensors = dict(self.ad.tensors)

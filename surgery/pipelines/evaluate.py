@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import os
 
+from ..kinds import kind_of
+from ..train.data import load_examples, pad_id_of
+from ..train.loop import place
+from ..train.methods import load_base
+from ..train.score import evaluate_examples
+
 
 def evaluate(model_dir: str, data: str, *, adapter: str | None = None, batch_size: int = 8,
              max_length: int = 512, placement=None) -> dict:
-    from ..train.data import load_examples, pad_id_of
-    from ..train.loop import place
-    from ..kinds import kind_of
-    from ..train.methods import load_base
-    from ..train.score import evaluate_examples
-
     kind = kind_of(adapter, "eval") if adapter else None
     model, tok, arch = load_base(model_dir, placement)
     seq2seq = bool(model.config.is_encoder_decoder)

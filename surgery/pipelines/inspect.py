@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import os
 
+from ..arch import family_specs
+from ..arch.generic import GenericArch, linear_map
 from ..errors import SurgeryError
+from ..io.adapter import Adapter
+from ..io.checkpoint import Checkpoint
+from ..kinds import detect
 
 
 def describe(path: str) -> dict:
-    from ..kinds import detect
-
     kind = detect(path)
     if kind is not None:
         return kind.describe(path)
@@ -22,10 +25,6 @@ def describe(path: str) -> dict:
 
 
 def describe_model(path: str) -> dict:
-    from ..arch import family_specs
-    from ..arch.generic import GenericArch, linear_map
-    from ..io.checkpoint import Checkpoint
-
     ck = Checkpoint.open(path)
     info = {"kind": "model", "path": ck.path, "model_type": ck.config.get("model_type")}
     params = 0
@@ -62,8 +61,6 @@ def describe_model(path: str) -> dict:
 
 def describe_adapter(path: str) -> dict:
     """A PEFT adapter of a kind surgery does not know (e.g. P_TUNING): what the format itself says."""
-    from ..io.adapter import Adapter
-
     ad = Adapter.open(path)
     cfg = ad.config
     return {"kind": "adapter", "path": ad.path, "type": None, "peft_type": ad.peft_type, "base": ad.base,

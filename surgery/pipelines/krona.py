@@ -12,10 +12,12 @@ import os
 
 from ..arch import arch_of
 from ..errors import AdapterError, ShapeError
-from ..io.adapter import CONFIG, Adapter, lora_key, saved_module_key, targets_module, write_adapter
+from ..io.adapter import Adapter, CONFIG, lora_key, saved_module_key, targets_module, write_adapter
 from ..io.checkpoint import Checkpoint
 from ..io.writer import OutputDir
 from ..kinds.lora import modules as lora_modules
+from ..ops.bitfit import delta_sq_norm, same_bits
+from ..ops.kron import kron_params
 
 
 def lokr_config(base: str, r: int, targets: list[str], factor: int) -> dict:
@@ -47,8 +49,6 @@ def _selected(arch, targets: list[str] | None) -> list:
 
 def _not_captured(base: Checkpoint, tuned: Checkpoint, specs) -> list:
     """[name, ||Δ||_F] of tensors TUNED changed outside the selected linear weights (a LoKr adapter drops them)."""
-    from ..ops.bitfit import delta_sq_norm, same_bits
-
     taken = {t.name for t in specs}
     out = []
     for name in base.keys():
@@ -101,8 +101,6 @@ def _adapter_deltas(base: Checkpoint, arch, ad: Adapter, specs):
 def extract_krona(base_path: str, source: str, out: str, *, factor: int = -1, targets: list[str] | None = None,
                   force: bool = False) -> dict:
     """Write OUT as a PEFT LoKr adapter approximating SOURCE - BASE; returns the per-module report."""
-    from ..ops.kron import kron_params
-
     base = Checkpoint.open(base_path)
     arch = arch_of(base)
     if factor == 0 or factor < -1:

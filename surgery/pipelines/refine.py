@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import os
 
-from ..train.zeroth import RefineConfig
+from ..io.writer import OutputDir
+from ..kinds import kind_of
+from ..train.data import load_examples
+from ..train.loop import place
+from ..train.methods import load_base
+from ..train.zeroth import RefineConfig, mezo_fit
 
 __all__ = ["RefineConfig", "refine"]
 
@@ -26,14 +31,6 @@ def refine(adapter_dir: str, llm_dir: str, data: str, out: str, *, eval_data: st
     Returns a summary: before/after metrics (on eval_data, else the training data), the loss
     history, parameter counts. `out` also gets refine.json with the same history.
     """
-    from ..io.writer import OutputDir
-    from ..train.data import load_examples
-    from ..train.loop import place
-    from ..train.methods import load_base
-    from ..train.zeroth import mezo_fit
-
-    from ..kinds import kind_of
-
     cfg = cfg or RefineConfig()
     cfg.check()
     kind = kind_of(adapter_dir, "refine")  # an unsupported kind is refused before any loading

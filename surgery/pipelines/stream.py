@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import SIDE_FILES, Checkpoint
 from ..io.progress import byte_progress
 from ..io.writer import OutputDir, ShardedWriter
 
@@ -60,8 +60,6 @@ def write_checkpoint(out: OutputDir, specs, produce, *, config: dict, side_from:
     writer.close()
     out.write_json("config.json", config)
     if side_from:
-        from ..io.checkpoint import SIDE_FILES
-
         out.copy_from(side_from, [f for f in SIDE_FILES if f != "config.json"])
     return writer
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+from ..io.writer import OutputDir
+from ..kinds import get
 from ..kinds.base import MethodOptions
-from ..train.loop import TrainConfig
+from ..train.data import load_examples
+from ..train.loop import TrainConfig, fit, is_main_process, place
+from ..train.methods import load_base
 
 
 def train_adapter(model_dir: str, data: str, out: str, *, method: str = "lora", eval_data: str | None = None,
@@ -22,12 +26,6 @@ def train_adapter(model_dir: str, data: str, out: str, *, method: str = "lora", 
     single fields overridable as keywords (rank=4); placement: dtype and device of the base model
     (surgery.io.model.Placement; default auto)."""
     import torch
-
-    from ..io.writer import OutputDir
-    from ..kinds import get
-    from ..train.data import load_examples
-    from ..train.loop import fit, is_main_process, place
-    from ..train.methods import load_base
 
     cfg = cfg or TrainConfig()
     kind = get(method, "train")  # an unknown or untrainable method is refused before any loading

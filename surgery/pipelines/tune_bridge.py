@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import os
 
+from ..arch import load_arch
 from ..errors import CheckpointError
 from ..io.jsonfile import load_json
-from ..train.loop import TrainConfig
+from ..io.writer import OutputDir
+from ..kinds import kind_of
+from ..train.data import load_examples
+from ..train.loop import TrainConfig, fit, is_main_process, place
+from ..train.methods import load_base
 
 BRIDGE_FORMAT = "surgery.bridge/1"
 
@@ -44,13 +49,6 @@ def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data
                 llm: str | None = None, max_length: int = 512, force: bool = False,
                 cfg: TrainConfig | None = None, placement=None) -> dict:
     """Tune `adapter_dir` (a LoRA or bottleneck adapter for the LLM) on the bridge; write the lifted LLM adapter to `out`."""
-    from ..arch import load_arch
-    from ..io.writer import OutputDir
-    from ..kinds import kind_of
-    from ..train.data import load_examples
-    from ..train.loop import fit, is_main_process, place
-    from ..train.methods import load_base
-
     cfg = cfg or TrainConfig()
     bdir, meta = read_bridge(bridge)
     llm_config = _llm_config(meta, llm, os.path.join(bdir, "bridge.json"))

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import os
 
+from ..arch import arch_of
 from ..errors import AdapterError
+from ..io.checkpoint import Checkpoint
 from ..io.hashing import config_sha256
+from ..io.writer import ShardedWriter
 
 FORMAT = "surgery.bitfit/1"
 TENSORS = "bitfit.safetensors"
@@ -38,10 +41,6 @@ def freeze_to_biases(model, arch):
 
 def save_bitfit(model, out, base_dir: str) -> dict:
     """Write the trained biases + manifest into the OutputDir; returns the manifest."""
-    from ..arch import arch_of
-    from ..io.checkpoint import Checkpoint
-    from ..io.writer import ShardedWriter
-
     base = Checkpoint.open(base_dir)
     arch = arch_of(base)
     params = dict(model.named_parameters())

@@ -12,6 +12,8 @@ import sys
 from dataclasses import dataclass, field
 
 from ..errors import DataError
+from .data import collate, pad_id_of
+from .score import aligned_logits, evaluate_examples, token_loss
 
 
 @dataclass
@@ -83,9 +85,6 @@ def train_loop(model, train_examples, cfg: TrainConfig, *, pad_id: int, seq2seq:
     import torch
     from accelerate.utils import set_seed
 
-    from .data import collate
-    from .score import aligned_logits, evaluate_examples, token_loss
-
     if not train_examples:
         raise DataError("no training examples", "pass a non-empty JSONL file")
     set_seed(cfg.seed)
@@ -149,9 +148,6 @@ def train_loop(model, train_examples, cfg: TrainConfig, *, pad_id: int, seq2seq:
 
 def fit(model, tokenizer, train_examples, eval_examples, cfg: TrainConfig, *, seq2seq: bool):
     """Measure, train, measure: (before, history, after), measured on the eval set (else the training set)."""
-    from .data import pad_id_of
-    from .score import evaluate_examples
-
     pad = pad_id_of(tokenizer, model.config)
     measure_on = eval_examples or train_examples
 

@@ -10,7 +10,7 @@ reproduces the completion token by token; at the first mismatch it leaves it.
 
 from __future__ import annotations
 
-from .data import IGNORE
+from .data import IGNORE, collate
 
 
 def aligned_logits(model, batch: dict, seq2seq: bool):
@@ -51,8 +51,6 @@ def evaluate_examples(model, examples, *, batch_size: int, pad_id: int, seq2seq:
     import math
 
     import torch
-
-    from .data import collate
 
     device = next(model.parameters()).device
     was_training = model.training

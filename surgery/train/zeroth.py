@@ -11,8 +11,10 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from ..errors import DataError, NumericsError
+from ..errors import DataError, NumericsError, SurgeryError
+from .data import collate, pad_id_of
 from .loop import History, _progress
+from .score import aligned_logits, evaluate_examples, token_loss
 
 
 @dataclass
@@ -32,8 +34,6 @@ class RefineConfig:
     progress: bool | None = None  # None = only on a terminal
 
     def check(self) -> None:
-        from ..errors import SurgeryError
-
         for name, v, ok in (("--steps", self.steps, self.steps >= 1), ("--batch-size", self.batch_size, self.batch_size >= 1),
                             ("--lr", self.lr, self.lr > 0), ("--eps", self.eps, self.eps > 0),
                             ("--log-every", self.log_every, self.log_every >= 1),
@@ -56,8 +56,6 @@ def batches(n: int, batch_size: int, seed: int):
 
 def batch_loss(model, batch: dict, seq2seq: bool) -> float:
     """Token-weighted mean NLL of one batch, the loss `surgery eval` reports (surgery.train.score)."""
-    from .score import aligned_logits, token_loss
-
     logits, labels = aligned_logits(model, batch, seq2seq)
     nll, n = token_loss(logits, labels)
     return float(nll) / max(n, 1)
@@ -72,9 +70,7 @@ def mezo_loop(model, params, train_examples, cfg: RefineConfig, *, pad_id: int, 
     """
     import torch
 
-    from ..ops.mezo import spsa_step, step_seeds
-    from .data import collate
-    from .score import evaluate_examples
+    from ..ops.mezo import spsa_step, step_seeds  # lazy: ops.mezo needs torch at import
 
     if not train_examples:
         raise DataError("no training examples", "pass a non-empty JSONL file")
@@ -130,9 +126,6 @@ def mezo_fit(model, params, tokenizer, train_examples, eval_examples, cfg: Refin
     Keeping a state costs one copy of the adapter (on the CPU), never of the LLM.
     """
     import torch
-
-    from .data import pad_id_of
-    from .score import evaluate_examples
 
     pad = pad_id_of(tokenizer, model.config)
     on = eval_examples or train_examples
