@@ -18,6 +18,8 @@ from ..train.score import evaluate_examples
 
 def evaluate(model_dir: str, data: str, *, adapter: str | None = None, batch_size: int = 8,
              max_length: int = 512, placement=None) -> dict:
+    """Loss, perplexity and exact-match accuracy of `model_dir` (with `adapter` applied, if given) on the
+    JSONL `data`, as the dict `surgery eval --json` prints. placement: dtype and device (io.model)."""
     kind = kind_of(adapter, "eval") if adapter else None
     model, tok, arch = load_base(model_dir, placement)
     seq2seq = bool(model.config.is_encoder_decoder)

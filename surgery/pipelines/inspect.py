@@ -16,6 +16,8 @@ from ..kinds import detect
 
 
 def describe(path: str) -> dict:
+    """What is in a model directory (family, widths, parameters, dtypes, shards, ties) or an adapter
+    directory (kind, rank/alpha, targets, modules), as the dict `surgery inspect --json` prints."""
     kind = detect(path)
     if kind is not None:
         return kind.describe(path)
