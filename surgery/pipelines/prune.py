@@ -178,19 +178,28 @@ class PruneConfig:
     max_shard_size: str = "5GB"
 
 
-def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, *, force: bool = False,
-                 placement: Placement | None = None, max_memory: dict | None = None, progress: bool | None = None,
-                 **settings) -> dict:
+def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, *, reduction: float | None = None,
+                 residual: str | None = None, drop_layers: int | None = None, drop_by: str | None = None,
+                 hidden_size: int | None = None, intermediate_size: int | None = None,
+                 num_attention_heads: int | None = None, num_key_value_heads: int | None = None,
+                 samples: int | None = None, seq_len: int | None = None, batch_size: int | None = None,
+                 importance: str | None = None, seed: int | None = None, max_shard_size: str | None = None,
+                 force: bool = False, placement: Placement | None = None, max_memory: dict | None = None,
+                 progress: bool | None = None) -> dict:
     """Write a bridge of `llm` to `out`; returns the report (also the content of bridge.json).
 
-    cfg: the settings (PruneConfig); keyword `settings` override single fields, e.g. reduction=4.
+    cfg: the settings (PruneConfig, whose defaults these are); a keyword given (not None) overrides its field.
     placement: dtype and devices of the calibration passes (io.model; --dtype auto loads the LLM in its
     own dtype, here also on the CPU: the Fisher passes recompute one block at a time in float32);
     max_memory ({device: "20GiB", "cpu": ...}) caps each device for accelerate's placement.
     """
     import torch
 
-    cfg = replace(cfg or PruneConfig(), **settings)
+    given = dict(reduction=reduction, residual=residual, drop_layers=drop_layers, drop_by=drop_by, hidden_size=hidden_size,
+                 intermediate_size=intermediate_size, num_attention_heads=num_attention_heads,
+                 num_key_value_heads=num_key_value_heads, samples=samples, seq_len=seq_len, batch_size=batch_size,
+                 importance=importance, seed=seed, max_shard_size=max_shard_size)
+    cfg = replace(cfg or PruneConfig(), **{k: v for k, v in given.items() if v is not None})
     if cfg.importance not in imp.METHODS:
         raise DataError(f"unknown importance {cfg.importance!r}", f"choose one of {', '.join(imp.METHODS)}")
     if cfg.drop_by not in DROP_BY:

@@ -80,12 +80,15 @@ class TransferConfig:
 
 
 def transfer(adapter: str, llm: str, out: str, cfg: TransferConfig | None = None, *, slm_base: str | None = None,
-             data: str | None = None, force: bool = False, placement=None, **settings) -> dict:
+             data: str | None = None, map_kind: str | None = None, depth: str | None = None, samples: int | None = None,
+             seq_len: int | None = None, ridge: float | None = None, batch: int | None = None, force: bool = False,
+             placement=None) -> dict:
     """Port `adapter` (trained on its SLM) to `llm`; write OUT and return transfer.json's contents.
 
-    cfg: the settings (TransferConfig); keyword `settings` override single fields, e.g. map_kind="embeddings".
+    cfg: the settings (TransferConfig, whose defaults these are); a keyword given (not None) overrides its field.
     """
-    cfg = replace(cfg or TransferConfig(), **settings)
+    given = dict(map_kind=map_kind, depth=depth, samples=samples, seq_len=seq_len, ridge=ridge, batch=batch)
+    cfg = replace(cfg or TransferConfig(), **{k: v for k, v in given.items() if v is not None})
     from safetensors.torch import save_file
 
     if cfg.map_kind not in MAPS:
