@@ -94,8 +94,8 @@ def bridge_config(arch, sizes: dict) -> dict:
 def plan_sizes(arch, reduction: float, fixed: dict) -> dict:
     """Widths that keep about 1/reduction of the parameters, each width divided by a common
     factor s (about sqrt(reduction); found by search so the embeddings' share is accounted for)."""
-    if reduction < 1:
-        raise ShapeError(f"--reduction {reduction} is below 1", "a bridge keeps 1/R of the LLM; use R >= 1 (16 in the paper)")
+    if not (math.isfinite(reduction) and reduction >= 1):  # nan passes `< 1`; it would reach bridge.json
+        raise ShapeError(f"--reduction {reduction} is not a number >= 1", "a bridge keeps 1/R of the LLM; use R >= 1 (16 in the paper)")
     fixed = {k: v for k, v in fixed.items() if v is not None}
     _check_fixed(arch, fixed)
     target = arch.num_parameters() / reduction
