@@ -51,18 +51,27 @@ def batches(blocks, batch_size: int, encoder_decoder: bool):
             yield {"input_ids": b, "labels": b}
 
 
-def load_model(path: str, dtype: str = "float32", device_map: str | None = None):
+def checkpoint_dtype(ck) -> str:
+    """The dtype most of the checkpoint's parameters are stored in, as a torch attribute name."""
+    return str(ck.main_dtype()).replace("torch.", "")
+
+
+def load_model(path: str, dtype: str = "float32", device_map: str | None = None, max_memory: dict | None = None):
     """The transformers model for calibration passes: plain on CPU, accelerate's device_map="auto"
     when a GPU is present (layers spread over devices, offloaded to CPU when they do not fit).
-    `device_map` overrides that choice ("auto", "cpu", ...; passed to from_pretrained as is)."""
+    `device_map` overrides that choice ("auto", "cpu", ...; passed to from_pretrained as is);
+    `max_memory` ({device: "20GiB", "cpu": ...}) caps each device for accelerate's placement,
+    which offloads what does not fit to CPU and then disk (see docs/prune-bridge.md, 70B plan)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     cfg = AutoConfig.from_pretrained(path)
     cls = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM
-    if device_map is None and torch.cuda.is_available():
+    if device_map is None and (torch.cuda.is_available() or max_memory):
         device_map = "auto"
     kw = {"device_map": device_map} if device_map else {}
+    if max_memory:
+        kw["max_memory"] = max_memory
     model = cls.from_pretrained(path, dtype=getattr(torch, dtype), **kw)
     model.eval()
     return model
@@ -80,7 +89,7 @@ def mean_loss(model, blocks, batch_size: int) -> float:
     total, n = 0.0, 0
     with torch.no_grad():
         for b in batches(blocks, batch_size, model.config.is_encoder_decoder):
-            out = model(**to_device(b, model))
+            out = model(**to_device(b, model), use_cache=False)
             k = b["labels"].numel()
             total += float(out.loss) * k
             n += k
