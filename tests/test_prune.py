@@ -61,7 +61,7 @@ def _kl(p_logits, q_logits) -> float:
     return float((lp.exp() * (lp - lq)).sum(-1).mean())
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "t5"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "t5", "phi3", "qwen3"])
 def test_keep_everything_reproduces_the_llm_exactly(fx, calib, tmp_path, family):
     import torch
 
@@ -76,7 +76,7 @@ def test_keep_everything_reproduces_the_llm_exactly(fx, calib, tmp_path, family)
     assert r["calibration_loss"]["bridge"] == r["calibration_loss"]["llm"]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "qwen2", "t5"])
+@pytest.mark.parametrize("family", ["gpt2", "qwen2", "t5", "phi3", "qwen3"])
 def test_reduction_4_loads_runs_and_keeps_a_quarter(fx, calib, tmp_path, family):
     import torch
 
@@ -272,6 +272,11 @@ def test_size_requests_that_break_the_family_are_refused(fx, calib, tmp_path):
     with pytest.raises(ShapeError, match="outside"):
         prune_bridge(fx.model("llama"), tmp_path / "o", calib, intermediate_size=999)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_family_whose_map_says_unsupported_is_refused(fx, calib, tmp_path):
+    code, _, err = run_cli("prune-bridge", fx.model("gemma"), "-o", tmp_path / "o", "--data", calib)
+    assert code == 2 and "does not support gemma" in err and "sqrt(hidden_size)" in err and not (tmp_path / "o").exists()
 
 
 def test_sharded_bfloat16_llm_keeps_dtype_and_values(fx, calib, tmp_path):

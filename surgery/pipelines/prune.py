@@ -97,6 +97,9 @@ def prune_bridge(llm: str, out: str, data: str, *, reduction: float = 16.0, hidd
         raise DataError(f"unknown importance {importance!r}", f"choose one of {', '.join(imp.METHODS)}")
     ck = Checkpoint.open(llm)
     arch = arch_of(ck)
+    if arch.prune.get("unsupported"):
+        raise ArchitectureError(f"prune-bridge does not support {arch.family}: {arch.prune['unsupported']}",
+                                "use a family whose map has prune.config_keys (docs/arch.md)")
     if "config_keys" not in arch.prune:
         raise ArchitectureError(f"family {arch.family} has no prune.config_keys", "add it to its family file (docs/arch.md)")
     sizes = plan_sizes(arch, reduction, {"hidden": hidden_size, "intermediate": intermediate_size,
