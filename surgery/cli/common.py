@@ -47,4 +47,4 @@ def console(stderr: bool = False):
 def print_json(obj) -> None:
     import json
 
-    typer.echo(json.dumps(obj, indent=2, default=str))
+    typer.echo(json.dumps(obj, indent=2, default=str))  # NaN stays visible here: it is a report, not a file

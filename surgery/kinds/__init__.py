@@ -10,11 +10,11 @@ this registry.
 
 from __future__ import annotations
 
-import json
 import os
 from importlib import import_module
 
 from ..errors import AdapterError
+from ..io.jsonfile import load_json
 from .base import COMMANDS, Kind, MethodOptions
 
 # One line per kind: its module, in the order --help lists them. Each kind's matches() is exclusive
@@ -78,11 +78,9 @@ def _config(path: str) -> dict | None:
     if not os.path.isfile(f):
         return None
     try:
-        with open(f, encoding="utf-8") as fh:
-            cfg = json.load(fh)
-    except (OSError, ValueError, UnicodeDecodeError):
+        return load_json(f, AdapterError, "")
+    except AdapterError:
         return None  # the kind's reader gives the precise error
-    return cfg if isinstance(cfg, dict) else None
 
 
 def detect(path: str) -> Kind | None:

@@ -156,6 +156,18 @@ def lift_sites(old_llm: dict, old_bridge: dict, new_bridge: dict, kept_residual)
     return {m: lift_bottleneck(old_llm[m], old_bridge[m], new_bridge[m], kept_residual, kept_residual) for m in old_llm}
 
 
+def _site_names(arch, kept: dict) -> dict:
+    """{LLM site module: the same site's module in the bridge}, for the layers the bridge keeps."""
+    from ..pipelines.bridge_plan import bridge_name
+
+    out = {}
+    for site in arch.bottleneck_sites():
+        name = bridge_name(arch, site.stack, site.layer, site.module, kept)
+        if name is not None:
+            out[site.module] = name
+    return out
+
+
 class BottleneckRoute:
     """tune-bridge for an AdapterHub bottleneck adapter (module doc)."""
 
@@ -168,7 +180,12 @@ class BottleneckRoute:
         fix = "pass the adapter `surgery transfer` wrote for this LLM"
         check_fits(ad, arch, "LLM", fix, fix)
         self.kept = kept["residual"]
-        self.bridge_w = restrict_sites(ad.modules, self.kept)
+        from ..pipelines.bridge_plan import bridge_layer_ids
+
+        # sites of layers the bridge dropped (--drop-layers) stay as given; the rest get bridge names
+        self.rename = _site_names(arch, kept)
+        self.bridge_w = restrict_sites({self.rename[m]: w for m, w in ad.modules.items() if m in self.rename}, self.kept)
+        self.bn = ad.bn if not ad.bn.get("leave_out") else {**ad.bn, "leave_out": bridge_layer_ids(arch, kept, ad.bn["leave_out"])}
 
     def wrap(self, model, bdir: str):
         from ..arch import load_arch
@@ -178,12 +195,15 @@ class BottleneckRoute:
         if barch.dims["hidden"] != len(self.kept):
             raise AdapterError(f"the bridge at {bdir} has hidden size {barch.dims['hidden']} but its bridge.json keeps "
                                f"{len(self.kept)} residual coordinates", "re-create the bridge with `surgery prune-bridge`")
-        return WithBottleneck(model, attach_bottleneck(model, barch, self.ad.bn, weights=self.bridge_w, name=self.ad.name))
+        return WithBottleneck(model, attach_bottleneck(model, barch, self.bn, weights=self.bridge_w, name=self.ad.name))
 
     def write(self, od, pm, arch, llm_config: dict) -> None:
         pm.bottleneck.detach()
         tuned = {m: {k: v.cpu() for k, v in w.items()} for m, w in pm.bottleneck.site_weights().items()}
-        new = lift_sites(self.ad.modules, self.bridge_w, tuned, self.kept)
+        back = {b: m for m, b in self.rename.items()}
+        lifted = lift_sites({back[b]: self.ad.modules[back[b]] for b in self.bridge_w},
+                            {back[b]: w for b, w in self.bridge_w.items()}, {back[b]: w for b, w in tuned.items()}, self.kept)
+        new = {m: lifted.get(m, w) for m, w in self.ad.modules.items()}
         write_bottleneck(od, self.ad.name, self.ad.bn, new, llm_config, arch.dims["hidden"], self.ad.base)
 
     @property
@@ -194,7 +214,7 @@ class BottleneckRoute:
 class Bottleneck(Kind):
     name = "bottleneck"
     title = "Houlsby / Pfeiffer, AdapterHub layout"
-    commands = ("train", "eval", "inspect", "transfer", "tune-bridge")
+    commands = ("train", "eval", "inspect", "transfer", "tune-bridge", "refine")
     layered = True
 
     def matches(self, path, config):
@@ -267,6 +287,21 @@ class Bottleneck(Kind):
 
         arch = arch or load_arch(model.config.to_dict())
         return WithBottleneck(model, attach_saved(model, arch, path))
+
+    def tunable(self, model, path: str, arch):
+        """The hooked adapters' W_down, b_down, W_up, b_up, every site, in name order."""
+        wb = self.attach(model, path, arch)
+        params = [p for _, p in sorted(wb.bottleneck.named_parameters())]
+        wb.requires_grad_(False)
+        return wb, params
+
+    def save_tuned(self, od, path: str, model, llm_config: dict, arch) -> None:
+        """AdapterHub's layout again, each tensor rounded once to the input's dtype."""
+        ad = self.read(path)
+        model.bottleneck.detach()
+        w = {m: {k: t.cpu().to(ad.modules[m][k].dtype) for k, t in ws.items()}
+             for m, ws in model.bottleneck.site_weights().items()}
+        write_bottleneck(od, ad.name, ad.bn, w, llm_config, arch.dims["hidden"], ad.base)
 
     def describe(self, path: str) -> dict:
         """Preset, reduction factor, widths, where the adapters sit."""

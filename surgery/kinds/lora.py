@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..errors import AdapterError, ShapeError
 from ..io.adapter import lora_config, lora_key, scaling, write_adapter
-from .base import Kind, MergeTarget, PortContext, Step, checked
+from .base import Kind, MergeTarget, PortContext, Step, checked, peft_tunable, write_peft_tuned
 
 PARAMS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", "lora_magnitude_vector.weight")
 
@@ -129,11 +129,18 @@ class Lora(Kind):
     name = "lora"
     title = "LoRA"
     peft_type = "LORA"
-    commands = ("train", "eval", "inspect", "merge-lora", "unmerge-lora", "transfer", "tune-bridge")
+    commands = ("train", "eval", "inspect", "merge-lora", "unmerge-lora", "transfer", "tune-bridge", "refine")
     layered = True
 
     def matches(self, path, config):
         return super().matches(path, config) and not config.get("use_dora")
+
+    # ---- refine -------------------------------------------------------------------------------
+    def tunable(self, model, path: str, arch):
+        return peft_tunable(self, model, path)
+
+    def save_tuned(self, od, path: str, model, llm_config: dict, arch) -> None:
+        write_peft_tuned(self, od, path, model)
 
     # ---- merge-lora / unmerge-lora ------------------------------------------------------------
     def merge_steps(self, ad, target: MergeTarget, weight: float, sign: int) -> list:
@@ -258,8 +265,11 @@ class LoraRoute:
         self.steps = self._plan(arch, kept)
 
     def _plan(self, arch, kept: dict) -> list[dict]:
+        """Per module the bridge keeps: its bridge name (layers renumber when the bridge dropped some),
+        kept positions and restricted A_b, B_b. Modules of dropped layers stay as given."""
         from ..ops.bridge import restrict
         from ..ops.slice import axis_indices
+        from ..pipelines.bridge_plan import bridge_name
 
         by_module = arch.by_module()
         out = []
@@ -273,25 +283,31 @@ class LoraRoute:
                 raise ShapeError(f"{self.path}: {m.module} has lora_A {list(m.A.shape)} and lora_B {list(m.B.shape)} "
                                  f"but the LLM's layer is {n_out}x{n_in}",
                                  "the adapter is for another model; pass the one `surgery transfer` wrote for this LLM")
+            name = bridge_name(arch, t.stack, t.layer, m.module, kept)
+            if name is None:
+                continue
             layer = kept["layers"][t.stack][t.layer] if t.stack else {}
             k = {**layer, "residual": kept["residual"]}
             in_idx, out_idx = axis_indices(arch, t.in_dims, k), axis_indices(arch, t.out_dims, k)
             A_b, B_b = restrict(m.A, m.B, in_idx, out_idx)
-            out.append({"module": m.module, "A": m.A, "B": m.B, "in_idx": in_idx, "out_idx": out_idx,
-                        "A_b": A_b, "B_b": B_b})
+            out.append({"module": m.module, "bridge_module": name, "A": m.A, "B": m.B, "scaling": m.scaling,
+                        "in_idx": in_idx, "out_idx": out_idx, "A_b": A_b, "B_b": B_b})
+        if not out:
+            raise AdapterError(f"{self.path}: every LoRA module sits in a layer the bridge dropped",
+                               "prune the bridge with fewer --drop-layers")
         return out
 
     def wrap(self, model, bdir: str):
         """The bridge with the same LoRA config (rank, alpha, targets, patterns) and the restricted weights."""
         import peft
 
-        lcfg = peft.LoraConfig.from_pretrained(self.path)
+        lcfg = bridge_lora_config(peft.LoraConfig.from_pretrained(self.path), self.steps)
         lcfg.inference_mode = False
         pm = peft.get_peft_model(model, lcfg)
         sd = {}
         for s in self.steps:
-            sd[lora_key(s["module"], "lora_A.weight")] = s["A_b"]
-            sd[lora_key(s["module"], "lora_B.weight")] = s["B_b"]
+            sd[lora_key(s["bridge_module"], "lora_A.weight")] = s["A_b"]
+            sd[lora_key(s["bridge_module"], "lora_B.weight")] = s["B_b"]
         load_exact(pm, sd, bdir)
         return pm
 
@@ -304,13 +320,31 @@ class LoraRoute:
         tensors = dict(self.ad.tensors)
         for s in self.steps:
             ka, kb = lora_key(s["module"], "lora_A.weight"), lora_key(s["module"], "lora_B.weight")
+            ba, bb = lora_key(s["bridge_module"], "lora_A.weight"), lora_key(s["bridge_module"], "lora_B.weight")
             tensors[ka], tensors[kb] = lift(s["A"], s["B"], s["in_idx"], s["out_idx"],
-                                            s["A_b"], new[ka].cpu(), s["B_b"], new[kb].cpu())
+                                            s["A_b"], new[ba].cpu(), s["B_b"], new[bb].cpu())
         write_adapter(od, self.ad.config, tensors)
 
     @property
     def modules(self) -> int:
         return len(self.steps)
+
+
+def bridge_lora_config(lcfg, steps: list[dict]):
+    """The LLM adapter's LoraConfig for the bridge. When the bridge renumbered layers (--drop-layers),
+    layer-indexed settings (layers_to_transform, rank/alpha patterns, regex targets) would point at
+    the wrong layers, so every module is named exactly, with its own rank and alpha."""
+    import math
+    import re
+
+    if all(s["module"] == s["bridge_module"] for s in steps):
+        return lcfg
+    r = {re.escape(s["bridge_module"]): int(s["A"].shape[0]) for s in steps}
+    alpha = {k: s["scaling"] * (math.sqrt(r[k]) if lcfg.use_rslora else r[k]) for s, k in zip(steps, r)}
+    lcfg.target_modules = sorted(s["bridge_module"] for s in steps)
+    lcfg.layers_to_transform, lcfg.layers_pattern = None, None
+    lcfg.rank_pattern, lcfg.alpha_pattern = r, alpha
+    return lcfg
 
 
 def load_exact(pm, sd: dict, bdir: str) -> None:

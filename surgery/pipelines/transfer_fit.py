@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from ..errors import DataError
 from ..ops.project import Moments, fit_to_llm, fit_to_slm
-from .transfer_capture import (accumulate, load_model, load_texts, load_tokenizer, shared_vocab, text_batches,
-                               vocab_batches)
+from ..io.data import documents
+from ..io.tokenizer import load_tokenizer
+from .transfer_capture import accumulate, load_model, shared_vocab, text_batches, vocab_batches
 from .transfer_plan import capture_points
 
 DIRECTIONS = {"to_llm": fit_to_llm, "to_slm": fit_to_slm}
@@ -49,7 +50,7 @@ def fit_projections(ck_s, ck_l, arch_s, arch_l, stack, blocks, needs, *, map_kin
 
     maps: {(llm layer, key, direction): float64 matrix}; records: one dict per fit (transfer.json).
     """
-    tok_s, tok_l = load_tokenizer(ck_s.path), load_tokenizer(ck_l.path)
+    tok_s, tok_l = (load_tokenizer(ck.path, offsets=True, pad=True) for ck in (ck_s, ck_l))
     maps, records, warnings, embed = {}, [], [], {}
     emb = None
     if map_kind == "embeddings" or embed_needed:
@@ -79,7 +80,7 @@ def fit_projections(ck_s, ck_l, arch_s, arch_l, stack, blocks, needs, *, map_kin
         if map_kind == "activations":
             if not data:
                 raise DataError("--map activations needs calibration text", "pass --data FILE (one text per line), or use --map embeddings")
-            batches = text_batches(load_texts(data, samples), tok_s, tok_l, seq_len, batch)
+            batches = text_batches(documents(data, samples), tok_s, tok_l, seq_len, batch)
         else:
             batches = vocab_batches(_vocab_pairs(tok_s, tok_l, "--map embeddings"), 64)
         pts_s, pts_l = capture_points(arch_s, stack), capture_points(arch_l, stack)

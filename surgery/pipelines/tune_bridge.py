@@ -9,10 +9,10 @@ the sizes of its spaces.
 
 from __future__ import annotations
 
-import json
 import os
 
 from ..errors import CheckpointError
+from ..io.jsonfile import load_json
 from ..train.loop import TrainConfig
 
 BRIDGE_FORMAT = "surgery.bridge/1"
@@ -24,8 +24,7 @@ def read_bridge(path: str) -> tuple[str, dict]:
     f = os.path.join(d, "bridge.json")
     if not os.path.exists(f):
         raise CheckpointError(f"{d} has no bridge.json", "pass the directory written by `surgery prune-bridge`")
-    with open(f) as fh:
-        meta = json.load(fh)
+    meta = load_json(f, CheckpointError, "re-create the bridge with `surgery prune-bridge`")
     if meta.get("format") != BRIDGE_FORMAT or "kept" not in meta:
         raise CheckpointError(f"{f} is not a {BRIDGE_FORMAT} file (format {meta.get('format')!r})",
                               "re-create the bridge with `surgery prune-bridge`")
@@ -38,8 +37,7 @@ def _llm_config(meta: dict, llm: str | None, where: str) -> dict:
     if not src or not os.path.exists(cfg):
         raise CheckpointError(f"{where} names the LLM {src!r}, whose config.json is not there",
                               "pass --llm with the LLM directory (only its config.json is read)")
-    with open(cfg) as f:
-        return json.load(f)
+    return load_json(cfg, CheckpointError, "restore the LLM's config.json from the original model")
 
 
 def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data: str | None = None,
