@@ -5,8 +5,9 @@ zero-shot is near 0 and LoRA has a format to learn), and their dev split asks ab
 task's train split never names: the answer must come from pretraining, not from the tuning data.
   module  "Q: which module defines ensure_future? A:"  -> " asyncio"   (8 top-level packages)
   verb    "Q: what does Element.get do? A:"            -> " Get"       (first word of its docstring)
-Labels are capped per class (near balance, so chance is about 1/8), and split half/half per label
-with a fixed seed.
+Labels are capped per class (near balance, so chance is about 1/8), and split about half/half per
+label with a fixed seed, by owner: all methods of a class fall on one side, so a dev question's
+class never appears in the train split.
 """
 
 from __future__ import annotations
@@ -57,8 +58,17 @@ def make(name: str, seed: int = 0) -> tuple[list[dict], list[dict]]:
         qs = per_label[lab]
         rng.shuffle(qs)
         qs = qs[: CAP[name]]
-        for i, q in enumerate(qs):
-            (train if i % 2 == 0 else dev).append({"prompt": _prompt(name, q), "completion": f" {lab}"})
+        # split by owner (the class of a method, else the name itself): a dev question never shares its
+        # class with a train question, so the answer cannot be read off the tuning data's names
+        owners = sorted({q.split(".")[0] for q in qs})
+        rng.shuffle(owners)
+        to_dev, n_dev = set(), 0
+        for o in owners:
+            if n_dev < len(qs) // 2:
+                to_dev.add(o)
+                n_dev += sum(q.split(".")[0] == o for q in qs)
+        for q in qs:
+            (dev if q.split(".")[0] in to_dev else train).append({"prompt": _prompt(name, q), "completion": f" {lab}"})
     rng.shuffle(train)
     rng.shuffle(dev)
     return train, dev
