@@ -1,6 +1,6 @@
 """How much of the corpus's facts a pretrained model holds, before any tuning: an 8-way cloze.
 
-For the first 240 dev questions of the `module` task ("which module defines X?"), score the eight sentences
+For the first 160 dev questions of the `module` task ("which module defines X?"), score the eight sentences
 "X(args) in <module>" -- the pretraining text's own wording -- by their summed log-likelihood and
 count the entry as known when the true module scores highest (chance: 1/8). It separates what each
 model memorised from the question format that LoRA has to learn.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 
-def module_cloze(model_dir: str, dev_jsonl: str, limit: int = 240) -> float:
+def module_cloze(model_dir: str, dev_jsonl: str, limit: int = 160) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

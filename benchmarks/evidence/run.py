@@ -134,7 +134,7 @@ class Bench:
         name += self.tag
         out = self.p(task, f"s{seed}", name)
         t = self.stage(f"{task}/s{seed}/{name}", ["refine", "--adapter", adapter, "--llm", self.llm, "--data", train,
-                                                 "--eval", dev, *(["--keep-last"] if cli_has("refine", "--keep-last") else []),
+                                                 "--eval", dev, "--eval-every", "0", *(["--keep-last"] if cli_has("refine", "--keep-last") else []),
                                                  "--max-length", str(self.s["max_length"]), "-o", out, "--steps", str(self.s["refine_steps"]),
                                                  "--batch-size", str(self.s["batch"]), "--seed", str(seed), "--force"])
         return {"dir": out, "train": t, "eval": {"out": t["out"]["after"]}, "before": {"out": t["out"]["before"]}}
