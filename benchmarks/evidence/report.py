@@ -84,6 +84,7 @@ def summarise(results: dict) -> dict:
         rows = {k: ci(v) for k, _ in ROWS if (v := per_seed(t, k))}
         rows["zero-shot-slm"] = (acc(t["zero_shot_slm"]), float("nan"))
         losses = {k: ci(v) for k, _ in ROWS if (v := per_seed(t, k, loss))}
+        losses["zero-shot-slm"] = (loss(t["zero_shot_slm"]), float("nan"))
         gaps = {k: (ci(g) if (g := gap_share(t, k)) else None) for k in GAP_ROWS}
         loss_gaps = {k: (ci(g) if (g := gap_share(t, k, loss)) else None) for k in GAP_ROWS}
         on_bridge = {k: ci([acc(s[k]["train"]) for s in t["seeds"] if k in s]) for k in ("zero_init", "bridge", "narrow")}
