@@ -213,7 +213,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny pair, few examples, 2 seeds: a smoke run")
     ap.add_argument("--jobs", type=int, default=2, help="stages run in parallel (one thread each)")
-    ap.add_argument("--tasks", default="module", help=f"comma-separated, of {TASKS} (verb: LLM+LoRA only ~5 points over SLM+LoRA)")
+    ap.add_argument("--tasks", default="module,verb", help=f"comma-separated, of {TASKS}")
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/results.md")
     a = ap.parse_args()
     out = run(a.quick, a.jobs, [t for t in a.tasks.split(",") if t])
