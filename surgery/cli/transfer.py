@@ -22,6 +22,7 @@ def transfer_cmd(
     samples: Annotated[int, typer.Option("--samples", help="Calibration texts to use.")] = 64,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration text.")] = 128,
     ridge: Annotated[float, typer.Option("--ridge", help="Ridge strength, relative to the mean eigenvalue of each Gram.")] = 1e-9,
+    max_memory: Annotated[str, typer.Option("--max-memory", help="Peak memory budget, e.g. 3GB; sets how many LLM layers are captured and fitted at once (default: 80% of free memory).")] = None,
     force: Force = False,
     json_out: JsonOut = False,
 ):
@@ -29,7 +30,7 @@ def transfer_cmd(
     from ..pipelines.transfer import transfer
 
     info = transfer(slm, llm, output, slm_base=slm_base, data=data, map_kind=map_kind, depth=depth,
-                    samples=samples, seq_len=seq_len, ridge=ridge, force=force)
+                    samples=samples, seq_len=seq_len, ridge=ridge, max_memory=max_memory, force=force)
     if json_out:
         print_json(info)
         return

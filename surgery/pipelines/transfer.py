@@ -13,16 +13,17 @@ from __future__ import annotations
 import os
 
 from ..arch import arch_of
-from ..errors import AdapterError, ArchitectureError, ShapeError
+from ..errors import AdapterError, ArchitectureError, OutputError, ResourceError, ShapeError
 from ..io.adapter import Adapter, write_adapter
 from ..io.adapterhub import is_adapterhub_dir, read_adapterhub
 from ..io.checkpoint import Checkpoint
 from ..io.hashing import file_sha256
-from ..io.writer import OutputDir, check_finite, check_output
+from ..io.writer import OutputDir, check_output, parse_size
 from ..ops.project import depth_blocks
 from .bottleneck import write_bottleneck
 from .transfer_bottleneck import bottleneck_needs, port_bottleneck_adapter
 from .transfer_fit import fit_projections
+from .transfer_memory import default_budget, memory_guard
 from .transfer_port import (lora_needs, port_lora_adapter, port_prefix_adapter, port_prompt_adapter,
                             prefix_needs)
 
@@ -76,24 +77,47 @@ def _choose_layers(blocks, records, depth: str) -> list[list[int]]:
 
 def transfer(adapter: str, llm: str, out: str, *, slm_base: str | None = None, data: str | None = None,
              map_kind: str = "activations", depth: str = "block", samples: int = 64, seq_len: int = 128,
-             ridge: float = 1e-9, batch: int = 8, force: bool = False) -> dict:
-    """Port `adapter` (trained on its SLM) to `llm`; write OUT and return transfer.json's contents."""
-    from safetensors.torch import save_file
+             ridge: float = 1e-9, batch: int = 8, max_memory: str | int | None = None, force: bool = False) -> dict:
+    """Port `adapter` (trained on its SLM) to `llm`; write OUT and return transfer.json's contents.
 
+    max_memory: peak-RSS budget ("3GB", bytes, or None for 80 % of what the machine has free); it
+    decides how many LLM layers are captured and fitted at once (transfer_memory).
+    """
     if map_kind not in MAPS:
         raise AdapterError(f"unknown --map {map_kind!r}", f"choose one of {', '.join(MAPS)}")
     if depth not in DEPTHS:
         raise AdapterError(f"unknown --depth {depth!r}", f"choose one of {', '.join(DEPTHS)}")
+    budget = default_budget() if max_memory is None else _budget(max_memory)
     ad, ck_s, ck_l, arch_s, arch_l, stack = _open_pair(adapter, llm, slm_base)
     inputs = [ad.path, ck_s.path, ck_l.path]
     check_output(os.path.abspath(out), inputs, force)  # before any forward pass, not after
+    with memory_guard(budget), OutputDir(out, inputs=inputs, force=force) as od:
+        summary = _transfer(ad, ck_s, ck_l, arch_s, arch_l, stack, od, map_kind=map_kind, depth=depth, data=data,
+                            samples=samples, seq_len=seq_len, ridge=ridge, batch=batch, budget=budget)
+        od.commit()
+    return summary
+
+
+def _budget(text) -> int:
+    try:
+        n = parse_size(text)
+    except (ValueError, TypeError, OutputError):
+        n = 0
+    if n <= 0:
+        raise ResourceError(f"--max-memory {text!r} is not a size", "write it like 3GB, 3500MB or 3.5e9")
+    return n
+
+
+def _transfer(ad, ck_s, ck_l, arch_s, arch_l, stack, od, *, map_kind, depth, data, samples, seq_len, ridge, batch,
+              budget) -> dict:
     blocks = depth_blocks(arch_s.stacks[stack], arch_l.stacks[stack])
     kind = ad.peft_type
     needs = {"LORA": lora_needs, "PREFIX_TUNING": prefix_needs,
              "BOTTLENECK": bottleneck_needs}.get(kind, lambda *a: {})(ad, arch_s, stack)
     maps, records, warnings, embed = fit_projections(
         ck_s, ck_l, arch_s, arch_l, stack, blocks, needs, map_kind=map_kind, data=data, samples=samples,
-        seq_len=seq_len, ridge=ridge, batch=batch, embed_needed=kind == "PROMPT_TUNING")
+        seq_len=seq_len, ridge=ridge, batch=batch, spill_dir=od.tmp, budget=budget,
+        embed_needed=kind == "PROMPT_TUNING")
     chosen = _choose_layers(blocks, records, depth) if kind in LAYERED else blocks
     if kind == "BOTTLENECK":
         modules, leave_out = port_bottleneck_adapter(ad, arch_s, arch_l, stack, chosen, maps)
@@ -103,10 +127,6 @@ def transfer(adapter: str, llm: str, out: str, *, slm_base: str | None = None, d
         config, tensors = port_prompt_adapter(ad, arch_l, embed, ck_l.path)
     else:
         config, tensors = port_prefix_adapter(ad, arch_s, arch_l, stack, blocks, maps, ck_l.path)
-    projections = {f"{stack}.{j}.{key}.{d}": m.float().contiguous() for (j, key, d), m in sorted(maps.items())}
-    projections.update({f"embed.{d}": m.float().contiguous() for d, m in embed.items()})
-    for k, t in projections.items():
-        check_finite(k, t)
     data_sha = None
     if data and map_kind == "activations":
         data_sha = file_sha256(data)
@@ -118,13 +138,11 @@ def transfer(adapter: str, llm: str, out: str, *, slm_base: str | None = None, d
         "depth_map": {stack: blocks}, "layers_used": {stack: chosen},
         "fits": records, "warnings": warnings,
     }
-    with OutputDir(out, inputs=inputs, force=force) as od:
-        if kind == "BOTTLENECK":
-            write_bottleneck(od, ad.name, dict(ad.bn, leave_out=leave_out), modules, ck_l.config,
-                             arch_l.dims["hidden"], base=ck_l.path)
-        else:
-            write_adapter(od, config, tensors)
-        save_file(projections, od.path(PROJECTIONS), metadata={"format": FORMAT})
-        od.write_json("transfer.json", summary)
-        od.commit()
+    if kind == "BOTTLENECK":
+        write_bottleneck(od, ad.name, dict(ad.bn, leave_out=leave_out), modules, ck_l.config,
+                         arch_l.dims["hidden"], base=ck_l.path)
+    else:
+        write_adapter(od, config, tensors)
+    maps.write(od.path(PROJECTIONS), {f"embed.{d}": m for d, m in embed.items()}, {"format": FORMAT})
+    od.write_json("transfer.json", summary)
     return summary

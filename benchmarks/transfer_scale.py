@@ -1,0 +1,102 @@
+"""Peak memory and time of `surgery transfer` at real sizes: a 0.2B-shaped SLM + LoRA onto a
+TinyLlama-1.1B-shaped LLM (random weights, bf16; hidden 2048, 22 layers, GQA 32/4, MLP 5632, vocab 32000).
+
+Each transfer runs in its own subprocess; its peak RSS comes from wait4(). The ported adapter is then
+checked: it loads with PeftModel.from_pretrained with no missing keys and gives a finite loss.
+Models are built once and cached (random init, no downloads) under --work.
+
+    flock /tmp/surgery-heavy.lock python benchmarks/transfer_scale.py [--work DIR] [--targets q_proj,v_proj]
+        [--max-memory 3GB] [--samples 64] [--seq-len 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES = {  # llama-family shapes; vocab 32000 as TinyLlama
+    "0.2B": dict(hidden_size=1024, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=4,
+                 intermediate_size=2816, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False),
+    "1.1B": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                 intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False),
+}
+CHECK = """
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+llm, adapter = sys.argv[1], sys.argv[2]
+m = AutoModelForCausalLM.from_pretrained(llm, dtype=torch.bfloat16)
+p, info = PeftModel.from_pretrained(m, adapter), None
+ids = torch.randint(4, 300, (1, 32), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    loss = p(input_ids=ids, labels=ids).loss
+assert torch.isfinite(loss), loss
+print(f"loss {float(loss):.3f}")
+"""
+
+
+def run(cmd: list[str]) -> tuple[float, float, float, str]:
+    """(peak RSS GB, wall s, CPU s, stdout) of a child process."""
+    t = time.time()
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT})
+    out = p.stdout.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"benchmark step failed: {' '.join(cmd)}")
+    return usage.ru_maxrss / 1024**2, time.time() - t, usage.ru_utime + usage.ru_stime, out
+
+
+def build(work: str, shape: str) -> str:
+    from fixtures import build_model
+
+    out = os.path.join(work, f"llama-{shape}")
+    if not os.path.exists(os.path.join(out, "config.json")):
+        build_model("llama", out, dtype="bfloat16", **SHAPES[shape])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default="/work/scratch/transfer/scale")
+    ap.add_argument("--targets", default="q_proj,v_proj")
+    ap.add_argument("--max-memory", default="3GB")
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=128)
+    a = ap.parse_args()
+    sys.path.insert(0, ROOT)
+    import torch
+
+    from fixtures import build_lora
+    from fixtures.corpus import documents
+
+    os.makedirs(a.work, exist_ok=True)
+    slm, llm = build(a.work, "0.2B"), build(a.work, "1.1B")
+    targets = a.targets.split(",")
+    lora = os.path.join(a.work, "lora-" + "-".join(targets))
+    if not os.path.exists(lora):
+        build_lora(slm, lora, targets=targets, r=16, alpha=32)
+    calib = os.path.join(a.work, "calib.txt")
+    with open(calib, "w") as f:
+        f.write("\n".join(documents(a.samples, seed=5)))
+    out = os.path.join(a.work, "ported-" + "-".join(targets))
+    cmd = [sys.executable, "-m", "surgery", "transfer", "--slm", lora, "--llm", llm, "-o", out, "--data", calib,
+           "--samples", str(a.samples), "--seq-len", str(a.seq_len), "--max-memory", a.max_memory, "--force", "--json"]
+    rss, wall, cpu, _ = run(cmd)
+    _, _, _, check = run([sys.executable, "-c", CHECK, llm, out])
+    ck = sum(os.path.getsize(os.path.join(llm, f)) for f in os.listdir(llm) if f.endswith(".safetensors")) / 1e9
+    print(f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
+    print(f"command: {' '.join(cmd[1:])}")
+    print("| SLM | LLM (bf16 checkpoint) | LoRA targets | --max-memory | peak RSS | wall | CPU | ported adapter |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| 0.2B-shaped | 1.1B-shaped ({ck:.2f} GB) | {a.targets} (r 16) | {a.max_memory} | {rss:.2f} GB | "
+          f"{wall:.0f} s | {cpu:.0f} s | loads in peft, {check.strip()} |")
+
+
+if __name__ == "__main__":
+    main()
