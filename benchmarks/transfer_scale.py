@@ -12,6 +12,7 @@ Models are built once and cached (random init, no downloads) under --work.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -52,12 +53,22 @@ def run(cmd: list[str]) -> tuple[float, float, float, str]:
     return usage.ru_maxrss / 1024**2, time.time() - t, usage.ru_utime + usage.ru_stime, out
 
 
-def build(work: str, shape: str) -> str:
-    from fixtures import build_model
+BUILD = """
+import sys, json
+from fixtures import build_lora, build_model
+kind, out, arg = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+if kind == "model":
+    build_model("llama", out, dtype="bfloat16", **arg)
+else:
+    build_lora(arg["slm"], out, targets=arg["targets"], r=16, alpha=32)
+"""
 
-    out = os.path.join(work, f"llama-{shape}")
-    if not os.path.exists(os.path.join(out, "config.json")):
-        build_model("llama", out, dtype="bfloat16", **SHAPES[shape])
+
+def build(kind: str, out: str, arg: dict) -> str:
+    """Built in a child process: the parent stays small, so a child's peak RSS (which Linux seeds
+    with the parent's at fork/exec) measures only the child."""
+    if not os.path.exists(os.path.join(out, "config.json")) and not os.path.exists(os.path.join(out, "adapter_config.json")):
+        run([sys.executable, "-c", BUILD, kind, out, json.dumps(arg)])
     return out
 
 
@@ -69,28 +80,20 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=128)
     a = ap.parse_args()
-    sys.path.insert(0, ROOT)
-    import torch
-
-    from fixtures import build_lora
-    from fixtures.corpus import documents
-
     os.makedirs(a.work, exist_ok=True)
-    slm, llm = build(a.work, "0.2B"), build(a.work, "1.1B")
+    slm = build("model", os.path.join(a.work, "llama-0.2B"), SHAPES["0.2B"])
+    llm = build("model", os.path.join(a.work, "llama-1.1B"), SHAPES["1.1B"])
     targets = a.targets.split(",")
-    lora = os.path.join(a.work, "lora-" + "-".join(targets))
-    if not os.path.exists(lora):
-        build_lora(slm, lora, targets=targets, r=16, alpha=32)
+    lora = build("lora", os.path.join(a.work, "lora-" + "-".join(targets)), {"slm": slm, "targets": targets})
     calib = os.path.join(a.work, "calib.txt")
-    with open(calib, "w") as f:
-        f.write("\n".join(documents(a.samples, seed=5)))
+    run([sys.executable, "-c", f"from fixtures.corpus import documents; open({calib!r}, 'w').write(chr(10).join(documents({a.samples}, seed=5)))"])
     out = os.path.join(a.work, "ported-" + "-".join(targets))
     cmd = [sys.executable, "-m", "surgery", "transfer", "--slm", lora, "--llm", llm, "-o", out, "--data", calib,
            "--samples", str(a.samples), "--seq-len", str(a.seq_len), "--max-memory", a.max_memory, "--force", "--json"]
     rss, wall, cpu, _ = run(cmd)
     _, _, _, check = run([sys.executable, "-c", CHECK, llm, out])
     ck = sum(os.path.getsize(os.path.join(llm, f)) for f in os.listdir(llm) if f.endswith(".safetensors")) / 1e9
-    print(f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
+    print(f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs")
     print(f"command: {' '.join(cmd[1:])}")
     print("| SLM | LLM (bf16 checkpoint) | LoRA targets | --max-memory | peak RSS | wall | CPU | ported adapter |")
     print("|---|---|---|---|---|---|---|---|")

@@ -22,7 +22,7 @@ def transfer_cmd(
     samples: Annotated[int, typer.Option("--samples", help="Calibration texts to use.")] = 64,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration text.")] = 128,
     ridge: Annotated[float, typer.Option("--ridge", help="Ridge strength, relative to the mean eigenvalue of each Gram.")] = 1e-9,
-    max_memory: Annotated[str, typer.Option("--max-memory", help="Peak memory budget, e.g. 3GB; sets how many LLM layers are captured and fitted at once (default: 80% of free memory).")] = None,
+    max_memory: Annotated[str, typer.Option("--max-memory", help="Peak memory budget, e.g. 3GB; sets how many LLM layers are captured and fitted at once (default 4GB, more if one layer needs it and memory is free).")] = None,
     force: Force = False,
     json_out: JsonOut = False,
 ):

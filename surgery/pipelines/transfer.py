@@ -23,7 +23,7 @@ from ..ops.project import depth_blocks
 from .bottleneck import write_bottleneck
 from .transfer_bottleneck import bottleneck_needs, port_bottleneck_adapter
 from .transfer_fit import fit_projections
-from .transfer_memory import default_budget, memory_guard
+from .transfer_memory import ceiling, memory_guard
 from .transfer_port import (lora_needs, port_lora_adapter, port_prefix_adapter, port_prompt_adapter,
                             prefix_needs)
 
@@ -80,18 +80,18 @@ def transfer(adapter: str, llm: str, out: str, *, slm_base: str | None = None, d
              ridge: float = 1e-9, batch: int = 8, max_memory: str | int | None = None, force: bool = False) -> dict:
     """Port `adapter` (trained on its SLM) to `llm`; write OUT and return transfer.json's contents.
 
-    max_memory: peak-RSS budget ("3GB", bytes, or None for 80 % of what the machine has free); it
-    decides how many LLM layers are captured and fitted at once (transfer_memory).
+    max_memory: peak-RSS budget ("3GB", bytes, or None: 4 GB, more if one layer needs it and the
+    machine has it); it decides how many LLM layers are captured and fitted at once (transfer_memory).
     """
     if map_kind not in MAPS:
         raise AdapterError(f"unknown --map {map_kind!r}", f"choose one of {', '.join(MAPS)}")
     if depth not in DEPTHS:
         raise AdapterError(f"unknown --depth {depth!r}", f"choose one of {', '.join(DEPTHS)}")
-    budget = default_budget() if max_memory is None else _budget(max_memory)
+    budget = None if max_memory is None else _budget(max_memory)
     ad, ck_s, ck_l, arch_s, arch_l, stack = _open_pair(adapter, llm, slm_base)
     inputs = [ad.path, ck_s.path, ck_l.path]
     check_output(os.path.abspath(out), inputs, force)  # before any forward pass, not after
-    with memory_guard(budget), OutputDir(out, inputs=inputs, force=force) as od:
+    with memory_guard(budget or ceiling()), OutputDir(out, inputs=inputs, force=force) as od:
         summary = _transfer(ad, ck_s, ck_l, arch_s, arch_l, stack, od, map_kind=map_kind, depth=depth, data=data,
                             samples=samples, seq_len=seq_len, ridge=ridge, batch=batch, budget=budget)
         od.commit()

@@ -13,7 +13,7 @@ from ..errors import DataError
 from ..ops.project import Moments, fit_to_llm, fit_to_slm
 from .transfer_capture import accumulate, load_texts, load_tokenizer, shared_vocab, text_batches, vocab_batches
 from .transfer_maps import MapStore
-from .transfer_memory import plan_windows, rss_bytes, space_bytes, trim
+from .transfer_memory import default_budget, plan_windows, rss_bytes, space_bytes, trim
 from .transfer_plan import capture_points, slice_of
 from .transfer_stream import LayerStream
 
@@ -50,7 +50,8 @@ def fit_projections(ck_s, ck_l, arch_s, arch_l, stack, blocks, needs, *, map_kin
     """needs: {slm layer: {key: {directions}}}. Returns (maps, records, warnings, embed maps).
 
     maps: {(llm layer, key, direction): float64 matrix}, spilled to `spill_dir` window by window;
-    records: one dict per fit (transfer.json). `budget` (bytes) bounds the process's peak RSS.
+    records: one dict per fit (transfer.json). `budget` (bytes, None: transfer_memory.default_budget)
+    bounds the process's peak RSS.
     """
     tok_s, tok_l = load_tokenizer(ck_s.path), load_tokenizer(ck_l.path)
     maps, records, warnings, embed = MapStore(spill_dir, stack), [], [], {}
@@ -148,8 +149,10 @@ def _windows(streams, captured, slm_of, pts_s, pts_l, batches, budget) -> list[t
                 res += c["resident"]
                 fit = max(fit, c["fit"])
         costs.append((res, fit))
-    margin = 64 * 2**20 + budget // 20  # allocator slack and the Python objects we do not count
-    return plan_windows(costs, budget - rss_bytes() - margin, budget)
+    fixed = rss_bytes() + 64 * 2**20  # + allocator slack and the Python objects we do not count
+    if budget is None:
+        budget = default_budget(costs, fixed)
+    return plan_windows(costs, budget - fixed - budget // 20, budget)
 
 
 def _width(arch, cap) -> int:

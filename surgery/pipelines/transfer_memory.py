@@ -10,7 +10,8 @@ Peak RSS of a transfer (docs/transfer.md, "Memory"):
     M_j   its float64 moments: per space 8·(n_s² + n_l² + n_l·n_s) (only the Grams a direction needs)
     P_j   its fitted maps until they are spilled to disk (float64, 8·n_s·n_l per direction)
     X_j   one batch's captured activations: tokens · (n_s + n_l) · 18 B (bf16/fp32 capture + float64 copies)
-    F_j   the transient of fitting one map: 8·(2n² + 3·n·m) for an n-wide regressor and m-wide target
+    F_j   the transient of fitting one map: to the LLM 8·(3n_s² + 5·n_s·n_l) (eigendecomposition, per-row
+          solves), to the SLM 8·(2n_l² + 3·n_s·n_l) (Cholesky)
 
 The window grows layer by layer while the sum stays under the budget; a layer that does not fit
 alone is an error naming --max-memory, before any work.
@@ -47,7 +48,10 @@ def available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def default_budget() -> int:
+DEFAULT = 4 * 10**9  # every layer runs once whatever the window, so a bigger one buys little time
+
+
+def ceiling() -> int:
     """80 % of what this machine can still give, plus what we already hold."""
     return rss_bytes() + int(0.8 * available_bytes())
 
@@ -61,8 +65,14 @@ def space_bytes(n_s: int, n_l: int, to_llm: bool, to_slm: bool, tokens: int) -> 
     moments = 8 * (n_s * n_s * to_llm + n_l * n_l * to_slm + n_l * n_s)
     maps = 8 * n_s * n_l * (to_llm + to_slm)
     acts = tokens * (n_s + n_l) * 18
-    fit = max(8 * (2 * n_s * n_s + 3 * n_s * n_l) if to_llm else 0, 8 * (2 * n_l * n_l + 3 * n_s * n_l) if to_slm else 0)
+    fit = max(8 * (3 * n_s * n_s + 5 * n_s * n_l) if to_llm else 0, 8 * (2 * n_l * n_l + 3 * n_s * n_l) if to_slm else 0)
     return {"resident": moments + maps + acts, "fit": fit}
+
+
+def default_budget(costs: list[tuple[int, int]], fixed: int) -> int:
+    """No --max-memory: 4 GB, or what the widest layer needs if more, up to 80 % of free memory."""
+    need = fixed + max((r + f for r, f in costs), default=0)
+    return min(max(DEFAULT, int(need * 1.1)), max(ceiling(), DEFAULT))
 
 
 def plan_windows(costs: list[tuple[int, int]], budget_left: int, budget: int) -> list[tuple[int, int]]:
