@@ -7,6 +7,7 @@ Models are built once and cached (random init, no downloads) under --work.
 
     flock /tmp/surgery-heavy.lock python benchmarks/transfer_scale.py [--work DIR] [--targets q_proj,v_proj]
         [--max-memory 3GB] [--samples 64] [--seq-len 128]
+    python benchmarks/transfer_scale.py --plan     # the formula of docs/transfer.md for 1.1B and 7B
 """
 
 from __future__ import annotations
@@ -72,6 +73,66 @@ def build(kind: str, out: str, arg: dict) -> str:
     return out
 
 
+PLAN_SHAPES = {  # (SLM, LLM) pairs of llama shapes for the paper plan; 7B = Llama-2-7B's shape
+    "0.2B → 1.1B": ("0.2B", "1.1B"),
+    "1.1B → 7B": ("1.1B", "7B"),
+}
+SHAPES_PLAN = {**SHAPES, "7B": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                                    num_key_value_heads=32, intermediate_size=11008, vocab_size=32000)}
+
+
+def spaces(shape: dict, targets: list[str]) -> dict:
+    """{key: (width, to_llm?, to_slm?)} of one LLM layer for LoRA on `targets` (transfer_plan's keys)."""
+    h, hd = shape["hidden_size"], shape["hidden_size"] // shape["num_attention_heads"]
+    q, kv, inner = shape["num_attention_heads"] * hd, shape["num_key_value_heads"] * hd, shape["intermediate_size"]
+    reads = {"q_proj": "in.attn", "k_proj": "in.attn", "v_proj": "in.attn", "o_proj": "attn.o",
+             "gate_proj": "in.mlp", "up_proj": "in.mlp", "down_proj": "mlp.inner"}
+    writes = {"q_proj": "attn.q", "k_proj": "attn.k", "v_proj": "attn.v", "o_proj": "out.attn",
+              "gate_proj": "mlp.inner", "up_proj": "mlp.inner", "down_proj": "out.mlp"}
+    width = {"in.attn": h, "in.mlp": h, "attn.q": q, "attn.k": kv, "attn.v": kv, "attn.o": q,
+             "mlp.inner": inner, "out.attn": h, "out.mlp": h, "res": h}
+    out: dict = {}
+    for t in targets:
+        a, b = out.get(reads[t], (False, False)), out.get(writes[t], (False, False))
+        out[reads[t]] = (a[0], True)
+        out[writes[t]] = (True, b[1])
+        if writes[t].startswith("out."):
+            out["res"] = (True, out.get("res", (False, False))[1])
+    return {k: (width[k], d) for k, d in out.items()}
+
+
+def plan(targets: list[str], samples: int, seq_len: int, batch: int = 8) -> None:
+    """The peak-memory formula of docs/transfer.md evaluated for one-layer windows (transfer_memory)."""
+    from surgery.pipelines.transfer_memory import space_bytes
+
+    print(f"Plan (one-layer windows, LoRA on {','.join(targets)}, {samples}×{seq_len} calibration tokens, "
+          f"bf16 models, 0.35 GB libraries):")
+    print("| SLM → LLM | LLM checkpoint | base | W_j + w_j | M_j + P_j + X_j | F_j | predicted peak |")
+    print("|---|---|---|---|---|---|---|")
+    for label, (s_name, l_name) in PLAN_SHAPES.items():
+        S, L = SHAPES_PLAN[s_name], SHAPES_PLAN[l_name]
+
+        def layer_params(c):
+            h, i = c["hidden_size"], c["intermediate_size"]
+            kv = c["num_key_value_heads"] * h // c["num_attention_heads"]
+            return 2 * h * h + 2 * h * kv + 3 * h * i
+
+        def total(c):
+            return c["num_hidden_layers"] * layer_params(c) + 2 * c["vocab_size"] * c["hidden_size"]
+
+        sp_s, sp_l = spaces(S, targets), spaces(L, targets)
+        res = fit = 0
+        for k, (n_l, (to_llm, to_slm)) in sp_l.items():
+            c = space_bytes(sp_s[k][0], n_l, to_llm, to_slm, batch * seq_len)
+            res += c["resident"]
+            fit = max(fit, c["fit"])
+        weights = 2 * (layer_params(S) + layer_params(L))
+        base = 0.35e9 + samples * seq_len * 2 * (S["hidden_size"] + L["hidden_size"]) + 2 * L["vocab_size"] * L["hidden_size"]
+        g = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
+        print(f"| {label} | {g(2 * total(L))} | {g(base)} | {g(weights)} | {g(res)} | {g(fit)} | "
+              f"**{g(base + weights + res + fit)}** |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/work/scratch/transfer/scale")
@@ -79,7 +140,13 @@ def main() -> None:
     ap.add_argument("--max-memory", default="3GB")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--plan", action="store_true", help="print the peak-memory plan (formula) and exit")
     a = ap.parse_args()
+    if a.plan:
+        sys.path.insert(0, ROOT)
+        for t in (a.targets, "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"):
+            plan(t.split(","), a.samples, a.seq_len)
+        return
     os.makedirs(a.work, exist_ok=True)
     slm = build("model", os.path.join(a.work, "llama-0.2B"), SHAPES["0.2B"])
     llm = build("model", os.path.join(a.work, "llama-1.1B"), SHAPES["1.1B"])
