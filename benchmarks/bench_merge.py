@@ -162,11 +162,12 @@ def adapter_errors(adapter: str, base: str, tuned: str) -> dict:
     """Per module ‖Δ − s·B A‖ / ‖Δ‖ of a written adapter (ours or mergekit's), on the stored factors."""
     from surgery.io.adapter import Adapter
     from surgery.io.checkpoint import Checkpoint
+    from surgery.kinds.lora import modules as lora_modules
     from surgery.ops.lowrank import relative_error
 
     cb, ct = Checkpoint.open(base), Checkpoint.open(tuned)
     out = {}
-    for m in Adapter.open(adapter).lora_modules():
+    for m in lora_modules(Adapter.open(adapter)):
         d = ct.read(m.module + ".weight").double() - cb.read(m.module + ".weight").double()
         out[m.module] = relative_error(d, m.A.double() * m.scaling, m.B)
     return out

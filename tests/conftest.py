@@ -10,6 +10,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import pytest  # noqa: E402
 
 FAMILY_NAMES = ["gpt2", "llama", "mistral", "qwen2", "t5"]
+# families with a map for merge/extract/inspect but no bottleneck sites (and, for gemma, no pruning)
+MORE_FAMILIES = ["gemma", "gemma2", "phi3", "qwen3"]
 
 
 class FixtureFactory:

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from surgery.kinds.lora import modules as lora_modules
 from surgery.errors import AdapterError
 from surgery.io.adapter import Adapter, lora_config, lora_key, targets_module, write_adapter
 from surgery.io.writer import OutputDir
@@ -14,7 +15,7 @@ def test_reads_peft_lora_with_patterns(fx):
     path = fx.lora("llama", targets=["q_proj", "v_proj", "down_proj"], name="pat", r=4, alpha=8,
                    rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 3}, use_rslora=True)
     ad = Adapter.open(path)
-    mods = {m.module: m for m in ad.lora_modules()}
+    mods = {m.module: m for m in lora_modules(ad)}
     assert set(mods) == {f"model.layers.{i}.{p}" for i in range(2)
                          for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}
     assert mods["model.layers.0.self_attn.q_proj"].scaling == pytest.approx(8 / math.sqrt(4))
@@ -26,14 +27,14 @@ def test_reads_peft_lora_with_patterns(fx):
 def test_reads_dora_and_modules_to_save(fx):
     path = fx.lora("qwen2", targets=["q_proj"], name="dora", use_dora=True, modules_to_save=["lm_head"])
     ad = Adapter.open(path)
-    m = ad.lora_modules()[0]
+    m = lora_modules(ad)[0]
     assert m.magnitude is not None and m.magnitude.shape == (m.B.shape[0],)
     assert set(ad.modules_to_save()) == {"lm_head"}
 
 
 def test_gpt2_lora_is_fan_in_fan_out(fx):
     ad = Adapter.open(fx.lora("gpt2", targets=["c_attn"], name="c"))
-    m = ad.lora_modules()[0]
+    m = lora_modules(ad)[0]
     assert m.fan_in_fan_out and m.A.shape == (4, 64) and m.B.shape == (192, 4)
 
 

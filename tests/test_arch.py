@@ -6,12 +6,16 @@ from surgery.arch import load_arch
 from surgery.errors import ArchitectureError
 from surgery.io.checkpoint import Checkpoint
 
-from .conftest import FAMILY_NAMES
+from .conftest import FAMILY_NAMES, MORE_FAMILIES
 
-VARIANTS = [(f, {}) for f in FAMILY_NAMES] + [
+VARIANTS = [(f, {}) for f in FAMILY_NAMES + MORE_FAMILIES] + [
     ("t5", {"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}),
     ("llama", {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True}),
     ("qwen2", {"tie_word_embeddings": False}),
+    ("qwen3", {"attention_bias": True, "tie_word_embeddings": True}),
+    ("gemma", {"attention_bias": True, "tie_word_embeddings": False}),
+    ("gemma2", {"tie_word_embeddings": False}),
+    ("phi3", {"tie_word_embeddings": True}),
 ]
 
 

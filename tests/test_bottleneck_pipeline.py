@@ -6,7 +6,7 @@ import torch
 from surgery.arch import load_arch
 from surgery.errors import AdapterError
 from surgery.io.adapterhub import bn_config, read_adapterhub
-from surgery.pipelines.bottleneck import attach_saved, lift_sites, port_sites, restrict_sites, save_bottleneck
+from surgery.kinds.bottleneck import attach_saved, lift_sites, port_sites, restrict_sites, save_bottleneck
 from surgery.train.bottleneck import attach_bottleneck
 
 from .test_bottleneck_hooks import load, logits

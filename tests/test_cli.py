@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from .conftest import FAMILY_NAMES, run_cli
+from .conftest import FAMILY_NAMES, MORE_FAMILIES, run_cli
 
 
 def test_help_is_fast_and_imports_no_torch():
@@ -24,7 +24,7 @@ def test_help_is_fast_and_imports_no_torch():
     assert elapsed < 1.0
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", FAMILY_NAMES + MORE_FAMILIES)
 def test_inspect_every_fixture(fx, family):
     code, out, err = run_cli("inspect", fx.model(family), "--json")
     assert code == 0, err

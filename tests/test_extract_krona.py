@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from surgery.kinds.lora import modules as lora_modules
 from surgery.io.adapter import Adapter
 from surgery.ops.kron import kron_params, lokr_shapes
 
@@ -104,7 +105,7 @@ def test_lora_adapter_as_source_with_factor(fx, tmp_path):
     base_sd = _auto(base)[0].state_dict()
     ad = Adapter.open(lora)
     assert torch.equal(merged["lm_head.weight"], ad.modules_to_save()["lm_head"]["weight"])
-    for m in ad.lora_modules():
+    for m in lora_modules(ad):
         if "q_proj" not in m.module:
             continue
         fit = kron_params(m.scaling * (m.B.double() @ m.A.double()), 4)
@@ -125,7 +126,7 @@ def test_gpt2_conv1d_goes_through_merge_lora(fx, tmp_path):
     assert code == 0, err
     b, m = Checkpoint.open(base), Checkpoint.open(str(tmp_path / "m"))
     ad = Adapter.open(lora)
-    for mod in ad.lora_modules():
+    for mod in lora_modules(ad):
         fit = kron_params(mod.scaling * (mod.B.double() @ mod.A.double()), -1)  # [out, in]
         want = b.read(mod.module + ".weight").double() + torch.kron(fit.A, fit.B).T  # Conv1D stores [in, out]
         assert torch.allclose(m.read(mod.module + ".weight").double(), want, atol=1e-5), mod.module

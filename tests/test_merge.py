@@ -6,11 +6,12 @@ import os
 import pytest
 import torch
 
+from surgery.kinds.lora import modules as lora_modules
 from surgery.errors import AdapterError, NumericsError
 from surgery.io.checkpoint import Checkpoint
 from surgery.pipelines.merge import DORA_NORMS, merge_lora, unmerge_lora
 
-from .conftest import FAMILY_NAMES, run_cli
+from .conftest import FAMILY_NAMES, MORE_FAMILIES, run_cli
 
 ALL = {"gpt2": ["c_attn", "c_proj", "c_fc"], "t5": None}
 
@@ -47,7 +48,7 @@ def _close_sd(ours, ref, atol=1e-5):
     assert worst <= atol, worst
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", FAMILY_NAMES + MORE_FAMILIES)
 def test_merge_equals_peft_and_unmerge_restores(fx, tmp_path, family):
     base = fx.model(family)
     ad = fx.lora(family, targets=ALL.get(family), name="m")
@@ -135,7 +136,7 @@ def test_bf16_rounds_once_and_unmerge_within_rounding(fx, tmp_path):
     key = "model.layers.0.self_attn.q_proj.weight"
     from surgery.io.adapter import Adapter
 
-    lm = {x.module: x for x in Adapter.open(ad).lora_modules()}["model.layers.0.self_attn.q_proj"]
+    lm = {x.module: x for x in lora_modules(Adapter.open(ad))}["model.layers.0.self_attn.q_proj"]
     want = (ck.read(key).float() + lm.scaling * lm.B.float() @ lm.A.float()).to(torch.bfloat16)
     assert m.dtype(key) == torch.bfloat16 and torch.equal(m.read(key), want)
     unmerge_lora(str(tmp_path / "m"), ad, str(tmp_path / "u"))

@@ -19,13 +19,14 @@ def _arch(path):
 
 
 @pytest.mark.parametrize("reduction", [4, 16, 64])
-def test_llama_bridge_widths_are_whole_heads_and_construct(fx, reduction):
+@pytest.mark.parametrize("residual", ["keep", "prune"])
+def test_llama_bridge_widths_are_whole_heads_and_construct(fx, reduction, residual):
     from transformers import AutoConfig
 
     from surgery.pipelines.bridge_plan import bridge_config, plan_sizes
 
     arch = _arch(fx.model("llama", hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32))
-    sizes = plan_sizes(arch, reduction, {})
+    sizes = plan_sizes(arch, reduction, {}, residual=residual)
     assert sizes["hidden"] % sizes["heads"] == 0 and 0 < sizes["hidden"] <= 128
     cfg = dict(bridge_config(arch, sizes))
     AutoConfig.for_model(cfg.pop("model_type"), **cfg)  # LlamaConfig validates hidden % heads
@@ -38,7 +39,7 @@ def test_llama_r64_bridge_is_written_and_loads(fx, calib, tmp_path):
     from surgery.pipelines.prune import prune_bridge
 
     llm = fx.model("llama", hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
-    r = prune_bridge(llm, tmp_path / "b", calib, reduction=64, **FAST)
+    r = prune_bridge(llm, tmp_path / "b", calib, reduction=64, residual="prune", **FAST)
     model, info = AutoModelForCausalLM.from_pretrained(r["output"], dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert model.config.hidden_size % model.config.num_attention_heads == 0
@@ -48,7 +49,7 @@ def test_llama_fixed_hidden_that_is_not_whole_heads_is_refused(fx, calib, tmp_pa
     from surgery.pipelines.prune import prune_bridge
 
     with pytest.raises(ShapeError, match="not a multiple of 2 heads"):
-        prune_bridge(fx.model("llama"), tmp_path / "o", calib, hidden_size=31, num_attention_heads=2)
+        prune_bridge(fx.model("llama"), tmp_path / "o", calib, hidden_size=31, num_attention_heads=2, residual="prune")
 
 
 def test_random_importance_is_seeded_and_differs_from_magnitude(fx, calib, tmp_path):

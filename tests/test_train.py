@@ -19,28 +19,29 @@ def test_bad_lines_are_named(tmp_path, fx):
     f = tmp_path / "d.jsonl"
     f.write_text('{"text": "the cat"}\n\n{"text": oops}\n')
     code, _, err = run_cli("train", fx.model("llama"), "--data", f, "-o", tmp_path / "o")
-    assert code == 2 and "d.jsonl:3 is not valid JSON" in err and not (tmp_path / "o").exists()
+    assert code == 2 and "d.jsonl:3: not valid JSON" in err and not (tmp_path / "o").exists()
     f.write_text('{"text": "the cat"}\n{"prompt": "a", "completion": " b"}\n')
     code, _, err = run_cli("train", fx.model("llama"), "--data", f, "-o", tmp_path / "o")
     assert "d.jsonl:2 is a completion record but earlier lines are text records" in err
     f.write_text('{"question": "a"}\n')
     code, _, err = run_cli("eval", fx.model("llama"), "--data", f)
-    assert code == 2 and "d.jsonl:1 has neither" in err and "['question']" in err
+    assert code == 2 and "d.jsonl:1: a JSON object with none of the known record fields" in err and "['question']" in err
 
 
 def test_completion_only_labels(fx):
     from transformers import AutoTokenizer
 
+    from surgery.io.data import make_record
     from surgery.train.data import IGNORE, encode
 
     tok = AutoTokenizer.from_pretrained(fx.model("llama"))
     rec = {"prompt": "the red cat. colour?", "completion": " red"}
-    (e,) = encode([rec], tok, seq2seq=False, max_length=64)
+    (e,) = encode([make_record(rec)], tok, seq2seq=False, max_length=64)
     p, c = tok(rec["prompt"])["input_ids"], tok(rec["completion"], add_special_tokens=False)["input_ids"]
     assert e.input_ids == p + c and e.labels == [IGNORE] * len(p) + c
-    (s,) = encode([rec], tok, seq2seq=True, max_length=64)  # encoder reads the prompt, decoder predicts
+    (s,) = encode([make_record(rec)], tok, seq2seq=True, max_length=64)  # encoder reads the prompt, decoder predicts
     assert s.input_ids == p and s.labels == tok(rec["completion"])["input_ids"]
-    (t,) = encode([rec], tok, seq2seq=False, max_length=len(c) + 2)  # the prompt loses its start
+    (t,) = encode([make_record(rec)], tok, seq2seq=False, max_length=len(c) + 2)  # the prompt loses its start
     assert t.input_ids == p[-2:] + c and t.labels[-len(c):] == c
 
 

@@ -1,4 +1,4 @@
-"""surgery train --method adapter (Houlsby / Pfeiffer) and surgery eval --adapter on AdapterHub directories."""
+"""surgery train --method bottleneck (Houlsby / Pfeiffer) and surgery eval --adapter on AdapterHub directories."""
 
 import json
 
@@ -15,7 +15,7 @@ from .train_fixtures import one_thread, task  # noqa: F401 (pytest fixtures)
 def test_trains_saves_adapterhub_and_eval_reproduces(fx, task, tmp_path, family, kind, rf, sites):
     train, dev = task
     out = tmp_path / "a"
-    code, o, err = run_cli("train", fx.model(family), "--data", train, "--eval", dev, "-o", out, "--method", "adapter",
+    code, o, err = run_cli("train", fx.model(family), "--data", train, "--eval", dev, "-o", out, "--method", "bottleneck",
                            "--adapter-config", kind, "--reduction-factor", rf, "--epochs", "1", "--lr", "3e-2",
                            "--batch-size", "16", "--json")
     assert code == 0, err
@@ -41,7 +41,7 @@ def test_same_seed_same_bytes_and_base_untouched(fx, task, tmp_path):
     train, _ = task
     cfg = TrainConfig(epochs=1, lr=3e-2, batch_size=16)
     for name in ("a", "b"):
-        train_adapter(fx.model("llama"), train, str(tmp_path / name), method="adapter", cfg=cfg)
+        train_adapter(fx.model("llama"), train, str(tmp_path / name), method="bottleneck", cfg=cfg)
     for f in ("adapter.safetensors", "pytorch_adapter.bin", "adapter_config.json"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     w = read_adapterhub(str(tmp_path / "a")).modules["model.layers.0.attention_adapters"]
@@ -53,7 +53,7 @@ def test_same_seed_same_bytes_and_base_untouched(fx, task, tmp_path):
 
 def test_errors(fx, task, tmp_path):
     train, _ = task
-    code, _, err = run_cli("train", fx.model("llama"), "--data", train, "-o", tmp_path / "o", "--method", "adapter",
+    code, _, err = run_cli("train", fx.model("llama"), "--data", train, "-o", tmp_path / "o", "--method", "bottleneck",
                            "--adapter-config", "compacter")
     assert code == 2 and "unknown bottleneck adapter config 'compacter'" in err and "houlsby or pfeiffer" in err
     assert not (tmp_path / "o").exists()

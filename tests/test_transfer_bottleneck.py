@@ -8,7 +8,7 @@ import torch
 from surgery.arch import load_arch
 from surgery.errors import AdapterError
 from surgery.io.adapterhub import bn_config, read_adapterhub
-from surgery.pipelines.bottleneck import attach_saved, save_bottleneck
+from surgery.kinds.bottleneck import attach_saved, save_bottleneck
 from surgery.train.bottleneck import attach_bottleneck
 
 from .conftest import run_cli
@@ -73,7 +73,7 @@ def test_exact_expansion_reproduces_the_adapter(fx, tmp_path, calib, ids, expand
     slm, llm, ad = fx.model(family), expanded(family, width, depth), slm_adapter(family, kind)
     out = str(tmp_path / "out")
     info = transfer(ad, llm, out, data=calib, **FAST)
-    assert info["kind"] == "BOTTLENECK"
+    assert info["kind"] == "bottleneck"
     assert _relative_error(slm, ad, llm, out, ids) < 0.01
     back = read_adapterhub(out)
     src = read_adapterhub(ad)
@@ -102,7 +102,7 @@ def test_cli_and_errors(fx, tmp_path, calib, expanded, slm_adapter):  # noqa: F8
     code, out, err = run_cli("transfer", "--slm", ad, "--llm", expanded("gpt2", 2, 2), "-o", tmp_path / "o",
                              "--data", calib, "--samples", "8", "--seq-len", "32")
     assert code == 0, err
-    assert "BOTTLENECK" in out and "out.attn" in out and "to_slm" in out
+    assert "bottleneck →" in out and "out.attn" in out and "to_slm" in out
     code, _, err = run_cli("transfer", "--slm", ad, "--llm", fx.model("llama"), "-o", tmp_path / "o2", "--data", calib)
     assert code != 0 and "gpt2" in err and "llama" in err and "family" in err
     from surgery.pipelines.transfer import transfer

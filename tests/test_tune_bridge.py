@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from surgery.kinds.lora import modules as lora_modules
+
 from .conftest import run_cli
 from .train_fixtures import one_thread, task  # noqa: F401 (pytest fixtures)
 
@@ -57,7 +59,7 @@ def test_output_loads_on_the_llm_and_differs_only_at_bridge_coordinates(fx, task
     loaded = {k.replace(".default", ""): v for k, v in pm.state_dict().items() if "lora_" in k}
     kept = json.load(open(f"{bridges[family]}/bridge.json"))["kept"]
     changed = 0
-    for m_in, m_out in zip(a_in.lora_modules(), a_out.lora_modules()):
+    for m_in, m_out in zip(lora_modules(a_in), lora_modules(a_out)):
         I, O = _expected_positions(family, m_in.module, kept)
         ain, aout = m_in.A, m_out.A
         mask_a = torch.zeros_like(ain, dtype=torch.bool)
@@ -132,5 +134,5 @@ def test_errors(fx, task, bridges, tmp_path):
     assert code == 2 and "pass --llm" in err
     code, _, err = run_cli("tune-bridge", "--adapter", fx.lora("llama", targets=["q_proj"], name="dora", use_dora=True),
                            "--bridge", bridges["llama"], "--data", train, "-o", tmp_path / "o")
-    assert code == 2 and "uses DoRA" in err
+    assert code == 2 and "dora is not supported by tune-bridge (supported: lora, bottleneck)" in err
     assert not (tmp_path / "o").exists()

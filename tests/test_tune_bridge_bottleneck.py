@@ -13,7 +13,7 @@ from .train_fixtures import one_thread, task  # noqa: F401 (pytest fixtures)
 
 def _adapter(llm_dir, out, kind="houlsby"):
     """An LLM adapter as `surgery transfer` would leave it (random, with a visible effect)."""
-    from surgery.pipelines.bottleneck import save_bottleneck
+    from surgery.kinds.bottleneck import save_bottleneck
     from surgery.train.bottleneck import attach_bottleneck
     from surgery.train.methods import load_base
 
@@ -64,7 +64,7 @@ def test_output_differs_only_at_bridge_coordinates_and_evaluates_on_the_llm(fx, 
 def test_a_bridge_that_keeps_everything_equals_training_on_the_llm(fx, task, tmp_path):
     """No pruning: tune-bridge must reproduce training the adapter on the LLM itself."""
     from fixtures.bridge import build_bridge
-    from surgery.pipelines.bottleneck import attach_saved
+    from surgery.kinds.bottleneck import attach_saved
     from surgery.pipelines.tune_bridge import tune_bridge
     from surgery.train.bottleneck import WithBottleneck
     from surgery.train.data import load_examples

@@ -11,35 +11,85 @@ Adding a family = adding one file; see docs/arch.md.
 from __future__ import annotations
 
 import ast
-import json
 import operator
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 from ..errors import ArchitectureError
+from ..io.jsonfile import load_json
 
 FAMILY_DIR = os.path.join(os.path.dirname(__file__), "families")
+ENV_DIRS = "SURGERY_FAMILIES"  # os.pathsep-separated directories of user family files
+REQUIRED = ("family", "model_types", "dims", "spaces", "stacks", "globals", "layer")
+_user_files: list[str] = []  # --family FILE.json, in the order given (later ones win)
 
 
-@lru_cache(maxsize=None)
-def family_specs() -> dict[str, dict]:
-    specs = {}
-    for fname in sorted(os.listdir(FAMILY_DIR)):
-        if fname.endswith(".json"):
-            with open(os.path.join(FAMILY_DIR, fname)) as f:
-                spec = json.load(f)
-            specs[spec["family"]] = spec
+def use_family_files(paths) -> list[dict]:
+    """Make these user family files (the CLI's --family) the ones read ahead of the installed and
+    SURGERY_FAMILIES maps, replacing any given before; returns their maps."""
+    specs = [_read_family(os.path.abspath(p)) for p in paths]
+    _user_files[:] = [s["_path"] for s in specs]
     return specs
 
 
-def family_for_model_type(model_type: str) -> dict:
+def _read_family(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ArchitectureError(f"family file {path} does not exist", "pass a family map .json (format: docs/arch.md)")
+    spec = load_json(path, ArchitectureError, "fix the file (format: docs/arch.md)")
+    missing = [k for k in REQUIRED if not isinstance(spec, dict) or k not in spec]
+    if missing:
+        raise ArchitectureError(f"family file {path} lacks {', '.join(missing)}",
+                                "copy an installed family file and edit it (docs/arch.md)")
+    if not isinstance(spec["model_types"], list) or not all(isinstance(t, str) for t in spec["model_types"]):
+        raise ArchitectureError(f"family file {path}: model_types must be a list of config.json model_type strings")
+    spec["_path"] = path
+    return spec
+
+
+def _user_dirs() -> tuple[str, ...]:
+    return tuple(d for d in os.environ.get(ENV_DIRS, "").split(os.pathsep) if d)
+
+
+@lru_cache(maxsize=None)
+def _specs(dirs: tuple, files: tuple) -> dict[str, dict]:
+    # installed files first, then SURGERY_FAMILIES directories, then --family files: a later file
+    # covering the same model_type (or family name) replaces the earlier one
+    paths = [os.path.join(FAMILY_DIR, f) for f in sorted(os.listdir(FAMILY_DIR)) if f.endswith(".json")]
+    for d in dirs:
+        if not os.path.isdir(d):
+            raise ArchitectureError(f"{ENV_DIRS} names {d}, which is not a directory",
+                                    "set it to directories of family .json files, separated by ':'")
+        paths += [os.path.join(d, f) for f in sorted(os.listdir(d)) if f.endswith(".json")]
+    specs: dict[str, dict] = {}
+    for p in [*paths, *files]:
+        spec = _read_family(p)
+        for name, old in list(specs.items()):
+            if name == spec["family"] or set(old["model_types"]) & set(spec["model_types"]):
+                del specs[name]
+        specs[spec["family"]] = spec
+    return specs
+
+
+def family_specs() -> dict[str, dict]:
+    """{family: map} of every family known now: installed, SURGERY_FAMILIES, --family."""
+    return _specs(_user_dirs(), tuple(_user_files))
+
+
+def find_family(model_type: str) -> dict | None:
     for spec in family_specs().values():
         if model_type in spec["model_types"]:
             return spec
+    return None
+
+
+def family_for_model_type(model_type: str) -> dict:
+    spec = find_family(model_type)
+    if spec is not None:
+        return spec
     known = ", ".join(sorted(t for s in family_specs().values() for t in s["model_types"]))
     raise ArchitectureError(f"model_type {model_type!r} has no family map (known: {known})",
-                            "add a family file in surgery/arch/families/ (docs/arch.md)")
+                            f"add a family file with --family FILE.json or in a {ENV_DIRS} directory (docs/arch.md)")
 
 
 # --- tiny arithmetic for dims like "hidden // heads" or "4 * hidden" ----------------------------

@@ -5,7 +5,9 @@ Heavy imports (torch, transformers) happen inside command bodies so `surgery --h
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import sys
 from importlib import import_module
 
@@ -36,21 +38,57 @@ for _name in COMMAND_MODULES:
     import_module(f"{__name__}.{_name}")
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, so it unwinds exactly as Ctrl-C (SIGINT) does:
+    every open output's temporary directory is removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an OSError that reached the top: what failed, on which file, and the fix."""
+    where = f" {e.filename}" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device writing{where}; free some space or write -o to another disk (nothing was written)"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied on{where or ' a file'}; choose paths you can read and write"
+    return f"{e.strerror or type(e).__name__}:{where or ' (no file named)'}; check the path and try again"
+
+
 def main() -> None:
     from ..errors import SurgeryError
+    from ..io.writer import abort_all
 
     debug = os.environ.get("SURGERY_DEBUG") == "1"
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupted)
     try:
         app()
     except SurgeryError as e:
+        abort_all()
         if debug:
             raise
         print(f"surgery: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        print("surgery: interrupted; no output was written", file=sys.stderr)
-        sys.exit(130)
-    except Exception as e:  # a bug or an OS error: still one line unless debugging
+    except KeyboardInterrupt as e:
+        abort_all()
+        name = signal.Signals(e.signum).name if isinstance(e, Interrupted) else "SIGINT"
+        print(f"surgery: interrupted ({name}); no output was written", file=sys.stderr)
+        sys.exit(128 + (e.signum if isinstance(e, Interrupted) else signal.SIGINT))
+    except OSError as e:  # a full disk, a path we may not write: the OS said what, we say where
+        abort_all()
+        if debug:
+            raise
+        print(f"surgery: error: {os_error_line(e)}", file=sys.stderr)
+        sys.exit(1)
+    except Exception as e:  # a bug: still one line unless debugging
+        abort_all()
         if debug:
             raise
         print(f"surgery: internal error: {type(e).__name__}: {e} (set SURGERY_DEBUG=1 for the traceback)",

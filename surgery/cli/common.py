@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -10,7 +10,17 @@ Force = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists (
 Output = Annotated[str, typer.Option("--output", "-o", help="Output directory (written atomically).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 MaxShard = Annotated[str, typer.Option("--max-shard-size", help="Largest shard to write, e.g. 5GB or 300MB.")]
+Family = Annotated[Optional[list[str]], typer.Option(
+    "--family", metavar="FILE.json",
+    help="A family map for a model type surgery lacks (repeatable; also SURGERY_FAMILIES=DIR; docs/arch.md).")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed (same inputs and seed give identical output).")]
+
+
+def use_families(files: list[str] | None) -> None:
+    """Register this command's --family files before it reads any model (pure Python: no torch)."""
+    from ..arch import use_family_files
+
+    use_family_files(files or [])
 
 
 def human_bytes(n: float) -> str:
@@ -37,4 +47,4 @@ def console(stderr: bool = False):
 def print_json(obj) -> None:
     import json
 
-    typer.echo(json.dumps(obj, indent=2, default=str))
+    typer.echo(json.dumps(obj, indent=2, default=str))  # NaN stays visible here: it is a report, not a file

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from .common import Force, JsonOut, Output, Seed, console, human_bytes, print_json
+from .common import Family, Force, JsonOut, Output, Seed, console, human_bytes, print_json, use_families
 
 
 @app.command("extract-lora")
@@ -22,10 +22,12 @@ def extract_cmd(
     seed: Seed = 0,
     force: Force = False,
     json_out: JsonOut = False,
+    family: Family = None,
 ):
     """Write a PEFT LoRA adapter approximating TUNED - BASE; report each module's relative error and the size."""
     from ..pipelines.extract import extract_lora
 
+    use_families(family)
     info = extract_lora(base, tuned, output, rank=rank, energy=energy, targets=targets, dtype=dtype, seed=seed, force=force)
     if json_out:
         print_json(info)

@@ -7,17 +7,19 @@ from typing import Annotated
 import typer
 
 from . import app
-from .common import JsonOut, console, human_bytes, human_count, print_json
+from .common import Family, JsonOut, console, human_bytes, human_count, print_json, use_families
 
 
 @app.command("inspect")
 def inspect_cmd(
     path: Annotated[str, typer.Argument(help="A model directory (config.json + weights) or a PEFT adapter directory.")],
     json_out: JsonOut = False,
+    family: Family = None,
 ):
     """Show family, widths, parameters, dtypes and shards of a model, or type, rank and targets of an adapter."""
     from ..pipelines.inspect import describe
 
+    use_families(family)
     info = describe(path)
     if json_out:
         print_json(info)

@@ -6,8 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..kinds import names as kind_names
 from . import app
-from .common import Force, MaxShard, Output, console, human_bytes
+from .common import Family, Force, MaxShard, Output, console, human_bytes, use_families
 
 Dtype = Annotated[str, typer.Option("--dtype", help="Output dtype of floating tensors: auto (keep), float32, bfloat16, float16.")]
 
@@ -38,16 +39,18 @@ def _report(info: dict, title: str) -> None:
 @app.command("merge-lora")
 def merge_cmd(
     base: Annotated[str, typer.Argument(help="Base model directory.")],
-    adapters: Annotated[list[str], typer.Argument(help="One or more PEFT adapter directories (LoRA, DoRA, LoKr).")],
+    adapters: Annotated[list[str], typer.Argument(help=f"One or more PEFT adapter directories ({', '.join(kind_names('merge-lora'))}).")],
     output: Output = ...,
     weight: Annotated[Optional[list[float]], typer.Option("--weight", help="Weight per adapter, in order (default 1).")] = None,
     dtype: Dtype = "auto",
     max_shard_size: MaxShard = "5GB",
     force: Force = False,
+    family: Family = None,
 ):
     """Fold adapters into the base weights and write a standalone checkpoint."""
     from ..pipelines.merge import merge_lora
 
+    use_families(family)
     info = merge_lora(base, adapters, output, weights=weight, dtype=dtype, max_shard_size=max_shard_size, force=force)
     _report(info, "merge-lora")
 
@@ -61,9 +64,11 @@ def unmerge_cmd(
     dtype: Dtype = "auto",
     max_shard_size: MaxShard = "5GB",
     force: Force = False,
+    family: Family = None,
 ):
     """Take an adapter out of a merged checkpoint again (W -= delta)."""
     from ..pipelines.merge import unmerge_lora
 
+    use_families(family)
     info = unmerge_lora(merged, adapter, output, weights=[weight], dtype=dtype, max_shard_size=max_shard_size, force=force)
     _report(info, "unmerge-lora")

@@ -17,8 +17,11 @@ def prune_bridge_cmd(
     llm: Annotated[str, typer.Argument(help="The LLM's model directory (config.json, weights, tokenizer).")],
     output: Output,
     data: Annotated[str, typer.Option("--data", help="Calibration text: one document a line, or .jsonl with a \"text\" field.")],
-    reduction: Annotated[float, typer.Option("--reduction", help="Keep about 1/R of the parameters (the paper uses 16).")] = 16.0,
-    hidden_size: Size("--hidden-size", "Residual width") = None,
+    reduction: Annotated[float, typer.Option("--reduction", help="Keep about 1/R of the non-embedding parameters (the paper uses 16).")] = 16.0,
+    residual: Annotated[str, typer.Option("--residual", help="keep: every residual channel stays and heads, neurons and layers are cut (default); prune: cut the residual width too (the narrow LST bridge).")] = "keep",
+    drop_layers: Annotated[int, typer.Option("--drop-layers", help="Leave out N whole layers per stack (tune-bridge keeps their adapter as given).")] = 0,
+    drop_by: Annotated[str, typer.Option("--drop-by", help="Which layers --drop-layers leaves out: similarity (lowest block influence, 1 - cos(in, out)) or fisher (lowest Fisher of a per-layer mask).")] = "similarity",
+    hidden_size: Size("--hidden-size", "Residual width (with --residual prune)") = None,
     intermediate_size: Size("--intermediate-size", "MLP width") = None,
     num_attention_heads: Size("--num-attention-heads", "Attention heads") = None,
     num_key_value_heads: Size("--num-key-value-heads", "Key/value heads") = None,
@@ -43,7 +46,8 @@ def prune_bridge_cmd(
                      intermediate_size=intermediate_size, num_attention_heads=num_attention_heads,
                      num_key_value_heads=num_key_value_heads, samples=samples, seq_len=seq_len,
                      importance=importance, seed=seed, batch_size=batch_size, force=force,
-                     max_shard_size=max_shard_size, device_map=device_map)
+                     max_shard_size=max_shard_size, device_map=device_map, residual=residual,
+                     drop_layers=drop_layers, drop_by=drop_by)
     if json_out:
         print_json({k: v for k, v in r.items() if k != "kept"})
         return
@@ -60,12 +64,20 @@ def render(r: dict) -> None:
     head.add_row("from", f"{r['source']} ({r['family']})")
     head.add_row("importance", f"{r['importance']} on {r['samples']} x {r['seq_len']} tokens (seed {r['seed']})")
     head.add_row("sizes", ", ".join(f"{k} {r['llm_sizes'][k]} -> {v}" for k, v in r["sizes"].items()))
+    lay = r["layers"]
+    head.add_row("layers", ", ".join(f"{st} {lay['llm'][st]} -> {lay['bridge'][st]}" for st in lay["llm"])
+                 + "".join(f" (dropped {st} {v}, by {lay['drop_by']})" for st, v in lay["dropped"].items() if v))
     head.add_row("parameters", f"{human_count(p['llm'])} -> {human_count(p['bridge'])} ({p['bridge'] / p['llm']:.1%})")
+    head.add_row("non-embedding", f"{human_count(p['llm_non_embedding'])} -> {human_count(p['bridge_non_embedding'])} "
+                 f"({p['bridge_non_embedding'] / max(p['llm_non_embedding'], 1):.1%})")
     head.add_row("calibration loss", f"LLM {loss['llm']:.4f}, bridge {loss['bridge']:.4f} ({loss['bridge'] - loss['llm']:+.4f})")
-    head.add_row("residual mass kept", f"{r['retained']['residual']:.1%}")
+    head.add_row("residual", "every channel kept" if r["residual"] == "keep" else
+                 f"{r['sizes']['hidden']} of {r['llm_sizes']['hidden']} channels, {r['retained']['residual']:.1%} of the mass")
     con = console()
     con.print(head)
-    keys = sorted({k for layers in r["retained"]["layers"].values() for lay in layers for k in lay})
+    if r.get("note"):
+        con.print(f"[yellow]note:[/yellow] {r['note']}")
+    keys = sorted({k for layers in r["retained"]["layers"].values() for lay in layers if lay for k in lay})
     t = Table(title="importance mass retained per layer")
     t.add_column("stack")
     t.add_column("layer", justify="right")
@@ -73,5 +85,5 @@ def render(r: dict) -> None:
         t.add_column(k, justify="right")
     for stack, layers in r["retained"]["layers"].items():
         for i, lay in enumerate(layers):
-            t.add_row(stack, str(i), *(f"{lay[k]:.1%}" if k in lay else "-" for k in keys))
+            t.add_row(stack, str(i), *(("dropped" if lay is None else f"{lay[k]:.1%}" if k in lay else "-") for k in keys))
     con.print(t)

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from ..kinds import names as kind_names
 from . import app
 from .common import Force, JsonOut, Output, Seed, console, human_count, print_json
 
@@ -64,7 +65,7 @@ def train_cmd(
     model: Annotated[str, typer.Argument(help="The (small) model to tune: a Hugging Face checkpoint directory.")],
     data: Data,
     output: Output,
-    method: Annotated[str, typer.Option("--method", help="lora | prompt | prefix | lokr | bitfit | adapter (bottleneck)")] = "lora",
+    method: Annotated[str, typer.Option("--method", help=f"Adapter kind: {' | '.join(kind_names('train'))}.")] = "lora",
     eval_data: EvalData = None,
     epochs: Epochs = 3.0,
     lr: Lr = 1e-3,
@@ -81,7 +82,7 @@ def train_cmd(
     force: Force = False,
     json_out: JsonOut = False,
 ):
-    """Parameter-efficient tuning of a model (step 1 of Algorithm 1); saves a PEFT adapter (BitFit: bitfit.safetensors; adapter: AdapterHub layout)."""
+    """Parameter-efficient tuning of a model (step 1 of Algorithm 1); saves a PEFT adapter (BitFit: bitfit.safetensors; bottleneck: AdapterHub layout)."""
     from ..pipelines.train import train_adapter
 
     s = train_adapter(model, data, output, method=method, eval_data=eval_data, rank=rank, alpha=alpha,
@@ -101,7 +102,7 @@ def train_cmd(
 
 @app.command("tune-bridge")
 def tune_bridge_cmd(
-    adapter: Annotated[str, typer.Option("--adapter", help="The LLM's LoRA or bottleneck adapter (from `surgery transfer`).")],
+    adapter: Annotated[str, typer.Option("--adapter", help=f"The LLM's adapter (from `surgery transfer`): {', '.join(kind_names('tune-bridge'))}.")],
     bridge: Annotated[str, typer.Option("--bridge", help="The bridge directory (from `surgery prune-bridge`, with bridge.json).")],
     data: Data,
     output: Output,
@@ -126,7 +127,7 @@ def tune_bridge_cmd(
     if json_out:
         print_json(s)
         return
-    _render(f"tune-bridge ({s['family']}, {s['modules']} {s.get('kind', 'LoRA')} modules, measured on the bridge): {s['output']}", s,
+    _render(f"tune-bridge ({s['family']}, {s['modules']} {s['kind']} modules, measured on the bridge): {s['output']}", s,
             [("bridge", f"{human_count(s['bridge_parameters'])} parameters (LLM {human_count(s['llm_parameters'])}); "
                         f"{human_count(s['trainable'])} trainable"),
              ("steps", f"{s['steps']} on {s['device']} (mixed precision: {s['mixed_precision']})")])
@@ -136,7 +137,7 @@ def tune_bridge_cmd(
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="A Hugging Face checkpoint directory.")],
     data: Data,
-    adapter: Annotated[str | None, typer.Option("--adapter", help="A PEFT adapter, BitFit directory or AdapterHub bottleneck adapter to apply first.")] = None,
+    adapter: Annotated[str | None, typer.Option("--adapter", help=f"An adapter to apply first: {', '.join(kind_names('eval'))}.")] = None,
     batch_size: Batch = 8,
     max_length: MaxLen = 512,
     json_out: JsonOut = False,

@@ -6,13 +6,14 @@ from typing import Annotated
 
 import typer
 
+from ..kinds import names as kind_names
 from . import app
 from .common import Force, JsonOut, Output, console, print_json
 
 
 @app.command("transfer")
 def transfer_cmd(
-    slm: Annotated[str, typer.Option("--slm", help="Adapter trained on the small model: PEFT (LoRA, prompt or prefix tuning) or AdapterHub bottleneck.")],
+    slm: Annotated[str, typer.Option("--slm", help=f"Adapter trained on the small model: {', '.join(kind_names('transfer'))}.")],
     llm: Annotated[str, typer.Option("--llm", help="The large model directory (same family as the SLM).")],
     output: Output,
     slm_base: Annotated[str, typer.Option("--slm-base", help="The SLM directory (default: the adapter config's base).")] = None,

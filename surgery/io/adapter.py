@@ -25,9 +25,12 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 WEIGHTS_BIN = "adapter_model.bin"
 
-LORA_PARAMS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", "lora_magnitude_vector.weight")
-LOKR_PARAMS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 PROMPT_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
+
+
+def scaling(r, alpha, rslora: bool = False) -> float:
+    """peft's adapter scaling: alpha/r, or alpha/sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
 
 
 def pattern_key(patterns: dict, module: str) -> str | None:
@@ -64,33 +67,6 @@ def targets_module(config: dict, module: str) -> bool:
 
 
 @dataclass
-class LoraModule:
-    """One wrapped linear layer of a LoRA adapter, in peft's own orientation.
-
-    A: [r, in], B: [out, r] always (also for fan_in_fan_out layers, whose *base weight* is [in, out]).
-    """
-
-    module: str
-    A: object
-    B: object
-    scaling: float
-    fan_in_fan_out: bool = False
-    magnitude: object | None = None  # DoRA
-    bias: object | None = None  # lora_bias=True: a bias on lora_B
-
-    @property
-    def rank(self) -> int:
-        return int(self.A.shape[0])
-
-
-@dataclass
-class LokrModule:
-    module: str
-    params: dict  # lokr_* name -> tensor
-    scaling: float
-
-
-@dataclass
 class Adapter:
     path: str
     config: dict
@@ -115,7 +91,7 @@ class Adapter:
             raise AdapterError(f"{path} is a bottleneck adapter (AdapterHub layout); bottleneck adapters add modules "
                                "and cannot be merged into weights", "use it with `surgery eval --adapter`")
         if "peft_type" not in config:
-            raise AdapterError(f"{cfg_path} has no peft_type", "is this a PEFT adapter? (AdapterHub adapters use --method adapter)")
+            raise AdapterError(f"{cfg_path} has no peft_type", "is this a PEFT adapter? (AdapterHub adapters are the bottleneck kind)")
         return cls(path=path, config=config, tensors=_load_weights(path))
 
     @property
@@ -126,9 +102,9 @@ class Adapter:
     def base(self) -> str | None:
         return self.config.get("base_model_name_or_path")
 
-    def module_params(self) -> dict[str, dict]:
-        """{module path: {param: tensor}} for tuner weights (not modules_to_save)."""
-        known = LORA_PARAMS + LOKR_PARAMS
+    def module_params(self, known: tuple) -> dict[str, dict]:
+        """{module path: {param: tensor}} for tuner weights (not modules_to_save); `known` are the
+        parameter names the adapter's kind saves per module (e.g. lora_A.weight)."""
         saved = self.modules_to_save()
         out: dict[str, dict] = {}
         for key, t in self.tensors.items():
@@ -161,53 +137,12 @@ class Adapter:
                 out.setdefault(mod, {})[param] = t
         return out
 
-    def scaling_for(self, module: str, rank: int) -> float:
-        """alpha/r, or alpha/sqrt(r) with rsLoRA; rank_pattern/alpha_pattern override per module."""
+    def rank_alpha(self, module: str, r, alpha) -> tuple:
+        """(r, alpha) of `module`: the config's defaults given, overridden by rank_pattern / alpha_pattern."""
         cfg = self.config
-        r = cfg.get("r", rank)
-        alpha = cfg.get("lora_alpha", cfg.get("alpha", r))
         rk = pattern_key(cfg.get("rank_pattern") or {}, module)
-        if rk is not None:
-            r = cfg["rank_pattern"][rk]
         ak = pattern_key(cfg.get("alpha_pattern") or {}, module)
-        if ak is not None:
-            alpha = cfg["alpha_pattern"][ak]
-        if r != rank and self.peft_type == "LORA":
-            raise AdapterError(f"{self.path}: {module} has rank {rank} but the config says {r}",
-                               "fix r/rank_pattern in adapter_config.json")
-        return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-
-    def lora_modules(self) -> list[LoraModule]:
-        if self.peft_type != "LORA":
-            raise AdapterError(f"{self.path} is a {self.peft_type} adapter, not LoRA", "use a LoRA adapter here")
-        out = []
-        for mod, ps in sorted(self.module_params().items()):
-            if "lora_A.weight" not in ps or "lora_B.weight" not in ps:
-                raise AdapterError(f"{self.path}: {mod} lacks lora_A or lora_B", "the adapter file is incomplete; re-save it")
-            A, B = ps["lora_A.weight"], ps["lora_B.weight"]
-            if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-                raise AdapterError(f"{self.path}: {mod} has lora_A {list(A.shape)} and lora_B {list(B.shape)} that do not chain",
-                                   "only linear (2-D) LoRA layers are supported")
-            mag = ps.get("lora_magnitude_vector", ps.get("lora_magnitude_vector.weight"))
-            out.append(LoraModule(mod, A, B, self.scaling_for(mod, A.shape[0]),
-                                  bool(self.config.get("fan_in_fan_out")), mag, ps.get("lora_B.bias")))
-        return out
-
-    def lokr_modules(self) -> list[LokrModule]:
-        if self.peft_type != "LOKR":
-            raise AdapterError(f"{self.path} is a {self.peft_type} adapter, not LoKr", "use a LoKr adapter here")
-        out = []
-        cfg = self.config
-        for mod, ps in sorted(self.module_params().items()):
-            r, alpha = cfg.get("r", 8), cfg.get("alpha", cfg.get("r", 8))
-            k = pattern_key(cfg.get("rank_pattern") or {}, mod)
-            if k is not None:
-                r = cfg["rank_pattern"][k]
-            k = pattern_key(cfg.get("alpha_pattern") or {}, mod)
-            if k is not None:
-                alpha = cfg["alpha_pattern"][k]
-            out.append(LokrModule(mod, ps, alpha / r))
-        return out
+        return (cfg["rank_pattern"][rk] if rk is not None else r), (cfg["alpha_pattern"][ak] if ak is not None else alpha)
 
     def prompt_embeddings(self):
         if self.peft_type not in PROMPT_TYPES:

@@ -21,12 +21,12 @@ residual_before_ln="post_add", stochastic depth).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 
 from ..errors import AdapterError
+from .jsonfile import dumps, load_json
 
 CONFIG = "adapter_config.json"
 WEIGHTS_BIN = "pytorch_adapter.bin"
@@ -144,9 +144,8 @@ def is_adapterhub_dir(path: str) -> bool:
     if not os.path.isfile(cfg_path):
         return False
     try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError):
+        cfg = load_json(cfg_path, AdapterError, "")
+    except AdapterError:
         return False
     return isinstance(cfg, dict) and "peft_type" not in cfg and isinstance(cfg.get("config"), dict) and "name" in cfg
 
@@ -209,8 +208,7 @@ def read_adapterhub(path: str, check_activation: bool = True) -> BottleneckAdapt
     if not is_adapterhub_dir(path):
         raise AdapterError(f"{path} is not an AdapterHub adapter directory",
                            f"pass the directory save_adapter wrote ({CONFIG} with a nested \"config\" + {WEIGHTS_BIN})")
-    with open(os.path.join(path, CONFIG)) as f:
-        cfg = json.load(f)
+    cfg = load_json(os.path.join(path, CONFIG), AdapterError, "re-save the adapter with AdapterHub's save_adapter")
     bn = cfg["config"]
     if "version" not in cfg and bn.get("non_linearity") in ACTIVATION_RENAME:
         bn["non_linearity"] = ACTIVATION_RENAME[bn["non_linearity"]]  # what AdapterHub does on load
@@ -311,5 +309,6 @@ def write_adapterhub(outdir, config: dict, modules: dict) -> None:
         sd[k] = t.detach().contiguous().cpu()
     torch.save(sd, outdir.path(WEIGHTS_BIN))  # what load_adapter reads by default
     save_file(sd, outdir.path(WEIGHTS_SAFE))  # what load_adapter(use_safetensors=True) reads
+    text = dumps(config, name=CONFIG, indent=2, sort_keys=True)  # AdapterHub's exact formatting
     with open(outdir.path(CONFIG), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)  # AdapterHub's exact formatting
+        f.write(text)

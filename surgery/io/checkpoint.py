@@ -7,12 +7,12 @@ No transformers model object is built: file-level surgery needs only names, shap
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
 from ..errors import CheckpointError
 from .jsonfile import load_json
+from .paths import member
 from .safetensors_file import TensorInfo, read_header, read_tensor
 
 SAFE_SINGLE = "model.safetensors"
@@ -52,7 +52,7 @@ class Checkpoint:
                 raise CheckpointError(f"{path} is an adapter directory, not a model",
                                       "pass the base model directory here and the adapter where an adapter is expected")
             raise CheckpointError(f"{path} has no config.json", "pass a Hugging Face model directory (config.json + weights)")
-        config = load_json(cfg_path, CheckpointError, "restore the file from the original model")
+        config = load_json(member(path, "config.json"), CheckpointError, "restore the file from the original model")
         ck = cls(path=path, config=config)
         ck._index_weights()
         return ck
@@ -60,14 +60,10 @@ class Checkpoint:
     def _index_weights(self) -> None:
         p = lambda n: os.path.join(self.path, n)  # noqa: E731
         if os.path.exists(p(SAFE_INDEX)):
-            with open(p(SAFE_INDEX)) as f:
-                wmap = json.load(f).get("weight_map", {})
+            wmap = self._read_index(SAFE_INDEX)
             self.shards = sorted(set(wmap.values()))
             for shard in self.shards:
-                if not os.path.exists(p(shard)):
-                    raise CheckpointError(f"{self.path}: index names shard {shard} which is missing",
-                                          "copy every shard listed in model.safetensors.index.json")
-                infos, _, _ = read_header(p(shard))
+                infos, _, _ = read_header(self._shard_path(shard, SAFE_INDEX))
                 self.infos.update(infos)
             missing = [k for k in wmap if k not in self.infos]
             if missing:
@@ -75,18 +71,33 @@ class Checkpoint:
                                       "re-save the checkpoint or fix its index")
         elif os.path.exists(p(SAFE_SINGLE)):
             self.shards = [SAFE_SINGLE]
-            self.infos, _, _ = read_header(p(SAFE_SINGLE))
+            self.infos, _, _ = read_header(self._shard_path(SAFE_SINGLE))
         elif os.path.exists(p(BIN_INDEX)):
-            with open(p(BIN_INDEX)) as f:
-                self._bin = {k: p(v) for k, v in json.load(f)["weight_map"].items()}
-            self.shards = sorted({os.path.basename(v) for v in self._bin.values()})
+            wmap = self._read_index(BIN_INDEX)
+            files = {v: self._shard_path(v, BIN_INDEX) for v in set(wmap.values())}
+            self._bin = {k: files[v] for k, v in wmap.items()}
+            self.shards = sorted(files)
         elif os.path.exists(p(BIN_SINGLE)):
             self._bin = None
-            self._load_bin_keys(p(BIN_SINGLE))
+            self._load_bin_keys(self._shard_path(BIN_SINGLE))
             self.shards = [BIN_SINGLE]
         else:
             raise CheckpointError(f"{self.path} has config.json but no weights",
                                   "expected model.safetensors, a sharded index, or pytorch_model.bin")
+
+    def _read_index(self, name: str) -> dict[str, str]:
+        """The index's weight_map, checked to map tensor names to file names."""
+        where = os.path.join(self.path, name)
+        fix = "re-save the checkpoint or restore its index from the original"
+        index = load_json(where, CheckpointError, fix)
+        wmap = index.get("weight_map")
+        if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
+            raise CheckpointError(f"{where} has no \"weight_map\" object of tensor name -> shard file", fix)
+        return wmap
+
+    def _shard_path(self, name: str, index: str | None = None) -> str:
+        """A weights file of this checkpoint, refused unless it is a regular file inside it (io/paths.py)."""
+        return member(self.path, name, os.path.join(self.path, index) if index else None)
 
     def _load_bin_keys(self, file: str) -> None:
         sd = self._bin_file(file)
@@ -94,14 +105,33 @@ class Checkpoint:
 
     def _bin_file(self, file: str) -> dict:
         # weights_only: a pickle can run code; mmap keeps the fallback from loading all at once.
+        import pickle
+
         import torch
 
         if self._bin_cache and self._bin_cache[0] == file:
             return self._bin_cache[1]
         try:
-            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # torch raises many types here
-            raise CheckpointError(f"cannot read {file}: {e}", "convert it to safetensors or re-save it") from e
+            try:
+                sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                # the legacy (pre-zip, torch < 1.6) format cannot be mapped: read it whole
+                sd = torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            # torch's message quotes the pickle's bytes and suggests weights_only=False: neither belongs here
+            if "weights_only" in str(e) or "Weights only" in str(e):
+                raise CheckpointError(f"{file} is a pickle that needs code execution to load, which surgery never does",
+                                      "convert it to safetensors in an environment you trust") from None
+            raise CheckpointError(f"{file} is not a PyTorch checkpoint (unreadable pickle)",
+                                  "re-download it or convert it to safetensors") from None
+        except Exception as e:  # noqa: BLE001 - torch raises many types; their messages may quote the file
+            raise CheckpointError(f"cannot read {file} as a PyTorch checkpoint ({type(e).__name__})",
+                                  "re-download it or convert it to safetensors") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise CheckpointError(f"{file} holds a {type(sd).__name__}, not a state dict of tensors",
+                                  "save the model's state_dict(), or convert it to safetensors")
         self._bin_cache = (file, sd)
         return sd
 

@@ -14,14 +14,19 @@ import struct
 
 from ..errors import CheckpointError
 
-# safetensors dtype tag -> (torch dtype name, bytes per element)
+# Every dtype tag the safetensors format defines -> (torch dtype name or None, bits per element).
+# A tag whose torch dtype is missing (the 6-bit floats; F4 on older torch) still opens, so `inspect`
+# can list the file; reading such a tensor is refused with its name.
 DTYPES = {
-    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
-    "U8": ("uint8", 1), "BOOL": ("bool", 1),
-    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "BOOL": ("bool", 8), "U8": ("uint8", 8), "I8": ("int8", 8), "I16": ("int16", 16), "U16": ("uint16", 16),
+    "I32": ("int32", 32), "U32": ("uint32", 32), "I64": ("int64", 64), "U64": ("uint64", 64),
+    "F16": ("float16", 16), "BF16": ("bfloat16", 16), "F32": ("float32", 32), "F64": ("float64", 64),
+    "C64": ("complex64", 64),
+    "F8_E4M3": ("float8_e4m3fn", 8), "F8_E5M2": ("float8_e5m2", 8), "F8_E8M0": ("float8_e8m0fnu", 8),
+    "F4": (None, 4), "F6_E2M3": (None, 6), "F6_E3M2": (None, 6),
 }
-TAG_OF = {name: tag for tag, (name, _) in DTYPES.items()}
+TAG_OF = {name: tag for tag, (name, _) in DTYPES.items() if name}
+MAX_HEADER = 100_000_000  # the safetensors library's limit on the JSON header
 
 
 def dtype_tag(dtype) -> str:
@@ -33,7 +38,8 @@ def dtype_tag(dtype) -> str:
 
 
 def itemsize(tag: str) -> int:
-    return DTYPES[tag][1]
+    """Bytes per element of a whole-byte dtype."""
+    return DTYPES[tag][1] // 8
 
 
 class TensorInfo:
@@ -55,35 +61,93 @@ class TensorInfo:
 
     @property
     def torch_dtype_name(self) -> str:
-        return DTYPES[self.dtype][0]
+        name = DTYPES[self.dtype][0]
+        if name is None or not _torch_has(name):
+            raise CheckpointError(f"{self.path}: tensor {self.name} is stored as {self.dtype}, which this torch cannot hold",
+                                  "convert the tensor to a supported dtype, or upgrade torch")
+        return name
+
+
+def _torch_has(name: str) -> bool:
+    import torch
+
+    return isinstance(getattr(torch, name, None), torch.dtype)
+
+
+U64 = 2**64  # the library's sizes are Rust usize: larger values, or products that overflow, are refused
+
+
+def _is_uint(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < U64
 
 
 def read_header(path: str) -> tuple[dict[str, TensorInfo], dict, int]:
-    """Parse a safetensors header: ({name: TensorInfo}, metadata, data offset)."""
+    """Parse and validate a safetensors header: ({name: TensorInfo}, metadata, data offset).
+
+    The checks are the safetensors library's own (safetensors/src/tensor.rs, read_metadata and
+    Metadata::validate), done before any tensor is allocated or any output written: header length
+    within the file and at most 100 MB; UTF-8 JSON object whose values are objects with a known
+    dtype, a shape of non-negative ints and two data_offsets; __metadata__ maps strings to strings;
+    sorted by offset, the tensors tile the data buffer exactly (no gap, overlap or trailing bytes),
+    each spanning numel x itemsize bytes. Messages name the file and tensor, never the file's bytes.
+    """
+    bad = lambda what: CheckpointError(f"{path}: {what}", "re-download or re-save the shard; it is not a valid safetensors file")  # noqa: E731
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
-                raise CheckpointError(f"{path} is truncated (no header)", "re-download or re-save the shard")
+                raise bad("truncated (no header)")
             (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > 100_000_000:
-                raise CheckpointError(f"{path} has a corrupt header (length {n}, file {size} bytes)",
-                                      "re-download or re-save the shard")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read safetensors file {path}: {e}", "check the file is a complete safetensors shard") from e
-    meta = header.pop("__metadata__", {}) or {}
+            if n > MAX_HEADER or n > size - 8:
+                raise bad(f"header length {n} does not fit the file ({size} bytes)")
+            text = f.read(n).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad(f"header is not UTF-8 (byte {8 + e.start})") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path} ({e.strerror or type(e).__name__})", "check the file's permissions") from None
+    try:
+        header = json.loads(text)
+    except ValueError as e:
+        raise bad(f"header is not valid JSON ({getattr(e, 'msg', 'parse error')} at byte {8 + getattr(e, 'pos', 0)})") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise bad("__metadata__ must map strings to strings")
     base = 8 + n
-    infos = {}
+    spans = []
     for name, h in header.items():
-        if h.get("dtype") not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {h.get('dtype')}")
-        s, e = h["data_offsets"]
-        if base + e > size:
-            raise CheckpointError(f"{path} is truncated: tensor {name} ends at byte {base + e} but the file has {size}",
-                                  "re-download or re-save the shard")
-        infos[name] = TensorInfo(name, h["dtype"], h["shape"], base + s, base + e, path)
+        if not isinstance(h, dict):
+            raise bad(f"entry {name!r} is not an object")
+        tag, shape, offs = h.get("dtype"), h.get("shape"), h.get("data_offsets")
+        if tag not in DTYPES:
+            raise bad(f"tensor {name!r} has unknown dtype {str(tag)[:20]!r}")
+        if not isinstance(shape, list) or not all(_is_uint(s) for s in shape):
+            raise bad(f"tensor {name!r} has a shape that is not a list of non-negative integers")
+        if not isinstance(offs, list) or len(offs) != 2 or not all(_is_uint(o) for o in offs) or offs[0] > offs[1]:
+            raise bad(f"tensor {name!r} has data_offsets that are not two integers 0 <= begin <= end")
+        numel = 1
+        for s in shape:
+            numel *= s
+            if numel >= U64:
+                raise bad(f"tensor {name!r} has a shape whose size overflows")
+        bits = numel * DTYPES[tag][1]
+        if bits >= U64:
+            raise bad(f"tensor {name!r} has a shape whose size overflows")
+        if bits % 8 or offs[1] - offs[0] != bits // 8:
+            raise bad(f"tensor {name!r} spans {offs[1] - offs[0]} bytes but {tag}{shape} needs {bits / 8:g}")
+        spans.append((offs[0], offs[1], name, tag, shape))
+    spans.sort(key=lambda t: (t[0], t[1]))
+    end = 0
+    for s, e, name, _, _ in spans:
+        if s != end:
+            raise bad(f"tensor {name!r} starts at byte {s} of the data but the previous tensor ends at {end} "
+                      "(offsets must tile the data without gaps or overlaps)")
+        end = e
+    if base + end != size:
+        raise bad(f"the tensors cover {end} bytes of data but the file holds {size - base}")
+    infos = {name: TensorInfo(name, tag, shape, base + s, base + e, path) for s, e, name, tag, shape in spans}
     return infos, meta, base
 
 

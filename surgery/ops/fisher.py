@@ -88,6 +88,18 @@ def norm_correction(x, kept, kind: str):
     return float(ratio.sum()), float(shift.sum()), x.shape[0]
 
 
+def block_influence(x_in, x_out):
+    """Block influence of a layer (Men et al., "ShortGPT", 2024): 1 - cos(x_in, x_out) per token,
+    between the residual stream entering and leaving the layer. A layer whose output is nearly its
+    input (low influence) changes the model least when dropped. Returns (sum over tokens, token count)."""
+    import torch
+
+    a = x_in.detach().float().reshape(-1, x_in.shape[-1])
+    b = x_out.detach().float().reshape(-1, x_out.shape[-1])
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    return float((1.0 - cos.double()).sum()), a.shape[0]
+
+
 def recalibrate_norm(gain, bias, ratio: float, shift: float):
     """Apply a pooled correction (see norm_correction) to a sliced gain (and bias, for LayerNorm)."""
     g = gain.float() * ratio

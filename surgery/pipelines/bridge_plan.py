@@ -1,4 +1,14 @@
-"""Plan a bridge: its widths (from --reduction or explicit sizes), its config, and what it keeps.
+"""Plan a bridge: its widths (from --reduction or explicit sizes), its depth, its config, and what it keeps.
+
+Two shapes (`residual`):
+* "keep" (default): every residual channel stays (embeddings, norms, every read and write of the
+  stream), and the reduction is spent on attention heads (whole kv groups), MLP neurons and, with
+  `drop_layers`, whole layers. The lift back into the LLM then covers every residual coordinate,
+  which is what makes the tuned adapter carry over (issue 16: 0.55 vs 0.09 accuracy on the LLM).
+* "prune": the residual width is cut too (the narrow bridge of Ladder Side-Tuning / the paper);
+  kept for comparison.
+`--reduction R` means about 1/R of the *non-embedding* parameters (embeddings and LM head are the
+vocabulary's, which a bridge never shrinks, and on small models they hide the saving).
 
 Widths are set through the family map's `prune.config_keys` (which config field holds each width).
 A width without a config key follows from the others: GPT-2 has no head_dim field, so its heads
@@ -18,9 +28,33 @@ from ..ops.fisher import retained, top_k
 from ..ops.slice import heads_to_coords
 
 SIZE_NAMES = ("hidden", "heads", "kv_heads", "intermediate")
+RESIDUAL = ("keep", "prune")
+EMBEDDING_ROLES = ("embedding", "lm_head")
 
 
-def _sizes_at(arch, s: float, fixed: dict) -> dict:
+def parameter_counts(arch) -> dict:
+    """{"total", "non_embedding"}: stored parameters, and those outside the vocabulary's
+    embeddings / LM head (and GPT-2's position table) -- the part a bridge can shrink."""
+    total = emb = 0
+    for t in arch.stored_tensors():
+        n = 1
+        for d in arch.shape(t):
+            n *= d
+        total += n
+        emb += n if t.role in EMBEDDING_ROLES else 0
+    return {"total": total, "non_embedding": total - emb}
+
+
+def _valid_kv(arch, kv: int, hidden: int) -> int:
+    """The nearest kv-head count (ties: fewer) the family's config accepts at this residual width."""
+    d, rep = arch.dims, arch.dims["heads"] // arch.dims["kv_heads"]
+    if not arch.prune.get("hidden_multiple_of_heads"):
+        return kv
+    ok = [k for k in range(1, d["kv_heads"] + 1) if hidden % (k * rep) == 0]
+    return min(ok, key=lambda k: (abs(k - kv), k)) if ok else kv
+
+
+def _sizes_at(arch, s: float, fixed: dict, residual: str = "prune") -> dict:
     d, keys = arch.dims, arch.prune["config_keys"]
     rep = d["heads"] // d["kv_heads"]
 
@@ -28,6 +62,16 @@ def _sizes_at(arch, s: float, fixed: dict) -> dict:
         return max(1, min(n, round(n / s)))
 
     out = {"intermediate": fixed.get("intermediate", shrink(d["intermediate"]))}
+    if residual == "keep":
+        out["hidden"] = d["hidden"]
+        if "kv_heads" in fixed or "heads" in fixed:
+            kv = fixed["kv_heads"] if "kv_heads" in fixed else fixed["heads"] // rep
+        elif "head_dim" not in keys:  # GPT-2: head_dim = hidden // heads, so a kept residual keeps every head
+            kv = d["kv_heads"]
+        else:
+            kv = _valid_kv(arch, shrink(d["kv_heads"]), d["hidden"])
+        out["kv_heads"], out["heads"] = kv, kv * rep
+        return out
     if "kv_heads" in fixed:
         kv = fixed["kv_heads"]
     elif "heads" in fixed:
@@ -50,9 +94,17 @@ def _sizes_at(arch, s: float, fixed: dict) -> dict:
     return out
 
 
-def _check_fixed(arch, fixed: dict) -> None:
+def _check_fixed(arch, fixed: dict, residual: str = "prune") -> None:
     d, keys = arch.dims, arch.prune["config_keys"]
     rep = d["heads"] // d["kv_heads"]
+    if residual not in RESIDUAL:
+        raise ShapeError(f"unknown residual mode {residual!r}", "use --residual keep (default) or --residual prune")
+    if residual == "keep" and fixed.get("hidden", d["hidden"]) != d["hidden"]:
+        raise ShapeError(f"--hidden-size {fixed['hidden']} drops residual channels, but the bridge keeps the residual "
+                         f"({d['hidden']} channels)", "add --residual prune for a narrow bridge, or leave out --hidden-size")
+    if residual == "keep" and "head_dim" not in keys and fixed.get("heads", d["heads"]) != d["heads"]:
+        raise ShapeError(f"{arch.family} derives head_dim = hidden // heads, so a bridge that keeps the residual keeps "
+                         f"all {d['heads']} heads", "leave out --num-attention-heads, or add --residual prune")
     for name, v in fixed.items():
         if not 1 <= v <= d[name]:
             raise ShapeError(f"requested {name} {v} is outside 1..{d[name]} (the LLM's {name})",
@@ -77,12 +129,25 @@ def _check_fixed(arch, fixed: dict) -> None:
                              "give only one of --hidden-size / --num-attention-heads")
 
 
-def bridge_config(arch, sizes: dict) -> dict:
-    """The LLM's config with the bridge's widths written into the family's config fields."""
+def stack_count_key(arch, stack: str) -> str:
+    """The config field that holds a stack's layer count (first name the family map lists)."""
+    return arch.spec["stacks"][stack]["count"][0]
+
+
+def bridge_config(arch, sizes: dict, layers: dict | None = None) -> dict:
+    """The LLM's config with the bridge's widths written into the family's config fields, and,
+    when `layers` ({stack: kept LLM layer indices}) drops some, its layer counts and per-layer lists."""
     cfg = copy.deepcopy(arch.config)
     want = {**sizes, "head_dim": arch.dims["head_dim"]}
     for name, key in arch.prune["config_keys"].items():
         cfg[key] = want[name]
+    for stack, keep in (layers or {}).items():
+        if len(keep) == arch.stacks[stack]:
+            continue
+        cfg[stack_count_key(arch, stack)] = len(keep)
+        for key in arch.spec["stacks"][stack].get("per_layer", []):  # e.g. layer_types (sliding/full attention)
+            if isinstance(cfg.get(key), list) and len(cfg[key]) == arch.stacks[stack]:
+                cfg[key] = [cfg[key][i] for i in keep]
     new = load_arch(cfg)
     for name in (*SIZE_NAMES, "head_dim"):
         if new.dims[name] != want[name]:
@@ -91,20 +156,31 @@ def bridge_config(arch, sizes: dict) -> dict:
     return cfg
 
 
-def plan_sizes(arch, reduction: float, fixed: dict) -> dict:
-    """Widths that keep about 1/reduction of the parameters, each width divided by a common
-    factor s (about sqrt(reduction); found by search so the embeddings' share is accounted for)."""
+def check_drop_layers(arch, drop_layers: int) -> None:
+    fewest = min(arch.stacks.values())
+    if not 0 <= drop_layers < fewest:
+        raise ShapeError(f"--drop-layers {drop_layers} is outside 0..{fewest - 1} (the LLM has {fewest} layers"
+                         f"{' in its shortest stack' if len(arch.stacks) > 1 else ''})",
+                         "a bridge keeps at least one layer per stack; drop fewer layers")
+
+
+def plan_sizes(arch, reduction: float, fixed: dict, residual: str = "keep", drop_layers: int = 0) -> dict:
+    """Widths that keep about 1/reduction of the non-embedding parameters, each free width divided by
+    a common factor s (found by search; with the residual kept only heads and neurons shrink, and
+    `drop_layers` layers per stack are left out of the count)."""
     if reduction < 1:
         raise ShapeError(f"--reduction {reduction} is below 1", "a bridge keeps 1/R of the LLM; use R >= 1 (16 in the paper)")
     fixed = {k: v for k, v in fixed.items() if v is not None}
-    _check_fixed(arch, fixed)
-    target = arch.num_parameters() / reduction
+    _check_fixed(arch, fixed, residual)
+    check_drop_layers(arch, drop_layers)
+    layers = {st: list(range(n - drop_layers)) for st, n in arch.stacks.items()}
+    target = parameter_counts(arch)["non_embedding"] / reduction
     best = None
-    for step in range(0, 121):
-        s = math.exp(step * math.log(max(reduction, 1.0) * 4) / 120) if reduction > 1 else 1.0
-        sizes = _sizes_at(arch, s, fixed)
-        n = load_arch(bridge_config(arch, sizes)).num_parameters()
-        err = abs(math.log(n / target))
+    for step in range(0, 241):
+        s = math.exp(step * math.log(max(reduction, 1.0) * 16) / 240) if reduction > 1 else 1.0
+        sizes = _sizes_at(arch, s, fixed, residual)
+        n = parameter_counts(load_arch(bridge_config(arch, sizes, layers)))["non_embedding"]
+        err = abs(math.log(max(n, 1) / target))
         if best is None or err < best[0] - 1e-12:
             best = (err, sizes)
         if reduction == 1:
@@ -117,19 +193,26 @@ def _group_key(group: str, kv: bool) -> str:
     return ("kv_" + base if group == "attn" else f"{group}_kv_heads") if kv else base
 
 
-def select(arch, unit_scores: dict, sizes: dict) -> tuple[dict, dict]:
-    """Kept coordinates (bridge.json `kept`) and retained importance shares (`retained`)."""
+def select(arch, unit_scores: dict, sizes: dict, dropped: dict | None = None) -> tuple[dict, dict]:
+    """Kept coordinates (bridge.json `kept`) and retained importance shares (`retained`).
+    `dropped` ({stack: [LLM layer indices]}) leaves those layers out: their `kept` entry is null."""
+    dropped = dropped or {}
     res = top_k(unit_scores["residual"], sizes["hidden"])
     kept = {"residual": res, "layers": {}}
     ret = {"residual": retained(unit_scores["residual"], res), "layers": {}}
     rep = arch.dims["heads"] // arch.dims["kv_heads"]
     shared = set(arch.prune.get("shared_heads", []))
     for stack, n in arch.stacks.items():
+        live = [i for i in range(n) if i not in set(dropped.get(stack, []))]
         groups = arch.head_groups(stack)
         # groups whose heads are one set per stack (T5: layer 0's relative position bias feeds all)
-        pooled = {g: sum(unit_scores[(stack, i, g)] for i in range(n)) for g in groups if g in shared}
+        pooled = {g: sum(unit_scores[(stack, i, g)] for i in live) for g in groups if g in shared}
         layers, rets = [], []
         for i in range(n):
+            if i not in live:
+                layers.append(None)
+                rets.append(None)
+                continue
             lk, lr = {}, {}
             for g, spaces in groups.items():
                 sc = pooled.get(g, unit_scores[(stack, i, g)])
@@ -148,6 +231,43 @@ def select(arch, unit_scores: dict, sizes: dict) -> tuple[dict, dict]:
             rets.append(lr)
         kept["layers"][stack], ret["layers"][stack] = layers, rets
     return kept, ret
+
+
+def kept_layers(kept: dict) -> dict[str, list[int]]:
+    """{stack: LLM layer indices the bridge keeps, in order}: bridge layer j is LLM layer kept_layers[stack][j]."""
+    return {st: [i for i, e in enumerate(layers) if e is not None] for st, layers in kept["layers"].items()}
+
+
+def bridge_layer(kept: dict, stack: str, layer: int) -> int | None:
+    """The bridge's index of LLM layer `layer` of `stack`, or None if the bridge dropped it."""
+    layers = kept["layers"][stack]
+    return None if layers[layer] is None else sum(e is not None for e in layers[:layer])
+
+
+def bridge_name(arch, stack: str | None, layer: int | None, name: str, kept: dict) -> str | None:
+    """The bridge's name for the LLM's module/tensor `name` of (stack, layer): layers renumber when
+    the bridge dropped some. None when the bridge dropped that layer; globals keep their name."""
+    if stack is None:
+        return name
+    j = bridge_layer(kept, stack, layer)
+    if j is None:
+        return None
+    prefix = arch.spec["stacks"][stack]["prefix"]
+    return prefix.format(i=j) + name[len(prefix.format(i=layer)):]
+
+
+def bridge_layer_ids(arch, kept: dict, ids) -> list[int]:
+    """AdapterHub-style layer ids (counted across stacks) of the LLM -> the bridge's, dropping the
+    ids of dropped layers (e.g. a bottleneck config's leave_out)."""
+    out, offset, boffset = [], 0, 0
+    for stack, n in arch.stacks.items():
+        for i in range(n):
+            j = bridge_layer(kept, stack, i)
+            if offset + i in set(ids) and j is not None:
+                out.append(boffset + j)
+        offset += n
+        boffset += sum(e is not None for e in kept["layers"][stack])
+    return sorted(out)
 
 
 def layer_kept(kept: dict, stack: str | None, layer: int | None) -> dict:

@@ -1,7 +1,7 @@
 """Calibration data and the calibration model: text file -> token blocks -> batches -> loss.
 
-A data file holds one document a line (plain text), or JSON lines with a "text" field (.jsonl).
-Documents are tokenized with the LLM's own tokenizer, joined with its EOS token, and cut into
+The data file is read by surgery.io.data (the same reader transfer uses): one document a line, or
+JSON lines in a .jsonl/.json file. Documents are tokenized with the LLM's own tokenizer, joined with its EOS token, and cut into
 blocks of seq_len tokens; `samples` blocks are drawn with a seeded generator (in file order when
 there are no more than that). Causal models predict every block token; encoder-decoder models read
 the first half of the block and predict the second (a prefix-LM objective).
@@ -9,57 +9,26 @@ the first half of the block and predict the second (a prefix-LM objective).
 
 from __future__ import annotations
 
-import json
-import os
-
 from ..errors import DataError
-
-
-def read_documents(path: str) -> list[str]:
-    if not os.path.isfile(path):
-        raise DataError(f"calibration data {path} does not exist", "pass a text file (one document a line) or a .jsonl with a \"text\" field")
-    docs = []
-    is_jsonl = path.endswith(".jsonl") or path.endswith(".json")
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason})", "convert the file to UTF-8") from None
-            if not line.strip():
-                continue
-            if is_jsonl:
-                try:
-                    obj = json.loads(line)
-                except ValueError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', e)})", "write one JSON object per line") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise DataError(f"{path}:{n}: no string \"text\" field", "give every line a \"text\" field")
-                line = obj["text"]
-            docs.append(line)
-    if not docs:
-        raise DataError(f"calibration data {path} has no text", "put at least one non-empty document in it")
-    return docs
+from ..io.data import documents
+from ..io.tokenizer import check_ids, load_tokenizer
 
 
 def token_blocks(model_dir: str, data: str, samples: int, seq_len: int, seed: int, max_len: int | None = None):
     """LongTensor [n, L] of calibration blocks (n <= samples) and the block length used."""
     import torch
-    from transformers import AutoTokenizer
 
     if samples < 1 or seq_len < 2:
         raise DataError(f"--samples {samples} / --seq-len {seq_len} are too small", "use at least 1 sample of 2 tokens")
-    docs = read_documents(data)
-    try:
-        tok = AutoTokenizer.from_pretrained(model_dir)
-    except Exception as e:  # noqa: BLE001 - transformers raises many types
-        raise DataError(f"{model_dir} has no usable tokenizer ({e})", "copy the model's tokenizer files into it") from None
+    docs = documents(data)
+    tok = load_tokenizer(model_dir)
     eos = tok.eos_token_id
     ids: list[int] = []
     for d in docs:
         ids.extend(tok(d, add_special_tokens=False)["input_ids"])
         if eos is not None:
             ids.append(eos)
+    check_ids(tok, ids, data)
     L = min(seq_len, max_len or seq_len, len(ids))
     if L < 2:
         raise DataError(f"calibration data {data} tokenizes to {len(ids)} tokens", "give it more text")
@@ -82,18 +51,27 @@ def batches(blocks, batch_size: int, encoder_decoder: bool):
             yield {"input_ids": b, "labels": b}
 
 
-def load_model(path: str, dtype: str = "float32", device_map: str | None = None):
+def checkpoint_dtype(ck) -> str:
+    """The dtype most of the checkpoint's parameters are stored in, as a torch attribute name."""
+    return str(ck.main_dtype()).replace("torch.", "")
+
+
+def load_model(path: str, dtype: str = "float32", device_map: str | None = None, max_memory: dict | None = None):
     """The transformers model for calibration passes: plain on CPU, accelerate's device_map="auto"
     when a GPU is present (layers spread over devices, offloaded to CPU when they do not fit).
-    `device_map` overrides that choice ("auto", "cpu", ...; passed to from_pretrained as is)."""
+    `device_map` overrides that choice ("auto", "cpu", ...; passed to from_pretrained as is);
+    `max_memory` ({device: "20GiB", "cpu": ...}) caps each device for accelerate's placement,
+    which offloads what does not fit to CPU and then disk (see docs/prune-bridge.md, 70B plan)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     cfg = AutoConfig.from_pretrained(path)
     cls = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM
-    if device_map is None and torch.cuda.is_available():
+    if device_map is None and (torch.cuda.is_available() or max_memory):
         device_map = "auto"
     kw = {"device_map": device_map} if device_map else {}
+    if max_memory:
+        kw["max_memory"] = max_memory
     model = cls.from_pretrained(path, dtype=getattr(torch, dtype), **kw)
     model.eval()
     return model
@@ -111,7 +89,7 @@ def mean_loss(model, blocks, batch_size: int) -> float:
     total, n = 0.0, 0
     with torch.no_grad():
         for b in batches(blocks, batch_size, model.config.is_encoder_decoder):
-            out = model(**to_device(b, model))
+            out = model(**to_device(b, model), use_cache=False)
             k = b["labels"].numel()
             total += float(out.loss) * k
             n += k

@@ -14,14 +14,16 @@ def evaluate(model_dir: str, data: str, *, adapter: str | None = None, batch_siz
              max_length: int = 512) -> dict:
     from ..train.data import load_examples, pad_id_of
     from ..train.loop import place
-    from ..train.methods import attach, load_base
+    from ..kinds import kind_of
+    from ..train.methods import load_base
     from ..train.score import evaluate_examples
 
+    kind = kind_of(adapter, "eval") if adapter else None
     model, tok, arch = load_base(model_dir)
     seq2seq = bool(model.config.is_encoder_decoder)
     examples = load_examples(data, tok, seq2seq=seq2seq, max_length=max_length)
     if adapter:
-        model = attach(model, adapter, arch)
+        model = kind.attach(model, adapter, arch)
     model = place(model)
     metrics = evaluate_examples(model, examples, batch_size=batch_size, pad_id=pad_id_of(tok, model.config),
                                 seq2seq=seq2seq)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 
-from ..arch import arch_of
+from ..arch.generic import linear_map
 from ..errors import AdapterError, ArchitectureError, ShapeError
 from ..io.adapter import lora_config, lora_key, targets_module, write_adapter, WEIGHTS
 from ..io.checkpoint import Checkpoint
@@ -34,7 +34,7 @@ def _reader(ck: Checkpoint, arch):
 
 
 def _check_pair(b: Checkpoint, t: Checkpoint):
-    ab, at = arch_of(b), arch_of(t)
+    ab, at = linear_map(b), linear_map(t, say=False)
     if ab.family != at.family:
         raise ArchitectureError(f"base is {ab.family} but tuned is {at.family}", "extract between two checkpoints of one model")
     for spec in ab.stored_tensors():
@@ -115,7 +115,7 @@ def extract_lora(base: str, tuned: str, out: str, *, rank: int | None = None, en
     pattern = {m: k for m, k in ranks.items() if k != r}
     cfg = lora_config(cb.path, r, r, [s.module for s in mods], fan_in_fan_out=mods[0].transposed,
                       rank_pattern=pattern, alpha_pattern=dict(pattern), lora_bias=use_bias,
-                      task_type="SEQ_2_SEQ_LM" if len(arch.stacks) > 1 else "CAUSAL_LM")
+                      task_type="SEQ_2_SEQ_LM" if len(arch.stacks) > 1 or cb.config.get("is_encoder_decoder") else "CAUSAL_LM")
     with OutputDir(out, inputs=[cb.path, ct.path], force=force) as od:
         write_adapter(od, cfg, tensors)
         size = os.path.getsize(od.path(WEIGHTS))

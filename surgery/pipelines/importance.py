@@ -4,11 +4,19 @@ Scores are float64 vectors in one dict:
   ("residual",)                 one per residual channel (shared by every layer and stack)
   (stack, i, space)             one per coordinate of a per-layer space (mlp.inner, attn.q, ...)
   (stack, i, "heads:" + group)  one per query head (from head masks)
+  (stack, i, "layer")           fisher-mask only: one per layer, a scalar mask on everything the
+                                layer writes into the residual stream (for --drop-by fisher)
 `units()` turns them into what is selected: residual channels, grouped-query groups, neurons.
 The formulas are in surgery/ops/fisher.py.
+
+Memory: the gradient passes recompute one block at a time (torch.utils.checkpoint around every
+block's forward, non-reentrant so masks and hooks inside the block run again in the recompute),
+so the backward holds the blocks' inputs plus one block's activations, not the whole model's.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 from ..ops.fisher import axis_scores, heads_to_groups, per_head, unit_mask
 from .calibration import batches, to_device
@@ -58,8 +66,11 @@ def _mask_hooks(model, arch, masks: dict) -> list:
     """Multiplicative masks (ones) on the units' outputs; returns the hook handles."""
     import torch
 
-    def on_output(mask):
-        return lambda mod, args, out: unit_mask(out, mask.to(out.device))
+    def on_output(mask, layer_mask=None):
+        def h(mod, args, out):
+            y = unit_mask(out, mask.to(out.device))
+            return y if layer_mask is None else unit_mask(y, layer_mask.to(out.device))
+        return h
 
     def on_input(mask, head: int):
         def pre(mod, args):
@@ -79,7 +90,10 @@ def _mask_hooks(model, arch, masks: dict) -> list:
         # every write into the residual stream is masked, so m_c scales channel c of the stream
         if (t.role == "embedding" or t.out_dims == ("residual",)) and id(mod) not in written and t.role != "bias":
             written.add(id(mod))
-            handles.append(mod.register_forward_hook(on_output(res)))
+            lm = None
+            if t.stack is not None:  # and one scalar per layer over all its writes (a layer's Fisher)
+                lm = masks.setdefault((t.stack, t.layer, "layer"), torch.ones(1, requires_grad=True))
+            handles.append(mod.register_forward_hook(on_output(res, lm)))
         if not t.module or len(t.in_dims) != 1:
             continue
         space = t.in_dims[0]
@@ -95,6 +109,33 @@ def _mask_hooks(model, arch, masks: dict) -> list:
     return handles
 
 
+@contextmanager
+def block_checkpointing(model, arch):
+    """Recompute every block's activations in the backward (torch.utils.checkpoint, non-reentrant):
+    the forward keeps only each block's inputs, so backward memory follows one block."""
+    from torch.utils.checkpoint import checkpoint
+
+    wrapped = []
+    for stack, n in arch.stacks.items():
+        for i in range(n):
+            mod = model.get_submodule(arch.spec["stacks"][stack]["prefix"].format(i=i).rstrip("."))
+            had, inner = "forward" in mod.__dict__, mod.forward  # accelerate's hook may have replaced it
+
+            def fwd(*args, _inner=inner, **kwargs):
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+            mod.forward = fwd
+            wrapped.append((mod, had, inner))
+    try:
+        yield
+    finally:
+        for mod, had, inner in wrapped:
+            if had:
+                mod.forward = inner
+            else:
+                del mod.forward
+
+
 def fisher_mask(model, arch, blocks, batch_size: int) -> dict:
     """Mean over batches of (dL/dm)^2 for every structural mask; parameters never get gradients."""
     for p in model.parameters():
@@ -104,7 +145,8 @@ def fisher_mask(model, arch, blocks, batch_size: int) -> dict:
     scores, n = {}, 0
     try:
         for b in batches(blocks, batch_size, model.config.is_encoder_decoder):
-            model(**to_device(b, model)).loss.backward()
+            with block_checkpointing(model, arch):
+                model(**to_device(b, model), use_cache=False).loss.backward()
             for key, m in masks.items():
                 _add(scores, key, m.grad.double().pow(2))
                 m.grad = None
@@ -136,7 +178,8 @@ def fisher_param(model, arch, blocks, batch_size: int) -> dict:
     n = 0
     try:
         for b in batches(blocks, batch_size, model.config.is_encoder_decoder):
-            model(**to_device(b, model)).loss.backward()
+            with block_checkpointing(model, arch):
+                model(**to_device(b, model), use_cache=False).loss.backward()
             n += 1
     finally:
         for h in handles:
@@ -144,6 +187,11 @@ def fisher_param(model, arch, blocks, batch_size: int) -> dict:
         for p in model.parameters():
             p.requires_grad_(False)
     return {k: v / max(n, 1) for k, v in scores.items()}
+
+
+def layer_fisher(scores: dict, arch) -> dict:
+    """{(stack, i): Fisher of the layer's scalar mask} from fisher_mask's scores (--drop-by fisher)."""
+    return {(st, i): float(scores[(st, i, "layer")].sum()) for st, n in arch.stacks.items() for i in range(n)}
 
 
 def units(arch, scores: dict) -> dict:

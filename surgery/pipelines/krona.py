@@ -15,6 +15,7 @@ from ..errors import AdapterError, ShapeError
 from ..io.adapter import CONFIG, Adapter, lora_key, saved_module_key, targets_module, write_adapter
 from ..io.checkpoint import Checkpoint
 from ..io.writer import OutputDir
+from ..kinds.lora import modules as lora_modules
 
 
 def lokr_config(base: str, r: int, targets: list[str], factor: int) -> dict:
@@ -79,7 +80,7 @@ def _adapter_deltas(base: Checkpoint, arch, ad: Adapter, specs):
     import torch
 
     wanted = {t.module: t for t in specs}
-    for m in ad.lora_modules():
+    for m in lora_modules(ad):
         if m.magnitude is not None or m.bias is not None:
             raise AdapterError(f"{ad.path}: {m.module} uses DoRA or a LoRA bias, whose delta is not B @ A",
                                "merge it with `surgery merge-lora` and pass the merged model as TUNED")
@@ -110,7 +111,7 @@ def extract_krona(base_path: str, source: str, out: str, *, factor: int = -1, ta
     ad = Adapter.open(source) if is_adapter else None
     specs = _selected(arch, targets)
     if ad is not None:  # only the modules the adapter touches matter
-        touched = set(ad.module_params())
+        touched = {m.module for m in lora_modules(ad)}
         specs = [t for t in specs if t.module in touched]
     # PEFT's LoKr wraps nn.Linear only. Conv1D layers (GPT-2, stored [in, out]) still get factors in
     # nn.Linear [out, in] orientation, which `surgery merge-lora` folds (it transposes by the family

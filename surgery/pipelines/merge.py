@@ -8,6 +8,9 @@ largest touched tensor in float32 (about 3 copies), never a shard.
 Tied weights: peft wraps `lm_head` even when it shares its weight with the input embedding, and
 merging then changes both (peft only warns). What the adapter *meant* is base embeddings in and
 the adapted head out, so we untie: write the head explicitly, set the tie flag false, and say so.
+
+Each adapter's kind (surgery.kinds) gives the steps of its modules (the delta of each); what every
+PEFT kind shares, modules_to_save, is planned here.
 """
 
 from __future__ import annotations
@@ -17,153 +20,42 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from ..arch import arch_of
-from ..errors import AdapterError, NumericsError, ShapeError
-from ..io.adapter import Adapter
+from ..arch.generic import GenericArch, linear_map
+from ..errors import AdapterError, ShapeError
 from ..io.checkpoint import Checkpoint
-from ..io.writer import OutputDir, nonfinite_count
-from ..ops.lokr import lokr_delta
-from ..ops.lora import LowRankDelta, dora_factor, dora_norm, fold, fold_rounded, lora_bias_delta
+from ..io.writer import OutputDir
+from ..kinds import kind_of
+from ..kinds.base import MergeTarget, Step, checked
+from ..kinds.dora import NORMS as DORA_NORMS
+from ..ops.lora import fold_rounded
 from .stream import write_checkpoint
-
-DORA_NORMS = "dora_norms.safetensors"  # n = ‖W + ΔW‖ per DoRA module, written beside a merged checkpoint
-SUPPORTED = ("LORA", "LOKR")
-
-
-@dataclass
-class Step:
-    """One change to one output tensor: fn(current float32, original float32) -> new float32."""
-
-    label: str  # "adapter-dir:module" for messages
-    fn: object
-    lowrank: object = None  # a plain LoRA step's LowRankDelta: lets produce() fold in place, row block by block
 
 
 @dataclass
 class Plan:
     ck: Checkpoint
-    arch: object
+    target: MergeTarget
     steps: dict = field(default_factory=dict)  # output tensor name -> [Step]
     source: dict = field(default_factory=dict)  # output tensor name -> tensor read (differs when untying)
     untied: list = field(default_factory=list)
     tie_flags: set = field(default_factory=set)
-    dora_norms: dict = field(default_factory=dict)  # filled while streaming (merge) or read (unmerge)
     modules: int = 0
-    by_module: dict = field(default_factory=dict)  # the family map's module -> spec, built once (not per module)
+
+    @property
+    def arch(self):
+        return self.target.arch
 
     def add(self, name: str, step: Step) -> None:
         self.steps.setdefault(name, []).append(step)
 
 
-def _checked(label: str, t):
-    bad = nonfinite_count(t)
-    if bad:
-        raise NumericsError(f"{label}: the adapter's delta has {bad} NaN/inf values",
-                            "the adapter is broken (check its weights and alpha/scaling); nothing was written")
-    return t
-
-
-def _linear(plan: Plan, ad: Adapter, module: str):
-    spec = plan.by_module.get(module)
-    if spec is None:
-        raise AdapterError(f"{ad.path}: module {module} is not a linear layer of this {plan.arch.family} model",
-                           "was the adapter trained on another base? `surgery inspect` shows both")
-    shape = plan.arch.shape(spec)
-    out_in = (shape[1], shape[0]) if spec.transposed else shape
-    return spec, shape, out_in
-
-
-def _plan_lora(plan: Plan, ad: Adapter, weight: float, sign: int, dora_norms: dict | None) -> None:
-    by_name = plan.arch.by_name()
-    for m in ad.lora_modules():
-        spec, shape, (n_out, n_in) = _linear(plan, ad, m.module)
-        label = f"{os.path.basename(ad.path)}:{m.module}"
-        if tuple(m.A.shape) != (m.rank, n_in) or tuple(m.B.shape) != (n_out, m.rank):
-            raise ShapeError(f"{label}: lora_A {list(m.A.shape)} / lora_B {list(m.B.shape)} do not fit the base "
-                             f"weight [{n_out} out, {n_in} in]", "use the adapter with the base model it was trained on")
-        # Orientation follows the family map, as peft's Conv1D detection does, whatever fan_in_fan_out says.
-        # Kept as factors: a dense ΔW per module held until its tensor streams by would be the model again.
-        _checked(label, m.A)
-        _checked(label, m.B)
-        delta = LowRankDelta(m.A, m.B, m.scaling * weight, spec.transposed)
-        factor = None
-        if m.magnitude is not None:
-            if weight != 1.0:
-                raise AdapterError(f"{label}: a DoRA adapter cannot be merged with weight {weight}",
-                                   "DoRA rescales whole rows; merge it with weight 1")
-            if sign < 0:
-                if dora_norms is None or spec.name not in dora_norms:
-                    raise AdapterError(
-                        f"{label}: unmerging DoRA needs the row norms ‖W+ΔW‖ recorded at merge time ({DORA_NORMS})",
-                        "unmerge a checkpoint written by `surgery merge-lora`; a DoRA merge loses each row's norm, "
-                        "so only the row directions are recoverable")
-                factor = dora_factor(m.magnitude, dora_norms[spec.name], spec.transposed)
-        plain = m.magnitude is None and factor is None
-        plan.add(spec.name, Step(label, _lora_step(plan, spec, delta, sign, factor, m.magnitude), delta if plain else None))
-        bname = spec.name[: -len("weight")] + "bias"
-        if m.bias is not None and (bname in by_name or bool(m.bias.abs().max() > 0)):
-            # lora_bias is one flag per adapter: extract-lora gives bias-less layers a zero bias, skipped here
-            if bname not in by_name:
-                raise AdapterError(f"{label}: the adapter has a lora_B bias but the base layer has no bias",
-                                   "peft cannot merge lora_bias into a layer without bias either")
-            bdelta = _checked(label, lora_bias_delta(m.bias, m.scaling * weight))  # a vector: cheap to keep
-            plan.add(bname, Step(label, lambda w, orig, d=bdelta: fold(w, d, sign)))
-        plan.modules += 1
-
-
-def _lora_step(plan: Plan, spec, delta, sign: int, factor, magnitude):
-    if magnitude is None or factor is not None:
-        return lambda w, orig: fold(w, delta, sign, factor)
-
-    def dora_merge(w, orig):
-        # peft: the norm is taken on the *unmerged* base weight plus this adapter's delta
-        d = delta.dense()
-        n = dora_norm(orig.float(), d, spec.transposed)
-        plan.dora_norms[spec.name] = n
-        return fold(w, d, sign, dora_factor(magnitude, n, spec.transposed))
-
-    return dora_merge
-
-
-def _plan_lokr(plan: Plan, ad: Adapter, weight: float, sign: int) -> None:
-    for m in ad.lokr_modules():
-        spec, shape, out_in = _linear(plan, ad, m.module)
-        label = f"{os.path.basename(ad.path)}:{m.module}"
-        _lokr_fits(label, m.params, out_in)
-
-        def step(w, orig, m=m, label=label, out_in=out_in, t=spec.transposed):
-            d = lokr_delta(m.params, m.scaling * weight, out_in)
-            return fold(w, _checked(label, d.T if t else d), sign)
-
-        plan.add(spec.name, Step(label, step))
-        plan.modules += 1
-
-
-def _lokr_fits(label: str, params: dict, out_in: tuple) -> None:
-    """Check the Kronecker factors' shapes at plan time (kron of [a,b] and [c,d] is [a·c, b·d])."""
-    try:
-        shapes = []
-        for i in (1, 2):
-            if f"lokr_w{i}" in params:
-                shapes.append(tuple(params[f"lokr_w{i}"].shape[:2]))
-            elif i == 2 and "lokr_t2" in params:  # einsum("ijkl,ip,jr->prkl")
-                shapes.append((params["lokr_w2_a"].shape[1], params["lokr_w2_b"].shape[1]))
-            else:
-                shapes.append((params[f"lokr_w{i}_a"].shape[0], params[f"lokr_w{i}_b"].shape[1]))
-    except KeyError as e:
-        raise ShapeError(f"{label}: LoKr factors are incomplete (no {e})", "the adapter file is incomplete; re-save it") from e
-    if shapes[0][0] * shapes[1][0] * shapes[0][1] * shapes[1][1] != out_in[0] * out_in[1]:
-        raise ShapeError(f"{label}: LoKr factors {shapes} do not make a {list(out_in)} weight",
-                         "use the adapter with the base model it was trained on")
-
-
-def _plan_saved(plan: Plan, ad: Adapter, weight: float, sign: int) -> None:
+def _plan_saved(plan: Plan, ad, weight: float, sign: int) -> None:
     """modules_to_save: the adapter carries the whole module; weight w interpolates W + w·(S − W)."""
     saved = ad.modules_to_save()
     if saved and sign < 0:
         raise AdapterError(f"{ad.path} replaces whole modules ({', '.join(sorted(saved))}) whose base values "
                            "are not in the merged checkpoint", "copy those tensors from the base model instead")
-    by_name = plan.arch.by_name()
+    by_name = plan.target.by_name
     for mod, params in sorted(saved.items()):
         for p, t in sorted(params.items()):
             name = f"{mod}.{p}"
@@ -175,18 +67,21 @@ def _plan_saved(plan: Plan, ad: Adapter, weight: float, sign: int) -> None:
                 raise ShapeError(f"{ad.path}: saved {name} is {list(t.shape)} but the base has {list(want)}",
                                  "use the adapter with the base model it was trained on")
             label = f"{os.path.basename(ad.path)}:{name}"
-            _checked(label, t)
+            checked(label, t)
             plan.add(name, Step(label, lambda w, orig, t=t: w.lerp_(t.float(), weight)))
 
 
-def plan_adapters(ck: Checkpoint, adapters: list[Adapter], weights: list[float], sign: int,
+def plan_adapters(ck: Checkpoint, adapters: list, weights: list[float], sign: int,
                   dora_norms: dict | None = None) -> Plan:
-    arch = arch_of(ck)
-    plan = Plan(ck=ck, arch=arch, by_module=arch.by_module())
-    for ad, w in zip(adapters, weights):
-        if ad.peft_type not in SUPPORTED:
-            raise AdapterError(f"{ad.path} is a {ad.peft_type} adapter", "merge-lora folds LoRA, DoRA and LoKr adapters")
-        (_plan_lora(plan, ad, w, sign, dora_norms) if ad.peft_type == "LORA" else _plan_lokr(plan, ad, w, sign))
+    """adapters: (kind, opened adapter) pairs; each kind gives the steps of its modules."""
+    arch = linear_map(ck)
+    plan = Plan(ck=ck, target=MergeTarget(arch, arch.by_module(), arch.by_name(), norms_in=dora_norms,
+                                          generic=isinstance(arch, GenericArch), path=ck.path))
+    for (kind, ad), w in zip(adapters, weights):
+        steps = kind.merge_steps(ad, plan.target, w, sign)
+        for name, step in steps:
+            plan.add(name, step)
+        plan.modules += len({step.label for _, step in steps})
         _plan_saved(plan, ad, w, sign)
     _untie(plan)
     return plan
@@ -225,9 +120,11 @@ def apply_adapters(base: str, adapters: list[str], out: str, *, weights: list[fl
         raise AdapterError(f"{len(weights)} --weight values for {len(adapters)} adapters", "give one weight per adapter, or none")
     weights = weights or [1.0] * len(adapters)
     ck = Checkpoint.open(base)
-    ads = [Adapter.open(a) for a in adapters]
+    command = "merge-lora" if sign > 0 else "unmerge-lora"
+    kinds = [kind_of(a, command) for a in adapters]
+    ads = [k.read(a) for k, a in zip(kinds, adapters)]
     norms = _read_norms(ck.path) if sign < 0 else None
-    plan = plan_adapters(ck, ads, weights, sign, norms)
+    plan = plan_adapters(ck, list(zip(kinds, ads)), weights, sign, norms)
 
     names = ck.keys() + [n for n in plan.untied if n not in ck]
     src = lambda n: plan.source.get(n, n)  # noqa: E731
@@ -261,14 +158,14 @@ def apply_adapters(base: str, adapters: list[str], out: str, *, weights: list[fl
     with OutputDir(out, inputs=[ck.path, *[a.path for a in ads]], force=force) as od:
         writer = write_checkpoint(od, specs, produce, config=config, side_from=ck.path, max_shard_size=max_shard_size,
                                   description="merging" if sign > 0 else "unmerging", progress=progress)
-        if plan.dora_norms and sign > 0:
+        if plan.target.norms_out and sign > 0:
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in sorted(plan.dora_norms.items())}, od.path(DORA_NORMS))
+            save_file({k: v.contiguous() for k, v in sorted(plan.target.norms_out.items())}, od.path(DORA_NORMS))
         path = od.commit()
-    return {"output": path, "adapters": [{"path": a.path, "type": a.peft_type, "weight": w} for a, w in zip(ads, weights)],
+    return {"output": path, "adapters": [{"path": a.path, "type": k.name, "weight": w} for k, a, w in zip(kinds, ads, weights)],
             "modules": plan.modules, "tensors_changed": len(plan.steps), "tensors_written": len(specs),
-            "untied": plan.untied, "dora_modules": len(plan.dora_norms), "bytes": writer.total,
+            "untied": plan.untied, "dora_modules": len(plan.target.norms_out), "bytes": writer.total,
             "shards": len(writer.files), "seconds": round(time.time() - t0, 3), "notes": notes,
             "dtype": dtype if dtype != "auto" else str(ck.main_dtype()).replace("torch.", "")}
 
@@ -283,7 +180,7 @@ def _read_norms(path: str) -> dict | None:
 
 
 def merge_lora(base: str, adapters: list[str], out: str, **kw) -> dict:
-    """Fold one or more LoRA/DoRA/LoKr adapters (each with an optional weight) into `base`."""
+    """Fold one or more adapters (the kinds that list merge-lora: LoRA, DoRA, LoKr, (IA)³) (each with an optional weight) into `base`."""
     return apply_adapters(base, adapters, out, sign=1, **kw)
 
 

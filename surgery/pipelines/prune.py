@@ -1,9 +1,14 @@
 """prune-bridge: Fisher-information structured pruning of an LLM into a standard bridge checkpoint.
 
 Jin, Zhang & Zong (EMNLP 2023) tune adapters through a *bridge*: the LLM pruned (as in Ladder
-Side-Tuning) to about 1/16 of its parameters. Plan: widths -> score units on calibration data ->
-choose kept coordinates -> estimate norm corrections -> stream every tensor through
-surgery.ops.slice.select into a checkpoint of the same family, with bridge.json beside it.
+Side-Tuning) to about 1/16 of its parameters. Plan: widths (bridge_plan) -> score units on
+calibration data -> choose kept coordinates and, optionally, layers to drop -> estimate norm
+corrections -> stream every tensor through surgery.ops.slice.select into a checkpoint of the same
+family, with bridge.json beside it. By default the residual stream is kept whole (bridge_plan).
+
+Memory: the LLM is loaded in its checkpoint's dtype; the Fisher pass recomputes one block at a time
+(importance.fisher_mask) and the statistics pass is a no-grad forward, so peak memory follows the
+weights plus one block's activations.
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ from ..io.writer import OutputDir
 from ..ops.fisher import norm_correction, recalibrate_norm
 from ..ops.slice import select as slice_select
 from . import importance as imp
-from .bridge_plan import bridge_config, layer_kept, plan_sizes, select
 from ..io.hashing import file_sha256
-from .calibration import batches, load_model, mean_loss, to_device, token_blocks
+from ..ops.fisher import block_influence, top_k
+from .bridge_plan import (bridge_config, check_drop_layers, kept_layers, layer_kept, parameter_counts, plan_sizes,
+                          select)
+from .calibration import batches, checkpoint_dtype, load_model, mean_loss, to_device, token_blocks
 from .stream import write_checkpoint
 
 FORMAT = "surgery.bridge/1"
+DROP_BY = ("similarity", "fisher")
 
 
 def _norm_modules(arch) -> dict[str, str]:
@@ -30,13 +38,22 @@ def _norm_modules(arch) -> dict[str, str]:
     return {t.name.rsplit(".", 1)[0]: t.name for t in arch.tensors() if t.role == "norm"}
 
 
-def norm_corrections(model, arch, blocks, batch_size: int, residual: list[int]) -> tuple[dict, float]:
-    """One no-grad pass: per norm the pooled (ratio, shift) of ops.fisher.norm_correction for the
-    kept residual channels, and the LLM's calibration loss."""
+def _block(args, kwargs):
+    x = args[0] if args else kwargs.get("hidden_states")
+    return x[0] if isinstance(x, tuple) else x
+
+
+def calibration_stats(model, arch, blocks, batch_size: int, residual: list[int]) -> tuple[dict, dict, float]:
+    """One no-grad pass (activations live one block at a time): per norm the pooled (ratio, shift)
+    of ops.fisher.norm_correction for the kept residual channels (skipped when every channel is
+    kept), per layer its block influence (ops.fisher.block_influence, for --drop-by similarity),
+    and the LLM's calibration loss."""
     import torch
 
-    acc: dict[str, list] = {m: [0.0, 0.0, 0] for m in _norm_modules(arch)}
-    handles = []
+    every = len(residual) == arch.dims["hidden"]
+    acc: dict[str, list] = {} if every else {m: [0.0, 0.0, 0] for m in _norm_modules(arch)}
+    bi = {(st, i): [0.0, 0] for st, n in arch.stacks.items() for i in range(n)}
+    handles, inputs = [], {}
 
     def pre(name):
         def h(mod, args):
@@ -45,37 +62,91 @@ def norm_corrections(model, arch, blocks, batch_size: int, residual: list[int]) 
             a[0], a[1], a[2] = a[0] + r, a[1] + s, a[2] + n
         return h
 
+    def block_in(key):
+        def h(mod, args, kwargs):
+            inputs[key] = _block(args, kwargs)
+        return h
+
+    def block_out(key):
+        def h(mod, args, kwargs, out):
+            total, count = block_influence(inputs.pop(key), _block((out,), {}))
+            bi[key][0] += total
+            bi[key][1] += count
+        return h
+
     for name in acc:
         handles.append(model.get_submodule(name).register_forward_pre_hook(pre(name)))
+    for (st, i) in bi:
+        mod = model.get_submodule(arch.spec["stacks"][st]["prefix"].format(i=i).rstrip("."))
+        handles.append(mod.register_forward_pre_hook(block_in((st, i)), with_kwargs=True))
+        handles.append(mod.register_forward_hook(block_out((st, i)), with_kwargs=True))
     total, count = 0.0, 0
     try:
         with torch.no_grad():
             for b in batches(blocks, batch_size, model.config.is_encoder_decoder):
-                out = model(**to_device(b, model))
+                out = model(**to_device(b, model), use_cache=False)
                 total += float(out.loss) * b["labels"].numel()
                 count += b["labels"].numel()
     finally:
         for h in handles:
             h.remove()
     corr = {m: {"ratio": a[0] / a[2], "shift": a[1] / a[2]} for m, a in acc.items() if a[2]}
-    return corr, total / max(count, 1)
+    sim = {key: (v[0] / v[1] if v[1] else 0.0) for key, v in bi.items()}
+    return corr, sim, total / max(count, 1)
 
 
-def _tensor_producer(ck, arch, kept: dict, corr: dict, sizes: dict):
-    """produce(name) for the stream writer: read, slice to kept coordinates, recalibrate norms."""
+def choose_dropped(arch, layer_scores: dict, drop_layers: int) -> dict[str, list[int]]:
+    """{stack: the drop_layers lowest-scored layers} (ties: the later layer goes first)."""
+    import torch
+
+    out = {}
+    for st, n in arch.stacks.items():
+        if drop_layers:
+            v = torch.tensor([layer_scores[(st, i)] for i in range(n)], dtype=torch.float64)
+            keep = top_k(v.flip(0), n - drop_layers)  # flipped: ties keep the earlier layer
+            out[st] = sorted(set(range(n)) - {n - 1 - k for k in keep})
+    return out
+
+
+def _sources(arch, barch, kept: dict) -> dict:
+    """{bridge tensor name: (LLM tensor name, LLM layer whose kept coordinates slice it)}.
+    Bridge layer j is LLM layer kept_layers[stack][j]; a tensor only one layer holds (T5's relative
+    position bias, which serves the whole stack) comes from the LLM layer that holds it."""
+    llm = arch.by_name()
+    holders = {(t.stack, t.name[len(arch.spec["stacks"][t.stack]["prefix"].format(i=t.layer)):]): t.name
+               for t in arch.tensors() if t.stack is not None}
+    live = kept_layers(kept)
+    out = {}
+    for t in barch.stored_tensors():
+        if t.stack is None:
+            out[t.name] = (t.name, None)
+            continue
+        src = live[t.stack][t.layer]
+        rest = t.name[len(barch.spec["stacks"][t.stack]["prefix"].format(i=t.layer)):]
+        name = arch.spec["stacks"][t.stack]["prefix"].format(i=src) + rest
+        out[t.name] = (name if name in llm else holders[(t.stack, rest)], src)
+    return out
+
+
+def _tensor_producer(ck, arch, barch, kept: dict, corr: dict, sizes: dict):
+    """produce(bridge name) for the stream writer: read the LLM's tensor, slice to kept coordinates,
+    recalibrate norms."""
     specs = arch.by_name()
+    sources = _sources(arch, barch, kept)
     every = len(kept["residual"]) == arch.dims["hidden"]  # nothing dropped: norms stay exact
     scale = arch.prune.get("output_scale")
     scaled = scale["norm"] if scale and arch.flags.get(scale["when"]) else None
 
-    def produce(name: str):
+    def produce(bname: str):
+        name, layer = sources[bname]
         spec = specs[name]
+        k = layer_kept(kept, spec.stack, layer)
         x = ck.read(name)
-        y = slice_select(x, arch, spec.dims, layer_kept(kept, spec.stack, spec.layer))
+        y = slice_select(x, arch, spec.dims, k)
         if spec.role in ("norm", "norm_bias"):
             module = name.rsplit(".", 1)[0]
             c = {"ratio": 1.0, "shift": 0.0} if every else corr.get(module, {"ratio": 1.0, "shift": 0.0})
-            gain = y if spec.role == "norm" else slice_select(ck.read(module + ".weight"), arch, spec.dims, layer_kept(kept, None, None))
+            gain = y if spec.role == "norm" else slice_select(ck.read(module + ".weight"), arch, spec.dims, k)
             g, b = recalibrate_norm(gain, y if spec.role == "norm_bias" else None, c["ratio"], c["shift"])
             y = g if spec.role == "norm" else b
             if name == scaled:  # e.g. T5 multiplies the decoder output by d_model^-0.5 before the LM head
@@ -89,28 +160,36 @@ def prune_bridge(llm: str, out: str, data: str, *, reduction: float = 16.0, hidd
                  intermediate_size: int | None = None, num_attention_heads: int | None = None,
                  num_key_value_heads: int | None = None, samples: int = 32, seq_len: int = 128,
                  importance: str = "fisher-mask", seed: int = 0, batch_size: int = 8, force: bool = False,
-                 max_shard_size: str = "5GB", device_map: str | None = None, progress: bool | None = None) -> dict:
+                 max_shard_size: str = "5GB", device_map: str | None = None, progress: bool | None = None,
+                 residual: str = "keep", drop_layers: int = 0, drop_by: str = "similarity",
+                 max_memory: dict | None = None) -> dict:
     """Write a bridge of `llm` to `out`; returns the report (also the content of bridge.json)."""
     import torch
 
     if importance not in imp.METHODS:
         raise DataError(f"unknown importance {importance!r}", f"choose one of {', '.join(imp.METHODS)}")
+    if drop_by not in DROP_BY:
+        raise DataError(f"unknown --drop-by {drop_by!r}", f"choose one of {', '.join(DROP_BY)}")
     ck = Checkpoint.open(llm)
     arch = arch_of(ck)
+    if arch.prune.get("unsupported"):
+        raise ArchitectureError(f"prune-bridge does not support {arch.family}: {arch.prune['unsupported']}",
+                                "use a family whose map has prune.config_keys (docs/arch.md)")
     if "config_keys" not in arch.prune:
         raise ArchitectureError(f"family {arch.family} has no prune.config_keys", "add it to its family file (docs/arch.md)")
+    check_drop_layers(arch, drop_layers)
     sizes = plan_sizes(arch, reduction, {"hidden": hidden_size, "intermediate": intermediate_size,
-                                         "heads": num_attention_heads, "kv_heads": num_key_value_heads})
-    cfg = bridge_config(arch, sizes)
-    barch = load_arch(cfg)
-    missing = [t.name for t in barch.stored_tensors() if t.name not in ck]
+                                         "heads": num_attention_heads, "kv_heads": num_key_value_heads},
+                       residual=residual, drop_layers=drop_layers)
+    missing = [t.name for t in arch.stored_tensors() if t.name not in ck]
     if missing:
         raise ArchitectureError(f"{ck.path} lacks {missing[0]} (and {len(missing) - 1} more) that its family map lists",
                                 "re-save the LLM with save_pretrained")
     with OutputDir(out, inputs=[ck.path], force=force) as od:
         torch.manual_seed(seed)
         blocks, L = token_blocks(ck.path, data, samples, seq_len, seed, arch.dims.get("positions"))
-        model = load_model(ck.path, device_map=device_map)
+        dtype = checkpoint_dtype(ck)
+        model = load_model(ck.path, dtype=dtype, device_map=device_map, max_memory=max_memory)
         if importance == "magnitude":
             scores = imp.magnitude(ck, arch)
         elif importance == "random":
@@ -119,27 +198,43 @@ def prune_bridge(llm: str, out: str, data: str, *, reduction: float = 16.0, hidd
             scores = imp.fisher_param(model, arch, blocks, batch_size)
         else:
             scores = imp.fisher_mask(model, arch, blocks, batch_size)
-        kept, ret = select(arch, imp.units(arch, scores), sizes)
-        corr, llm_loss = norm_corrections(model, arch, blocks, batch_size, kept["residual"])
+        u = imp.units(arch, scores)
+        corr, similarity, llm_loss = calibration_stats(model, arch, blocks, batch_size, top_k(u["residual"], sizes["hidden"]))
+        layer_scores = similarity
+        if drop_layers and drop_by == "fisher":
+            layer_scores = imp.layer_fisher(scores if importance == "fisher-mask" else
+                                            imp.fisher_mask(model, arch, blocks, batch_size), arch)
+        dropped = choose_dropped(arch, layer_scores, drop_layers)
         del model, scores
         gc.collect()
-        specs = [(t.name, ck.dtype(t.name), barch.shape(t)) for t in barch.stored_tensors()]
-        write_checkpoint(od, specs, _tensor_producer(ck, arch, kept, corr, sizes), config=cfg, side_from=ck.path,
-                         max_shard_size=max_shard_size, description="writing bridge", progress=progress)
-        bridge = load_model(od.tmp, device_map=device_map)
+        kept, ret = select(arch, u, sizes, dropped)
+        cfg = bridge_config(arch, sizes, kept_layers(kept))
+        barch = load_arch(cfg)
+        specs = [(t.name, ck.dtype(_sources(arch, barch, kept)[t.name][0]), barch.shape(t)) for t in barch.stored_tensors()]
+        write_checkpoint(od, specs, _tensor_producer(ck, arch, barch, kept, corr, sizes), config=cfg,
+                         side_from=ck.path, max_shard_size=max_shard_size, description="writing bridge", progress=progress)
+        bridge = load_model(od.tmp, dtype=dtype, device_map=device_map, max_memory=max_memory)
         bridge_loss = mean_loss(bridge, blocks, batch_size)
         del bridge
+        pl, pb = parameter_counts(arch), parameter_counts(barch)
         manifest = {
             "format": FORMAT, "source": ck.path, "family": arch.family, "importance": importance,
             "seed": seed, "samples": int(blocks.shape[0]), "seq_len": L, "data_sha256": file_sha256(data),
-            "reduction": float(reduction),
+            "reduction": float(reduction), "residual": residual,
             "sizes": sizes, "llm_sizes": {k: arch.dims[k] for k in sizes},
-            "parameters": {"llm": arch.num_parameters(), "bridge": barch.num_parameters()},
+            "layers": {"llm": dict(arch.stacks), "bridge": dict(barch.stacks), "drop_by": drop_by if drop_layers else None,
+                       "dropped": dropped, "scores": {st: [layer_scores[(st, i)] for i in range(n)]
+                                                      for st, n in arch.stacks.items()}},
+            "parameters": {"llm": pl["total"], "bridge": pb["total"],
+                           "llm_non_embedding": pl["non_embedding"], "bridge_non_embedding": pb["non_embedding"]},
             "calibration_loss": {"llm": llm_loss, "bridge": bridge_loss},
             "norms": corr if len(kept["residual"]) < arch.dims["hidden"] else {},
             "kept": kept, "retained": ret,
         }
+        share = pb["non_embedding"] / max(pl["non_embedding"], 1)
+        if share > 1.25 / reduction:  # e.g. GPT-2 keeps every head with its residual, T5/llama at least one kv group
+            manifest["note"] = (f"kept {share:.1%} of the non-embedding parameters, more than 1/{reduction:g}: the widths "
+                                "cannot shrink further; add --drop-layers N (or --residual prune) to go lower")
         od.write_json("bridge.json", manifest)
         path = od.commit()
     return {"output": path, **manifest}
-

@@ -1,7 +1,7 @@
 """`surgery train`: parameter-efficient tuning of a (small) model — step 1 of Algorithm 1 (Jin et al., 2023).
 
-Load the base, wrap it with the method (peft), train with the shared loop, save the adapter
-atomically. The base weights are frozen; only the method's parameters get gradients.
+Load the base, wrap it with the method (its kind in surgery.kinds: peft's layers, hooked bottleneck
+adapters, or bias-only), train with the shared loop, save the adapter atomically. The base weights are frozen; only the method's parameters get gradients.
 """
 
 from __future__ import annotations
@@ -16,35 +16,39 @@ def train_adapter(model_dir: str, data: str, out: str, *, method: str = "lora", 
                   max_length: int = 512, force: bool = False, cfg: TrainConfig | None = None,
                   adapter_config: str = "houlsby", reduction_factor=None) -> dict:
     """Train an adapter for `model_dir` on `data` (JSONL) and write it to `out`; returns a summary."""
+    import torch
+
     from ..io.writer import OutputDir
+    from ..kinds import MethodOptions, get
     from ..train.data import load_examples
     from ..train.loop import fit, is_main_process, place
-    from ..train.methods import load_base, save, wrap
+    from ..train.methods import load_base
 
     cfg = cfg or TrainConfig()
+    kind = get(method, "train")  # an unknown or untrainable method is refused before any loading
+    opts = MethodOptions(rank=rank, alpha=alpha, targets=targets, virtual_tokens=virtual_tokens,
+                         adapter_config=adapter_config, reduction_factor=reduction_factor, seed=cfg.seed)
     inputs = [model_dir, data] + ([eval_data] if eval_data else [])
     with OutputDir(out, inputs=inputs, force=force) as od:  # refuse a bad output before any work
         model, tok, arch = load_base(model_dir)
         seq2seq = bool(model.config.is_encoder_decoder)
         train_ex = load_examples(data, tok, seq2seq=seq2seq, max_length=max_length)
         eval_ex = load_examples(eval_data, tok, seq2seq=seq2seq, max_length=max_length) if eval_data else None
-        model = wrap(model, arch, method, rank=rank, alpha=alpha, targets=targets, virtual_tokens=virtual_tokens,
-                     seed=cfg.seed, adapter_config=adapter_config, reduction_factor=reduction_factor)
-        model = place(model)
+        torch.manual_seed(cfg.seed)  # peft initialises A (LoRA) and prompts randomly
+        model = place(kind.wrap(model, arch, opts))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         before, hist, after = fit(model, tok, train_ex, eval_ex, cfg, seq2seq=seq2seq)
         if not is_main_process():  # data-parallel workers: the main process writes the one output
             od.abort()
             return {}
-        save(model, od, method=method, base=os.path.abspath(model_dir))
-        od.write_json("training.json", {"method": method,
-                                        **({"adapter_config": adapter_config} if method == "adapter" else {}), "data": os.path.abspath(data),
+        kind.save(model, od, os.path.abspath(model_dir), opts)
+        od.write_json("training.json", {"method": kind.name, **kind.training_record(opts), "data": os.path.abspath(data),
                                         "eval_data": os.path.abspath(eval_data) if eval_data else None,
                                         "seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr,
                                         "batch_size": cfg.batch_size, "trainable": trainable,
                                         "before": before, "after": after, "history": hist.as_dict()})
         path = od.commit()
-    return {"output": path, "method": method, "family": arch.family, "trainable": trainable, "parameters": total,
+    return {"output": path, "method": kind.name, "family": arch.family, "trainable": trainable, "parameters": total,
             "steps": hist.steps, "device": hist.device, "mixed_precision": hist.mixed_precision,
             "evaluated_on": "eval" if eval_ex else "train", "before": before, "after": after}

@@ -3,7 +3,7 @@
 Jin, Zhang & Zong (EMNLP 2023), W_plug: depth — SLM layer i maps to a block of consecutive LLM
 layers (ops.project.depth_blocks) and its modules are duplicated into it; width — one fitted
 projection per space each module touches (transfer_fit), through which the adapter's weights are
-carried (transfer_port; AdapterHub bottleneck adapters: transfer_bottleneck). Writes a PEFT adapter
+carried (each kind's port, surgery.kinds). Writes a PEFT adapter
 (or an AdapterHub directory, for a bottleneck adapter) for the LLM plus transfer.json (layer map, fit
 quality) and projections.safetensors (the maps, for tune-bridge). Format: docs/formats.md.
 """
@@ -14,33 +14,25 @@ import os
 
 from ..arch import arch_of
 from ..errors import AdapterError, ArchitectureError, OutputError, ResourceError, ShapeError
-from ..io.adapter import Adapter, write_adapter
-from ..io.adapterhub import is_adapterhub_dir, read_adapterhub
 from ..io.checkpoint import Checkpoint
 from ..io.hashing import file_sha256
 from ..io.writer import OutputDir, check_output, parse_size
+from ..kinds import kind_of
+from ..kinds.base import PortContext
 from ..ops.project import depth_blocks
-from .bottleneck import write_bottleneck
-from .transfer_bottleneck import bottleneck_needs, port_bottleneck_adapter
 from .transfer_fit import fit_projections
 from .transfer_memory import ceiling, memory_guard
-from .transfer_port import (lora_needs, port_lora_adapter, port_prefix_adapter, port_prompt_adapter,
-                            prefix_needs)
+from .transfer_plan import kv_keys, layer_roles, locate, module_path
 
 FORMAT = "surgery.transfer/1"
-SUPPORTED = {"LORA": "LoRA", "PROMPT_TUNING": "prompt tuning", "PREFIX_TUNING": "prefix tuning",
-             "BOTTLENECK": "bottleneck adapters (AdapterHub)"}
-LAYERED = ("LORA", "BOTTLENECK")  # kinds whose modules sit in chosen layers (--depth applies)
 MAPS = ("activations", "embeddings")
 DEPTHS = ("block", "first", "best")
 PROJECTIONS = "projections.safetensors"
 
 
 def _open_pair(adapter: str, llm: str, slm_base: str | None):
-    ad = read_adapterhub(adapter) if is_adapterhub_dir(adapter) else Adapter.open(adapter)
-    if ad.peft_type not in SUPPORTED:
-        raise AdapterError(f"{ad.path} is a {ad.peft_type} adapter; transfer supports {', '.join(SUPPORTED.values())}",
-                           "extract a LoRA from it first (surgery extract) or retrain the SLM adapter as LoRA")
+    kind = kind_of(adapter, "transfer")
+    ad = kind.read(adapter)
     base = slm_base or ad.base
     if not base:
         raise AdapterError(f"{ad.path}/adapter_config.json names no base model", "pass --slm-base DIR")
@@ -57,7 +49,7 @@ def _open_pair(adapter: str, llm: str, slm_base: str | None):
     if arch_l.stacks[stack] < arch_s.stacks[stack]:
         raise ShapeError(f"the LLM has {arch_l.stacks[stack]} layers, fewer than the SLM's {arch_s.stacks[stack]}",
                          "swap --slm and --llm: transfer goes from the smaller model to the larger")
-    return ad, ck_s, ck_l, arch_s, arch_l, stack
+    return kind, ad, ck_s, ck_l, arch_s, arch_l, stack
 
 
 def _choose_layers(blocks, records, depth: str) -> list[list[int]]:
@@ -88,12 +80,12 @@ def transfer(adapter: str, llm: str, out: str, *, slm_base: str | None = None, d
     if depth not in DEPTHS:
         raise AdapterError(f"unknown --depth {depth!r}", f"choose one of {', '.join(DEPTHS)}")
     budget = None if max_memory is None else _budget(max_memory)
-    ad, ck_s, ck_l, arch_s, arch_l, stack = _open_pair(adapter, llm, slm_base)
+    kind, ad, ck_s, ck_l, arch_s, arch_l, stack = _open_pair(adapter, llm, slm_base)
     inputs = [ad.path, ck_s.path, ck_l.path]
     check_output(os.path.abspath(out), inputs, force)  # before any forward pass, not after
     with memory_guard(budget or ceiling()), OutputDir(out, inputs=inputs, force=force) as od:
-        summary = _transfer(ad, ck_s, ck_l, arch_s, arch_l, stack, od, map_kind=map_kind, depth=depth, data=data,
-                            samples=samples, seq_len=seq_len, ridge=ridge, batch=batch, budget=budget)
+        summary = _transfer(kind, ad, ck_s, ck_l, arch_s, arch_l, stack, od, map_kind=map_kind, depth=depth,
+                            data=data, samples=samples, seq_len=seq_len, ridge=ridge, batch=batch, budget=budget)
         od.commit()
     return summary
 
@@ -108,41 +100,33 @@ def _budget(text) -> int:
     return n
 
 
-def _transfer(ad, ck_s, ck_l, arch_s, arch_l, stack, od, *, map_kind, depth, data, samples, seq_len, ridge, batch,
-              budget) -> dict:
+def _transfer(kind, ad, ck_s, ck_l, arch_s, arch_l, stack, od, *, map_kind, depth, data, samples, seq_len, ridge,
+              batch, budget) -> dict:
     blocks = depth_blocks(arch_s.stacks[stack], arch_l.stacks[stack])
-    kind = ad.peft_type
-    needs = {"LORA": lora_needs, "PREFIX_TUNING": prefix_needs,
-             "BOTTLENECK": bottleneck_needs}.get(kind, lambda *a: {})(ad, arch_s, stack)
+    port = PortContext(arch_s, arch_l, stack, blocks, llm_path=ck_l.path, llm_config=ck_l.config,
+                       roles=layer_roles(arch_s, stack), locate=lambda module: locate(arch_s, module),
+                       llm_module=lambda layer, suffix: module_path(arch_l, stack, layer, suffix),
+                       kv_keys=lambda: kv_keys(arch_s, stack))
+    needs = kind.transfer_needs(ad, port)
     maps, records, warnings, embed = fit_projections(
         ck_s, ck_l, arch_s, arch_l, stack, blocks, needs, map_kind=map_kind, data=data, samples=samples,
         seq_len=seq_len, ridge=ridge, batch=batch, spill_dir=od.tmp, budget=budget,
-        embed_needed=kind == "PROMPT_TUNING")
-    chosen = _choose_layers(blocks, records, depth) if kind in LAYERED else blocks
-    if kind == "BOTTLENECK":
-        modules, leave_out = port_bottleneck_adapter(ad, arch_s, arch_l, stack, chosen, maps)
-    elif kind == "LORA":
-        config, tensors = port_lora_adapter(ad, arch_s, arch_l, stack, chosen, maps, ck_l.path)
-    elif kind == "PROMPT_TUNING":
-        config, tensors = port_prompt_adapter(ad, arch_l, embed, ck_l.path)
-    else:
-        config, tensors = port_prefix_adapter(ad, arch_s, arch_l, stack, blocks, maps, ck_l.path)
+        embed_needed=kind.needs_embeddings)
+    chosen = _choose_layers(blocks, records, depth) if kind.layered else blocks
+    port.chosen, port.maps, port.embed = chosen, maps, embed
+    write = kind.port(ad, port)
     data_sha = None
     if data and map_kind == "activations":
         data_sha = file_sha256(data)
     summary = {
-        "format": FORMAT, "kind": kind, "slm_adapter": ad.path, "slm_base": ck_s.path, "llm": ck_l.path,
+        "format": FORMAT, "kind": kind.name, "slm_adapter": ad.path, "slm_base": ck_s.path, "llm": ck_l.path,
         "family": arch_s.family, "map": map_kind, "depth": depth, "ridge": ridge,
         "samples": samples if map_kind == "activations" else None, "seq_len": seq_len if map_kind == "activations" else None,
         "data_sha256": data_sha,
         "depth_map": {stack: blocks}, "layers_used": {stack: chosen},
         "fits": records, "warnings": warnings,
     }
-    if kind == "BOTTLENECK":
-        write_bottleneck(od, ad.name, dict(ad.bn, leave_out=leave_out), modules, ck_l.config,
-                         arch_l.dims["hidden"], base=ck_l.path)
-    else:
-        write_adapter(od, config, tensors)
+    write(od)
     maps.write(od.path(PROJECTIONS), {f"embed.{d}": m for d, m in embed.items()}, {"format": FORMAT})
     od.write_json("transfer.json", summary)
     return summary

@@ -10,56 +10,17 @@ models are paired token by token:
 
 from __future__ import annotations
 
-import json
-import os
 
-from ..errors import DataError
+from ..io.tokenizer import check_ids, vocab_limit
 from ..ops.project import Moments
 from .transfer_plan import module_path, slice_of
-
-
-def load_texts(path: str, samples: int) -> list[str]:
-    """Lines of a text file, or the "text" field of a .jsonl file; the first `samples` non-empty ones."""
-    if not os.path.isfile(path):
-        raise DataError(f"calibration file {path} does not exist", "pass --data FILE with one text per line (or .jsonl with a \"text\" field)")
-    texts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            if path.endswith(".jsonl"):
-                try:
-                    line = json.loads(line)["text"]
-                except (ValueError, KeyError, TypeError) as e:
-                    raise DataError(f"{path}:{n} is not a JSON object with a \"text\" field ({e})", "fix the line or use a plain text file") from e
-            texts.append(line)
-            if len(texts) >= samples:
-                break
-    if not texts:
-        raise DataError(f"calibration file {path} has no text", "put one calibration text per line")
-    return texts
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # transformers raises many types for a missing tokenizer
-        raise DataError(f"cannot load a tokenizer from {path} ({type(e).__name__})",
-                        "copy the tokenizer files into the model directory") from e
-    if not getattr(tok, "is_fast", False):
-        raise DataError(f"the tokenizer of {path} is not a fast tokenizer", "token pairing needs character offsets; save a tokenizer.json")
-    if tok.pad_token is None:  # padding only fills batches; padded positions are never paired
-        tok.pad_token = tok.eos_token or tok.unk_token
-    return tok
 
 
 def shared_vocab(tok_s, tok_l) -> list[tuple[int, int]]:
     """[(slm id, llm id)] for token strings both vocabularies hold, in SLM id order."""
     vs, vl = tok_s.get_vocab(), tok_l.get_vocab()
-    return sorted((i, vl[t]) for t, i in vs.items() if t in vl)
+    ns, nl = vocab_limit(tok_s), vocab_limit(tok_l)  # tokens past a model's embedding cannot be run
+    return sorted((i, vl[t]) for t, i in vs.items() if t in vl and (ns is None or i < ns) and (nl is None or vl[t] < nl))
 
 
 def _pair_by_offsets(offs_s, offs_l) -> tuple[list[int], list[int]]:
@@ -86,6 +47,7 @@ def text_batches(texts, tok_s, tok_l, seq_len: int, batch: int):
         for tok in (tok_s, tok_l):
             e = tok(chunk, truncation=True, max_length=seq_len, return_offsets_mapping=True,
                     padding=True, return_tensors="pt")
+            check_ids(tok, e["input_ids"], "the calibration text")
             enc.append(e)
         rows_s, rows_l = [], []
         T_s, T_l = enc[0]["input_ids"].shape[1], enc[1]["input_ids"].shape[1]

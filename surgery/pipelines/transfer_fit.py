@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from ..errors import DataError
 from ..ops.project import Moments, fit_to_llm, fit_to_slm
-from .transfer_capture import accumulate, load_texts, load_tokenizer, shared_vocab, text_batches, vocab_batches
+from ..io.data import documents
+from ..io.tokenizer import load_tokenizer
+from .transfer_capture import accumulate, shared_vocab, text_batches, vocab_batches
 from .transfer_maps import MapStore
 from .transfer_memory import default_budget, plan_windows, rss_bytes, space_bytes, trim
 from .transfer_plan import capture_points, slice_of
@@ -53,7 +55,7 @@ def fit_projections(ck_s, ck_l, arch_s, arch_l, stack, blocks, needs, *, map_kin
     records: one dict per fit (transfer.json). `budget` (bytes, None: transfer_memory.default_budget)
     bounds the process's peak RSS.
     """
-    tok_s, tok_l = load_tokenizer(ck_s.path), load_tokenizer(ck_l.path)
+    tok_s, tok_l = (load_tokenizer(ck.path, offsets=True, pad=True) for ck in (ck_s, ck_l))
     maps, records, warnings, embed = MapStore(spill_dir, stack), [], [], {}
     emb = None
     if map_kind == "embeddings" or embed_needed:
@@ -85,7 +87,7 @@ def fit_projections(ck_s, ck_l, arch_s, arch_l, stack, blocks, needs, *, map_kin
     if map_kind == "activations":
         if not data:
             raise DataError("--map activations needs calibration text", "pass --data FILE (one text per line), or use --map embeddings")
-        batches = list(text_batches(load_texts(data, samples), tok_s, tok_l, seq_len, batch))
+        batches = list(text_batches(documents(data, samples), tok_s, tok_l, seq_len, batch))
     else:
         batches = list(vocab_batches(_vocab_pairs(tok_s, tok_l, "--map embeddings"), 64))
     pts_s, pts_l = capture_points(arch_s, stack), capture_points(arch_l, stack)
@@ -98,6 +100,7 @@ def fit_projections(ck_s, ck_l, arch_s, arch_l, stack, blocks, needs, *, map_kin
     streams[1].prime([(b[3], b[4]) for b in batches])
     trim()
     windows = _windows(streams, captured, slm_of, pts_s, pts_l, batches, budget)
+
     def fit_window(a, b, moments):
         fitted = {}
         for (j, key), (gs, gl) in sorted(((k, v) for k, v in captured.items() if a <= k[0] < b),

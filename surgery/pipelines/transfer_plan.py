@@ -101,3 +101,13 @@ def locate(arch, module: str) -> tuple[str, int, str]:
 
 def module_path(arch, stack: str, layer: int, suffix: str) -> str:
     return arch.spec["stacks"][stack]["prefix"].format(i=layer) + suffix
+
+
+def kv_keys(arch, stack) -> tuple[str, str]:
+    """The key and value spaces of self-attention (spaces flagged kv, in map order)."""
+    roles = layer_roles(arch, stack)
+    kv = [k for r in roles.values() for k in r.out_keys if arch.spec["spaces"].get(k, {}).get("kv")]
+    kv = list(dict.fromkeys(kv))
+    if len(kv) < 2:
+        raise AdapterError(f"family {arch.family} has no key/value spaces for prefix tuning")
+    return kv[0], kv[1]

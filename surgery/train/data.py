@@ -1,6 +1,6 @@
-"""Training and evaluation data: JSONL records -> token ids and labels -> padded batches.
+"""Training and evaluation data: records (read by surgery.io.data) -> token ids and labels -> padded batches.
 
-Two record kinds (one per line, all lines of a file the same kind):
+Two record kinds (one per line, all lines of a file the same kind; a plain-text file is `text` records):
   {"text": ...}                     language-model loss on every token;
   {"prompt": ..., "completion": ...} loss on the completion tokens only.
 Causal models see prompt+completion concatenated, with the prompt's labels set to -100 (ignored by
@@ -10,11 +10,11 @@ The prompt and completion are tokenized separately so the boundary between them 
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 
 from ..errors import DataError
+from ..io.data import Record, read_records
+from ..io.tokenizer import check_ids
 
 IGNORE = -100  # label value the loss skips (transformers' and torch's convention)
 
@@ -26,52 +26,19 @@ class Example:
     completion: bool  # True for prompt/completion records (scored by exact match)
 
 
-def read_jsonl(path: str) -> tuple[list[dict], str]:
-    """Records of a JSONL file and their kind ("text" or "completion"); DataError names the bad line."""
-    if not os.path.isfile(path):
-        raise DataError(f"data file {path} does not exist", "pass a JSONL file with {\"text\"} or {\"prompt\",\"completion\"} per line")
-    records, kind = [], None
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{path}:{n} is not valid JSON ({e})", "write one JSON object per line") from e
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{n} is a {type(rec).__name__}, not an object", "write one JSON object per line")
-            if isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
-                this = "completion"
-            elif isinstance(rec.get("text"), str):
-                this = "text"
-            else:
-                raise DataError(f"{path}:{n} has neither a string \"text\" nor string \"prompt\" and \"completion\" (keys: {sorted(rec)})",
-                                "give each line {\"text\": ...} or {\"prompt\": ..., \"completion\": ...}")
-            if kind is None:
-                kind = this
-            elif this != kind:
-                raise DataError(f"{path}:{n} is a {this} record but earlier lines are {kind} records",
-                                "keep one record kind per file")
-            if this == "completion" and not rec["completion"]:
-                raise DataError(f"{path}:{n} has an empty completion", "every completion needs at least one token")
-            records.append(rec)
-    if not records:
-        raise DataError(f"data file {path} has no records", "write at least one JSON line")
-    return records, kind
-
-
-def encode(records: list[dict], tokenizer, *, seq2seq: bool, max_length: int, where: str = "data") -> list[Example]:
+def encode(records: list[Record], tokenizer, *, seq2seq: bool, max_length: int) -> list[Example]:
     """Tokenize records. Over-long prompts lose their start (the completion is what is scored)."""
     out = []
-    for n, rec in enumerate(records, 1):
-        if "prompt" in rec and "completion" in rec:
+    for rec in records:
+        pair = rec.pair(tokenizer)
+        if pair is not None:
+            prompt, completion = pair
             # The prompt gets the tokenizer's usual specials (BOS for Llama); the completion none in
             # causal models (it continues the prompt), its EOS in seq2seq models (T5 ends targets so).
-            p = tokenizer(rec["prompt"], add_special_tokens=True)["input_ids"]
-            c = tokenizer(rec["completion"], add_special_tokens=seq2seq)["input_ids"]
+            p = check_ids(tokenizer, tokenizer(prompt, add_special_tokens=True)["input_ids"], rec.where)
+            c = check_ids(tokenizer, tokenizer(completion, add_special_tokens=seq2seq)["input_ids"], rec.where)
             if not c:
-                raise DataError(f"{where}:{n}: the completion {rec['completion']!r} has no tokens", "use a non-empty completion")
+                raise DataError(f"{rec.where}: the completion {completion[:40]!r} has no tokens", "use a non-empty completion")
             c = c[:max_length]
             if seq2seq:
                 out.append(Example(p[-max_length:], c, True))
@@ -80,18 +47,19 @@ def encode(records: list[dict], tokenizer, *, seq2seq: bool, max_length: int, wh
                 out.append(Example(p + c, [IGNORE] * len(p) + c, True))
         else:
             if seq2seq:
-                raise DataError(f"{where}:{n} is a {{\"text\"}} record but the model is encoder-decoder",
+                raise DataError(f"{rec.where} is a {rec.kind.name} record but the model is encoder-decoder",
                                 "give encoder-decoder models {\"prompt\", \"completion\"} records")
-            ids = tokenizer(rec["text"], add_special_tokens=True)["input_ids"][:max_length]
+            ids = tokenizer(rec.document(tokenizer), add_special_tokens=True)["input_ids"][:max_length]
+            check_ids(tokenizer, ids, rec.where)
             if len(ids) < 2:
-                raise DataError(f"{where}:{n} has fewer than 2 tokens", "a language-model loss needs at least two tokens")
+                raise DataError(f"{rec.where} has fewer than 2 tokens", "a language-model loss needs at least two tokens")
             out.append(Example(ids, list(ids), False))
     return out
 
 
 def load_examples(path: str, tokenizer, *, seq2seq: bool, max_length: int = 512) -> list[Example]:
-    records, _ = read_jsonl(path)
-    return encode(records, tokenizer, seq2seq=seq2seq, max_length=max_length, where=path)
+    """Training or evaluation examples of a data file (read by surgery.io.data, one kind per file)."""
+    return encode(read_records(path), tokenizer, seq2seq=seq2seq, max_length=max_length)
 
 
 def collate(examples: list[Example], pad_id: int, seq2seq: bool) -> dict:

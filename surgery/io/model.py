@@ -1,0 +1,125 @@
+"""The one model loader: a checkpoint directory -> a transformers model, in the dtype and on the
+device(s) asked for.
+
+train, eval, transfer, prune-bridge and tune-bridge all load here, so the causal / seq2seq choice,
+the dtype and the placement are decided in one place:
+
+  dtype       auto: the checkpoint's own dtype when the model runs on a GPU, float32 on the CPU
+              (CPU half-precision kernels are slow, and a 7B model in float32 needs 28 GB of GPU
+              memory for no gain); or float32 | bfloat16 | float16.
+  device      one device for the whole model: cpu, cuda, cuda:1, mps.
+  device_map  accelerate's dispatch over the GPUs, spilling to CPU and then disk
+              (auto | balanced | balanced_low_0 | sequential). Not with --device.
+
+With neither, each command keeps its default (`dispatch`):
+  "never"  load on the CPU; the training loop moves the model to its process's device (one GPU per
+           process under `accelerate launch`, else the CPU) — train, eval, tune-bridge;
+  "gpu"    device_map="auto" when a GPU is present — prune-bridge;
+  "fit"    device_map="auto" when a GPU is present or the model would not fit in free memory — transfer.
+
+Flags are checked by `Placement.check` before torch is imported.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..errors import SurgeryError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+DISPATCH = ("never", "gpu", "fit")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """--dtype / --device / --device-map of one command."""
+
+    dtype: str = "auto"
+    device: str | None = None
+    device_map: str | None = None
+
+    def check(self) -> "Placement":
+        if self.dtype not in DTYPES:
+            raise SurgeryError(f"unknown --dtype {self.dtype!r}", f"choose one of {', '.join(DTYPES)}")
+        if self.device and self.device_map:
+            raise SurgeryError(f"--device {self.device} and --device-map {self.device_map} both given",
+                               "use --device for one device, --device-map to spread the model over several")
+        if self.device_map and self.device_map not in DEVICE_MAPS:
+            raise SurgeryError(f"unknown --device-map {self.device_map!r}",
+                               f"choose one of {', '.join(DEVICE_MAPS)} (or --device for one device)")
+        if self.device and not _device_name_ok(self.device):
+            raise SurgeryError(f"unknown --device {self.device!r}", "use cpu, cuda, cuda:N or mps")
+        return self
+
+    @property
+    def gpu(self) -> bool:
+        """Will the model run on a GPU?"""
+        import torch
+
+        if self.device:
+            return self.device.startswith("cuda")
+        return torch.cuda.is_available()
+
+    def torch_dtype(self, path: str):
+        """The dtype to load in: as asked, or `auto` resolved against the checkpoint and the device."""
+        import torch
+
+        if self.dtype != "auto":
+            return getattr(torch, self.dtype)
+        if not self.gpu:
+            return torch.float32
+        from .checkpoint import Checkpoint
+
+        stored = Checkpoint.open(path).main_dtype()
+        return stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+    def dispatch_map(self, path: str, dispatch: str) -> str | None:
+        """The device_map to hand from_pretrained (None: load on the CPU)."""
+        import torch
+
+        assert dispatch in DISPATCH, dispatch
+        if self.device_map or self.device:
+            return self.device_map
+        if dispatch == "never":
+            return None
+        if torch.cuda.is_available() or (dispatch == "fit" and not _fits_in_memory(path)):
+            return "auto"
+        return None
+
+
+def _device_name_ok(name: str) -> bool:
+    base, _, index = name.partition(":")
+    return base in ("cpu", "cuda", "mps") and (not index or (index.isdigit() and base == "cuda"))
+
+
+def _fits_in_memory(path: str) -> bool:
+    """Would a float32 copy of the checkpoint fit in free RAM (twice a possibly 16-bit checkpoint)?"""
+    from .checkpoint import Checkpoint
+
+    try:
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return True
+    return 2 * Checkpoint.open(path).total_bytes() <= free
+
+
+def load_model(path: str, placement: Placement | None = None, *, dispatch: str = "never"):
+    """The transformers model of the checkpoint directory `path` (causal or seq2seq, from its config),
+    in eval mode. A model placed by accelerate carries `hf_device_map`; the training loop leaves such
+    a model where it is."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from .checkpoint import Checkpoint
+
+    placement = (placement or Placement()).check()
+    ck = Checkpoint.open(path)  # a clear error for a missing or broken directory first
+    config = AutoConfig.from_pretrained(ck.path)
+    cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    device_map = placement.dispatch_map(ck.path, dispatch)
+    kw = {"device_map": device_map} if device_map else {}
+    model = cls.from_pretrained(ck.path, dtype=placement.torch_dtype(ck.path), **kw)
+    if placement.device:
+        model = model.to(placement.device)
+    return model.eval()

@@ -1,0 +1,186 @@
+"""What every adapter kind answers, and the small records the commands hand it.
+
+A kind is one object (an instance of a `Kind` subclass, one module per kind in this package) with
+the operations the commands need. A command never asks for a kind by name: it finds the kind of a
+directory (`surgery.kinds.detect`) or of `--method` (`surgery.kinds.get`), checks that the kind
+lists the command (`surgery.kinds.require`), and calls the operation. The base class refuses every
+operation, so a kind implements exactly what its `commands` tuple claims (tests/test_kinds.py
+checks the two agree).
+
+Operations, by command:
+  read(path)                                  every command: the opened adapter
+  merge_steps(ad, target, weight, sign)       merge-lora / unmerge-lora: the delta of each module
+  transfer_needs(ad, port) / port(ad, port)   transfer: which spaces to fit; carry the weights over
+  bridge_route(path, arch, kept)              tune-bridge: restrict to the bridge, lift back
+  wrap(model, arch, opts) / save(...)         train: put fresh trainable weights on a model; write them
+  attach(model, path, arch)                   eval: put saved weights on a loaded model
+  describe(path)                              inspect
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import AdapterError, NumericsError
+
+COMMANDS = ("train", "eval", "inspect", "merge-lora", "unmerge-lora", "transfer", "tune-bridge")
+
+
+@dataclass
+class MethodOptions:
+    """The options `surgery train` passes to a kind's wrap(); each kind reads the ones it has."""
+
+    rank: int = 8
+    alpha: float | None = None  # default 2 x rank
+    targets: list | None = None  # module-name suffixes; default: the kind's own choice from the family map
+    virtual_tokens: int = 8
+    adapter_config: str = "houlsby"
+    reduction_factor: float | None = None
+    seed: int = 0
+
+
+@dataclass
+class Step:
+    """One change to one output tensor of a merge: fn(current float32, original stored) -> new float32."""
+
+    label: str  # "adapter-dir:module" for messages
+    fn: object
+    lowrank: object = None  # a plain LoRA step's LowRankDelta: lets merge fold in place, row block by block
+
+
+@dataclass
+class MergeTarget:
+    """The checkpoint a merge writes, as the kinds see it: its family map and what DoRA records."""
+
+    arch: object
+    by_module: dict  # module path -> linear TensorSpec (built once)
+    by_name: dict  # tensor name -> TensorSpec
+    norms_in: dict | None = None  # DoRA row norms recorded at merge time (unmerge reads them)
+    norms_out: dict = field(default_factory=dict)  # DoRA row norms computed while merging
+    generic: bool = False  # the generic linear-layer map (no family file): every weight is nn.Linear's [out, in]
+    path: str = ""  # the checkpoint, for messages
+
+    def linear(self, ad, module: str):
+        """(spec, shape as stored, (out, in)) of the linear layer an adapter module wraps."""
+        spec = self.by_module.get(module)
+        if spec is None and self.generic:
+            raise AdapterError(f"{ad.path}: module {module} has no 2-D weight {module}.weight in {self.path}",
+                               "was the adapter trained on another base? (a tied lm_head needs a family file: docs/arch.md)")
+        if spec is None:
+            raise AdapterError(f"{ad.path}: module {module} is not a linear layer of this {self.arch.family} model",
+                               "was the adapter trained on another base? `surgery inspect` shows both")
+        shape = self.arch.shape(spec)
+        return spec, shape, ((shape[1], shape[0]) if spec.transposed else shape)
+
+
+@dataclass
+class PortContext:
+    """What `surgery transfer` knows when a kind carries its weights over (see pipelines/transfer.py).
+
+    maps[(llm layer, space key, "to_slm"|"to_llm")] are the fitted projections; `embed` the
+    embedding-space maps; `roles` the SLM layer's {module suffix: ModuleRole}; locate(module) ->
+    (stack, layer, suffix) in the SLM; llm_module(layer, suffix) -> module path in the LLM;
+    kv_keys() -> the key and value spaces of self-attention.
+    """
+
+    arch_s: object
+    arch_l: object
+    stack: str
+    blocks: list  # per SLM layer, its block of LLM layers
+    chosen: list | None = None  # per SLM layer, the LLM layers that take its modules (--depth)
+    maps: dict = field(default_factory=dict)
+    embed: dict = field(default_factory=dict)
+    llm_path: str = ""
+    llm_config: dict = field(default_factory=dict)
+    roles: dict = field(default_factory=dict)
+    locate: object = None
+    llm_module: object = None
+    kv_keys: object = None
+
+
+def checked(label: str, t):
+    """Refuse a delta with NaN or inf before anything is written."""
+    from ..io.writer import nonfinite_count
+
+    bad = nonfinite_count(t)
+    if bad:
+        raise NumericsError(f"{label}: the adapter's delta has {bad} NaN/inf values",
+                            "the adapter is broken (check its weights and alpha/scaling); nothing was written")
+    return t
+
+
+class Kind:
+    """The operations of one adapter kind (module doc). Subclasses set the attributes and override
+    the operations their `commands` name."""
+
+    name = ""  # the one name: --method, "kind" in every JSON record, error messages
+    title = ""  # for help and docs, e.g. "LoRA (Hu et al. 2021)"
+    commands: tuple = ()
+    peft_type: str | None = None  # adapter_config.json's peft_type, for kinds saved in PEFT's format
+    layered = False  # transfer: modules sit in chosen layers, so --depth applies
+    needs_embeddings = False  # transfer: fit the embedding-space map
+
+    def matches(self, path: str, config: dict | None) -> bool:
+        """Is the directory `path` (adapter_config.json contents, or None) saved by this kind?"""
+        return self.peft_type is not None and isinstance(config, dict) and \
+            str(config.get("peft_type", "")).upper() == self.peft_type
+
+    def _refuse(self, command: str):
+        from . import require
+
+        require(self, command)
+        raise NotImplementedError(f"{self.name} lists {command} but does not implement it")  # a bug, not bad input
+
+    def read(self, path: str):
+        from ..io.adapter import Adapter
+
+        return Adapter.open(path)
+
+    def merge_steps(self, ad, target: MergeTarget, weight: float, sign: int) -> list:
+        return self._refuse("merge-lora" if sign > 0 else "unmerge-lora")
+
+    def transfer_needs(self, ad, port: PortContext) -> dict:
+        return {}
+
+    def port(self, ad, port: PortContext):
+        """A function writing the ported adapter into an OutputDir."""
+        return self._refuse("transfer")
+
+    def bridge_route(self, path: str, arch, kept: dict):
+        return self._refuse("tune-bridge")
+
+    def wrap(self, model, arch, opts: MethodOptions):
+        return self._refuse("train")
+
+    def save(self, model, od, base: str, opts: MethodOptions) -> None:
+        """PEFT kinds: peft's own save_pretrained, with the base's path recorded."""
+        model.peft_config["default"].base_model_name_or_path = base
+        model.save_pretrained(od.tmp)
+
+    def training_record(self, opts: MethodOptions) -> dict:
+        """Extra keys for training.json."""
+        return {}
+
+    def attach(self, model, path: str, arch):
+        """PEFT kinds: peft's own loader, after our reader has checked the directory."""
+        from peft import PeftModel
+
+        self.read(path)  # clear errors for a missing or malformed directory
+        try:
+            return PeftModel.from_pretrained(model, path)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise AdapterError(f"{path} does not fit this model ({str(e).splitlines()[0]})",
+                               "evaluate the adapter on the model it was trained or transferred for") from e
+
+    def describe(self, path: str) -> dict:
+        """inspect: the fields every PEFT-format kind shares, then the kind's own (details)."""
+        ad = self.read(path)
+        return {"kind": "adapter", "path": ad.path, "type": self.name, "peft_type": ad.peft_type, "base": ad.base,
+                "parameters": ad.num_parameters(),
+                "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in ad.tensors.values()}), **self.details(ad)}
+
+    def details(self, ad) -> dict:
+        return {}
+
+    def __repr__(self) -> str:
+        return f"<kind {self.name}>"
