@@ -10,7 +10,6 @@ models are paired token by token:
 
 from __future__ import annotations
 
-
 from ..io.tokenizer import check_ids, vocab_limit
 from ..ops.project import Moments
 from .transfer_plan import module_path, slice_of
