@@ -23,9 +23,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {  # llama-family shapes; vocab 32000 as TinyLlama
     "0.2B": dict(hidden_size=1024, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=4,
-                 intermediate_size=2816, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False),
+                 intermediate_size=2816, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
+                 head_dim=64),
     "1.1B": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-                 intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False),
+                 intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
+                 head_dim=64),
 }
 CHECK = """
 import sys, torch
@@ -78,12 +80,12 @@ PLAN_SHAPES = {  # (SLM, LLM) pairs of llama shapes for the paper plan; 7B = Lla
     "1.1B → 7B": ("1.1B", "7B"),
 }
 SHAPES_PLAN = {**SHAPES, "7B": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                                    num_key_value_heads=32, intermediate_size=11008, vocab_size=32000)}
+                                    num_key_value_heads=32, intermediate_size=11008, vocab_size=32000, head_dim=128)}
 
 
 def spaces(shape: dict, targets: list[str]) -> dict:
     """{key: (width, to_llm?, to_slm?)} of one LLM layer for LoRA on `targets` (transfer_plan's keys)."""
-    h, hd = shape["hidden_size"], shape["hidden_size"] // shape["num_attention_heads"]
+    h, hd = shape["hidden_size"], shape["head_dim"]
     q, kv, inner = shape["num_attention_heads"] * hd, shape["num_key_value_heads"] * hd, shape["intermediate_size"]
     reads = {"q_proj": "in.attn", "k_proj": "in.attn", "v_proj": "in.attn", "o_proj": "attn.o",
              "gate_proj": "in.mlp", "up_proj": "in.mlp", "down_proj": "mlp.inner"}
@@ -114,7 +116,7 @@ def plan(targets: list[str], samples: int, seq_len: int, batch: int = 8) -> None
 
         def layer_params(c):
             h, i = c["hidden_size"], c["intermediate_size"]
-            kv = c["num_key_value_heads"] * h // c["num_attention_heads"]
+            kv = c["num_key_value_heads"] * c["head_dim"]
             return 2 * h * h + 2 * h * kv + 3 * h * i
 
         def total(c):
