@@ -38,7 +38,7 @@ def test_expansion_is_exact(fx, tmp_path, ids, family, width, depth, readers):
     a, b = Checkpoint.open(slm), Checkpoint.open(str(out))
     if readers:  # the extra heads' and neurons' reading weights are live (non-zero) …
         q = b.read(next(t.name for t in arch_of(b).linears() if t.layer == 0 and t.in_dims == ("residual",)))
-        assert (q != 0).float().mean() > 0.9
+        assert (q != 0).float().mean() > 0.7  # (a kept row is zero off the SLM's residual channels)
     sa, sb = arch_of(a), arch_of(b)
     assert sb.dims["hidden"] == width * sa.dims["hidden"] and sb.dims["kv_heads"] == width * sa.dims["kv_heads"]
     assert sb.stacks["layers"] == depth * sa.stacks["layers"]
