@@ -84,7 +84,7 @@ SHAPES_PLAN = {**SHAPES, "7B": dict(hidden_size=4096, num_hidden_layers=32, num_
 
 
 def spaces(shape: dict, targets: list[str]) -> dict:
-    """{key: (width, to_llm?, to_slm?)} of one LLM layer for LoRA on `targets` (transfer_plan's keys)."""
+    """{key: (width, to_llm?, to_slm?)} of one LLM layer for LoRA on `targets` (transfer/plan.py keys)."""
     h, hd = shape["hidden_size"], shape["head_dim"]
     q, kv, inner = shape["num_attention_heads"] * hd, shape["num_key_value_heads"] * hd, shape["intermediate_size"]
     reads = {"q_proj": "in.attn", "k_proj": "in.attn", "v_proj": "in.attn", "o_proj": "attn.o",
@@ -104,8 +104,8 @@ def spaces(shape: dict, targets: list[str]) -> dict:
 
 
 def plan(targets: list[str], samples: int, seq_len: int, batch: int = 8) -> None:
-    """The peak-memory formula of docs/transfer.md evaluated for one-layer windows (transfer_memory)."""
-    from surgery.pipelines.transfer_memory import space_bytes
+    """The peak-memory formula of docs/transfer.md evaluated for one-layer windows (transfer/memory.py)."""
+    from surgery.pipelines.transfer.memory import space_bytes
 
     print(f"Plan (one-layer windows, LoRA on {','.join(targets)}, {samples}×{seq_len} calibration tokens, "
           f"bf16 models, 0.35 GB libraries):")

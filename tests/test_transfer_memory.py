@@ -11,7 +11,7 @@ from .test_transfer import ALL, calib, expanded, ids, logits  # noqa: F401  (fix
 
 def test_windows_follow_the_budget():
     from surgery.errors import ResourceError
-    from surgery.pipelines.transfer_memory import plan_windows
+    from surgery.pipelines.transfer.memory import plan_windows
 
     costs = [(10, 5), (10, 5), (10, 20), (10, 5)]
     assert plan_windows(costs, 1000, 2000) == [(0, 4)]
@@ -25,7 +25,7 @@ def test_one_layer_windows_give_the_same_adapter(fx, tmp_path, calib, expanded, 
     import torch
     from safetensors.torch import load_file
 
-    import surgery.pipelines.transfer_fit as tf
+    import surgery.pipelines.transfer.fit as tf
     from surgery.pipelines.transfer import transfer
 
     ad, llm = fx.lora("llama", targets=ALL, name="all"), expanded("llama", 2, 2)
@@ -52,7 +52,7 @@ def test_bf16_llm_is_run_in_bf16(fx, tmp_path, calib, ids, expanded, monkeypatch
     import torch
     from transformers import AutoModelForCausalLM
 
-    import surgery.pipelines.transfer_stream as ts
+    import surgery.pipelines.transfer.stream as ts
     from surgery.pipelines.transfer import transfer
 
     src = expanded("llama", 2, 2)
@@ -80,7 +80,7 @@ def test_bf16_llm_is_run_in_bf16(fx, tmp_path, calib, ids, expanded, monkeypatch
 
 
 def test_out_of_memory_is_one_line_naming_the_budget(fx, tmp_path, calib, expanded, monkeypatch):  # noqa: F811
-    import surgery.pipelines.transfer_stream as ts
+    import surgery.pipelines.transfer.stream as ts
 
     ad, llm = fx.lora("llama"), expanded("llama", 2, 2)
     code, _, err = run_cli("transfer", "--slm", ad, "--llm", llm, "-o", tmp_path / "o", "--data", calib,

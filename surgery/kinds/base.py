@@ -75,7 +75,7 @@ class MergeTarget:
 
 @dataclass
 class PortContext:
-    """What `surgery transfer` knows when a kind carries its weights over (see pipelines/transfer.py).
+    """What `surgery transfer` knows when a kind carries its weights over (see pipelines/transfer/run.py).
 
     maps[(llm layer, space key, "to_slm"|"to_llm")] are the fitted projections; `embed` the
     embedding-space maps; `roles` the SLM layer's {module suffix: ModuleRole}; locate(module) ->

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from ..io.safetensors_file import SafetensorsWriter, dtype_tag
-from ..io.writer import check_finite
+from ...io.safetensors_file import SafetensorsWriter, dtype_tag
+from ...io.writer import check_finite
 
 
 def map_name(stack: str, key: tuple) -> str:

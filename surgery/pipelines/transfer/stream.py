@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from ..errors import CheckpointError
-from .transfer_plan import module_path
+from ...errors import CheckpointError
+from .plan import module_path
 
 
 class _Stop(Exception):

@@ -1,7 +1,7 @@
 """Run the SLM and the LLM forward on the same inputs and accumulate paired activation moments.
 
-Only forward passes, one window of LLM layers at a time (transfer_stream: only the window's weights
-are in memory, in the checkpoint's dtype; transfer_memory chooses the windows). Forward hooks on the modules the family map names read each needed space; rows of the two
+Only forward passes, one window of LLM layers at a time (stream.py: only the window's weights
+are in memory, in the checkpoint's dtype; memory.py chooses the windows). Forward hooks on the modules the family map names read each needed space; rows of the two
 models are paired token by token:
   * text  — each model tokenizes the text with its own tokenizer; a token of one is paired with the
             token of the other that ends at the same character (identical tokenizers pair every token);
@@ -10,9 +10,9 @@ models are paired token by token:
 
 from __future__ import annotations
 
-from ..io.tokenizer import check_ids, vocab_limit
-from ..ops.project import Moments
-from .transfer_plan import module_path, slice_of
+from ...io.tokenizer import check_ids, vocab_limit
+from ...ops.project import Moments
+from .plan import module_path, slice_of
 
 
 def shared_vocab(tok_s, tok_l) -> list[tuple[int, int]]:
@@ -106,7 +106,7 @@ def accumulate(streams, stack, windows, batches, pairing, wanted, needs, on_wind
 
     streams: (SLM, LLM) LayerStreams, primed on `batches` (each (…, rows_s, …, rows_l));
     windows: [(start, stop)] of LLM layers; pairing: {llm layer: slm layer}; wanted: ({slm layer:
-    captures}, {llm layer: captures}); needs: {(j, key): (slm gram?, llm gram?)}.
+    captures}, {llm layer: captures}); needs: {SpaceKey: Directions} (fit.py).
     on_window(moments) fits and frees each window's moments before the next is captured.
     """
     import contextlib
@@ -131,11 +131,11 @@ def accumulate(streams, stack, windows, batches, pairing, wanted, needs, on_wind
                     step_s(n)
                     step_l(n)
                     if len(rows_s):
-                        for (j, key), (gs, gl) in need.items():
+                        for (j, key), dirs in need.items():
                             xs = rec_s.store[(pairing[j], key)][rows_s]
                             xl = rec_l.store[(j, key)][rows_l]
                             if (j, key) not in moments:
-                                moments[(j, key)] = Moments(xs.shape[1], xl.shape[1], gs, gl)
+                                moments[(j, key)] = Moments(xs.shape[1], xl.shape[1], dirs.to_llm, dirs.to_slm)
                             moments[(j, key)].add(xs, xl)
                     rec_s.store.clear()
                     rec_l.store.clear()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
-from ..errors import ResourceError
+from ...errors import ResourceError
 
 FLAG = "--max-memory"
 

@@ -2,7 +2,7 @@
 
 Jin, Zhang & Zong (EMNLP 2023), W_plug: depth — SLM layer i maps to a block of consecutive LLM
 layers (ops.project.depth_blocks) and its modules are duplicated into it; width — one fitted
-projection per space each module touches (transfer_fit), through which the adapter's weights are
+projection per space each module touches (fit.py), through which the adapter's weights are
 carried (each kind's port, surgery.kinds). Writes a PEFT adapter
 (or an AdapterHub directory, for a bottleneck adapter) for the LLM plus transfer.json (layer map, fit
 quality) and projections.safetensors (the maps, for tune-bridge). Format: docs/formats.md.
@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import os
 
-from ..arch import arch_of
-from ..errors import AdapterError, ArchitectureError, OutputError, ResourceError, ShapeError
-from ..io.checkpoint import Checkpoint
-from ..io.hashing import file_sha256
-from ..io.writer import OutputDir, check_output, parse_size
-from ..kinds import kind_of
-from ..kinds.base import PortContext
-from ..ops.project import depth_blocks
-from .transfer_fit import fit_projections
-from .transfer_memory import ceiling, memory_guard
-from .transfer_plan import kv_keys, layer_roles, locate, module_path
+from ...arch import arch_of
+from ...errors import AdapterError, ArchitectureError, OutputError, ResourceError, ShapeError
+from ...io.checkpoint import Checkpoint
+from ...io.hashing import file_sha256
+from ...io.writer import OutputDir, check_output, parse_size
+from ...kinds import kind_of
+from ...kinds.base import PortContext
+from ...ops.project import depth_blocks
+from .fit import FitOptions, Pair, fit_projections
+from .memory import ceiling, memory_guard
+from .plan import kv_keys, layer_roles, locate, module_path
 
 FORMAT = "surgery.transfer/1"
 MAPS = ("activations", "embeddings")
@@ -73,7 +73,7 @@ def transfer(adapter: str, llm: str, out: str, *, slm_base: str | None = None, d
     """Port `adapter` (trained on its SLM) to `llm`; write OUT and return transfer.json's contents.
 
     max_memory: peak-RSS budget ("3GB", bytes, or None: 4 GB, more if one layer needs it and the
-    machine has it); it decides how many LLM layers are captured and fitted at once (transfer_memory).
+    machine has it); it decides how many LLM layers are captured and fitted at once (memory.py).
     """
     if map_kind not in MAPS:
         raise AdapterError(f"unknown --map {map_kind!r}", f"choose one of {', '.join(MAPS)}")
@@ -108,12 +108,10 @@ def _transfer(kind, ad, ck_s, ck_l, arch_s, arch_l, stack, od, *, map_kind, dept
                        llm_module=lambda layer, suffix: module_path(arch_l, stack, layer, suffix),
                        kv_keys=lambda: kv_keys(arch_s, stack))
     needs = kind.transfer_needs(ad, port)
-    maps, records, warnings, embed = fit_projections(
-        ck_s, ck_l, arch_s, arch_l, stack, blocks, needs, map_kind=map_kind, data=data, samples=samples,
-        seq_len=seq_len, ridge=ridge, batch=batch, spill_dir=od.tmp, budget=budget,
-        embed_needed=kind.needs_embeddings)
-    chosen = _choose_layers(blocks, records, depth) if kind.layered else blocks
-    port.chosen, port.maps, port.embed = chosen, maps, embed
+    opts = FitOptions(map_kind, data, samples, seq_len, ridge, batch, budget)
+    fits = fit_projections(Pair(ck_s, ck_l, arch_s, arch_l, stack, blocks), needs, opts, od.tmp, kind.needs_embeddings)
+    chosen = _choose_layers(blocks, fits.records, depth) if kind.layered else blocks
+    port.chosen, port.maps, port.embed = chosen, fits.maps, fits.embed
     write = kind.port(ad, port)
     data_sha = None
     if data and map_kind == "activations":
@@ -124,9 +122,9 @@ def _transfer(kind, ad, ck_s, ck_l, arch_s, arch_l, stack, od, *, map_kind, dept
         "samples": samples if map_kind == "activations" else None, "seq_len": seq_len if map_kind == "activations" else None,
         "data_sha256": data_sha,
         "depth_map": {stack: blocks}, "layers_used": {stack: chosen},
-        "fits": records, "warnings": warnings,
+        "fits": fits.records, "warnings": fits.warnings,
     }
     write(od)
-    maps.write(od.path(PROJECTIONS), {f"embed.{d}": m for d, m in embed.items()}, {"format": FORMAT})
+    fits.maps.write(od.path(PROJECTIONS), {f"embed.{d}": m for d, m in fits.embed.items()}, {"format": FORMAT})
     od.write_json("transfer.json", summary)
     return summary
