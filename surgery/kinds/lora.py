@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..errors import AdapterError, ShapeError
 from ..io.adapter import lora_config, lora_key, scaling, write_adapter
-from .base import Kind, MergeTarget, PortContext, Step, checked
+from .base import Kind, MergeTarget, PeftRefine, PortContext, Step, checked
 
 PARAMS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", "lora_magnitude_vector.weight")
 
@@ -125,11 +125,11 @@ def task_type(model) -> str:
     return "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM"
 
 
-class Lora(Kind):
+class Lora(PeftRefine, Kind):
     name = "lora"
     title = "LoRA"
     peft_type = "LORA"
-    commands = ("train", "eval", "inspect", "merge-lora", "unmerge-lora", "transfer", "tune-bridge")
+    commands = ("train", "eval", "inspect", "merge-lora", "unmerge-lora", "transfer", "tune-bridge", "refine")
     layered = True
 
     def matches(self, path, config):

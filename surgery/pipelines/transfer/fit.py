@@ -135,7 +135,7 @@ def fit_projections(pair: Pair, needs: dict, opts: FitOptions, spill_dir: str, e
     if opts.map_kind == "activations":
         if not opts.data:
             raise DataError("--map activations needs calibration text", "pass --data FILE (one text per line), or use --map embeddings")
-        batches = list(text_batches(documents(opts.data, opts.samples), tok_s, tok_l, opts.seq_len, opts.batch))
+        batches = list(text_batches(documents(opts.data, opts.samples, tok_s), tok_s, tok_l, opts.seq_len, opts.batch))
     else:
         batches = list(vocab_batches(_vocab_pairs(tok_s, tok_l, "--map embeddings"), 64))
     pts_s, pts_l = capture_points(arch_s, stack), capture_points(arch_l, stack)
