@@ -17,7 +17,7 @@ def extract_cmd(
     output: Output = ...,
     rank: Annotated[Optional[int], typer.Option("--rank", help="Rank of every module's LoRA.")] = None,
     energy: Annotated[Optional[float], typer.Option("--energy", help="Per module, the smallest rank keeping this share of the delta's energy (0-1].")] = None,
-    targets: Annotated[Optional[list[str]], typer.Option("--targets", help="Module-name suffixes to extract (default: every linear layer but the LM head).")] = None,
+    targets: Annotated[Optional[list[str]], typer.Option("--targets", help="Module-name suffixes to extract, repeatable or comma-separated (default: every linear layer but the LM head).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Adapter dtype: auto (the base's), float32, bfloat16, float16.")] = "auto",
     seed: Seed = 0,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check each module's error against the Eckart-Young optimum from its spectrum (exact SVD fallback); --no-verify is ~2.5x faster at 1B widths.")] = True,

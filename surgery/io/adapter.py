@@ -46,6 +46,14 @@ def layer_index(module: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def split_targets(targets) -> list[str] | None:
+    """One --targets syntax everywhere: a list, "q_proj,v_proj", or a list of such (repeated flags)."""
+    if targets is None:
+        return None
+    items = [targets] if isinstance(targets, str) else list(targets)
+    return [t.strip() for item in items for t in item.split(",") if t.strip()] or None
+
+
 def targets_module(config: dict, module: str) -> bool:
     """Would peft wrap `module` under this config (target_modules, exclude_modules, layers_to_transform)?"""
     tm = config.get("target_modules")

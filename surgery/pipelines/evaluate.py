@@ -12,6 +12,8 @@ import os
 
 def evaluate(model_dir: str, data: str, *, adapter: str | None = None, batch_size: int = 8,
              max_length: int = 512) -> dict:
+    """Loss, perplexity and exact-match accuracy of `model_dir` (with `adapter` applied, if given) on the
+    JSONL `data`, as the dict `surgery eval --json` prints."""
     from ..train.data import load_examples, pad_id_of
     from ..train.loop import place
     from ..kinds import kind_of

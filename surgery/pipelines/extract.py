@@ -16,7 +16,7 @@ import time
 
 from ..arch.generic import linear_map
 from ..errors import AdapterError, ArchitectureError, ShapeError
-from ..io.adapter import lora_config, lora_key, targets_module, write_adapter, WEIGHTS
+from ..io.adapter import lora_config, lora_key, split_targets, targets_module, write_adapter, WEIGHTS
 from ..io.checkpoint import Checkpoint
 from ..io.progress import progress as progress_of
 from ..io.writer import OutputDir, check_finite
@@ -45,6 +45,7 @@ def _check_pair(b: Checkpoint, t: Checkpoint):
 
 
 def _targets(arch, targets):
+    targets = split_targets(targets)
     mods = [s for s in arch.linears() if (s.role != "lm_head" if not targets else targets_module({"target_modules": list(targets)}, s.module))]
     if not mods:
         raise AdapterError(f"no linear module of this {arch.family} model matches --targets {' '.join(targets or [])}",
