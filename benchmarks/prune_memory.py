@@ -68,9 +68,11 @@ def main() -> None:
     os.makedirs(WORK, exist_ok=True)
     model_dir = os.path.join(WORK, f"llama-{a.hidden}x{a.layers}" if a.shape == "custom" else "tinyllama-bf16")
     if a.shape == "tinyllama" and not os.path.exists(os.path.join(model_dir, "config.json")):
-        build_model("llama", model_dir, dtype="bfloat16", hidden_size=2048, intermediate_size=5632,
-                    num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, head_dim=64,
-                    vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
+        # in its own process: a child's ru_maxrss counts the pages it shared with this one when forked
+        code = ("from fixtures import build_model; build_model('llama', %r, dtype='bfloat16', hidden_size=2048, "
+                "intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, "
+                "head_dim=64, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)" % model_dir)
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         build_model("llama", model_dir, hidden_size=a.hidden, intermediate_size=a.hidden * 11 // 4,
                     num_hidden_layers=a.layers, num_attention_heads=a.hidden // 64, num_key_value_heads=a.hidden // 256,

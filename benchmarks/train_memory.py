@@ -182,6 +182,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=None, help="tokens per example (default 128; 256 at tinyllama)")
     ap.add_argument("--no-rss", action="store_true", help="only the tensor count (no models built or trained)")
     ap.add_argument("--child", choices=STAGES)
+    ap.add_argument("--setup", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     big = a.shape == "tinyllama"
     a.steps = a.steps or (1 if big else 2)
@@ -191,10 +192,16 @@ def main() -> None:
     if a.child:
         print("RESULT " + json.dumps(child(a.child, shape, a.work, a.steps, a.batch, a.seq)))
         return
+    if a.setup:
+        setup(shape, a.work, a.seq, train_docs=a.batch * a.steps)
+        return
     counts = {s: tensor_count(config_of(shape, s, a.work), shape["targets"], a.batch, a.seq) for s in STAGES}
     rows = {}
     if not a.no_rss:
-        setup(shape, a.work, a.seq, train_docs=a.batch * a.steps)
+        # models are built in their own process: a child's ru_maxrss counts the pages it shared with
+        # this process when forked, so this process must stay small
+        subprocess.run([sys.executable, __file__, "--setup", "--shape", a.shape, "--work", a.work, "--steps", str(a.steps),
+                        "--batch", str(a.batch), "--seq", str(a.seq)], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         for stage in STAGES:
             cmd = [sys.executable, __file__, "--child", stage, "--shape", a.shape, "--work", a.work,
                    "--steps", str(a.steps), "--batch", str(a.batch), "--seq", str(a.seq)]
