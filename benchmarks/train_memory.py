@@ -92,6 +92,7 @@ def tensor_count(config: dict, targets: list[str], batch: int, seq: int) -> dict
 
     cfg = dict(config)
     cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    cfg.pad_token_id = None  # GPT-2 looks for padding in the ids, which meta tensors do not hold
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     pm = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
