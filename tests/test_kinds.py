@@ -9,7 +9,7 @@ from surgery.kinds.base import Kind
 
 # command -> the operation a kind must override to support it
 HOOKS = {"merge-lora": "merge_steps", "unmerge-lora": "merge_steps", "transfer": "port",
-         "tune-bridge": "bridge_route", "train": "wrap"}
+         "tune-bridge": "bridge_route", "train": "wrap", "refine": "tunable"}
 
 
 def _overrides(kind, op: str) -> bool:

@@ -33,7 +33,7 @@ def _root() -> None:
 
 
 # One module per command group; each registers its commands on `app` when imported.
-COMMAND_MODULES = ["inspect", "prune", "krona", "bitfit", "train", "transfer", "merge", "extract"]
+COMMAND_MODULES = ["inspect", "prune", "krona", "bitfit", "train", "transfer", "merge", "extract", "refine"]
 for _name in COMMAND_MODULES:
     import_module(f"{__name__}.{_name}")
 

@@ -14,6 +14,8 @@ Operations, by command:
   bridge_route(path, arch, kept)              tune-bridge: restrict to the bridge, lift back
   wrap(model, arch, opts) / save(...)         train: put fresh trainable weights on a model; write them
   attach(model, path, arch)                   eval: put saved weights on a loaded model
+  tunable(model, path, arch) / save_tuned(...) refine: saved weights on the frozen LLM, as tensors to
+                                              tune in place; write them back in the input's format
   describe(path)                              inspect
 """
 
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 
 from ..errors import AdapterError, NumericsError
 
-COMMANDS = ("train", "eval", "inspect", "merge-lora", "unmerge-lora", "transfer", "tune-bridge")
+COMMANDS = ("train", "eval", "inspect", "merge-lora", "unmerge-lora", "transfer", "tune-bridge", "refine")
 
 
 @dataclass
@@ -172,6 +174,15 @@ class Kind:
             raise AdapterError(f"{path} does not fit this model ({str(e).splitlines()[0]})",
                                "evaluate the adapter on the model it was trained or transferred for") from e
 
+    def tunable(self, model, path: str, arch):
+        """refine: (the frozen `model` with the saved adapter on it, the adapter's tensors in a fixed
+        order). Every parameter ends with requires_grad False: refine updates them in place."""
+        return self._refuse("refine")
+
+    def save_tuned(self, od, path: str, model, llm_config: dict, arch) -> None:
+        """refine: write the tuned tensors of `model` into the OutputDir in the format `path` has."""
+        return self._refuse("refine")
+
     def describe(self, path: str) -> dict:
         """inspect: the fields every PEFT-format kind shares, then the kind's own (details)."""
         ad = self.read(path)
@@ -184,3 +195,34 @@ class Kind:
 
     def __repr__(self) -> str:
         return f"<kind {self.name}>"
+
+
+def peft_tunable(kind: Kind, model, path: str):
+    """refine for a PEFT-format kind: peft's loader with is_trainable, which marks exactly the
+    adapter's tensors; they are collected by name (a fixed order) and then frozen too."""
+    from peft import PeftModel
+
+    kind.read(path)  # clear errors for a missing or malformed directory
+    try:
+        pm = PeftModel.from_pretrained(model, path, is_trainable=True)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise AdapterError(f"{path} does not fit this LLM ({str(e).splitlines()[0]})",
+                           "pass the adapter written for this LLM (by `surgery transfer` or `tune-bridge`)") from e
+    params = [p for _, p in sorted(pm.named_parameters()) if p.requires_grad]
+    pm.requires_grad_(False)
+    return pm, params
+
+
+def write_peft_tuned(kind: Kind, od, path: str, model) -> None:
+    """refine for a PEFT-format kind: the input's adapter_config.json, its keys, its dtypes (rounded once)."""
+    from peft import get_peft_model_state_dict
+
+    from ..io.adapter import write_adapter
+
+    ad = kind.read(path)
+    new = get_peft_model_state_dict(model)
+    if set(new) != set(ad.tensors):
+        extra, missing = sorted(set(new) - set(ad.tensors)), sorted(set(ad.tensors) - set(new))
+        raise AdapterError(f"peft saves other keys than {ad.path} holds (missing {missing[:2]}, unexpected {extra[:2]})",
+                           f"pass a {kind.name} adapter as peft saves it")
+    write_adapter(od, ad.config, {k: new[k].detach().cpu().to(ad.tensors[k].dtype) for k in new})

@@ -214,7 +214,7 @@ class BottleneckRoute:
 class Bottleneck(Kind):
     name = "bottleneck"
     title = "Houlsby / Pfeiffer, AdapterHub layout"
-    commands = ("train", "eval", "inspect", "transfer", "tune-bridge")
+    commands = ("train", "eval", "inspect", "transfer", "tune-bridge", "refine")
     layered = True
 
     def matches(self, path, config):
@@ -287,6 +287,21 @@ class Bottleneck(Kind):
 
         arch = arch or load_arch(model.config.to_dict())
         return WithBottleneck(model, attach_saved(model, arch, path))
+
+    def tunable(self, model, path: str, arch):
+        """The hooked adapters' W_down, b_down, W_up, b_up, every site, in name order."""
+        wb = self.attach(model, path, arch)
+        params = [p for _, p in sorted(wb.bottleneck.named_parameters())]
+        wb.requires_grad_(False)
+        return wb, params
+
+    def save_tuned(self, od, path: str, model, llm_config: dict, arch) -> None:
+        """AdapterHub's layout again, each tensor rounded once to the input's dtype."""
+        ad = self.read(path)
+        model.bottleneck.detach()
+        w = {m: {k: t.cpu().to(ad.modules[m][k].dtype) for k, t in ws.items()}
+             for m, ws in model.bottleneck.site_weights().items()}
+        write_bottleneck(od, ad.name, ad.bn, w, llm_config, arch.dims["hidden"], ad.base)
 
     def describe(self, path: str) -> dict:
         """Preset, reduction factor, widths, where the adapters sit."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..errors import AdapterError, ShapeError
 from ..io.adapter import lora_config, lora_key, scaling, write_adapter
-from .base import Kind, MergeTarget, PortContext, Step, checked
+from .base import Kind, MergeTarget, PortContext, Step, checked, peft_tunable, write_peft_tuned
 
 PARAMS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", "lora_magnitude_vector.weight")
 
@@ -129,11 +129,18 @@ class Lora(Kind):
     name = "lora"
     title = "LoRA"
     peft_type = "LORA"
-    commands = ("train", "eval", "inspect", "merge-lora", "unmerge-lora", "transfer", "tune-bridge")
+    commands = ("train", "eval", "inspect", "merge-lora", "unmerge-lora", "transfer", "tune-bridge", "refine")
     layered = True
 
     def matches(self, path, config):
         return super().matches(path, config) and not config.get("use_dora")
+
+    # ---- refine -------------------------------------------------------------------------------
+    def tunable(self, model, path: str, arch):
+        return peft_tunable(self, model, path)
+
+    def save_tuned(self, od, path: str, model, llm_config: dict, arch) -> None:
+        write_peft_tuned(self, od, path, model)
 
     # ---- merge-lora / unmerge-lora ------------------------------------------------------------
     def merge_steps(self, ad, target: MergeTarget, weight: float, sign: int) -> list:

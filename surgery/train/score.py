@@ -29,10 +29,11 @@ def aligned_logits(model, batch: dict, seq2seq: bool):
 
 
 def token_loss(logits, labels):
-    """(sum of token NLL, number of labelled tokens), in float32."""
+    """(sum of token NLL, number of labelled tokens), in float32 (float64 for a float64 model)."""
+    import torch
     import torch.nn.functional as F
 
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+    nll = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.shape[-1]), labels.reshape(-1),
                           ignore_index=IGNORE, reduction="sum")
     return nll, int((labels != IGNORE).sum())
 

@@ -1,0 +1,66 @@
+"""`surgery refine`: forward-only tuning of an LLM's adapter on the LLM itself (MeZO; surgery.ops.mezo).
+
+The optional last stage of Algorithm 1 (Jin, Zhang & Zong, 2023): after transfer and tune-bridge,
+the adapter is plugged into the LLM and tuned there with two forward passes per step and no
+gradient of anything, so the memory is that of inference on the LLM. The LLM's weights are frozen
+and never written; OUT is the adapter in the input's own format (PEFT LoRA directory or AdapterHub
+bottleneck layout), with refine.json beside it (settings, loss per logging step, evaluations).
+
+The adapter's kind (surgery.kinds) puts the saved adapter on the LLM, names its tensors and writes
+them back (Kind.tunable / Kind.save_tuned); kinds list "refine" in their commands when they can.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..train.zeroth import RefineConfig
+
+__all__ = ["RefineConfig", "refine"]
+
+
+def refine(adapter_dir: str, llm_dir: str, data: str, out: str, *, eval_data: str | None = None,
+           max_length: int = 512, force: bool = False, cfg: RefineConfig | None = None) -> dict:
+    """Tune `adapter_dir` on the LLM `llm_dir` with MeZO on `data` (JSONL); write the adapter to `out`.
+
+    Returns a summary: before/after metrics (on eval_data, else the training data), the loss
+    history, parameter counts. `out` also gets refine.json with the same history.
+    """
+    from ..io.writer import OutputDir
+    from ..train.data import load_examples
+    from ..train.loop import place
+    from ..train.methods import load_base
+    from ..train.zeroth import mezo_fit
+
+    from ..kinds import kind_of
+
+    cfg = cfg or RefineConfig()
+    cfg.check()
+    kind = kind_of(adapter_dir, "refine")  # an unsupported kind is refused before any loading
+    adapter_dir = os.path.abspath(adapter_dir)
+    inputs = [adapter_dir, llm_dir, data] + ([eval_data] if eval_data else [])
+    with OutputDir(out, inputs=inputs, force=force) as od:  # refuse a bad output before any work
+        model, tok, arch = load_base(llm_dir)
+        seq2seq = bool(model.config.is_encoder_decoder)
+        train_ex = load_examples(data, tok, seq2seq=seq2seq, max_length=max_length)
+        eval_ex = load_examples(eval_data, tok, seq2seq=seq2seq, max_length=max_length) if eval_data else None
+        model.requires_grad_(False)
+        wrapped, params = kind.tunable(model, adapter_dir, arch)
+        wrapped = place(wrapped)
+        before, hist, after, kept = mezo_fit(wrapped, params, tok, train_ex, eval_ex, cfg, seq2seq=seq2seq)
+        kind.save_tuned(od, adapter_dir, wrapped, model.config.to_dict(), arch)
+        od.write_json("refine.json", {"method": "mezo", "kind": kind.name, "adapter": adapter_dir,
+                                      "llm": os.path.abspath(llm_dir), "data": os.path.abspath(data),
+                                      "eval_data": os.path.abspath(eval_data) if eval_data else None,
+                                      "seed": cfg.seed, "steps": cfg.steps, "lr": cfg.lr, "eps": cfg.eps,
+                                      "batch_size": cfg.batch_size, "max_length": max_length,
+                                      "eval_every": cfg.eval_every, "keep_best": cfg.keep_best, "kept_step": kept,
+                                      "trainable": sum(p.numel() for p in params),
+                                      "before": before, "after": after, "history": hist.as_dict()})
+        path = od.commit()
+    trainable = sum(p.numel() for p in params)
+    return {"output": path, "kind": kind.name, "family": arch.family, "trainable": trainable,
+            "llm_parameters": sum(p.numel() for p in wrapped.parameters()) - trainable, "steps": hist.steps,
+            "device": hist.device,
+            "evaluated_on": "eval" if eval_ex else "train", "kept_step": kept, "before": before, "after": after,
+            "history": hist.as_dict()}
