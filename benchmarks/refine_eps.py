@@ -33,7 +33,8 @@ def main() -> None:
         build_model("llama", f"{d}/llama")
         build_lora(f"{d}/llama", f"{d}/lora", targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
         train, _ = write_task("colour", f"{d}/tasks", n_train=16, n_dev=4)
-        model, tok, _ = load_base(f"{d}/llama", dtype=torch.float64)
+        model, tok, _ = load_base(f"{d}/llama")
+        model.double()
         pm = PeftModel.from_pretrained(model, f"{d}/lora", is_trainable=True).eval()
         params = [p for _, p in sorted(pm.named_parameters()) if p.requires_grad]
         batch = collate(load_examples(train, tok, seq2seq=False)[:8], 0, False)

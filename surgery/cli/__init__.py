@@ -6,6 +6,7 @@ Heavy imports (torch, transformers) happen inside command bodies so `surgery --h
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import signal
 import sys
@@ -36,6 +37,29 @@ def _root() -> None:
 COMMAND_MODULES = ["inspect", "prune", "krona", "bitfit", "train", "transfer", "merge", "extract", "refine"]
 for _name in COMMAND_MODULES:
     import_module(f"{__name__}.{_name}")
+
+# Parameters that name an input model or adapter. Each goes through io/hub.local_dir before the
+# command runs, so `org/name` works wherever a directory does (tests/test_hub.py checks that every
+# command's input parameter is listed here).
+INPUTS = frozenset({"path", "base", "tuned", "merged", "delta", "model", "adapter", "adapters", "llm", "slm",
+                    "slm_base", "bridge"})
+
+
+def _resolving(fn):
+    @functools.wraps(fn)  # typer reads the wrapped signature and annotations
+    def run(*args, **kwargs):
+        from ..io.hub import local_dir
+
+        for k in INPUTS & kwargs.keys():
+            v = kwargs[k]
+            kwargs[k] = [local_dir(x) for x in v] if isinstance(v, (list, tuple)) else local_dir(v)
+        return fn(*args, **kwargs)
+
+    return run
+
+
+for _cmd in app.registered_commands:
+    _cmd.callback = _resolving(_cmd.callback)
 
 
 class Interrupted(KeyboardInterrupt):

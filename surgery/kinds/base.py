@@ -197,32 +197,35 @@ class Kind:
         return f"<kind {self.name}>"
 
 
-def peft_tunable(kind: Kind, model, path: str):
-    """refine for a PEFT-format kind: peft's loader with is_trainable, which marks exactly the
-    adapter's tensors; they are collected by name (a fixed order) and then frozen too."""
-    from peft import PeftModel
 
-    kind.read(path)  # clear errors for a missing or malformed directory
-    try:
-        pm = PeftModel.from_pretrained(model, path, is_trainable=True)
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise AdapterError(f"{path} does not fit this LLM ({str(e).splitlines()[0]})",
-                           "pass the adapter written for this LLM (by `surgery transfer` or `tune-bridge`)") from e
-    params = [p for _, p in sorted(pm.named_parameters()) if p.requires_grad]
-    pm.requires_grad_(False)
-    return pm, params
+class PeftRefine:
+    """refine for a kind saved in PEFT's format (mixed in before Kind). peft's loader with
+    is_trainable marks exactly the adapter's tensors; they are collected by name (a fixed order),
+    then frozen too; the tuned ones are written under the input's adapter_config.json, keys and
+    dtypes (rounded once)."""
 
+    def tunable(self, model, path: str, arch):
+        from peft import PeftModel
 
-def write_peft_tuned(kind: Kind, od, path: str, model) -> None:
-    """refine for a PEFT-format kind: the input's adapter_config.json, its keys, its dtypes (rounded once)."""
-    from peft import get_peft_model_state_dict
+        self.read(path)  # clear errors for a missing or malformed directory
+        try:
+            pm = PeftModel.from_pretrained(model, path, is_trainable=True)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise AdapterError(f"{path} does not fit this LLM ({str(e).splitlines()[0]})",
+                               "pass the adapter written for this LLM (by `surgery transfer` or `tune-bridge`)") from e
+        params = [p for _, p in sorted(pm.named_parameters()) if p.requires_grad]
+        pm.requires_grad_(False)
+        return pm, params
 
-    from ..io.adapter import write_adapter
+    def save_tuned(self, od, path: str, model, llm_config: dict, arch) -> None:
+        from peft import get_peft_model_state_dict
 
-    ad = kind.read(path)
-    new = get_peft_model_state_dict(model)
-    if set(new) != set(ad.tensors):
-        extra, missing = sorted(set(new) - set(ad.tensors)), sorted(set(ad.tensors) - set(new))
-        raise AdapterError(f"peft saves other keys than {ad.path} holds (missing {missing[:2]}, unexpected {extra[:2]})",
-                           f"pass a {kind.name} adapter as peft saves it")
-    write_adapter(od, ad.config, {k: new[k].detach().cpu().to(ad.tensors[k].dtype) for k in new})
+        from ..io.adapter import write_adapter
+
+        ad = self.read(path)
+        new = get_peft_model_state_dict(model)
+        if set(new) != set(ad.tensors):
+            extra, missing = sorted(set(new) - set(ad.tensors)), sorted(set(ad.tensors) - set(new))
+            raise AdapterError(f"peft saves other keys than {ad.path} holds (missing {missing[:2]}, unexpected {extra[:2]})",
+                               f"pass a {self.name} adapter as peft saves it")
+        write_adapter(od, ad.config, {k: new[k].detach().cpu().to(ad.tensors[k].dtype) for k in new})
