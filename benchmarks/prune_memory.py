@@ -10,11 +10,6 @@ and reads each child's peak RSS from wait4(). Writes a markdown section to stdou
 docs/benchmarks.md.
 
     python benchmarks/prune_memory.py [--layers 8] [--hidden 1024] [--batch 8] [--seq-len 256]
-    python benchmarks/prune_memory.py --shape tinyllama --batch 8 --seq-len 128   # 1.1B bf16, issue 12 point 3
-
-`--shape tinyllama` builds a random bfloat16 llama of TinyLlama-1.1B's shape (2.2 GB; built in float32
-first, so ~7 GB while building: run it under `flock /tmp/surgery-heavy.lock`) and measures only
-"load" and fisher-mask (the default), against the checkpoint's size on disk.
 """
 
 from __future__ import annotations
@@ -36,7 +31,7 @@ model_dir, data, n, L = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv
 blocks, _ = token_blocks(model_dir, data, n, L, 0)
 from surgery.io.checkpoint import Checkpoint
 from surgery.pipelines.calibration import checkpoint_dtype
-model = load_model(model_dir, dtype=checkpoint_dtype(Checkpoint.open(model_dir)))
+model = load_model(model_dir, dtype=checkpoint_dtype(Checkpoint.open(model_dir)))  # as prune-bridge loads it
 if sys.argv[5] == "plain":
     for b in batches(blocks, n, False):
         model(**b).loss.backward()
@@ -59,20 +54,13 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--shape", choices=["custom", "tinyllama"], default="custom")
     a = ap.parse_args()
     sys.path.insert(0, ROOT)
     from fixtures import build_model
     from fixtures.corpus import documents
 
     os.makedirs(WORK, exist_ok=True)
-    model_dir = os.path.join(WORK, f"llama-{a.hidden}x{a.layers}" if a.shape == "custom" else "tinyllama-bf16")
-    if a.shape == "tinyllama" and not os.path.exists(os.path.join(model_dir, "config.json")):
-        # in its own process: a child's ru_maxrss counts the pages it shared with this one when forked
-        code = ("from fixtures import build_model; build_model('llama', %r, dtype='bfloat16', hidden_size=2048, "
-                "intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, "
-                "head_dim=64, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)" % model_dir)
-        subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    model_dir = os.path.join(WORK, f"llama-{a.hidden}x{a.layers}")
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         build_model("llama", model_dir, hidden_size=a.hidden, intermediate_size=a.hidden * 11 // 4,
                     num_hidden_layers=a.layers, num_attention_heads=a.hidden // 64, num_key_value_heads=a.hidden // 256,
@@ -84,22 +72,6 @@ def main() -> None:
     py = sys.executable
     args = [model_dir, data, str(a.batch), str(a.seq_len)]
     rows = [("load model only", *peak_rss([py, "-c", PLAIN, *args, "load"]))]
-    if a.shape == "tinyllama":  # issue 12: peak RSS against the checkpoint's size, default importance only
-        out = os.path.join(WORK, "bridge-tinyllama")
-        cmd = [py, "-m", "surgery", "prune-bridge", model_dir, "-o", out, "--data", data, "--samples", str(a.batch),
-               "--seq-len", str(a.seq_len), "--batch-size", str(a.batch), "--force"]
-        rows.append(("prune-bridge (fisher-mask, --reduction 16)", *peak_rss(cmd)))
-        print(f"### prune-bridge at TinyLlama-1.1B shape, bfloat16 ({time.strftime('%Y-%m-%d')})\n")
-        size_mib = size_mb * 1e6 / 2**20  # ru_maxrss is in KiB: compare MiB with MiB
-        print(f"Checkpoint: {size_mib:.0f} MiB on disk; one batch of {a.batch} x {a.seq_len} tokens.  ")
-        print(f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
-              f"Python {platform.python_version()}, CPU only.  ")
-        print(f"Command: `flock /tmp/surgery-heavy.lock python benchmarks/prune_memory.py --shape tinyllama "
-              f"--batch {a.batch} --seq-len {a.seq_len}`\n")
-        print("| run | peak RSS (MiB) | / checkpoint size | seconds |\n|---|---:|---:|---:|")
-        for name, mb, sec in rows:
-            print(f"| {name} | {mb:.0f} | {mb / size_mib:.2f}x | {sec:.0f} |")
-        return
     rows.append(("plain forward+backward", *peak_rss([py, "-c", PLAIN, *args, "plain"])))
     for method in ("fisher-mask", "fisher-param", "magnitude"):
         out = os.path.join(WORK, f"bridge-{method}")
