@@ -29,7 +29,9 @@ import sys, torch
 from surgery.pipelines.calibration import batches, load_model, token_blocks
 model_dir, data, n, L = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 blocks, _ = token_blocks(model_dir, data, n, L, 0)
-model = load_model(model_dir)
+from surgery.io.checkpoint import Checkpoint
+from surgery.pipelines.calibration import checkpoint_dtype
+model = load_model(model_dir, dtype=checkpoint_dtype(Checkpoint.open(model_dir)))  # as prune-bridge loads it
 if sys.argv[5] == "plain":
     for b in batches(blocks, n, False):
         model(**b).loss.backward()

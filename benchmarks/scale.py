@@ -252,7 +252,43 @@ def _spot_check(base: str, tuned: str, mods: list[dict]) -> None:
         assert abs(want - r["optimum"]) < 1e-9, f"{r['module']}: optimum {r['optimum']} but LAPACK says {want}"
 
 
-COMMANDS = {"merge": bench_merge, "extract": bench_extract}
+def bench_prune(size: Size) -> list[dict]:
+    """prune-bridge --reduction 16 (fisher-mask, the default batch of 8 x 128 tokens, one batch): peak RSS
+    against the checkpoint's size on disk (issue 12: <= 1.3x); the bridge loads with from_pretrained with
+    no missing or unexpected keys and has a finite calibration loss."""
+    from fixtures.build import build_tokenizer
+    from fixtures.corpus import documents
+
+    base = base_model(size)
+    if not os.path.exists(os.path.join(base, "tokenizer.json")):
+        build_tokenizer(base)  # prune-bridge tokenizes its calibration text with the LLM's tokenizer
+    calib = size.dir("calib.txt")
+    with open(calib, "w") as f:
+        f.write("\n".join(documents(200, seed=3)) + "\n")
+    out = size.dir("bridge")
+    shutil.rmtree(out, ignore_errors=True)
+    m = run_measured(surgery("prune-bridge", base, "-o", out, "--data", calib, "--samples", 8, "--seq-len", 128,
+                             "--batch-size", 8, "--json"), f"{size.name}-prune")
+    name = "prune-bridge --reduction 16"
+    if m["exit"] != 0:
+        return [row(name, size, m, m["error"], False)]
+    info = json.load(open(m["stdout"]))
+    code = ("import sys,torch; from transformers import AutoModelForCausalLM\n"
+            "_, i = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16, output_loading_info=True)\n"
+            "sys.exit(1 if i['missing_keys'] or i['unexpected_keys'] else 0)\n")
+    loads = subprocess.run([PY, "-c", code, out], env=dict(os.environ, HF_HUB_OFFLINE="1")).returncode == 0
+    ck_mb = sum(os.path.getsize(os.path.join(base, f)) for f in os.listdir(base) if f.endswith(".safetensors")) / 2**20
+    ratio = m["rss_mb"] / ck_mb  # both MiB (rss_mb is ru_maxrss / 1024)
+    loss = info["calibration_loss"]["bridge"]
+    p = info["parameters"]
+    check = (f"{ratio:.2f}× the checkpoint's {ck_mb / 1024:.2f} GiB; bridge {p['bridge_non_embedding'] / 1e6:.0f}M "
+             f"non-embedding parameters of {p['llm_non_embedding'] / 1e6:.0f}M, loads with no missing/unexpected keys: "
+             f"{'yes' if loads else 'NO'}, calibration loss {loss:.3f}")
+    finite = loss == loss and abs(loss) != float("inf")
+    return [row(name, size, m, check, loads and finite, rss_vs_checkpoint=round(ratio, 2))]
+
+
+COMMANDS = {"merge": bench_merge, "extract": bench_extract, "prune": bench_prune}
 
 
 # ---------------------------------------------------------------- extrapolation and report

@@ -23,12 +23,21 @@ def _arch(path):
 def test_llama_bridge_widths_are_whole_heads_and_construct(fx, reduction, residual):
     from transformers import AutoConfig
 
-    from surgery.pipelines.bridge_plan import bridge_config, plan_sizes
+    from surgery.arch import load_arch
+    from surgery.pipelines.bridge_plan import bridge_config, parameter_counts, plan_sizes
 
     arch = _arch(fx.model("llama", hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32))
     sizes = plan_sizes(arch, reduction, {}, residual=residual)
     assert sizes["hidden"] % sizes["heads"] == 0 and 0 < sizes["hidden"] <= 128
     cfg = dict(bridge_config(arch, sizes))
+    # the reduction is applied: about 1/R of the non-embedding parameters, or, where one kv group
+    # of the residual-keeping bridge already costs more than that, the smallest widths there are
+    share = parameter_counts(load_arch(cfg))["non_embedding"] / parameter_counts(arch)["non_embedding"]
+    if residual == "prune" or reduction == 4:
+        assert 0.9 < share * reduction < 1.2, share
+        assert sizes["hidden"] == 128 if residual == "keep" else sizes["hidden"] < 128
+    else:
+        assert sizes == {"hidden": 128, "heads": 2, "kv_heads": 1, "intermediate": 1}
     AutoConfig.for_model(cfg.pop("model_type"), **cfg)  # LlamaConfig validates hidden % heads
 
 

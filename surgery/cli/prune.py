@@ -33,6 +33,7 @@ def prune_bridge_cmd(
     force: Force = False,
     max_shard_size: MaxShard = "5GB",
     device_map: Annotated[Optional[str], typer.Option("--device-map", help="accelerate device map for the calibration passes (default: auto with a GPU, plain CPU otherwise).")] = None,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory budget per device for the calibration passes, e.g. cpu=8GiB or 0=70GiB,cpu=100GiB; accelerate offloads the rest to disk.")] = None,
     json_out: JsonOut = False,
 ):
     """Prune LLM into a smaller checkpoint of the same family, by Fisher information on calibration data."""
@@ -47,11 +48,26 @@ def prune_bridge_cmd(
                      num_key_value_heads=num_key_value_heads, samples=samples, seq_len=seq_len,
                      importance=importance, seed=seed, batch_size=batch_size, force=force,
                      max_shard_size=max_shard_size, device_map=device_map, residual=residual,
-                     drop_layers=drop_layers, drop_by=drop_by)
+                     drop_layers=drop_layers, drop_by=drop_by, max_memory=parse_max_memory(max_memory))
     if json_out:
         print_json({k: v for k, v in r.items() if k != "kept"})
         return
     render(r)
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """"cpu=8GiB,0=70GiB" -> {"cpu": "8GiB", 0: "70GiB"} (accelerate's max_memory; GPUs by index)."""
+    from ..errors import SurgeryError
+
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        dev, sep, size = part.strip().partition("=")
+        if not sep or not dev or not size:
+            raise SurgeryError(f"--max-memory {text!r}: {part!r} is not DEVICE=SIZE", "write e.g. cpu=8GiB or 0=70GiB,cpu=100GiB")
+        out[int(dev) if dev.isdigit() else dev] = size
+    return out
 
 
 def render(r: dict) -> None:

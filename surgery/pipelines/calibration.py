@@ -62,12 +62,14 @@ def checkpoint_dtype(ck) -> str:
     return str(ck.main_dtype()).replace("torch.", "")
 
 
-def load_model(path: str, dtype: str = "float32", device_map: str | None = None, max_memory: dict | None = None):
+def load_model(path: str, dtype: str = "float32", device_map: str | None = None, max_memory: dict | None = None,
+               offload_folder: str | None = None):
     """The transformers model for calibration passes: plain on CPU, accelerate's device_map="auto"
     when a GPU is present (layers spread over devices, offloaded to CPU when they do not fit).
     `device_map` overrides that choice ("auto", "cpu", ...; passed to from_pretrained as is);
     `max_memory` ({device: "20GiB", "cpu": ...}) caps each device for accelerate's placement,
-    which offloads what does not fit to CPU and then disk (see docs/prune-bridge.md, 70B plan)."""
+    which offloads what does not fit to CPU and then to `offload_folder` on disk (docs/prune-bridge.md,
+    the 70B plan)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -78,6 +80,8 @@ def load_model(path: str, dtype: str = "float32", device_map: str | None = None,
     kw = {"device_map": device_map} if device_map else {}
     if max_memory:
         kw["max_memory"] = max_memory
+    if offload_folder:
+        kw["offload_folder"] = offload_folder
     model = cls.from_pretrained(path, dtype=getattr(torch, dtype), **kw)
     model.eval()
     return model

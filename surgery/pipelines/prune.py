@@ -14,6 +14,7 @@ weights plus one block's activations.
 from __future__ import annotations
 
 import gc
+import shutil
 
 from ..arch import arch_of, load_arch
 from ..errors import ArchitectureError, DataError
@@ -189,7 +190,10 @@ def prune_bridge(llm: str, out: str, data: str, *, reduction: float = 16.0, hidd
         torch.manual_seed(seed)
         blocks, L = token_blocks(ck.path, data, samples, seq_len, seed, arch.dims.get("positions"))
         dtype = checkpoint_dtype(ck)
-        model = load_model(ck.path, dtype=dtype, device_map=device_map, max_memory=max_memory)
+        # with a memory budget accelerate offloads what does not fit to CPU, then to disk (inside the
+        # output's temporary directory, removed before the rename)
+        offload = od.path(".offload") if max_memory else None
+        model = load_model(ck.path, dtype=dtype, device_map=device_map, max_memory=max_memory, offload_folder=offload)
         if importance == "magnitude":
             scores = imp.magnitude(ck, arch)
         elif importance == "random":
@@ -207,15 +211,19 @@ def prune_bridge(llm: str, out: str, data: str, *, reduction: float = 16.0, hidd
         dropped = choose_dropped(arch, layer_scores, drop_layers)
         del model, scores
         gc.collect()
+        if offload:
+            shutil.rmtree(offload, ignore_errors=True)
         kept, ret = select(arch, u, sizes, dropped)
         cfg = bridge_config(arch, sizes, kept_layers(kept))
         barch = load_arch(cfg)
         specs = [(t.name, ck.dtype(_sources(arch, barch, kept)[t.name][0]), barch.shape(t)) for t in barch.stored_tensors()]
         write_checkpoint(od, specs, _tensor_producer(ck, arch, barch, kept, corr, sizes), config=cfg,
                          side_from=ck.path, max_shard_size=max_shard_size, description="writing bridge", progress=progress)
-        bridge = load_model(od.tmp, dtype=dtype, device_map=device_map, max_memory=max_memory)
+        bridge = load_model(od.tmp, dtype=dtype, device_map=device_map, max_memory=max_memory, offload_folder=offload)
         bridge_loss = mean_loss(bridge, blocks, batch_size)
         del bridge
+        if offload:
+            shutil.rmtree(offload, ignore_errors=True)
         pl, pb = parameter_counts(arch), parameter_counts(barch)
         manifest = {
             "format": FORMAT, "source": ck.path, "family": arch.family, "importance": importance,
