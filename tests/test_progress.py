@@ -45,3 +45,25 @@ def test_extract_lora_reports_each_module(fx, tmp_path):
                              env={"SURGERY_PROGRESS_SECONDS": "0"})
     assert code == 0, err
     assert "surgery: extract-lora: 1/2 modules (50%)" in err and err.rstrip().endswith("— model.layers.1.self_attn.q_proj")
+
+
+def test_a_pass_inside_another_stays_silent(capsys, monkeypatch):
+    monkeypatch.setenv("SURGERY_PROGRESS_SECONDS", "0")
+    with progress(2, "outer") as outer:
+        with progress(3, "inner") as inner:
+            inner(1)
+        outer(1)
+    err = capsys.readouterr().err
+    assert "outer: 1/2" in err and "inner" not in err
+
+
+def test_calibration_batches_report_progress(capsys, monkeypatch):
+    import torch
+
+    from surgery.pipelines.calibration import batches
+
+    monkeypatch.setenv("SURGERY_PROGRESS_SECONDS", "0")
+    assert len(list(batches(torch.zeros(5, 4, dtype=torch.long), 2, False, "Fisher scores"))) == 3
+    assert capsys.readouterr().err.splitlines()[-1].startswith("surgery: Fisher scores: 3/3 batches (100%)")
+    list(batches(torch.zeros(5, 4, dtype=torch.long), 2, False))
+    assert capsys.readouterr().err == ""

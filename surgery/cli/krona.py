@@ -16,7 +16,7 @@ def extract_krona_cmd(
     tuned: Annotated[str, typer.Argument(help="A fine-tuned model directory, or a LoRA adapter directory, holding the delta.")],
     output: Output,
     factor: Annotated[int, typer.Option("--factor", help="PEFT LoKr decompose_factor: -1 = factors near the square root.")] = -1,
-    targets: Annotated[Optional[list[str]], typer.Option("--targets", help="Module names to extract (peft target_modules rules); repeatable. Default: every linear layer.")] = None,
+    targets: Annotated[Optional[list[str]], typer.Option("--targets", help="Module names to extract (peft target_modules rules), repeatable or comma-separated. Default: every linear layer.")] = None,
     force: Force = False,
     json_out: JsonOut = False,
 ):

@@ -8,7 +8,7 @@ import typer
 
 from ..kinds import names as kind_names
 from . import app
-from .common import Family, Force, MaxShard, Output, console, human_bytes, use_families
+from .common import Family, Force, JsonOut, MaxShard, Output, console, human_bytes, print_json, use_families
 
 Dtype = Annotated[str, typer.Option("--dtype", help="Output dtype of floating tensors: auto (keep), float32, bfloat16, float16.")]
 
@@ -46,13 +46,17 @@ def merge_cmd(
     max_shard_size: MaxShard = "5GB",
     force: Force = False,
     family: Family = None,
+    json_out: JsonOut = False,
 ):
     """Fold adapters into the base weights and write a standalone checkpoint."""
     from ..pipelines.merge import merge_lora
 
     use_families(family)
     info = merge_lora(base, adapters, output, weights=weight, dtype=dtype, max_shard_size=max_shard_size, force=force)
-    _report(info, "merge-lora")
+    if json_out:
+        print_json(info)
+    else:
+        _report(info, "merge-lora")
 
 
 @app.command("unmerge-lora")
@@ -65,10 +69,14 @@ def unmerge_cmd(
     max_shard_size: MaxShard = "5GB",
     force: Force = False,
     family: Family = None,
+    json_out: JsonOut = False,
 ):
     """Take an adapter out of a merged checkpoint again (W -= delta)."""
     from ..pipelines.merge import unmerge_lora
 
     use_families(family)
-    info = unmerge_lora(merged, adapter, output, weights=[weight], dtype=dtype, max_shard_size=max_shard_size, force=force)
-    _report(info, "unmerge-lora")
+    info = unmerge_lora(merged, adapter, output, weight=weight, dtype=dtype, max_shard_size=max_shard_size, force=force)
+    if json_out:
+        print_json(info)
+    else:
+        _report(info, "unmerge-lora")

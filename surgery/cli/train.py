@@ -10,7 +10,7 @@ from ..kinds import names as kind_names
 from . import app
 from .common import Force, JsonOut, Output, Seed, console, human_count, print_json
 
-Data = Annotated[str, typer.Option("--data", help="JSONL: {\"text\"} (LM loss) or {\"prompt\",\"completion\"} (loss on the completion).")]
+Data = Annotated[str, typer.Option("--data", help="JSONL: {\"text\"} (LM loss); {\"prompt\",\"completion\"}, chat {\"messages\"} or Alpaca {\"instruction\",\"input\",\"output\"} (loss on the answer).")]
 EvalData = Annotated[str | None, typer.Option("--eval", help="JSONL evaluated periodically and at the end.")]
 Epochs = Annotated[float, typer.Option("--epochs", help="Passes over the training data (fractions allowed).")]
 Lr = Annotated[float, typer.Option("--lr", help="AdamW learning rate.")]
@@ -29,19 +29,6 @@ def _quiet() -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
-
-
-def _cfg(epochs, lr, batch_size, seed, eval_every):
-    from ..train.loop import TrainConfig
-
-    _quiet()
-
-    return TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, eval_every=eval_every)
-
-
-def _whole(x: float | None):
-    """AdapterHub writes reduction_factor 16, not 16.0, when it is a whole number."""
-    return int(x) if x is not None and float(x).is_integer() else x
 
 
 def _render(title: str, s: dict, extra: list[tuple[str, str]]) -> None:
@@ -72,7 +59,7 @@ def train_cmd(
     batch_size: Batch = 8,
     rank: Annotated[int, typer.Option("--rank", help="LoRA/LoKr rank.")] = 8,
     alpha: Annotated[float | None, typer.Option("--alpha", help="LoRA/LoKr alpha (default 2 x rank).")] = None,
-    targets: Annotated[str | None, typer.Option("--targets", help="Comma-separated module names (default: every linear layer in the blocks).")] = None,
+    targets: Annotated[list[str] | None, typer.Option("--targets", help="Module names, repeatable or comma-separated (default: every linear layer in the blocks).")] = None,
     virtual_tokens: Annotated[int, typer.Option("--virtual-tokens", help="Prompt/prefix length.")] = 8,
     adapter_config: Annotated[str, typer.Option("--adapter-config", help="Bottleneck adapter preset: houlsby (attention + FFN) | pfeiffer (FFN).")] = "houlsby",
     reduction_factor: Annotated[float | None, typer.Option("--reduction-factor", help="Bottleneck width = hidden // N (default 16).")] = None,
@@ -83,13 +70,12 @@ def train_cmd(
     json_out: JsonOut = False,
 ):
     """Parameter-efficient tuning of a model (step 1 of Algorithm 1); saves a PEFT adapter (BitFit: bitfit.safetensors; bottleneck: AdapterHub layout)."""
-    from ..pipelines.train import train_adapter
+    from ..api import train
 
-    s = train_adapter(model, data, output, method=method, eval_data=eval_data, rank=rank, alpha=alpha,
-                      targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
-                      virtual_tokens=virtual_tokens, max_length=max_length, force=force,
-                      cfg=_cfg(epochs, lr, batch_size, seed, eval_every), adapter_config=adapter_config,
-                      reduction_factor=_whole(reduction_factor))
+    _quiet()
+    s = train(model, data, output, method=method, eval_data=eval_data, epochs=epochs, lr=lr, batch_size=batch_size,
+              rank=rank, alpha=alpha, targets=targets, virtual_tokens=virtual_tokens, adapter_config=adapter_config,
+              reduction_factor=reduction_factor, max_length=max_length, eval_every=eval_every, seed=seed, force=force)
     if not s:  # a data-parallel worker; the main process reports
         return
     if json_out:
@@ -118,10 +104,11 @@ def tune_bridge_cmd(
     json_out: JsonOut = False,
 ):
     """Tune an LLM's LoRA or bottleneck adapter through the bridge (W_down), then lift the update back: OUT is an adapter for the LLM."""
-    from ..pipelines.tune_bridge import tune_bridge
+    from ..api import tune_bridge
 
-    s = tune_bridge(adapter, bridge, data, output, eval_data=eval_data, llm=llm, max_length=max_length, force=force,
-                    cfg=_cfg(epochs, lr, batch_size, seed, eval_every))
+    _quiet()
+    s = tune_bridge(adapter, bridge, data, output, eval_data=eval_data, llm=llm, epochs=epochs, lr=lr,
+                    batch_size=batch_size, max_length=max_length, eval_every=eval_every, seed=seed, force=force)
     if not s:
         return
     if json_out:

@@ -22,6 +22,7 @@ import time
 from contextlib import contextmanager
 
 LOG_SECONDS = 30.0
+_active = []  # a pass inside another (an eval inside training) stays silent: one bar at a time
 
 
 def _clock(seconds: float) -> str:
@@ -78,13 +79,17 @@ def progress(total: float, description: str, *, unit: str = "steps", enabled: bo
     """
     from .. import log
 
-    if enabled is False or (enabled is None and (total < min_total or log.level <= log.QUIET)):
+    if enabled is False or _active or (enabled is None and (total < min_total or log.level <= log.QUIET)):
         yield lambda n=1, info="": None
         return
     if enabled is None and not sys.stderr.isatty():
         seconds = float(os.environ.get("SURGERY_PROGRESS_SECONDS", LOG_SECONDS))
         lines = _Lines(total, description, unit, seconds, log_every, sys.stderr)
-        yield lines
+        _active.append(lines)
+        try:
+            yield lines
+        finally:
+            _active.pop()
         lines.finish()
         return
     from rich.console import Console
@@ -103,7 +108,11 @@ def progress(total: float, description: str, *, unit: str = "steps", enabled: bo
         def advance(n: float = 1, info: str = "") -> None:
             p.update(task, advance=n, info=info)
 
-        yield advance
+        _active.append(p)
+        try:
+            yield advance
+        finally:
+            _active.pop()
 
 
 def byte_progress(total: int, description: str, enabled: bool | None = None):

@@ -16,7 +16,7 @@ import time
 
 from ..arch.generic import linear_map
 from ..errors import AdapterError, ArchitectureError, ShapeError
-from ..io.adapter import lora_config, lora_key, targets_module, write_adapter, WEIGHTS
+from ..io.adapter import lora_config, lora_key, split_targets, targets_module, write_adapter, WEIGHTS
 from ..io.checkpoint import Checkpoint
 from ..io.progress import progress as progress_of
 from ..io.writer import OutputDir, check_finite
@@ -45,6 +45,7 @@ def _check_pair(b: Checkpoint, t: Checkpoint):
 
 
 def _targets(arch, targets):
+    targets = split_targets(targets)
     mods = [s for s in arch.linears() if (s.role != "lm_head" if not targets else targets_module({"target_modules": list(targets)}, s.module))]
     if not mods:
         raise AdapterError(f"no linear module of this {arch.family} model matches --targets {' '.join(targets or [])}",
@@ -56,7 +57,7 @@ def _targets(arch, targets):
 
 def extract_lora(base: str, tuned: str, out: str, *, rank: int | None = None, energy: float | None = None,
                  targets: list[str] | None = None, dtype: str = "auto", seed: int = 0, force: bool = False,
-                 verify: bool = True, progress: bool | None = None) -> dict:
+                 verify: bool = True, plot: str | None = None, progress: bool | None = None) -> dict:
     """Write a LoRA adapter approximating tuned − base; returns per-module errors and sizes.
 
     verify: check each module's error against the Eckart–Young optimum from its spectrum (an exact SVD
@@ -71,6 +72,12 @@ def extract_lora(base: str, tuned: str, out: str, *, rank: int | None = None, en
         raise AdapterError(f"--rank {rank} must be at least 1")
     if energy is not None and not 0.0 < energy <= 1.0:
         raise AdapterError(f"--energy {energy} must be in (0, 1]", "e.g. --energy 0.9")
+    if plot:
+        if not verify:
+            raise AdapterError("--plot draws each module's spectrum, which --no-verify skips", "drop one of them")
+        from .. import plot as plots
+
+        plots.check(plot, force)
     mmap_large_buffers()
     cb, ct = Checkpoint.open(base), Checkpoint.open(tuned)
     arch = _check_pair(cb, ct)
@@ -78,7 +85,7 @@ def extract_lora(base: str, tuned: str, out: str, *, rank: int | None = None, en
     out_dtype = cb.main_dtype() if dtype == "auto" else getattr(torch, dtype)
     rb, rt = _reader(cb, arch), _reader(ct, arch)
     by_name = arch.by_name()
-    tensors, rows, bias = {}, [], {}
+    tensors, rows, bias, spectra = {}, [], {}, {}
     with progress_of(len(mods), "extract-lora", unit="modules", enabled=progress) as advance:
         for s in mods:
             wb, wt = rb(s.name), rt(s.name)
@@ -92,17 +99,20 @@ def extract_lora(base: str, tuned: str, out: str, *, rank: int | None = None, en
             d = d.T if s.transposed else d  # peft's A/B are [r, in] / [out, r] in either layout
             if energy is not None:
                 U, S, Vh = spectrum_svd(d)
+                spectrum = S
                 r = energy_rank(S, energy)
                 opt = float(S[r:].square().sum()) ** 0.5 / max(float(S.square().sum()) ** 0.5, 1e-300)
                 U, S, Vh, method, svd_err = U[:, :r], S[:r], Vh[:r], "exact", opt
             else:
-                U, S, Vh, method, svd_err, opt, _ = truncated_svd(d, rank, seed, verify=verify)
+                U, S, Vh, method, svd_err, opt, spectrum = truncated_svd(d, rank, seed, verify=verify)
             A, B = (x.to(out_dtype).contiguous() for x in lora_factors(U, S, Vh))
             tensors[lora_key(s.module, "lora_A.weight")] = A
             tensors[lora_key(s.module, "lora_B.weight")] = B
             rows.append(_checked({"module": s.module, "shape": list(d.shape), "rank": int(S.shape[0]), "method": method,
                                   "rel_error": relative_error(d, A, B), "optimum": opt, "delta_norm": sumsq64(d) ** 0.5}, svd_err))
             advance(1, s.module)
+            if plot:
+                spectra[s.module] = spectrum.tolist()
             bname = s.name[: -len("weight")] + "bias"
             if bname in by_name:
                 bias[s.module] = (rt(bname).double() - rb(bname).double()).float()
@@ -124,7 +134,11 @@ def extract_lora(base: str, tuned: str, out: str, *, rank: int | None = None, en
         write_adapter(od, cfg, tensors)
         size = os.path.getsize(od.path(WEIGHTS))
         path = od.commit()
-    return {"output": path, "modules": rows, "rank": r, "energy": energy, "lora_bias": use_bias,
+    if plot:
+        how = f"--rank {rank}" if rank is not None else f"--energy {energy}"
+        plots.spectra(plot, spectra, {row["module"]: row["rank"] for row in rows},
+                      f"extract-lora {how}\nsingular values of tuned − base")
+    return {"output": path, "plot": plot, "modules": rows, "rank": r, "energy": energy, "lora_bias": use_bias,
             "adapter_bytes": size, "adapter_params": sum(t.numel() for t in tensors.values()),
             "model_bytes": cb.total_bytes(), "not_carried": not_carried, "dtype": str(out_dtype).replace("torch.", ""),
             "seconds": round(time.time() - t0, 3)}

@@ -11,6 +11,8 @@ from ..errors import SurgeryError
 
 
 def describe(path: str) -> dict:
+    """What is in a model directory (family, widths, parameters, dtypes, shards, ties) or an adapter
+    directory (kind, rank/alpha, targets, modules), as the dict `surgery inspect --json` prints."""
     from ..kinds import detect
 
     kind = detect(path)

@@ -12,7 +12,7 @@ import os
 
 from ..arch import arch_of
 from ..errors import AdapterError, ShapeError
-from ..io.adapter import CONFIG, Adapter, lora_key, saved_module_key, targets_module, write_adapter
+from ..io.adapter import CONFIG, Adapter, lora_key, saved_module_key, split_targets, targets_module, write_adapter
 from ..io.checkpoint import Checkpoint
 from ..io.writer import OutputDir
 from ..kinds.lora import modules as lora_modules
@@ -32,6 +32,7 @@ def lokr_config(base: str, r: int, targets: list[str], factor: int) -> dict:
 
 def _selected(arch, targets: list[str] | None) -> list:
     """Linear modules the user asked for (peft target_modules rules); tied copies are never stored."""
+    targets = split_targets(targets)
     mods = [t for t in arch.linears() if t.tied_to is None]
     if targets:
         cfg = {"target_modules": list(targets)}

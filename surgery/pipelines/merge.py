@@ -179,11 +179,21 @@ def _read_norms(path: str) -> dict | None:
     return load_file(f)
 
 
-def merge_lora(base: str, adapters: list[str], out: str, **kw) -> dict:
-    """Fold one or more adapters (the kinds that list merge-lora: LoRA, DoRA, LoKr, (IA)³) (each with an optional weight) into `base`."""
-    return apply_adapters(base, adapters, out, sign=1, **kw)
+def merge_lora(base: str, adapters: list[str], out: str, *, weights: list[float] | None = None, dtype: str = "auto",
+               max_shard_size: str = "5GB", force: bool = False, progress: bool | None = None) -> dict:
+    """Fold one or more adapters (the kinds that list merge-lora: LoRA, DoRA, LoKr, (IA)³) into `base`
+    and write the checkpoint `out`; returns the report.
+
+    weights: one per adapter (default 1 each). dtype: auto (keep the stored dtype), float32, bfloat16
+    or float16 for the floating tensors written. max_shard_size: e.g. "5GB". progress: a bar on
+    stderr (None: only on a terminal for large jobs)."""
+    return apply_adapters(base, adapters, out, sign=1, weights=weights, dtype=dtype, max_shard_size=max_shard_size,
+                          force=force, progress=progress)
 
 
-def unmerge_lora(merged: str, adapter: str, out: str, **kw) -> dict:
-    """Take `adapter` out of a merged checkpoint again (W −= ΔW; DoRA needs the recorded norms)."""
-    return apply_adapters(merged, [adapter], out, sign=-1, **kw)
+def unmerge_lora(merged: str, adapter: str, out: str, *, weight: float = 1.0, dtype: str = "auto",
+                 max_shard_size: str = "5GB", force: bool = False, progress: bool | None = None) -> dict:
+    """Take `adapter`, merged with `weight`, out of the checkpoint `merged` again (W −= ΔW; DoRA needs
+    the norms merge_lora recorded) and write `out`; returns the report."""
+    return apply_adapters(merged, [adapter], out, sign=-1, weights=[weight], dtype=dtype,
+                          max_shard_size=max_shard_size, force=force, progress=progress)

@@ -83,7 +83,7 @@ def calibration_stats(model, arch, blocks, batch_size: int, residual: list[int])
     total, count = 0.0, 0
     try:
         with torch.no_grad():
-            for b in batches(blocks, batch_size, model.config.is_encoder_decoder):
+            for b in batches(blocks, batch_size, model.config.is_encoder_decoder, "norm statistics"):
                 out = model(**to_device(b, model), use_cache=False)
                 total += float(out.loss) * b["labels"].numel()
                 count += b["labels"].numel()

@@ -80,7 +80,7 @@ def fit_projections(ck_s, ck_l, arch_s, arch_l, stack, blocks, needs, *, map_kin
         if map_kind == "activations":
             if not data:
                 raise DataError("--map activations needs calibration text", "pass --data FILE (one text per line), or use --map embeddings")
-            batches = text_batches(documents(data, samples), tok_s, tok_l, seq_len, batch)
+            batches = text_batches(documents(data, samples, tok_s), tok_s, tok_l, seq_len, batch)
         else:
             batches = vocab_batches(_vocab_pairs(tok_s, tok_l, "--map embeddings"), 64)
         pts_s, pts_l = capture_points(arch_s, stack), capture_points(arch_l, stack)
