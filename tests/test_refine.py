@@ -222,6 +222,16 @@ def test_refine_other_peft_kinds(fx, task, tmp_path, kind):
     assert s["trainable"] == sum(t.numel() for t in a.tensors.values())
 
 
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_refine_lora_on_other_families(fx, task, tmp_path, family):
+    """GPT-2's Conv1D layers (fan_in_fan_out) and an encoder-decoder (the completion is the decoder's target)."""
+    llm, src = fx.model(family), fx.lora(family)
+    code, o, err = _refine(src, llm, task, tmp_path / "out")
+    assert code == 0, err
+    s = json.loads(o)
+    assert s["family"] == family and s["kept_step"] == 30 and s["after"]["loss"] < s["before"]["loss"] - 0.005
+
+
 # ---- bad input: one line, no output --------------------------------------------------------
 
 
