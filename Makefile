@@ -26,7 +26,8 @@ test: install
 demo: install
 	$(BIN)/python -m fixtures.demo
 
-# the paper's table in miniature (docs/results.md): pretrains a pair once (~12 min), then ~25 min on 2 cores
+# the paper's table in miniature (docs/results.md): pretrains a pair on the Python stdlib's docstrings once
+# (cached in benchmarks/.work/pairs), then runs every condition through the CLI
 evidence: install
 	$(BIN)/python -m benchmarks.evidence.run
 

@@ -373,3 +373,214 @@ def test_missing_tokenizer_is_one_checkpoint_error(fx, tmp_path):
             (ck / f).unlink()
     with pytest.raises(CheckpointError, match="has no usable tokenizer"):
         load_tokenizer(str(ck))
+
+
+# ---- output paths ------------------------------------------------------------------------------
+@pytest.mark.parametrize("force", [False, True])
+@pytest.mark.parametrize("where", ["empty", "dot", "cwd", "parent_of_cwd", "root", "parent_of_input"])
+def test_outputs_that_would_delete_what_you_work_in_are_refused(fx, tmp_path, monkeypatch, where, force):
+    work = tmp_path / "work" / "deeper"
+    work.mkdir(parents=True)
+    (work / "keep.txt").write_text("precious")
+    monkeypatch.chdir(work)
+    base = _model_dir(fx, tmp_path / "work", name="base")
+    out = {"empty": "", "dot": ".", "cwd": str(work), "parent_of_cwd": str(work.parent), "root": "/",
+           "parent_of_input": str(base.parent)}[where]
+    code, _, err = run_cli("merge-lora", base, fx.lora("llama"), "-o", out, *(["--force"] if force else []))
+    one_line_error(code, err)
+    assert (work / "keep.txt").read_text() == "precious" and (base / "config.json").exists()
+
+
+def test_force_over_a_file_or_symlink_leaves_nothing_behind(fx, tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "x").write_text("untouched")
+    for kind in ("file", "symlink", "directory"):
+        out = tmp_path / f"out-{kind}"
+        if kind == "file":
+            out.write_text("old")
+        elif kind == "symlink":
+            os.symlink(target, out)
+        else:
+            out.mkdir()
+            (out / "stale").write_text("old")
+        code, _, err = run_cli("merge-lora", fx.model("llama"), fx.lora("llama"), "-o", out, "--force")
+        assert code == 0, err
+        assert out.is_dir() and not out.is_symlink() and (out / "config.json").exists() and not (out / "stale").exists()
+    assert (target / "x").read_text() == "untouched"  # --force replaced the link, not what it points to
+    assert sorted(p for p in os.listdir(tmp_path) if "tmp" in p or "old" in p) == []
+
+
+def test_concurrent_force_writers_never_fail(tmp_path):
+    """4 writers x 15 commits to one output: every commit succeeds, the survivor is whole, no leftovers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from surgery.io.writer import OutputDir
+
+    out = str(tmp_path / "out")
+
+    def writer(w):
+        for i in range(15):
+            od = OutputDir(out, force=True)
+            for n in range(3):
+                with open(od.path(f"f{n}"), "w") as f:
+                    f.write(f"{w}-{i}")
+            od.commit()
+        return w
+
+    with ThreadPoolExecutor(4) as pool:
+        assert sorted(pool.map(writer, range(4))) == [0, 1, 2, 3]
+    contents = {open(os.path.join(out, f"f{n}")).read() for n in range(3)}
+    assert len(contents) == 1  # one writer's complete output, not a mixture
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_outputs_get_the_users_umask(fx, tmp_path):
+    old = os.umask(0o022)
+    try:
+        code, _, err = run_cli("merge-lora", fx.model("llama"), fx.lora("llama"), "-o", tmp_path / "a")
+        assert code == 0, err
+        assert (tmp_path / "a").stat().st_mode & 0o777 == 0o755
+        os.umask(0o027)
+        code, _, err = run_cli("merge-lora", fx.model("llama"), fx.lora("llama"), "-o", tmp_path / "b")
+        assert (tmp_path / "b").stat().st_mode & 0o777 == 0o750
+    finally:
+        os.umask(old)
+
+
+def test_a_250_character_output_name_works(fx, tmp_path):
+    out = tmp_path / ("m" * 250)
+    code, _, err = run_cli("merge-lora", fx.model("llama"), fx.lora("llama"), "-o", out)
+    assert code == 0, err
+    assert (out / "model.safetensors").exists() and os.listdir(tmp_path) == [out.name]
+
+
+# ---- signals and temps left by killed runs ------------------------------------------------------
+SLOW_MERGE = """
+import sys, time
+import surgery.io.writer as w
+real = w.ShardedWriter.write
+def slow(self, name, t):
+    real(self, name, t)
+    if not getattr(self, "told", False):
+        self.told = True
+        print("writing", flush=True)
+    time.sleep(0.2)
+w.ShardedWriter.write = slow
+sys.argv = ["surgery", *sys.argv[1:]]
+from surgery.cli import main
+main()
+"""
+
+
+def _start_slow_merge(fx, out):
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, "merge-lora", fx.model("llama"), fx.lora("llama"),
+                          "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "SURGERY_DEBUG": "0"})
+    assert p.stdout.readline().strip() == "writing", p.stderr.read()
+    assert [n for n in os.listdir(out.parent) if n.startswith(f".out.tmp-{p.pid}-")]  # the temp names its owner
+    return p
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_signals_all_take_the_abort_path(fx, tmp_path, sig):
+    import signal
+
+    p = _start_slow_merge(fx, tmp_path / "out")
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + getattr(signal, sig)
+    assert err == f"surgery: interrupted ({sig}); no output was written\n"
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_killed_runs_temp_is_removed_by_the_next_run(fx, tmp_path):
+    import signal
+
+    p = _start_slow_merge(fx, tmp_path / "out")
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)
+    (left,) = os.listdir(tmp_path)
+    assert left.startswith(f".out.tmp-{p.pid}-")
+    code, _, err = run_cli("merge-lora", fx.model("llama"), fx.lora("llama"), "-o", tmp_path / "out")
+    assert code == 0 and f"removed {tmp_path / left}, left by an interrupted run (process {p.pid})" in err
+    assert os.listdir(tmp_path) == ["out"]
+
+
+# ---- one line instead of "internal error" --------------------------------------------------------
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_reduction_must_be_a_number_at_least_one(fx, tmp_path, value):
+    data = tmp_path / "d.txt"
+    data.write_text("the cat sat on the mat\n" * 8)
+    code, _, err = run_cli("prune-bridge", fx.model("llama"), "-o", tmp_path / "o", "--data", data, "--reduction", value)
+    one_line_error(code, err, f"--reduction {float(value)}")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("value", ["1.2.3", "-5GB", "0", "5XB", ""])
+def test_bad_max_shard_size_is_one_line(fx, tmp_path, value):
+    code, _, err = run_cli("merge-lora", fx.model("llama"), fx.lora("llama"), "-o", tmp_path / "o",
+                           "--max-shard-size", value)
+    one_line_error(code, err, "cannot read size")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temp(fx, tmp_path, monkeypatch):
+    import errno
+
+    import surgery.io.safetensors_file as st
+
+    def full(self, name, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device", self.path)
+
+    monkeypatch.setattr(st.SafetensorsWriter, "write", full)
+    code, _, err = run_cli("merge-lora", fx.model("llama"), fx.lora("llama"), "-o", tmp_path / "o")
+    one_line_error(code, err, "no space left on the device", "model.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("out", ["/proc/x", "/proc/self/nope/x"])
+def test_an_output_whose_parent_cannot_be_created(fx, out):
+    code, _, err = run_cli("merge-lora", fx.model("llama"), fx.lora("llama"), "-o", out)
+    one_line_error(code, err, f"cannot create the output {out}")
+
+
+@pytest.mark.parametrize("kind", ["peft", "adapterhub"])
+def test_adapter_weights_blocked_pickle_symlink_and_garbage_are_one_line(fx, tmp_path, secret_file, kind):
+    import torch
+
+    from fixtures import build_bottleneck
+
+    if kind == "peft":
+        src, weights, cmd = fx.lora("llama"), "adapter_model.safetensors", "merge-lora"
+    else:
+        src = str(tmp_path / "hub-src")
+        build_bottleneck(fx.model("llama"), src)
+        weights, cmd = next(f for f in os.listdir(src) if f.startswith("pytorch_adapter") or f.endswith(".safetensors")), "eval"
+    ad = tmp_path / "ad"
+    shutil.copytree(src, ad)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    bin_name = "adapter_model.bin" if kind == "peft" else "pytorch_adapter.bin"
+    for setup, needle in (("pickle", "needs code execution"), ("symlink", "outside"), ("garbage", "cannot read")):
+        for f in os.listdir(ad):
+            if f in (weights, bin_name):
+                os.unlink(ad / f)
+        if setup == "pickle":
+            torch.save({"w": Evil()}, ad / bin_name)
+        elif setup == "symlink":
+            os.symlink(secret_file, ad / weights)
+        else:
+            (ad / bin_name).write_text(SECRET)
+        args = [cmd, fx.model("llama"), ad, "-o", tmp_path / "o"] if cmd == "merge-lora" else \
+            ["eval", fx.model("llama"), "--adapter", ad, "--data", tmp_path / "d.txt"]
+        (tmp_path / "d.txt").write_text("the cat sat\n")
+        code, out, err = run_cli(*args)
+        one_line_error(code, err, needle)
+        assert "do-not-echo" not in out + err and not (tmp_path / "pwned").exists()

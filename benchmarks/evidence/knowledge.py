@@ -1,32 +1,39 @@
-"""How much of fixtures/world.py's fixed facts a pretrained model holds: a 6-way cloze on homes.
+"""How much of the corpus's facts a pretrained model holds, before any tuning: an 8-way cloze.
 
-For each person, score the six sentences "<name> lives <place>." by their summed log-likelihood
-and count the person as known when the true place scores highest (chance: 1/6). It separates
-what the models memorised from the template tokens that dominate the average LM loss. Reported
-for the people the `home` task trains on and for those only its dev split asks about.
+For the first 160 dev questions of the `module` task ("which module defines X?"), score the eight sentences
+"X(args) in <module>" -- the pretraining text's own wording -- by their summed log-likelihood and
+count the entry as known when the true module scores highest (chance: 1/8). It separates what each
+model memorised from the question format that LoRA has to learn.
 """
 
 from __future__ import annotations
 
+import json
 
-def home_cloze(model_dir: str, first: int = 0, last: int | None = None) -> float:
+
+def module_cloze(model_dir: str, dev_jsonl: str, limit: int = 160) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fixtures.corpus import PLACES
-    from fixtures.world import world
+    from benchmarks.evidence.corpus import split
+    from benchmarks.evidence.tasks import MODULES
 
+    args = {}
+    for e in split()[0]:
+        args.setdefault(e["qual"], e["args"])
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    people = world()[first:last]
-    correct = 0
+    correct = n = 0
+    with open(dev_jsonl) as f:
+        rows = [json.loads(line) for line in f][:limit]
     with torch.no_grad():
-        for p in people:
-            texts = [f"{p['name']} lives {place}." for place in PLACES]
+        for r in rows:
+            qual = r["prompt"].split("defines ", 1)[1].rsplit("?", 1)[0]
+            texts = [f"{qual}({args[qual]}) in {m}" for m in MODULES]
             enc = tok(texts, return_tensors="pt", padding=True)
             ids, mask = enc["input_ids"], enc["attention_mask"]
             logp = model(input_ids=ids, attention_mask=mask).logits[:, :-1].log_softmax(-1)
-            tgt = ids[:, 1:]
-            ll = (logp.gather(-1, tgt[..., None])[..., 0] * mask[:, 1:]).sum(-1)
-            correct += int(PLACES[int(ll.argmax())] == p["place"])
-    return correct / len(people)
+            ll = (logp.gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]).sum(-1)
+            correct += int(MODULES[int(ll.argmax())] == r["completion"].strip())
+            n += 1
+    return correct / n

@@ -41,3 +41,35 @@ def training_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: in
     acts = sum(v for k, v in seen.items() if k not in params)
     return {"weights": weights, "activations": acts, "lora_state": 3 * trainable,
             "total": weights + acts + 3 * trainable, "batch": batch, "seq": seq}
+
+
+def inference_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: int = 0) -> dict:
+    """The same count for `surgery refine` (MeZO): the LLM's weights and its LoRA, run in inference mode.
+
+    Nothing is saved for a backward pass and there is no gradient or optimizer state; the direction z
+    is regenerated one tensor at a time, so one LoRA tensor's worth more. Transient activations (one
+    layer's at a time) are not counted, as on the training side. The forward is run under the same
+    saved-tensor hook to show that it saves nothing.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")).eval()
+    ids = torch.randint(4, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    seen: dict[tuple, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        seen[(st.data_ptr(), st.nbytes())] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.inference_mode():
+        model(input_ids=ids, labels=ids)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    lora = [p for p in model.parameters() if p.requires_grad]
+    z = max(p.numel() * p.element_size() for p in lora)
+    return {"weights": weights, "activations": sum(seen.values()), "lora_state": z,
+            "total": weights + sum(seen.values()) + z, "batch": batch, "seq": seq}

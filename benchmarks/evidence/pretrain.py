@@ -2,12 +2,14 @@
 
     python -m benchmarks.evidence.pretrain [--quick] [--print-dir]
 
-The corpus is fixtures/world.py: templated English plus a fixed world of named people whose facts
-must be memorised (so the larger model has something to be better at). Both models see the same
-token stream in the same order (same seed); only their size differs. Settings are hashed into the
-cache key, so a changed setting never reuses a stale pair:
-    ~/.cache/surgery-evidence/<hash>/{slm,llm,tokenizer,pretrain.json}
+The corpus is real text shipped with this machine: the docstrings of Debian's Python 3.11 standard
+library (benchmarks/evidence/corpus.py), one index entry per function/class/method. 5 % of the entries
+are held out for perplexity; the tasks ask about entries the pretraining saw. Both models see the same
+token stream in the same order (same seed); only their size differs. The recipe (settings + the
+corpus's hash) is hashed into the cache key, so a changed recipe never reuses a stale pair:
+    benchmarks/.work/pairs/<hash>/{slm,llm,tokenizer,pretrain.json}
 Deterministic: seeded, one thread (torch.set_num_threads(1)), fixed step counts (never time-based).
+Pretraining runs at `nice 10` (it shares the machine; the result does not depend on it).
 """
 
 from __future__ import annotations
@@ -25,20 +27,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-CACHE = os.path.expanduser(os.environ.get("SURGERY_EVIDENCE_CACHE", "~/.cache/surgery-evidence"))
+CACHE = os.environ.get("SURGERY_EVIDENCE_CACHE", os.path.join(ROOT, "benchmarks", ".work", "pairs"))
 
-COMMON = dict(model_type="llama", vocab_size=512, max_position_embeddings=128, tie_word_embeddings=False,
+COMMON = dict(model_type="llama", vocab_size=2048, max_position_embeddings=256, tie_word_embeddings=False,
               bos_token_id=3, eos_token_id=1, pad_token_id=0, rms_norm_eps=1e-6)
-# SLM: 2 layers x 48 wide. LLM: 4 layers x 128 wide (2x the depth, ~8x the parameters).
-SLM = dict(COMMON, hidden_size=48, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-           num_key_value_heads=2, head_dim=12)
-LLM = dict(COMMON, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+# SLM: 2 layers x 64 wide (98k non-embedding parameters). LLM: 4 layers x 128 wide (786k, 8x),
+# 4 query heads in 2 kv groups, so a bridge has heads and groups to drop. Sized so that both
+# pretrain in well under an hour on one shared CPU thread each.
+SLM = dict(COMMON, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, head_dim=16)
+LLM = dict(COMMON, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
            num_key_value_heads=2, head_dim=32)
-# 1500 people with fixed facts, 70 % of sentences about them: too many facts for the SLM to hold,
-# which is what makes the LLM better (with 96 people both models memorised everything, same loss).
-SETTINGS = dict(version=2, slm=SLM, llm=LLM, docs=12000, heldout=400, seq_len=64, batch=32,
-                slm_steps=1000, llm_steps=1000, lr=3e-3, warmup=60, seed=0, people=1500, fact_share=0.7)
-QUICK = dict(SETTINGS, docs=800, heldout=50, slm_steps=30, llm_steps=30)
+# ~12 passes over the entries: each fact (which module, what it does) is seen ~12 times, which
+# the larger model memorises much more of; that is the knowledge the tasks ask for.
+SETTINGS = dict(version=3, corpus="python3.11-stdlib-docstrings", slm=SLM, llm=LLM, heldout_share=0.05,
+                seq_len=128, batch=32, slm_steps=400, llm_steps=400, lr=3e-3, warmup=40, weight_decay=0.1, seed=0)
+QUICK = dict(SETTINGS, slm_steps=20, llm_steps=20, quick_entries=400)
 
 
 def key(settings: dict) -> str:
@@ -79,19 +83,22 @@ def _train(cfg_dict: dict, train, held, steps: int, s: dict, out_dir: str, tok_d
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.set_num_threads(1)
+    if os.nice(0) < 10:  # a long job on a shared machine yields to interactive work
+        os.nice(10 - os.nice(0))
     log = _tagged(log, out_dir)
     cfg = dict(cfg_dict)
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     torch.manual_seed(s["seed"])
     model = AutoModelForCausalLM.from_config(config)
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=0.01, betas=(0.9, 0.95))
+    n_embed = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" in n or "lm_head" in n)
+    opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"], betas=(0.9, 0.95))
     # Linear warm-up then cosine decay to 10 %: the usual recipe, and it converges in few steps.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / s["warmup"]) * (
         0.1 + 0.45 * (1 + math.cos(math.pi * min(t, steps) / steps))))
     g = torch.Generator().manual_seed(s["seed"])
     order = torch.randperm(len(train), generator=g)
-    t0, pos = time.time(), 0
+    t0, pos, curve = time.time(), 0, []
     model.train()
     for step in range(steps):
         if pos + s["batch"] > len(order):  # next epoch: a fresh (seeded) permutation
@@ -104,24 +111,32 @@ def _train(cfg_dict: dict, train, held, steps: int, s: dict, out_dir: str, tok_d
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == steps - 1:
-            log(f"  step {step:5d}  loss {loss.item():.4f}  ({time.time() - t0:.0f}s)")
+        if step % 50 == 0 or step == steps - 1:
+            curve.append((step, loss.item(), _lm_loss(model, held, s["batch"]) if step % 100 == 0 else None))
+            model.train()
+            log(f"  step {step:5d}  loss {loss.item():.4f}  held-out {curve[-1][2]}  ({time.time() - t0:.0f}s)")
     held_loss = _lm_loss(model, held, s["batch"])
     model.save_pretrained(out_dir)
     for f in os.listdir(tok_dir):  # each checkpoint dir is self-contained (tokenizer alongside)
         shutil.copy(os.path.join(tok_dir, f), out_dir)
-    return dict(parameters=n_params, layers=config.num_hidden_layers, hidden=config.hidden_size,
-                steps=steps, heldout_loss=held_loss, heldout_ppl=math.exp(held_loss), seconds=time.time() - t0)
+    return dict(parameters=n_params, non_embedding=n_params - n_embed, layers=config.num_hidden_layers,
+                hidden=config.hidden_size, steps=steps, curve=curve, tokens_seen=steps * s["batch"] * s["seq_len"], heldout_loss=held_loss, heldout_ppl=math.exp(held_loss), seconds=time.time() - t0)
+
+
+def recipe(quick: bool = False) -> dict:
+    from benchmarks.evidence.corpus import corpus_hash
+
+    return dict(QUICK if quick else SETTINGS, corpus_sha=corpus_hash())
 
 
 def pretrain(quick: bool = False, force: bool = False, log=print) -> str:
     """Build (or reuse) the cached pair; returns the cache directory."""
     import torch
 
+    from benchmarks.evidence.corpus import render, split
     from fixtures.build import build_tokenizer
-    from fixtures.world import documents, world
 
-    s = QUICK if quick else SETTINGS
+    s = recipe(quick)
     d = os.path.join(CACHE, ("quick-" if quick else "") + key(s))
     if os.path.exists(os.path.join(d, "pretrain.json")) and not force:
         return d
@@ -129,12 +144,13 @@ def pretrain(quick: bool = False, force: bool = False, log=print) -> str:
     tmp = d + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    people = world(s["people"])
-    docs = documents(s["docs"], seed=s["seed"], fact_share=s["fact_share"], people=people)
-    held_docs = documents(s["heldout"], seed=s["seed"] + 1, fact_share=s["fact_share"], people=people)
-    tok = build_tokenizer(os.path.join(tmp, "tokenizer"), texts=docs[:4000], vocab_size=SLM["vocab_size"])
+    seen, unseen = split(s["heldout_share"], s["seed"])
+    if "quick_entries" in s:
+        seen, unseen = seen[: s["quick_entries"]], unseen[:40]
+    docs, held_docs = [render(e) for e in seen], [render(e) for e in unseen]
+    tok = build_tokenizer(os.path.join(tmp, "tokenizer"), texts=docs, vocab_size=SLM["vocab_size"])
     train, held = _blocks(tok, docs, s["seq_len"]), _blocks(tok, held_docs, s["seq_len"])
-    log(f"corpus: {len(docs)} documents, {train.numel()} training tokens, {held.numel()} held-out tokens")
+    log(f"corpus: {len(docs)} entries, {train.numel()} training tokens, {held.numel()} held-out tokens")
     out = dict(settings=s, tokens=train.numel(), heldout_tokens=held.numel(), torch=torch.__version__)
     # the two models train at once, one process and one thread each (deterministic either way)
     import multiprocessing as mp
@@ -146,7 +162,8 @@ def pretrain(quick: bool = False, force: bool = False, log=print) -> str:
                 for name, cfg, steps in (("slm", SLM, s["slm_steps"]), ("llm", LLM, s["llm_steps"]))}
         for name, f in futs.items():
             out[name] = f.result()
-            log(f"{name}: {out[name]['parameters']} parameters, held-out loss {out[name]['heldout_loss']:.4f}")
+            log(f"{name}: {out[name]['parameters']} parameters ({out[name]['non_embedding']} non-embedding), "
+                f"held-out loss {out[name]['heldout_loss']:.4f} (ppl {out[name]['heldout_ppl']:.2f})")
     with open(os.path.join(tmp, "pretrain.json"), "w") as f:
         json.dump(out, f, indent=1)
     shutil.rmtree(d, ignore_errors=True)

@@ -1,9 +1,10 @@
-"""Summarise results.json (from run.py) into docs/results.md, summary.json and the PNG plots.
+"""Summarise results.json (from run.py) into results.md and summary.json.
 
     python -m benchmarks.evidence.report benchmarks/.work/evidence-<key>/results.json
 
-Statistics: mean over seeds ± the half-width of a 95 % Student-t interval (n = seeds). The share of
-the gap closed is computed per seed, (method_s - zero_shot) / (llm_lora_s - zero_shot), then averaged.
+Statistics: mean over seeds ± the half-width of a 95 % Student-t interval (n = seeds); accuracy
+intervals are shown clipped to [0, 100]. The share of the gap closed is computed per seed,
+(row_s - zero_shot) / (llm_lora_s - zero_shot), then averaged.
 """
 
 from __future__ import annotations
@@ -11,13 +12,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 
 T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
-ROWS = [("zero-shot", "LLM zero-shot"), ("slm_lora", "SLM + LoRA"), ("llm_lora", "LLM + LoRA (upper bound)"),
-        ("transfer", "transfer only (W_plug + depth map, no tuning)"),
-        ("method", "transfer + bridge tuning (**the method**)"), ("bridge_only", "LoRA trained on the bridge alone")]
+ROWS = [("zero-shot", "LLM zero-shot"), ("slm_lora", "SLM + LoRA (on the SLM)"),
+        ("llm_lora", "LLM + LoRA (upper bound)"), ("transfer", "transfer only (W_plug + depth map, no tuning)"),
+        ("zero_init", "zero-init LoRA + tune-bridge + lift (Table 8)"),
+        ("bridge", "transfer + tune-bridge (residual-preserving bridge)"),
+        ("narrow", "transfer + tune-bridge (narrow bridge)"),
+        ("method", "transfer + tune-bridge + refine (**the method**)")]
+GAP_ROWS = ("slm_lora", "transfer", "zero_init", "bridge", "narrow", "method")
+# the stages Algorithm 1 runs (with refine as its last stage), for the memory goal
+METHOD_STAGES = ("slm_lora", "transfer", "prune-keep", "bridge", "method")
 
 
 def ci(xs: list[float]) -> tuple[float, float]:
@@ -29,20 +35,20 @@ def ci(xs: list[float]) -> tuple[float, float]:
     return m, T975.get(n, 1.96) * sd / math.sqrt(n)
 
 
-def acc(rec: dict) -> float:
-    """Accuracy of an eval record, a train record (its final dev evaluation) or a {"eval": ...} pair."""
+def _out(rec: dict) -> dict:
     if "eval" in rec:
         rec = rec["eval"]
     out = rec["out"]
-    return (out["after"] if "after" in out else out)["accuracy"]
+    return out["after"] if "after" in out else out
+
+
+def acc(rec: dict) -> float:
+    """Accuracy of an eval record, a train record (its final dev evaluation) or a {"eval": ...} pair."""
+    return _out(rec)["accuracy"]
 
 
 def loss(rec: dict) -> float:
-    """Dev loss (mean over completion tokens), like acc()."""
-    if "eval" in rec:
-        rec = rec["eval"]
-    out = rec["out"]
-    return (out["after"] if "after" in out else out)["loss"]
+    return _out(rec)["loss"]
 
 
 def per_seed(task: dict, key: str, metric=acc) -> list[float]:
@@ -54,108 +60,88 @@ def per_seed(task: dict, key: str, metric=acc) -> list[float]:
 def gap_share(task: dict, key: str, metric=acc) -> list[float] | None:
     z = metric(task["zero_shot"])
     ups = per_seed(task, "llm_lora", metric)
-    if min(abs(u - z) for u in ups) < 0.05:  # no gap to close: a share would be noise over noise
+    xs = per_seed(task, key, metric)
+    if not xs or min(abs(u - z) for u in ups) < 0.05:  # no gap to close: a share would be noise over noise
         return None
-    return [(m - z) / (u - z) for m, u in zip(per_seed(task, key, metric), ups)]
+    return [(m - z) / (u - z) for m, u in zip(xs, ups)]
 
 
-def rss(results: dict, pick) -> tuple[float, float]:
-    xs = [r["rss_mb"] for t in results["tasks"].values() for s in t["seeds"] for r in pick(s, t)]
-    return ci(xs)
+def _stage_records(t: dict, s: dict, key: str) -> list[dict]:
+    """The subprocess records of one stage (for RSS): train records, or the tuning half of tuned pairs."""
+    if key.startswith("prune-"):
+        return [t["bridges"][key[len("prune-"):]]]
+    if key not in s:
+        return []
+    r = s[key]
+    return [r["transfer"] if key == "transfer" else r["train"] if "train" in r else r]
 
 
 def summarise(results: dict) -> dict:
-    from fixtures.tasks import labels
+    from benchmarks.evidence.tasks import labels
 
     sm = {"tasks": {}}
     for name, t in results["tasks"].items():
-        rows = {k: ci(per_seed(t, k)) for k, _ in ROWS}
+        rows = {k: ci(v) for k, _ in ROWS if (v := per_seed(t, k))}
         rows["zero-shot-slm"] = (acc(t["zero_shot_slm"]), float("nan"))
-        losses = {k: ci(per_seed(t, k, loss)) for k, _ in ROWS}
+        losses = {k: ci(v) for k, _ in ROWS if (v := per_seed(t, k, loss))}
         losses["zero-shot-slm"] = (loss(t["zero_shot_slm"]), float("nan"))
-        loss_gaps = {k: (ci(g) if (g := gap_share(t, k, loss)) else None) for k in ("transfer", "method", "bridge_only",
-                                                                                   "slm_lora")}
-        gaps = {k: (ci(g) if (g := gap_share(t, k)) else None) for k in ("transfer", "method", "bridge_only",
-                                                                          "slm_lora")}
-        abl = {}
-        for key in t["seeds"][0]:
-            if key.startswith("method-") or key == "transfer-embeddings":
-                abl[key] = {"acc": ci(per_seed(t, key)), "gap": ci(g) if (g := gap_share(t, key)) else None,
-                            "loss": ci(per_seed(t, key, loss)),
-                            "loss_gap": ci(g) if (g := gap_share(t, key, loss)) else None}
-        bridges = {k: b["out"]["parameters"]["bridge"] for k, b in t["bridges"].items()}
-        chance = 1 / len(labels(name))
-        # a task where even LoRA on the LLM stays at chance has no learnable gap to close
-        learnable = rows["llm_lora"][0] > chance + 0.05
-        sm["tasks"][name] = {"chance": chance, "learnable": learnable, "rows": rows, "gap": gaps, "ablations": abl, "bridges": bridges, "loss": losses,
-                             "loss_gap": loss_gaps}
-    stages = {
-        "train SLM + LoRA": lambda s, t: [s["slm_lora"]],
-        "train LLM + LoRA": lambda s, t: [s["llm_lora"]],
-        "transfer (activations)": lambda s, t: [s["transfer"]["transfer"]],
-        "prune-bridge (r=16)": lambda s, t: [t["bridges"]["fisher-mask-r16"]],
-        "tune-bridge (r=16)": lambda s, t: [s["method"]["train"]],
-        "eval on the LLM": lambda s, t: [s["method"]["eval"]],
-    }
-    sm["memory"] = {k: rss(results, f) for k, f in stages.items()}
-    method_peak = max(sm["memory"][k][0] for k in ("train SLM + LoRA", "transfer (activations)",
-                                                   "prune-bridge (r=16)", "tune-bridge (r=16)"))
-    llm = sm["memory"]["train LLM + LoRA"][0]
-    sm["memory_ratio"] = {"rss": llm / method_peak}
+        gaps = {k: (ci(g) if (g := gap_share(t, k)) else None) for k in GAP_ROWS}
+        loss_gaps = {k: (ci(g) if (g := gap_share(t, k, loss)) else None) for k in GAP_ROWS}
+        on_bridge = {k: ci([acc(s[k]["train"]) for s in t["seeds"] if k in s]) for k in ("zero_init", "bridge", "narrow")}
+        beats = [m - s for m, s in zip(per_seed(t, "method"), per_seed(t, "slm_lora"))] if "method" in rows else []
+        sm["tasks"][name] = {"chance": 1 / len(labels(name)), "rows": rows, "gap": gaps, "loss": losses,
+                             "loss_gap": loss_gaps, "on_bridge": on_bridge,
+                             "method_minus_slm": ci(beats) if beats else None,
+                             "bridges": {k: b["out"]["parameters"] for k, b in t["bridges"].items()}}
+    stages = {"slm_lora": "train SLM + LoRA", "llm_lora": "train LLM + LoRA", "transfer": "transfer (activations)",
+              "prune-keep": "prune-bridge (residual kept)", "prune-narrow": "prune-bridge (narrow)",
+              "zero_init": "tune-bridge, zero-init (residual kept)", "bridge": "tune-bridge (residual kept)",
+              "narrow": "tune-bridge (narrow)", "method": "refine (MeZO on the LLM)"}
+    sm["rss"] = {}
+    for k, label in stages.items():
+        xs = [r["rss_mb"] for t in results["tasks"].values() for s in t["seeds"] for r in _stage_records(t, s, k)]
+        if xs:
+            sm["rss"][k] = {"label": label, "mb": ci(xs)}
+    sm["rss"]["eval"] = {"label": "eval on the LLM (inference, for scale)",
+                         "mb": ci([s["transfer"]["eval"]["rss_mb"] for t in results["tasks"].values() for s in t["seeds"]])}
+    method_rss = max(sm["rss"][k]["mb"][0] for k in METHOD_STAGES if k in sm["rss"])
     tm = results["train_memory"]
-    method_tm = max(tm["slm"]["total"], tm["bridge fisher-mask-r16"]["total"])
-    sm["memory_ratio"]["tensors"] = tm["llm"]["total"] / method_tm
+    method_tm = max(v["total"] for k, v in tm.items() if k in ("slm", "bridge (keep)", "refine (LLM, forward only)"))
+    sm["memory_ratio"] = {"rss": sm["rss"]["llm_lora"]["mb"][0] / method_rss, "tensors": tm["llm"]["total"] / method_tm,
+                          "method_peak_stage": max((v["total"], k) for k, v in tm.items()
+                                                   if k in ("slm", "bridge (keep)", "refine (LLM, forward only)"))[1]}
     sm["train_memory"] = tm
-    pre = results["pretrain"]
-    any_task = next(iter(results["tasks"].values()))
-    tb = any_task["seeds"][0]["method"]["train"]["out"]
-    sm["params"] = {"slm": pre["slm"]["parameters"], "llm": pre["llm"]["parameters"],
-                    "bridge_r16": tb.get("bridge_parameters"), "lora_llm": any_task["seeds"][0]["llm_lora"]["out"]["trainable"],
-                    "lora_slm": any_task["seeds"][0]["slm_lora"]["out"]["trainable"], "lora_bridge": tb.get("trainable")}
+    learn = [n for n, x in sm["tasks"].items() if x["gap"]["method"]]
+    sm["goal"] = {"tasks": learn,
+                  "gap": sum(sm["tasks"][n]["gap"]["method"][0] for n in learn) / len(learn) if learn else None,
+                  "beats_slm": {n: sm["tasks"][n]["method_minus_slm"] for n in sm["tasks"]}}
     return sm
 
 
-def fmt(mc, pct=True, digits=None) -> str:
+def fmt(mc, pct=True, digits=None, clip=False) -> str:
+    """mean ± half-width; with clip, an accuracy's interval is shown as [lo, hi] within [0, 100]."""
     if mc is None:
         return "n/a"
     m, h = mc
     if digits is not None:
         return f"{m:.{digits}f}" + ("" if math.isnan(h) else f" ± {h:.{digits}f}")
-    if pct:
-        return f"{100 * m:.1f}" + ("" if math.isnan(h) else f" ± {100 * h:.1f}")
-    return f"{m:.0f}" + ("" if math.isnan(h) else f" ± {h:.0f}")
+    if not pct:
+        return f"{m:.0f}" + ("" if math.isnan(h) else f" ± {h:.0f}")
+    if clip and not math.isnan(h):
+        return f"{100 * m:.1f} [{max(0.0, 100 * (m - h)):.1f}, {min(100.0, 100 * (m + h)):.1f}]"
+    return f"{100 * m:.1f}" + ("" if math.isnan(h) else f" ± {100 * h:.1f}")
 
 
 def write_docs(results_path: str, docs: str) -> None:
     with open(results_path) as f:
         results = json.load(f)
     sm = summarise(results)
-    work = os.path.dirname(results_path)
-    with open(os.path.join(work, "summary.json"), "w") as f:
+    with open(os.path.join(os.path.dirname(results_path), "summary.json"), "w") as f:
         json.dump(sm, f, indent=1)
-    plots = _plots(os.path.join(work, "summary.json"), docs)
     from benchmarks.evidence.markdown import render
 
     with open(os.path.join(docs, "results.md"), "w") as f:
-        f.write(render(results, sm, plots))
-
-
-def _plots(summary: str, docs: str) -> list[str]:
-    """Draw with the benchmark's own matplotlib venv (not a project dependency); skip if absent."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    py = os.path.join(here, "..", ".work", "plotenv", "bin", "python")
-    if not os.path.exists(py):  # first run: make the venv (matplotlib only, no torch)
-        env = os.path.dirname(os.path.dirname(py))
-        ok = subprocess.run([sys.executable, "-m", "venv", env]).returncode == 0 and subprocess.run(
-            [os.path.join(env, "bin", "pip"), "install", "-q", "matplotlib"]).returncode == 0
-        if not ok:
-            print(f"could not build {env} with matplotlib: plots skipped")
-            return []
-    out = subprocess.run([py, os.path.join(here, "plots.py"), summary, docs], capture_output=True, text=True)
-    if out.returncode != 0:
-        print(out.stderr[-2000:])
-        return []
-    return out.stdout.split()
+        f.write(render(results, sm))
 
 
 if __name__ == "__main__":

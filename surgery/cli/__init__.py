@@ -86,9 +86,14 @@ for _cmd in app.registered_commands:
     _cmd.callback = _resolving(_cmd.callback)
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where the program is, so it unwinds exactly as Ctrl-C (SIGINT) does:
-    every open output's temporary directory is removed on the way out."""
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(BaseException):
+    """SIGINT, SIGTERM or SIGHUP, raised wherever the program is, so all three unwind the same way:
+    every open output's temporary directory is removed on the way out. A BaseException, not a
+    KeyboardInterrupt, because click turns KeyboardInterrupt into "Aborted!" before main() sees it,
+    and so that no `except Exception` in between can swallow it."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
@@ -110,12 +115,22 @@ def os_error_line(e: OSError) -> str:
 
 
 def main() -> None:
+    try:
+        previous = {sig: signal.signal(sig, _raise_interrupted) for sig in SIGNALS}
+    except ValueError:  # not the main thread (an embedding program): leave its signals alone
+        previous = {}
+    try:
+        _run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run() -> None:
     from ..errors import SurgeryError
     from ..io.writer import abort_all
 
     debug = os.environ.get("SURGERY_DEBUG") == "1"
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_interrupted)
     try:
         app()
     except SurgeryError as e:
@@ -124,11 +139,11 @@ def main() -> None:
             raise
         print(f"surgery: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt as e:
+    except (Interrupted, KeyboardInterrupt) as e:
         abort_all()
-        name = signal.Signals(e.signum).name if isinstance(e, Interrupted) else "SIGINT"
-        print(f"surgery: interrupted ({name}); no output was written", file=sys.stderr)
-        sys.exit(128 + (e.signum if isinstance(e, Interrupted) else signal.SIGINT))
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        print(f"surgery: interrupted ({signal.Signals(signum).name}); no output was written", file=sys.stderr)
+        sys.exit(128 + signum)
     except OSError as e:  # a full disk, a path we may not write: the OS said what, we say where
         abort_all()
         if debug:

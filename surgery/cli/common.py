@@ -9,7 +9,15 @@ import typer
 Force = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists (inputs are never overwritten).")]
 Output = Annotated[str, typer.Option("--output", "-o", help="Output directory (written atomically).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
-MaxShard = Annotated[str, typer.Option("--max-shard-size", help="Largest shard to write, e.g. 5GB or 300MB.")]
+def _size(value: str) -> str:
+    """Check --max-shard-size before any work (parse_size's OutputError reaches main() as one line)."""
+    from ..io.writer import parse_size
+
+    parse_size(value)
+    return value
+
+
+MaxShard = Annotated[str, typer.Option("--max-shard-size", help="Largest shard to write, e.g. 5GB or 300MB.", callback=_size)]
 Family = Annotated[Optional[list[str]], typer.Option(
     "--family", metavar="FILE.json",
     help="A family map for a model type surgery lacks (repeatable; also SURGERY_FAMILIES=DIR; docs/arch.md).")]

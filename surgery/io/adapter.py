@@ -18,7 +18,9 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import AdapterError
+from .checkpoint import load_state_dict
 from .jsonfile import load_json
+from .paths import member
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
@@ -164,19 +166,10 @@ class Adapter:
 
 
 def _load_weights(path: str) -> dict:
-    st = os.path.join(path, WEIGHTS)
-    if os.path.exists(st):
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(st)  # adapters are small: loading whole is fine
-        except Exception as e:  # safetensors raises its own error types
-            raise AdapterError(f"cannot read {st}: {e}", "the file is corrupt or truncated; re-save the adapter") from e
-    binf = os.path.join(path, WEIGHTS_BIN)
-    if os.path.exists(binf):
-        import torch
-
-        return torch.load(binf, map_location="cpu", weights_only=True)
+    # adapters are small: loading whole is fine
+    for name in (WEIGHTS, WEIGHTS_BIN):
+        if os.path.lexists(os.path.join(path, name)):
+            return load_state_dict(member(path, name, error=AdapterError), AdapterError)
     raise AdapterError(f"{path} has {CONFIG} but no {WEIGHTS}", "copy the adapter weights next to its config")
 
 

@@ -26,7 +26,9 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import AdapterError
+from .checkpoint import load_state_dict
 from .jsonfile import dumps, load_json
+from .paths import member
 
 CONFIG = "adapter_config.json"
 WEIGHTS_BIN = "pytorch_adapter.bin"
@@ -255,18 +257,9 @@ def _check_site(path: str, mod: str, w: dict) -> None:
 
 
 def _load(path: str) -> dict:
-    st, binf = os.path.join(path, WEIGHTS_SAFE), os.path.join(path, WEIGHTS_BIN)
-    try:
-        if os.path.exists(st):
-            from safetensors.torch import load_file
-
-            return load_file(st)
-        if os.path.exists(binf):
-            import torch
-
-            return torch.load(binf, map_location="cpu", weights_only=True)
-    except Exception as e:  # both libraries raise their own error types
-        raise AdapterError(f"cannot read the weights in {path}: {e}", "the file is corrupt or truncated; re-save the adapter") from e
+    for name in (WEIGHTS_SAFE, WEIGHTS_BIN):
+        if os.path.lexists(os.path.join(path, name)):
+            return load_state_dict(member(path, name, error=AdapterError), AdapterError)
     raise AdapterError(f"{path} has {CONFIG} but neither {WEIGHTS_BIN} nor {WEIGHTS_SAFE}",
                        "copy the adapter weights next to its config")
 

@@ -104,34 +104,9 @@ class Checkpoint:
         self._bin = {k: file for k in sd}
 
     def _bin_file(self, file: str) -> dict:
-        # weights_only: a pickle can run code; mmap keeps the fallback from loading all at once.
-        import pickle
-
-        import torch
-
         if self._bin_cache and self._bin_cache[0] == file:
             return self._bin_cache[1]
-        try:
-            try:
-                sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                # the legacy (pre-zip, torch < 1.6) format cannot be mapped: read it whole
-                sd = torch.load(file, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            # torch's message quotes the pickle's bytes and suggests weights_only=False: neither belongs here
-            if "weights_only" in str(e) or "Weights only" in str(e):
-                raise CheckpointError(f"{file} is a pickle that needs code execution to load, which surgery never does",
-                                      "convert it to safetensors in an environment you trust") from None
-            raise CheckpointError(f"{file} is not a PyTorch checkpoint (unreadable pickle)",
-                                  "re-download it or convert it to safetensors") from None
-        except Exception as e:  # noqa: BLE001 - torch raises many types; their messages may quote the file
-            raise CheckpointError(f"cannot read {file} as a PyTorch checkpoint ({type(e).__name__})",
-                                  "re-download it or convert it to safetensors") from None
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise CheckpointError(f"{file} holds a {type(sd).__name__}, not a state dict of tensors",
-                                  "save the model's state_dict(), or convert it to safetensors")
+        sd = load_state_dict(file, mmap=True)  # mmap keeps the fallback from loading all at once
         self._bin_cache = (file, sd)
         return sd
 
@@ -203,3 +178,43 @@ class Checkpoint:
                 n *= s
             count[self.dtype(k)] = count.get(self.dtype(k), 0) + n
         return max(count, key=count.get) if count else torch.float32
+
+
+def load_state_dict(file: str, error=CheckpointError, mmap: bool = False) -> dict:
+    """A state dict from a safetensors file or a pickle (.bin), without ever executing code.
+
+    Pickles are loaded with weights_only=True. torch's own messages are not passed on: they quote the
+    file's bytes ("invalid load key, 'r'") and advise weights_only=False, which is exactly the risk."""
+    import pickle
+
+    import torch
+
+    if file.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(file)
+        except Exception as e:  # noqa: BLE001 - SafetensorError and friends; their messages quote no bytes
+            raise error(f"cannot read {file} ({str(e).splitlines()[0][:200]})",
+                        "the file is corrupt or truncated; re-download or re-save it") from None
+    try:
+        try:
+            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not mmap or "mmap" not in str(e):
+                raise
+            # the legacy (pre-zip, torch < 1.6) format cannot be mapped: read it whole
+            sd = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Weights only" in str(e):
+            raise error(f"{file} is a pickle that needs code execution to load, which surgery never does",
+                        "convert it to safetensors in an environment you trust") from None
+        raise error(f"{file} is not a PyTorch checkpoint (unreadable pickle)",
+                    "re-download it or convert it to safetensors") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types; their messages may quote the file
+        raise error(f"cannot read {file} as a PyTorch checkpoint ({type(e).__name__})",
+                    "re-download it or convert it to safetensors") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise error(f"{file} holds a {type(sd).__name__}, not a state dict of tensors",
+                    "save the model's state_dict(), or convert it to safetensors")
+    return sd

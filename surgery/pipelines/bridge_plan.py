@@ -168,8 +168,8 @@ def plan_sizes(arch, reduction: float, fixed: dict, residual: str = "keep", drop
     """Widths that keep about 1/reduction of the non-embedding parameters, each free width divided by
     a common factor s (found by search; with the residual kept only heads and neurons shrink, and
     `drop_layers` layers per stack are left out of the count)."""
-    if reduction < 1:
-        raise ShapeError(f"--reduction {reduction} is below 1", "a bridge keeps 1/R of the LLM; use R >= 1 (16 in the paper)")
+    if not (math.isfinite(reduction) and reduction >= 1):  # nan passes `< 1`; it would reach bridge.json
+        raise ShapeError(f"--reduction {reduction} is not a number >= 1", "a bridge keeps 1/R of the LLM; use R >= 1 (16 in the paper)")
     fixed = {k: v for k, v in fixed.items() if v is not None}
     _check_fixed(arch, fixed, residual)
     check_drop_layers(arch, drop_layers)

@@ -1,0 +1,39 @@
+"""benchmarks/evidence's real-text corpus and tasks: fixed entries, held-out entries never asked
+about, train and dev asking about different names with the answer the corpus states."""
+
+import os
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not os.path.isdir("/usr/lib/python3.11"), reason="needs Debian's python3.11 stdlib")
+
+
+def test_corpus_is_fixed_and_held_out_entries_are_not_pretrained_on():
+    from benchmarks.evidence.corpus import corpus_hash, entries, render, split
+
+    es = entries()
+    assert len(es) > 3000 and corpus_hash() == corpus_hash()
+    seen, held = split()
+    assert len(held) == int(0.05 * len(es)) and len(seen) + len(held) == len(es)
+    assert not {render(e) for e in seen} & {render(e) for e in held}
+    e = next(e for e in es if e["qual"] == "ensure_future")
+    assert render(e).startswith("ensure_future(coro_or_future, loop) in asyncio.tasks: ")
+
+
+@pytest.mark.parametrize("name", ["module", "verb"])
+def test_tasks_ask_dev_about_other_names_and_answer_as_the_corpus_does(name):
+    from benchmarks.evidence.corpus import split
+    from benchmarks.evidence.tasks import labels, make
+
+    train, dev = make(name)
+    assert (train, dev) == make(name)
+    q = lambda r: r["prompt"].split("defines ")[-1].split("? A:")[0] if name == "module" else \
+        r["prompt"].split("what does ")[-1].split(" do? A:")[0]  # noqa: E731
+    assert not {q(r) for r in train} & {q(r) for r in dev}
+    by_qual = {e["qual"]: e for e in split()[0]}
+    for r in train + dev:
+        e = by_qual[q(r)]  # every question is about a pretrained entry
+        want = e["module"].split(".")[0] if name == "module" else e["summary"].split()[0]
+        assert r["completion"] == " " + want and r["completion"] in labels(name)
+    counts = [sum(r["completion"] == lab for r in dev) for lab in labels(name)]
+    assert min(counts) >= 15
