@@ -30,7 +30,7 @@ from surgery.io.model import load_model
 from surgery.pipelines.calibration import batches, token_blocks
 model_dir, data, n, L = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 blocks, _ = token_blocks(model_dir, data, n, L, 0)
-model = load_model(model_dir)
+model = load_model(model_dir, dispatch="gpu", auto_dtype="stored")  # as prune-bridge loads it
 if sys.argv[5] == "plain":
     for b in batches(blocks, n, False):
         model(**b).loss.backward()

@@ -78,6 +78,34 @@ def setup(work: str, layers: int, n: int) -> str:
     return llm
 
 
+def spread(work: str, llm: str, batch: int, seq: int, n: int = 5) -> dict:
+    """The same inference forward pass n times in one process, the high-water mark reset before each:
+    how much the working memory of identical work varies (the allocator's doing, not the stage's)."""
+    sys.path.insert(0, ROOT)
+    import torch
+
+    from surgery.kinds import get
+    from surgery.train.data import collate, load_examples
+    from surgery.train.methods import load_base
+    from surgery.train.zeroth import batch_loss
+
+    model, tok, arch = load_base(llm)
+    model.requires_grad_(False)
+    pm, _ = get("lora").tunable(model, llm + "-lora", arch)
+    for p in pm.parameters():
+        p.detach().sum()
+    b = collate(load_examples(os.path.join(work, "train.jsonl"), tok, seq2seq=False, max_length=seq)[:batch], 0, False)
+    out = []
+    for _ in range(n):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = rss_mb()
+        with torch.inference_mode():
+            batch_loss(pm, b, False)
+        out.append(rss_mb("VmHWM") - base)
+    return {"stage": "spread", "working_mb": out}
+
+
 def child(stage: str, work: str, llm: str, steps: int, batch: int, seq: int) -> dict:
     sys.path.insert(0, ROOT)
     # every heavy library before the baseline, so "above imports" is what the model and the stage add
@@ -125,6 +153,9 @@ def main() -> None:
     ap.add_argument("--llm", default=None)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args()
+    if a.child == "spread":
+        print(json.dumps(spread(a.work, a.llm, a.batch, a.seq)))
+        return
     if a.child:
         print(json.dumps(child(a.child, a.work, a.llm, a.steps, a.batch, a.seq)))
         return
@@ -133,7 +164,7 @@ def main() -> None:
     with open(os.path.join(llm, "config.json")) as f:
         cfg = json.load(f)
     rows = []
-    for stage in ("eval", "refine", "train"):
+    for stage in ("eval", "refine", "train", "spread"):
         r = subprocess.run([sys.executable, "-m", "benchmarks.refine_memory", "--child", stage, "--work", a.work,
                             "--llm", llm, "--steps", str(a.steps), "--batch", str(a.batch), "--seq", str(a.seq)],
                            cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -143,6 +174,8 @@ def main() -> None:
     res = {"llm": {k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")},
            "batch": a.batch, "seq": a.seq, "steps": a.steps, "rows": rows,
            "machine": f"{os.cpu_count()} CPUs, torch {__import__('torch').__version__}"}
+    *rows, sp = rows
+    res["rows"], res["spread_mb"] = rows, sp["working_mb"]
     by = {r["stage"]: r for r in rows}
     print(f"LLM: TinyLlama widths, {a.layers} layers; batch {a.batch} x {a.seq} tokens; {a.steps} steps")
     print(f"{'stage':8} {'peak RSS MB':>12} {'above imports':>14} {'loaded model':>13} {'working MB':>11} "
@@ -152,6 +185,8 @@ def main() -> None:
               f"{r['working_mb']:11.0f} {r['working_mb'] / by['eval']['working_mb']:7.2f} {r['seconds']:8.1f}")
     print(f"train / refine: peak RSS above imports {by['train']['above_imports_mb'] / by['refine']['above_imports_mb']:.2f}x, "
           f"working memory {by['train']['working_mb'] / by['refine']['working_mb']:.2f}x")
+    print(f"one identical inference forward, {len(sp['working_mb'])} times in one process: working MB "
+          + ", ".join(f"{x:.0f}" for x in sp["working_mb"]))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=2)

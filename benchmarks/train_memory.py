@@ -1,14 +1,29 @@
-"""Peak memory of the pipeline's training stages against LoRA directly on the LLM (Jin et al. 2023, Table 6/7).
+"""Training memory of the method's stages against LoRA directly on the LLM (Jin et al. 2023, Table 6/7).
 
-Three separate subprocesses in one run, same data, batch and sequence length:
-  (a) slm:    `surgery train` LoRA on the small model            (Algorithm 1, step 1)
-  (b) bridge: `surgery tune-bridge` on a bridge sliced from the LLM (steps 4-7; the LLM is never loaded)
-  (c) llm:    `surgery train` LoRA directly on the LLM            (the PEFT baseline)
-Each reports its peak RSS (getrusage ru_maxrss) and its RSS after imports, before any model is
-loaded, so the table shows the whole process and the part the model and training add.
-Models are GPT-2-shaped, random, built locally (no downloads) under benchmarks/.work/.
+Stages, at the same batch and sequence length, LoRA r=8 (alpha 16) on the same modules:
+  slm            `surgery train` LoRA on the small model                       (Algorithm 1, step 1)
+  bridge         `surgery tune-bridge` on the default bridge (`prune-bridge --reduction 16`: every
+                 residual channel kept; the LLM itself is never loaded)       (steps 4-7)
+  bridge-drop    the same with `--drop-layers L/2` (half the layers, wider MLPs for the same budget)
+  bridge-narrow  the same with `--residual prune` (the paper's narrow bridge, for comparison)
+  llm            `surgery train` LoRA directly on the LLM                     (the PEFT baseline)
 
-    python benchmarks/train_memory.py            # ~2-4 minutes on 2 CPU cores
+Two measures per stage:
+* tensor count: the bytes of every tensor a training step holds at the end of its forward pass --
+  the model's weights, the tensors autograd saved for the backward (unique storages, weights not
+  counted twice), and the trainable parameters with their gradient and two AdamW moments (fp32).
+  Computed exactly on the meta device (no arithmetic, so the 1.1B shape takes seconds); this is what
+  GPU memory would hold, the paper's measure, without allocator slack or the backward's transients.
+* peak RSS: one real process per stage (`surgery train` / `tune-bridge`, 1 step at --shape tinyllama),
+  ru_maxrss, with the RSS after importing torch/transformers/peft beside it.
+
+    python benchmarks/train_memory.py                       # GPT-2-shaped pair, ~5 min on 2 cores
+    python benchmarks/train_memory.py --shape tinyllama     # TinyLlama-1.1B / 0.2B shapes, random
+    python benchmarks/train_memory.py --shape tinyllama --no-rss   # the tensor count only (seconds)
+
+Models are random, built locally under --work (no downloads); the tokenizer is the fixtures' (384
+tokens), so at --shape tinyllama the 32000-row vocabulary is real in size but only its first rows
+are ever read.
 """
 
 from __future__ import annotations
@@ -22,10 +37,21 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SLM = dict(n_embd=512, n_layer=6, n_head=8, n_positions=256)
-LLM = dict(n_embd=1024, n_layer=8, n_head=16, n_positions=256)
-BRIDGE_FRACTION = 0.4375  # keeps 448 of 1024 residual dims, 7 of 16 heads, 1792 of 4096 MLP units: about the SLM's size
-TARGETS = ["c_attn", "c_proj", "c_fc"]
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, head_dim=64, vocab_size=32000, max_position_embeddings=2048,
+                 tie_word_embeddings=False)
+SHAPES = {
+    "small": {"family": "gpt2", "targets": ["c_attn", "c_proj", "c_fc"],
+              "slm": dict(n_embd=512, n_layer=6, n_head=8, n_positions=256),
+              "llm": dict(n_embd=1024, n_layer=8, n_head=16, n_positions=256)},
+    "tinyllama": {"family": "llama", "targets": LLAMA_TARGETS,
+                  "slm": dict(TINYLLAMA, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
+                              num_attention_heads=16),
+                  "llm": TINYLLAMA},
+}
+BRIDGES = {"bridge": [], "bridge-drop": ["--drop-layers", "HALF"], "bridge-narrow": ["--residual", "prune"]}
+STAGES = ("slm", *BRIDGES, "llm")
 
 
 def rss_mb() -> float:
@@ -36,33 +62,101 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def setup(work: str) -> None:
+def _bridge_args(shape: dict, stage: str) -> list[str]:
+    half = str(shape["llm"].get("num_hidden_layers", shape["llm"].get("n_layer")) // 2)
+    return ["--reduction", "16", *[half if a == "HALF" else a for a in BRIDGES[stage]]]
+
+
+def rss_stages(shape: dict) -> tuple:
+    """Stages run for real: at the 1.1B shape the narrow bridge is only counted (it costs a 1.1B
+    prune and a training run on a 2-core machine, and the tensor count already compares it)."""
+    return tuple(s for s in STAGES if not (shape is SHAPES["tinyllama"] and s == "bridge-narrow"))
+
+
+def config_of(shape: dict, stage: str, work: str) -> dict:
+    """The config.json of the model a stage trains (a bridge's comes from prune-bridge's plan)."""
+    sys.path.insert(0, ROOT)
+    from fixtures.build import _config
+    from surgery.arch import load_arch
+    from surgery.pipelines.bridge_plan import bridge_config, plan_sizes
+
+    if stage in ("slm", "llm"):
+        return _config(shape["family"], **shape[stage]).to_dict()
+    arch = load_arch(_config(shape["family"], **shape["llm"]).to_dict())
+    a = _bridge_args(shape, stage)
+    drop = int(a[a.index("--drop-layers") + 1]) if "--drop-layers" in a else 0
+    residual = "prune" if "prune" in a else "keep"
+    sizes = plan_sizes(arch, 16, {}, residual=residual, drop_layers=drop)
+    return bridge_config(arch, sizes, {st: list(range(n - drop)) for st, n in arch.stacks.items()})
+
+
+def tensor_count(config: dict, targets: list[str], batch: int, seq: int) -> dict:
+    """Bytes a LoRA training step holds at the end of its forward pass, on the meta device (see top)."""
+    import peft
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(config)
+    cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    cfg.pad_token_id = None  # GPT-2 looks for padding in the ids, which meta tensors do not hold
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
+    pm.train()
+    weights = {p.untyped_storage()._cdata: p.numel() * p.element_size() for p in pm.parameters()}
+    trainable = sum(p.numel() * 4 for p in pm.parameters() if p.requires_grad)
+    saved: dict = {}
+
+    def pack(x):
+        key = x.untyped_storage()._cdata
+        if key not in weights:
+            saved[key] = max(saved.get(key, 0), x.untyped_storage().nbytes())
+        return x
+
+    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        pm(input_ids=ids, labels=ids)
+    w, s, t = sum(weights.values()), sum(saved.values()), 4 * trainable  # param + grad + 2 AdamW moments
+    n = sum(p.numel() for p in pm.parameters())
+    return {"weights": w, "saved": s, "trainable": t, "total": w + s + t, "params": n}
+
+
+def setup(shape: dict, work: str, seq: int, train_docs: int) -> None:
     sys.path.insert(0, ROOT)
     from fixtures import build_lora, build_model
-    from fixtures.bridge import build_bridge
     from fixtures.corpus import documents
 
     os.makedirs(work, exist_ok=True)
-    if not os.path.exists(os.path.join(work, "slm", "config.json")):
-        build_model("gpt2", os.path.join(work, "slm"), **SLM)
-    if not os.path.exists(os.path.join(work, "llm", "config.json")):
-        build_model("gpt2", os.path.join(work, "llm"), **LLM)
-        build_lora(os.path.join(work, "llm"), os.path.join(work, "llm-lora"), targets=TARGETS, r=8, alpha=16)
-        build_bridge(os.path.join(work, "llm"), os.path.join(work, "bridge"), fraction=BRIDGE_FRACTION, seed=0)
-    docs = documents(36, seed=0, per_doc=12)  # ~150+ tokens each: every example fills --seq tokens
-    for name, part in (("train.jsonl", docs[:32]), ("dev.jsonl", docs[32:])):
+    for name in ("slm", "llm"):
+        if not os.path.exists(os.path.join(work, name, "config.json")):
+            build_model(shape["family"], os.path.join(work, name), **shape[name])
+    if not os.path.exists(os.path.join(work, "llm-lora", "adapter_config.json")):
+        build_lora(os.path.join(work, "llm"), os.path.join(work, "llm-lora"), targets=shape["targets"], r=8, alpha=16)
+    docs = documents(train_docs + 4, seed=0, per_doc=max(12, seq // 10))  # every example fills --seq tokens
+    for name, part in (("train.jsonl", docs[:train_docs]), ("dev.jsonl", docs[train_docs:train_docs + 1]),
+                       ("calib.txt", docs)):
         with open(os.path.join(work, name), "w") as f:
-            f.write("".join(json.dumps({"text": d}) + "\n" for d in part))
+            f.write("".join((json.dumps({"text": d}) if name.endswith("jsonl") else d) + "\n" for d in part))
+    for stage in rss_stages(shape):
+        if stage not in BRIDGES:
+            continue
+        out = os.path.join(work, stage)
+        if not os.path.exists(os.path.join(out, "bridge.json")):
+            # which units are kept does not change training memory: magnitude needs no backward
+            cmd = [sys.executable, "-m", "surgery", "prune-bridge", os.path.join(work, "llm"), "-o", out, "--data",
+                   os.path.join(work, "calib.txt"), "--importance", "magnitude", "--samples", "2", "--seq-len", "32",
+                   "--json", *_bridge_args(shape, stage)]
+            subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT})
 
 
-def child(stage: str, work: str, steps: int, batch: int, seq: int) -> dict:
+def child(stage: str, shape: dict, work: str, steps: int, batch: int, seq: int) -> dict:
     sys.path.insert(0, ROOT)
     # Import every heavy library before the baseline, so "- imports" is what models and training add.
     import accelerate  # noqa: F401
     import peft  # noqa: F401
     import torch
     import transformers
-    from transformers import GPT2LMHeadModel  # noqa: F401
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM  # noqa: F401
 
     from surgery.pipelines.train import train_adapter
     from surgery.pipelines.tune_bridge import tune_bridge
@@ -74,52 +168,77 @@ def child(stage: str, work: str, steps: int, batch: int, seq: int) -> dict:
     data, dev = os.path.join(work, "train.jsonl"), os.path.join(work, "dev.jsonl")  # a small dev set: cheap before/after
     out = os.path.join(work, f"out-{stage}")
     t = time.time()
-    if stage == "bridge":
-        s = tune_bridge(os.path.join(work, "llm-lora"), os.path.join(work, "bridge"), data, out, eval_data=dev,
+    if stage.startswith("bridge"):
+        s = tune_bridge(os.path.join(work, "llm-lora"), os.path.join(work, stage), data, out, eval_data=dev,
                         max_length=seq, force=True, cfg=cfg)
         params = s["bridge_parameters"]
     else:
-        s = train_adapter(os.path.join(work, stage), data, out, method="lora", rank=8, alpha=16, targets=TARGETS,
+        s = train_adapter(os.path.join(work, stage), data, out, method="lora", rank=8, alpha=16, targets=shape["targets"],
                           eval_data=dev, max_length=seq, force=True, cfg=cfg)
         params = s["parameters"] - s["trainable"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None  # the paper's measure
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return {"stage": stage, "gpu_peak_mb": gpu, "params": params, "trainable": s["trainable"], "steps": s["steps"],
             "peak_rss_mb": peak, "import_rss_mb": base, "seconds": time.time() - t}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default=os.path.join(ROOT, "benchmarks", ".work", "train_memory"))
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default 2; 1 at --shape tinyllama)")
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--child", choices=["slm", "bridge", "llm"])
+    ap.add_argument("--seq", type=int, default=None, help="tokens per example (default 128; 256 at tinyllama)")
+    ap.add_argument("--no-rss", action="store_true", help="only the tensor count (no models built or trained)")
+    ap.add_argument("--child", choices=STAGES)
+    ap.add_argument("--setup", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    big = a.shape == "tinyllama"
+    a.steps = a.steps or (1 if big else 2)
+    a.seq = a.seq or (256 if big else 128)
+    a.work = a.work or os.path.join(ROOT, "benchmarks", ".work", f"train_memory-{a.shape}")
+    shape = SHAPES[a.shape]
     if a.child:
-        print("RESULT " + json.dumps(child(a.child, a.work, a.steps, a.batch, a.seq)))
+        print("RESULT " + json.dumps(child(a.child, shape, a.work, a.steps, a.batch, a.seq)))
         return
-    setup(a.work)
-    rows = []
-    for stage in ("slm", "bridge", "llm"):
-        cmd = [sys.executable, __file__, "--child", stage, "--work", a.work, "--steps", str(a.steps),
-               "--batch", str(a.batch), "--seq", str(a.seq)]
-        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if r.returncode:
-            sys.exit(f"{stage} failed:\n{r.stderr[-3000:]}")
-        rows.append(json.loads(r.stdout.rsplit("RESULT ", 1)[1]))
-    llm = rows[-1]
-    print(f"batch {a.batch}, seq {a.seq}, {a.steps} steps, LoRA r=8 on {', '.join(TARGETS)}")
-    print(f"{'stage':8} {'frozen params':>14} {'trainable':>10} {'peak RSS MB':>12} {'- imports MB':>13} "
-          f"{'LLM/this (peak)':>16} {'LLM/this (model+train)':>23} {'s':>6}")
-    for r in rows:
-        added = r["peak_rss_mb"] - r["import_rss_mb"]
-        llm_added = llm["peak_rss_mb"] - llm["import_rss_mb"]
-        print(f"{r['stage']:8} {r['params'] / 1e6:13.1f}M {r['trainable'] / 1e3:9.0f}K {r['peak_rss_mb']:12.0f} "
-              f"{added:13.0f} {llm['peak_rss_mb'] / r['peak_rss_mb']:15.2f}x {llm_added / added:22.2f}x {r['seconds']:6.1f}")
-    if llm["gpu_peak_mb"]:
-        for r in rows:
-            print(f"{r['stage']:8} GPU peak allocated {r['gpu_peak_mb']:9.0f} MB   LLM/this {llm['gpu_peak_mb'] / r['gpu_peak_mb']:.2f}x")
+    if a.setup:
+        setup(shape, a.work, a.seq, train_docs=a.batch * a.steps)
+        return
+    counts = {s: tensor_count(config_of(shape, s, a.work), shape["targets"], a.batch, a.seq) for s in STAGES}
+    rows = {}
+    if not a.no_rss:
+        # models are built in their own process: a child's ru_maxrss counts the pages it shared with
+        # this process when forked, so this process must stay small
+        subprocess.run([sys.executable, __file__, "--setup", "--shape", a.shape, "--work", a.work, "--steps", str(a.steps),
+                        "--batch", str(a.batch), "--seq", str(a.seq)], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        for stage in rss_stages(shape):
+            cmd = [sys.executable, __file__, "--child", stage, "--shape", a.shape, "--work", a.work,
+                   "--steps", str(a.steps), "--batch", str(a.batch), "--seq", str(a.seq)]
+            r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            if r.returncode:
+                sys.exit(f"{stage} failed:\n{r.stderr[-3000:]}")
+            rows[stage] = json.loads(r.stdout.rsplit("RESULT ", 1)[1])
+    gb = 1e9
+    print(f"shape {a.shape}, batch {a.batch} x {a.seq} tokens, LoRA r=8 on {', '.join(shape['targets'])}, fp32\n")
+    print("Tensor count (meta device: weights + saved activations + trainable param/grad/AdamW):\n")
+    print("| stage | params | weights GB | saved activations GB | trainable state GB | total GB | LLM / this |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    llm = counts["llm"]["total"]
+    for s, c in counts.items():
+        print(f"| {s} | {c['params'] / 1e6:.1f}M | {c['weights'] / gb:.3f} | {c['saved'] / gb:.3f} | "
+              f"{c['trainable'] / gb:.4f} | {c['total'] / gb:.3f} | {llm / c['total']:.2f}x |")
+    if rows:
+        print(f"\nPeak RSS ({a.steps} step(s); `- imports` subtracts the RSS after importing the libraries):\n")
+        print("| stage | frozen params | trainable | peak RSS MB | - imports MB | LLM / this (peak) | LLM / this (- imports) | s |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        L = rows["llm"]
+        for s, r in rows.items():
+            added, l_added = r["peak_rss_mb"] - r["import_rss_mb"], L["peak_rss_mb"] - L["import_rss_mb"]
+            print(f"| {s} | {r['params'] / 1e6:.1f}M | {r['trainable'] / 1e3:.0f}K | {r['peak_rss_mb']:.0f} | {added:.0f} | "
+                  f"{L['peak_rss_mb'] / r['peak_rss_mb']:.2f}x | {l_added / added:.2f}x | {r['seconds']:.0f} |")
+        if L["gpu_peak_mb"]:
+            for s, r in rows.items():
+                print(f"{s:14} GPU peak allocated {r['gpu_peak_mb']:9.0f} MB   LLM/this {L['gpu_peak_mb'] / r['gpu_peak_mb']:.2f}x")
 
 
 if __name__ == "__main__":

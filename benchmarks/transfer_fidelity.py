@@ -21,7 +21,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-CASES = [("llama", 2, 2, 0.0), ("llama", 3, 1, 0.0), ("gpt2", 2, 2, 0.0), ("llama", 2, 2, 0.01), ("gpt2", 2, 2, 0.01)]
+# (family, width, depth, silent, readers): readers = 1 gives the extra heads and neurons live reading
+# weights that write nothing (issue 16), so the LLM still computes the SLM exactly
+CASES = [("llama", 2, 2, 0.0, 0.0), ("llama", 3, 1, 0.0, 0.0), ("gpt2", 2, 2, 0.0, 0.0), ("llama", 2, 2, 0.01, 0.0),
+         ("gpt2", 2, 2, 0.01, 0.0), ("llama", 3, 3, 0.0, 1.0), ("gpt2", 3, 2, 0.0, 1.0)]
 
 
 def logits(base, ids, adapter=None):
@@ -56,15 +59,15 @@ def main() -> None:
         f.write("\n".join(documents(64, seed=3)))
     ids = torch.randint(4, 384, (4, 32), generator=torch.Generator().manual_seed(123))
     print(f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
-    print("| SLM | width | depth | silent | map | base mismatch | error of the effect | transfer time |")
-    print("|---|---|---|---|---|---|---|---|")
-    for family, width, depth, silent in CASES:
+    print("| SLM | width | depth | silent | readers | map | base mismatch | error of the effect | transfer time |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for family, width, depth, silent, readers in CASES:
         slm = os.path.join(root, family)
         if not os.path.exists(slm):
             build_model(family, slm)
             build_lora(slm, slm + "-lora")
-        llm = os.path.join(root, f"{family}-x{width}-d{depth}-s{silent}")
-        expand_model(slm, llm, width=width, depth=depth, silent=silent, seed=7, force=True)
+        llm = os.path.join(root, f"{family}-x{width}-d{depth}-s{silent}-r{readers}")
+        expand_model(slm, llm, width=width, depth=depth, silent=silent, seed=7, force=True, readers=readers)
         base, want = logits(slm, ids), logits(slm, ids, slm + "-lora")
         effect = (want - base).norm()
         llm_base = logits(llm, ids)
@@ -75,7 +78,7 @@ def main() -> None:
             transfer(slm + "-lora", llm, out, data=calib, map_kind=kind, samples=64, force=True)
             dt = time.time() - t
             err = float(((logits(llm, ids, out) - llm_base) - (want - base)).norm() / effect)
-            print(f"| {family} | ×{width} | ×{depth} | {silent} | {kind} | {mismatch:.2e} | {err:.2e} | {dt:.1f} s |",
+            print(f"| {family} | ×{width} | ×{depth} | {silent} | {readers} | {kind} | {mismatch:.2e} | {err:.2e} | {dt:.1f} s |",
                   flush=True)
 
 

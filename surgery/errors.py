@@ -40,3 +40,7 @@ class NumericsError(SurgeryError):
 
 class DataError(SurgeryError):
     """Calibration or training data is missing or malformed."""
+
+
+class ResourceError(SurgeryError):
+    """The job does not fit in the memory it was given (or the machine has)."""

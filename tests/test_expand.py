@@ -24,8 +24,9 @@ def ids():
     return torch.randint(4, 384, (2, 10), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("family,width,depth", CASES, ids=str)
-def test_expansion_is_exact(fx, tmp_path, ids, family, width, depth):
+@pytest.mark.parametrize("family,width,depth,readers", [c + (0.0,) for c in CASES] + [("llama", 3, 2, 1.0), ("gpt2", 2, 1, 1.0)],
+                         ids=str)
+def test_expansion_is_exact(fx, tmp_path, ids, family, width, depth, readers):
     from surgery.arch import arch_of
     from surgery.io.checkpoint import Checkpoint
 
@@ -33,8 +34,11 @@ def test_expansion_is_exact(fx, tmp_path, ids, family, width, depth):
 
     slm = fx.model(family)
     out = tmp_path / "llm"
-    kept = expand_model(slm, str(out), width=width, depth=depth, seed=1)
+    kept = expand_model(slm, str(out), width=width, depth=depth, seed=1, readers=readers)
     a, b = Checkpoint.open(slm), Checkpoint.open(str(out))
+    if readers:  # the extra heads' and neurons' reading weights are live (non-zero) …
+        q = b.read(next(t.name for t in arch_of(b).linears() if t.layer == 0 and t.in_dims == ("residual",)))
+        assert (q != 0).float().mean() > 0.7  # (a kept row is zero off the SLM's residual channels)
     sa, sb = arch_of(a), arch_of(b)
     assert sb.dims["hidden"] == width * sa.dims["hidden"] and sb.dims["kv_heads"] == width * sa.dims["kv_heads"]
     assert sb.stacks["layers"] == depth * sa.stacks["layers"]

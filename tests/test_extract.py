@@ -71,18 +71,88 @@ def test_rank_r_error_is_eckart_young_optimum(fx, tmp_path):
         assert row["rank"] == 3 and row["rel_error"] == pytest.approx(opt, abs=1e-6)
 
 
-def test_randomized_svd_reaches_the_optimum_on_a_flat_spectrum():
+@pytest.fixture
+def one_thread():
+    """LAPACK on 2 threads of a shared 2-core machine is 30× slower (spin-waiting); these sizes need 1."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_randomized_svd_reaches_the_optimum_on_a_flat_spectrum(one_thread):
     g = torch.Generator().manual_seed(0)
     D = torch.randn(600, 700, generator=g, dtype=torch.float64)  # random: the hardest (flattest) spectrum
     assert use_randomized(D.shape, 2)
-    U, S, Vh, method = truncated_svd(D, 2)
-    assert method == "krylov"
-    A, B = lora_factors(U, S, Vh)
-    s = torch.linalg.svdvals(D)
-    opt = float(s[2:].square().sum().sqrt() / s.square().sum().sqrt())
-    assert relative_error(D, A, B) == pytest.approx(opt, abs=1e-6)
+    for verify in (True, False):
+        U, S, Vh, method, err, opt_reported, _ = truncated_svd(D, 2, verify=verify)
+        assert method == "krylov"
+        A, B = lora_factors(U, S, Vh)
+        s = torch.linalg.svdvals(D)
+        opt = float(s[2:].square().sum().sqrt() / s.square().sum().sqrt())
+        assert relative_error(D, A, B) == pytest.approx(opt, abs=1e-6) and err == pytest.approx(relative_error(D, A, B), abs=1e-9)
+        assert opt_reported is None if not verify else opt_reported == pytest.approx(opt, abs=1e-12)
     assert relative_error(D, A, B) == pytest.approx(float((D - B @ A).norm() / D.norm()), abs=1e-9)
     assert energy_rank(torch.tensor([3.0, 2.0, 1.0]), 13 / 14) == 2 and energy_rank(torch.tensor([3.0, 2.0, 1.0]), 0.95) == 3
+
+
+def _bf16_delta(kind: str, m: int = 2640, n: int = 960):
+    """tuned − base of two bf16 matrices, [m, n] (TinyLlama's 5632×2048 MLP aspect, at ~half width)."""
+    g = torch.Generator().manual_seed(0)
+    base = (0.002 * torch.randn(m, n, generator=g)).bfloat16()  # small weights: a low bf16 rounding floor
+    if kind == "merged-lora":  # rank 16, σ ≈ 1, over the rounding floor ~2000× below
+        delta = torch.randn(m, 16, generator=g) * 0.02 @ (torch.randn(16, n, generator=g) / n ** 0.5)
+    else:  # slowly decaying spectrum σ_i ∝ i^-0.5
+        U, _ = torch.linalg.qr(torch.randn(m, n, generator=g))
+        V, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+        delta = (U * (0.05 * torch.arange(1, n + 1) ** -0.5)) @ V.T
+    return (base.float() + delta).bfloat16().float() - base.float()
+
+
+@pytest.mark.parametrize("kind", ["merged-lora", "slow-decay"])
+def test_krylov_reaches_the_optimum_at_real_aspect_in_bf16(one_thread, kind):
+    """The float32 Krylov basis of the old code lost orthogonality on the merged-LoRA delta (‖KᵀK − I‖ ≫ 1) and
+    wrote factors with relative error 4.7, worse than no adapter; the float64 basis reaches Eckart–Young."""
+    d = _bf16_delta(kind)
+    s = torch.linalg.svdvals(d.double())
+    opt = float(s[16:].square().sum().sqrt() / s.square().sum().sqrt())
+    for verify in (True, False):
+        res = truncated_svd(d, 16, verify=verify)
+        A, B = lora_factors(res.U, res.S, res.Vh)
+        assert res.method == "krylov" and relative_error(d, A, B) == pytest.approx(opt, abs=1e-7)
+        assert res.error == pytest.approx(opt, abs=1e-7) and float(res.S[0]) == pytest.approx(float(s[0]), rel=1e-9)
+        if verify:
+            assert res.optimum == pytest.approx(opt, abs=1e-9)
+            assert torch.allclose(res.spectrum, s, rtol=1e-6, atol=1e-9 * float(s[0]))
+
+
+def test_a_miss_falls_back_to_the_exact_svd(one_thread, monkeypatch):
+    """If the randomized basis misses the optimum by more than 1e-3, the exact SVD replaces it (never a worse row)."""
+    from surgery.ops import lowrank as L
+
+    g = torch.Generator().manual_seed(1)
+    d = torch.randn(600, 700, generator=g) * torch.logspace(0, -3, 700)
+    monkeypatch.setattr(L, "_block_krylov", lambda apply, m, rank, seed: torch.linalg.qr(torch.randn(m, rank, dtype=torch.float64))[0])
+    res = L.truncated_svd(d, 2)
+    assert res.method == "exact (fallback)" and res.error == pytest.approx(res.optimum, abs=1e-9)
+    assert L.truncated_svd(d, 2, verify=False).error > 0.01 + res.optimum  # unverified: the bad basis stands
+
+
+def test_an_adapter_worse_than_none_is_an_error_and_writes_nothing(fx, tmp_path, monkeypatch):
+    from surgery.ops import lowrank as L
+    from surgery.pipelines import extract as E
+
+    base = fx.model("llama")
+    _tuned(base, str(tmp_path / "t"), ["q_proj"])
+
+    def broken(delta, rank, seed=0, verify=True):  # B A = 9 Δ: relative error 8
+        r = L.truncated_svd(delta, rank, seed, verify=verify)
+        return r._replace(S=r.S * 9, error=0.0)
+
+    monkeypatch.setattr(E, "truncated_svd", broken)
+    code, out, err = run_cli("extract-lora", base, tmp_path / "t", "-o", tmp_path / "a", "--rank", "64", "--targets", "q_proj")
+    assert code != 0 and "worse than no adapter; nothing was written" in err and "Traceback" not in err
+    assert not (tmp_path / "a").exists()
 
 
 def test_qwen2_bias_deltas_are_applied_by_peft(fx, tmp_path):

@@ -271,7 +271,7 @@ TRICKY = '  leading spaces stay\n\n   \nthe end\twith a tab  \r\n{"text": "not J
 def test_prune_bridge_and_transfer_read_the_same_documents(fx, tmp_path, monkeypatch):
     """Both commands' calibration readers, spied on while the real commands run, see the same list."""
     import surgery.pipelines.calibration as calibration
-    import surgery.pipelines.transfer_fit as transfer_fit
+    import surgery.pipelines.transfer.fit as transfer_fit
     from surgery.io.data import documents
 
     seen = {}

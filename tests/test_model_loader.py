@@ -53,7 +53,6 @@ def test_every_command_takes_the_flags(fx, task, tmp_path):
     assert code == 0, err
     assert json.loads(out)["device"] == "cpu"
     for cmd in (["prune-bridge", model, "--data", train, "-o", tmp_path / "b"],
-                ["transfer", "--slm", fx.lora("llama", targets=["q_proj"]), "--llm", model, "-o", tmp_path / "c"],
                 ["tune-bridge", "--adapter", tmp_path / "a", "--bridge", tmp_path / "x", "--data", train, "-o", tmp_path / "d"]):
         code, _, err = run_cli(*cmd, "--device", "cuda:0", "--device-map", "auto")
         assert code == 2 and "--device cuda:0 and --device-map auto both given" in err, (cmd, err)

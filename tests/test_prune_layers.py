@@ -136,3 +136,39 @@ def test_bottleneck_sites_of_a_dropped_layer_stay_as_given(fx, noop, calib, task
         assert same == (".layers.1." in m), m
     assert os.path.exists(tmp_path / "tuned" / "tune_bridge.json")
     json.loads((tmp_path / "b" / "bridge.json").read_text())
+
+
+def test_fisher_streams_through_accelerate_disk_offload(fx, calib, tmp_path):
+    """The 70B plan (docs/prune-bridge.md): accelerate offloads blocks to disk under a --max-memory
+    budget and the block-wise recompute runs through its hooks, giving the same scores."""
+    import torch
+
+    from surgery.arch import load_arch
+    from surgery.pipelines import importance as imp
+    from surgery.io.model import load_model
+    from surgery.pipelines.calibration import token_blocks
+
+    path = fx.model("llama")
+    arch = load_arch(json.loads(open(os.path.join(path, "config.json")).read()))
+    blocks, _ = token_blocks(path, calib, 4, 16, 0)
+    want = imp.fisher_mask(load_model(path), arch, blocks, batch_size=4)
+    model = load_model(path, dispatch="gpu", max_memory={"cpu": "250KB"}, offload_folder=str(tmp_path / "off"))
+    assert "disk" in model.hf_device_map.values()
+    got = imp.fisher_mask(model, arch, blocks, batch_size=4)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-12)
+
+
+def test_max_memory_flag_offloads_and_writes_the_same_bridge(fx, calib, tmp_path):
+    from .conftest import run_cli
+    from .test_prune import _digest
+
+    llm = fx.model("llama")
+    args = ["--data", calib, "--reduction", "4", "--samples", "4", "--seq-len", "32", "--json"]
+    assert run_cli("prune-bridge", llm, "-o", tmp_path / "a", *args)[0] == 0
+    code, _, err = run_cli("prune-bridge", llm, "-o", tmp_path / "b", "--max-memory", "cpu=250KB", *args)
+    assert code == 0, err
+    a, b = _digest(tmp_path / "a"), _digest(tmp_path / "b")
+    assert a == b and not any(".offload" in k for k in b)
+    code, _, err = run_cli("prune-bridge", llm, "-o", tmp_path / "c", "--max-memory", "cpu", *args)
+    assert code != 0 and "is not DEVICE=SIZE" in err

@@ -186,6 +186,52 @@ def test_refine_bottleneck_lowers_the_loss_and_keeps_the_adapterhub_layout(fx, t
     assert json.loads(o)["loss"] == pytest.approx(s["after"]["loss"], rel=1e-6)
 
 
+def _lokr(base, out):
+    """A PEFT LoKr adapter with both factors non-zero (peft's default init makes the delta zero)."""
+    from peft import LoKrConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                        LoKrConfig(r=4, alpha=8, target_modules=TARGETS, init_weights=False))
+    pm.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["dora", "lokr", "ia3"])
+def test_refine_other_peft_kinds(fx, task, tmp_path, kind):
+    """Every PEFT-format kind that lists refine: the loss falls, the output has the input's keys and config."""
+    from surgery.io.adapter import Adapter
+
+    from .test_ia3 import build_ia3
+
+    llm = fx.model("llama")
+    src = {"dora": lambda: fx.lora("llama", targets=TARGETS, name="dora", use_dora=True),
+           "lokr": lambda: _lokr(llm, str(tmp_path / "src")),
+           "ia3": lambda: build_ia3(llm, str(tmp_path / "src"))}[kind]()
+    # (IA)³ rescales the random fixture's near-uniform outputs (loss ≈ ln 384) only a little: a larger
+    # step, and any fall counts
+    code, o, err = _refine(src, llm, task, tmp_path / "out", *(["--lr", "0.2"] if kind == "ia3" else []))
+    assert code == 0, err
+    s = json.loads(o)
+    assert s["kind"] == kind and s["kept_step"] == 30
+    assert s["after"]["loss"] < s["before"]["loss"] - (0.001 if kind == "ia3" else 0.005)
+    a, b = Adapter.open(src), Adapter.open(str(tmp_path / "out"))
+    assert a.config == b.config and {k: (t.shape, t.dtype) for k, t in a.tensors.items()} == \
+        {k: (t.shape, t.dtype) for k, t in b.tensors.items()}
+    assert s["trainable"] == sum(t.numel() for t in a.tensors.values())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_refine_lora_on_other_families(fx, task, tmp_path, family):
+    """GPT-2's Conv1D layers (fan_in_fan_out) and an encoder-decoder (the completion is the decoder's target)."""
+    llm, src = fx.model(family), fx.lora(family)
+    code, o, err = _refine(src, llm, task, tmp_path / "out")
+    assert code == 0, err
+    s = json.loads(o)
+    assert s["family"] == family and s["kept_step"] == 30 and s["after"]["loss"] < s["before"]["loss"] - 0.005
+
+
 # ---- bad input: one line, no output --------------------------------------------------------
 
 
@@ -195,13 +241,13 @@ def test_bad_input_is_one_line_and_writes_nothing(fx, task, tmp_path):
     cases = [
         ((src, llm, task, tmp_path / "o", "--steps", "0"), "--steps 0 is out of range"),
         ((src, llm, task, tmp_path / "o", "--lr", "-1"), "--lr -1.0 is out of range"),
+        ((src, llm, task, tmp_path / "o", "--backoff", "0"), "--backoff 0.0 is out of range"),
         ((str(tmp_path / "nope"), llm, task, tmp_path / "o"), "does not exist"),
         ((llm, llm, task, tmp_path / "o"), "is a model directory, not an adapter"),
         ((gpt2_lora, llm, task, tmp_path / "o"), "does not fit this LLM"),
         ((src, llm, (str(tmp_path / "missing.jsonl"), task[1]), tmp_path / "o"), "does not exist"),
         ((src, llm, task, tmp_path / "o", "--lr", "1e30"), "non-finite"),
-        ((fx.lora("llama", targets=["q_proj"], name="dora", use_dora=True), llm, task, tmp_path / "o"),
-         "dora is not supported by refine (supported: lora, bottleneck)"),
+        ((fx.model("llama") + "-no-such-dir", llm, task, tmp_path / "o"), "does not exist"),
     ]
     for args, msg in cases:
         code, _, err = _refine(*args)
@@ -235,3 +281,8 @@ def test_keep_best_never_writes_an_adapter_worse_than_its_input(fx, task, tmp_pa
     evals = {e["step"]: e["loss"] for e in log["history"]["evals"]}
     assert sorted(evals) == [10, 20, 30] and s["kept_step"] in evals
     assert s["after"]["loss"] == min(evals.values()) <= s["before"]["loss"]
+    # a worse evaluation than the best so far restores the best state and halves lr
+    code, o, err = _refine(src, llm, task, tmp_path / "backoff", "--lr", "3", "--eval-every", "10")
+    assert code == 0, err
+    s = json.loads(o)
+    assert s["lr_schedule"][:3] == [[0, 3.0], [10, 1.5], [20, 0.75]] and s["after"]["loss"] <= s["before"]["loss"]

@@ -252,3 +252,22 @@ def test_fit_map_is_exact_on_exact_data_and_shrinks_noise():
     P2, rel2, rank2 = fit_to_llm(noisy, 1e-9)
     assert rank2 < 8 and rel2 > 1e-3  # the weakest directions are shrunk, not fitted to noise
     assert (P2 - S).norm() < (S.norm() * 0.5)
+
+
+@pytest.mark.parametrize("family,targets,width,depth", [
+    ("llama", ["q_proj", "k_proj", "v_proj", "up_proj"], 3, 3),
+    ("llama", ["up_proj"], 3, 3),
+    ("gpt2", ["c_attn", "c_fc"], 3, 2),
+], ids=str)
+def test_extra_units_that_read_but_do_not_write(fx, tmp_path, calib, ids, family, targets, width, depth):
+    """Issue 16: extra heads/neurons read the residual with live weights but write nothing. The LLM still
+    computes the SLM exactly, so the port must reproduce the adapter's effect (< 1 %; with one ridge
+    per map instead of one per row, 1–4 %)."""
+    from fixtures.expand import expand_model
+    from surgery.pipelines.transfer import transfer
+
+    llm = str(tmp_path / "llm")
+    expand_model(fx.model(family), llm, width=width, depth=depth, seed=11, readers=1.0)
+    ad = fx.lora(family, targets=targets, name="-".join(targets))
+    transfer(ad, llm, str(tmp_path / "o"), data=calib, samples=32, seq_len=64)
+    assert relative_error(fx.model(family), ad, llm, str(tmp_path / "o"), ids) < 0.01

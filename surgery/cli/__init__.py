@@ -22,24 +22,49 @@ app = typer.Typer(
     name="surgery",
     help="Surgery on saved checkpoints: merge, extract, prune and transfer parameter-efficient adapters.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"surgery {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only results and errors: no notes on stderr."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also say what is being done, on stderr."),
+) -> None:
     """Surgery on saved checkpoints: merge, extract, prune and transfer parameter-efficient adapters.
 
     Set SURGERY_DEBUG=1 to see tracebacks.
     """
+    from .. import log
+
+    log.set_level(log.QUIET if quiet else log.VERBOSE if verbose else log.NORMAL)
 
 
 # One module per command group; each registers its commands on `app` when imported.
 COMMAND_MODULES = ["inspect", "prune", "krona", "bitfit", "train", "transfer", "merge", "extract", "refine"]
 for _name in COMMAND_MODULES:
     import_module(f"{__name__}.{_name}")
+
+# --help lists the commands in the order of the method (docs/method.md), then the adapter tools,
+# each with its docstring's first line, whole (click would cut it at the terminal width)
+PIPELINE_ORDER = ["inspect", "train", "transfer", "prune-bridge", "tune-bridge", "refine", "eval", "merge-lora",
+                  "unmerge-lora", "extract-lora", "extract-krona", "extract-bitfit", "apply-bitfit"]
+app.registered_commands.sort(key=lambda c: PIPELINE_ORDER.index(c.name) if c.name in PIPELINE_ORDER else len(PIPELINE_ORDER))
+for _cmd in app.registered_commands:
+    if _cmd.short_help is None and _cmd.callback.__doc__:
+        _cmd.short_help = _cmd.callback.__doc__.strip().splitlines()[0]
 
 # Parameters that name an input model or adapter. Each goes through io/hub.local_dir before the
 # command runs, so `org/name` works wherever a directory does (tests/test_hub.py checks that every

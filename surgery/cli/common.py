@@ -59,9 +59,16 @@ def human_count(n: int) -> str:
 
 
 def console(stderr: bool = False):
+    """A rich console; piped (not a terminal), it is as wide as the lines need (COLUMNS, else 200) so
+    tables do not fold paths and names mid-word at rich's default 80 columns."""
+    import os
+    import sys
+
     from rich.console import Console
 
-    return Console(stderr=stderr)
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else int(os.environ.get("COLUMNS") or 200)
+    return Console(stderr=stderr, width=width)
 
 
 def print_json(obj) -> None:

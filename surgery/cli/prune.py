@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import SurgeryError
 from ..pipelines.prune import PruneConfig, prune_bridge
 from . import app
 from .common import (Device, DeviceMap, Force, JsonOut, MaxShard, ModelDtype, Output, Seed, console, human_count,
@@ -38,6 +39,7 @@ def prune_bridge_cmd(
     dtype: ModelDtype = "auto",
     device: Device = None,
     device_map: DeviceMap = None,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory budget per device for the calibration passes, e.g. cpu=8GiB or 0=70GiB,cpu=100GiB; accelerate offloads the rest to disk.")] = None,
     json_out: JsonOut = False,
 ):
     """Prune LLM into a smaller checkpoint of the same family, by Fisher information on calibration data."""
@@ -51,11 +53,24 @@ def prune_bridge_cmd(
                       num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
                       samples=samples, seq_len=seq_len, batch_size=batch_size, importance=importance, seed=seed,
                       max_shard_size=max_shard_size)
-    r = prune_bridge(llm, output, data, cfg, force=force, placement=where)
+    r = prune_bridge(llm, output, data, cfg, force=force, placement=where, max_memory=parse_max_memory(max_memory))
     if json_out:
         print_json({k: v for k, v in r.items() if k != "kept"})
         return
     render(r)
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """"cpu=8GiB,0=70GiB" -> {"cpu": "8GiB", 0: "70GiB"} (accelerate's max_memory; GPUs by index)."""
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        dev, sep, size = part.strip().partition("=")
+        if not sep or not dev or not size:
+            raise SurgeryError(f"--max-memory {text!r}: {part!r} is not DEVICE=SIZE", "write e.g. cpu=8GiB or 0=70GiB,cpu=100GiB")
+        out[int(dev) if dev.isdigit() else dev] = size
+    return out
 
 
 def render(r: dict) -> None:

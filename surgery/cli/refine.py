@@ -32,6 +32,7 @@ def refine_cmd(
     log_every: Annotated[int, typer.Option("--log-every", help="Steps per recorded training loss.")] = _D.log_every,
     eval_every: Annotated[int, typer.Option("--eval-every", help="Steps between evaluations on --eval (0: before and after only).")] = _D.eval_every,
     keep_best: Annotated[bool, typer.Option("--keep-best/--keep-last", help="Write the evaluated state (input, each --eval-every, last) with the lowest loss, or the last step's.")] = _D.keep_best,
+    backoff: Annotated[float, typer.Option("--backoff", help="With --keep-best: an evaluation worse than the best restores the best state and multiplies lr by this (1: never).")] = _D.backoff,
     seed: Seed = _D.seed,
     force: Force = False,
     json_out: JsonOut = False,
@@ -39,7 +40,7 @@ def refine_cmd(
     """Tune an adapter on the LLM with forward passes only (MeZO): no gradients, no optimizer state, inference memory. OUT has the input's format and refine.json."""
     _quiet()
     cfg = RefineConfig(steps=steps, lr=lr, eps=eps, batch_size=batch_size, seed=seed, log_every=log_every,
-                       eval_every=eval_every, keep_best=keep_best)
+                       eval_every=eval_every, keep_best=keep_best, backoff=backoff)
     s = refine(adapter, llm, data, output, eval_data=eval_data, max_length=max_length, force=force, cfg=cfg)
     if json_out:
         print_json(s)
@@ -47,4 +48,5 @@ def refine_cmd(
     _render(f"refine {s['kind']} on the {s['family']} LLM (MeZO): {s['output']}", s,
             [("tuned", f"{human_count(s['trainable'])} adapter parameters; LLM {human_count(s['llm_parameters'])} frozen"),
              ("steps", f"{s['steps']} on {s['device']} ({2 * s['steps']} forward passes, no backward); "
-                       f"kept the state after step {s['kept_step']}")])
+                       f"kept the state after step {s['kept_step']}")]
+            + ([("lr", " -> ".join(f"{lr:g} (step {st})" for st, lr in s["lr_schedule"]))] if len(s["lr_schedule"]) > 1 else []))

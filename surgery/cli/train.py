@@ -13,7 +13,7 @@ from . import app
 from .common import (Device, DeviceMap, Force, JsonOut, ModelDtype, Output, Seed, console, human_count, placement,
                      print_json)
 
-Data = Annotated[str, typer.Option("--data", help="JSONL: {\"text\"} (LM loss) or {\"prompt\",\"completion\"} (loss on the completion).")]
+Data = Annotated[str, typer.Option("--data", help="JSONL: {\"text\"} (LM loss); {\"prompt\",\"completion\"}, chat {\"messages\"} or Alpaca {\"instruction\",\"input\",\"output\"} (loss on the answer).")]
 EvalData = Annotated[str | None, typer.Option("--eval", help="JSONL evaluated periodically and at the end.")]
 Epochs = Annotated[float, typer.Option("--epochs", help="Passes over the training data (fractions allowed).")]
 Lr = Annotated[float, typer.Option("--lr", help="AdamW learning rate.")]

@@ -9,7 +9,7 @@ import typer
 from ..kinds import names as kind_names
 from ..pipelines.transfer import TransferConfig, transfer
 from . import app
-from .common import Device, DeviceMap, Force, JsonOut, ModelDtype, Output, console, placement, print_json
+from .common import Force, JsonOut, Output, console, print_json
 
 C = TransferConfig()  # every default below is TransferConfig's
 
@@ -26,17 +26,13 @@ def transfer_cmd(
     samples: Annotated[int, typer.Option("--samples", help="Calibration texts to use.")] = C.samples,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration text.")] = C.seq_len,
     ridge: Annotated[float, typer.Option("--ridge", help="Ridge strength, relative to the mean eigenvalue of each Gram.")] = C.ridge,
-    dtype: ModelDtype = "auto",
-    device: Device = None,
-    device_map: DeviceMap = None,
+    max_memory: Annotated[str, typer.Option("--max-memory", help="Peak memory budget, e.g. 3GB; sets how many LLM layers are captured and fitted at once (default 4GB, more if one layer needs it and memory is free).")] = None,
     force: Force = False,
     json_out: JsonOut = False,
 ):
     """Port ADAPTER to the LLM: layers duplicated over blocks, widths through fitted projections (W_plug)."""
-    where = placement(dtype, device, device_map)  # default: device_map auto with a GPU or when a model would not fit
-
     cfg = TransferConfig(map_kind=map_kind, depth=depth, samples=samples, seq_len=seq_len, ridge=ridge)
-    info = transfer(slm, llm, output, cfg, slm_base=slm_base, data=data, force=force, placement=where)
+    info = transfer(slm, llm, output, cfg, slm_base=slm_base, data=data, max_memory=max_memory, force=force)
     if json_out:
         print_json(info)
         return

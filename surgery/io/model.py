@@ -1,7 +1,8 @@
 """The one model loader: a checkpoint directory -> a transformers model, in the dtype and on the
 device(s) asked for.
 
-train, eval, transfer, prune-bridge and tune-bridge all load here, so the causal / seq2seq choice,
+train, eval, prune-bridge and tune-bridge load here (transfer streams its layers instead:
+pipelines/transfer/stream.py), so the causal / seq2seq choice,
 the dtype and the placement are decided in one place:
 
   dtype       auto: the checkpoint's own dtype when the model runs on a GPU, float32 on the CPU
@@ -107,11 +108,11 @@ def _fits_in_memory(path: str) -> bool:
 
 
 def load_model(path: str, placement: Placement | None = None, *, dispatch: str = "never", auto_dtype: str = "device",
-               max_memory: dict | None = None):
+               max_memory: dict | None = None, offload_folder: str | None = None):
     """The transformers model of the checkpoint directory `path` (causal or seq2seq, from its config),
     in eval mode. A model placed by accelerate carries `hf_device_map`; the training loop leaves such
     a model where it is. max_memory ({device: "20GiB", "cpu": ...}) caps each device for accelerate's
-    placement, which offloads what does not fit to CPU and then disk."""
+    placement, which offloads what does not fit to CPU and then to `offload_folder` on disk."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     placement = (placement or Placement()).check()
@@ -122,6 +123,8 @@ def load_model(path: str, placement: Placement | None = None, *, dispatch: str =
     kw = {"device_map": device_map} if device_map else {}
     if device_map and max_memory:
         kw["max_memory"] = max_memory
+    if device_map and offload_folder:
+        kw["offload_folder"] = offload_folder
     model = cls.from_pretrained(ck.path, dtype=placement.torch_dtype(ck.path, auto_dtype), **kw)
     if placement.device:
         model = model.to(placement.device)

@@ -79,7 +79,7 @@ class MergeTarget:
 
 @dataclass
 class PortContext:
-    """What `surgery transfer` knows when a kind carries its weights over (see pipelines/transfer.py).
+    """What `surgery transfer` knows when a kind carries its weights over (see pipelines/transfer/run.py).
 
     maps[(llm layer, space key, "to_slm"|"to_llm")] are the fitted projections; `embed` the
     embedding-space maps; `roles` the SLM layer's {module suffix: ModuleRole}; locate(module) ->
@@ -222,3 +222,14 @@ def write_peft_tuned(kind: Kind, od, path: str, model) -> None:
         raise AdapterError(f"peft saves other keys than {ad.path} holds (missing {missing[:2]}, unexpected {extra[:2]})",
                            f"pass a {kind.name} adapter as peft saves it")
     write_adapter(od, ad.config, {k: new[k].detach().cpu().to(ad.tensors[k].dtype) for k in new})
+
+
+class PeftRefine:
+    """refine for a kind saved in PEFT's format (mixed in before Kind): peft_tunable and
+    write_peft_tuned above, as methods."""
+
+    def tunable(self, model, path: str, arch):
+        return peft_tunable(self, model, path)
+
+    def save_tuned(self, od, path: str, model, llm_config: dict, arch) -> None:
+        write_peft_tuned(self, od, path, model)

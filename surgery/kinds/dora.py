@@ -11,17 +11,17 @@ from __future__ import annotations
 
 from ..errors import AdapterError
 from ..ops.lora import dora_factor, dora_norm, fold
-from .base import Kind, MergeTarget, Step
+from .base import Kind, MergeTarget, PeftRefine, Step
 from .lora import bias_steps, details, module_delta, modules
 
 NORMS = "dora_norms.safetensors"  # n = ‖W + ΔW‖ per DoRA module, written beside a merged checkpoint
 
 
-class Dora(Kind):
+class Dora(PeftRefine, Kind):
     name = "dora"
     title = "DoRA"
     peft_type = "LORA"
-    commands = ("eval", "inspect", "merge-lora", "unmerge-lora")
+    commands = ("eval", "inspect", "merge-lora", "unmerge-lora", "refine")
 
     def matches(self, path, config):
         return super().matches(path, config) and bool(config.get("use_dora"))

@@ -25,7 +25,7 @@ import os
 
 from ..errors import AdapterError, NumericsError, ShapeError
 from ..io.adapter import targets_module
-from .base import Kind, MergeTarget, Step, checked
+from .base import Kind, MergeTarget, PeftRefine, Step, checked
 from .lora import describe_modules, targeted, task_type
 
 PARAMS = ("ia3_l",)
@@ -61,11 +61,11 @@ def default_targets(arch) -> tuple[list[str], list[str]]:
     return sorted(targets), sorted(ff)
 
 
-class IA3(Kind):
+class IA3(PeftRefine, Kind):
     name = "ia3"
     title = "(IA)³"
     peft_type = "IA3"
-    commands = ("train", "eval", "inspect", "merge-lora", "unmerge-lora")
+    commands = ("train", "eval", "inspect", "merge-lora", "unmerge-lora", "refine")
 
     def merge_steps(self, ad, target: MergeTarget, weight: float, sign: int) -> list:
         steps = []

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ..errors import AdapterError, ShapeError
 from ..ops.lokr import lokr_delta
 from ..ops.lora import fold
-from .base import Kind, MergeTarget, Step, checked
+from .base import Kind, MergeTarget, PeftRefine, Step, checked
 from .lora import default_targets, describe_modules, targeted, task_type
 
 PARAMS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -57,11 +57,11 @@ def _fits(label: str, params: dict, out_in: tuple) -> None:
                          "use the adapter with the base model it was trained on")
 
 
-class Lokr(Kind):
+class Lokr(PeftRefine, Kind):
     name = "lokr"
     title = "LoKr"
     peft_type = "LOKR"
-    commands = ("train", "eval", "inspect", "merge-lora", "unmerge-lora")
+    commands = ("train", "eval", "inspect", "merge-lora", "unmerge-lora", "refine")
 
     def merge_steps(self, ad, target: MergeTarget, weight: float, sign: int) -> list:
         steps = []

@@ -22,7 +22,7 @@ from ..ops.bridge import lift, restrict
 from ..ops.lora import LowRankDelta, fold, lora_bias_delta
 from ..ops.project import port_lora
 from ..ops.slice import axis_indices, bridge_name
-from .base import Kind, MergeTarget, PortContext, Step, checked, peft_tunable, write_peft_tuned
+from .base import Kind, MergeTarget, PeftRefine, PortContext, Step, checked
 
 PARAMS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", "lora_magnitude_vector.weight")
 
@@ -125,7 +125,7 @@ def task_type(model) -> str:
     return "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM"
 
 
-class Lora(Kind):
+class Lora(PeftRefine, Kind):
     name = "lora"
     title = "LoRA"
     peft_type = "LORA"
@@ -134,13 +134,6 @@ class Lora(Kind):
 
     def matches(self, path, config):
         return super().matches(path, config) and not config.get("use_dora")
-
-    # ---- refine -------------------------------------------------------------------------------
-    def tunable(self, model, path: str, arch):
-        return peft_tunable(self, model, path)
-
-    def save_tuned(self, od, path: str, model, llm_config: dict, arch) -> None:
-        write_peft_tuned(self, od, path, model)
 
     # ---- merge-lora / unmerge-lora ------------------------------------------------------------
     def merge_steps(self, ad, target: MergeTarget, weight: float, sign: int) -> list:

@@ -21,6 +21,23 @@ carried into the SLM's input space by Q_in, through the SLM's delta, and out by 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+
+@contextmanager
+def threads_for(n: int):
+    """All cores for n×n factorisations at real widths; one below 1024, where LAPACK's threading
+    costs more than it saves (up to ~100× slower on small matrices when the CPUs are contended)."""
+    import torch
+
+    before = torch.get_num_threads()
+    want = before if n >= 1024 else 1
+    torch.set_num_threads(want)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
 
 class Moments:
     """Running float64 Gram and cross-Gram matrices of paired activations (rows = tokens)."""
@@ -34,6 +51,7 @@ class Moments:
         self.ls = torch.zeros(n_llm, n_slm, **f)  # X_lᵀ X_s
         self.tr_ss = 0.0  # ||X_s||², enough for the residual of a map *to* the SLM
         self.tr_ll = 0.0
+        self.sq_l = torch.zeros(n_llm, **f)  # per LLM coordinate Σ x², for per-row fits to the LLM
         self.count = 0
 
     def add(self, x_slm, x_llm) -> None:
@@ -49,6 +67,7 @@ class Moments:
         self.ls.addmm_(xl.T, xs)
         self.tr_ss += float(torch.vdot(xs.reshape(-1), xs.reshape(-1)))
         self.tr_ll += float(torch.vdot(xl.reshape(-1), xl.reshape(-1)))
+        self.sq_l += xl.pow(2).sum(0)
         self.count += xs.shape[0]
 
 
@@ -104,6 +123,49 @@ def fit_map(gram, cross, target_sq: float, count: int, ridge: float, prior=None)
     return M, lam
 
 
+def fit_map_rows(gram, cross, target_sq, count: int, ridge: float, prior=None) -> tuple:
+    """Ridge map with one empirical-Bayes λ per output row: (M, λ per row [m], eigenvalues of gram).
+
+    Each row of M is its own regression on the same regressors, so each gets its own σ²/τ² (the
+    fixed point of fit_map, row by row): an LLM coordinate the SLM predicts exactly (a unit the LLM
+    shares with it) keeps λ at the floor even when other coordinates (extra heads or neurons that
+    read the residual in their own way) are unpredictable, whose rows alone are shrunk. With one λ
+    for the whole map, those rows' noise would shrink the exact ones too (1–4 % of the adapter's
+    effect lost on ×3 expansions whose extra units read the residual). One eigendecomposition
+    G = V·diag(e)·Vᵀ makes every row's solve O(n): row r is ((c_r + λ_r·p_r)V / (e + λ_r)) Vᵀ.
+    target_sq: [m] Σ y_r² per row. A row whose target is identically zero gets 0 (nothing to act on).
+    """
+    import torch
+
+    n, m = gram.shape[0], cross.shape[0]
+    lam0 = ridge * float(torch.trace(gram)) / max(n, 1)
+    if lam0 <= 0:
+        return torch.zeros(cross.shape, dtype=torch.float64), torch.zeros(m, dtype=torch.float64), None
+    e, V = torch.linalg.eigh(gram)
+    e = e.clamp_min(0).unsqueeze(0)
+    z = cross @ V
+    p = None if prior is None else prior @ V
+    lam = torch.full((m, 1), lam0, dtype=torch.float64)
+    dof = max(count - n, 1)
+
+    def solve(lam):
+        return (z if p is None else z + lam * p) / (e + lam)
+
+    u = solve(lam)
+    for _ in range(8):
+        rss = ((u * u * e).sum(1) - 2 * (u * z).sum(1) + target_sq).clamp_min(0)
+        tau2 = (u if p is None else u - p).pow(2).sum(1) / n
+        ratio = torch.where(tau2 > 0, rss / dof / tau2.clamp_min(1e-300), torch.zeros_like(tau2))
+        new = ratio.clamp_min(lam0).unsqueeze(1)
+        converged = bool(((new - lam).abs() <= 0.05 * lam).all())
+        lam = new
+        u = solve(lam)
+        if converged:
+            break
+    u[target_sq <= 0] = 0.0
+    return u @ V.T, lam.squeeze(1), e.squeeze(0)
+
+
 def relative_residual(M, gram, cross, target_sq: float) -> float:
     """||X Mᵀ − Y|| / ||Y|| from moments: ||XMᵀ−Y||² = tr(M G Mᵀ) − 2 tr(M Cᵀ) + ||Y||², C = YᵀX."""
     import torch
@@ -115,20 +177,34 @@ def relative_residual(M, gram, cross, target_sq: float) -> float:
 
 
 def resolved_rank(gram, lam: float) -> int:
-    """Directions the fit resolves: eigenvalues of the regressor's Gram above its ridge λ (shrunk < 50 %)."""
+    """Directions the fit resolves: eigenvalues of the regressor's Gram above its ridge λ (shrunk < 50 %).
+
+    Counted without an eigendecomposition (Sylvester's law of inertia): the eigenvalues of G above λ
+    are the positive ones of G − λI, which its LDLᵀ factorisation's D shows — a 1×1 pivot by its
+    sign, a 2×2 pivot (always of one positive and one negative eigenvalue when its determinant is
+    negative) by its determinant and trace. About 5× faster than eigvalsh at widths in the thousands,
+    and LAPACK's blocked factorisation uses every core.
+    """
     import torch
 
     if lam <= 0:
         return 0
-    # LAPACK's symmetric eigensolver can be ~100× slower multi-threaded on small matrices when CPUs
-    # are contended; one thread is always fast here (matrices are at most a space's width).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ev = torch.linalg.eigvalsh(gram)
-    finally:
-        torch.set_num_threads(threads)
-    return int((ev > lam).sum())
+    A = gram - lam * torch.eye(gram.shape[0], dtype=gram.dtype)
+    LD, piv, info = torch.linalg.ldl_factor_ex(A)
+    del A
+    d = LD.diagonal().tolist()
+    sub = LD.diagonal(-1).tolist()
+    piv = piv.tolist()
+    count, k, n = 0, 0, len(d)
+    while k < n:
+        if piv[k] > 0 or k + 1 == n:  # 1×1 pivot
+            count += d[k] > 0
+            k += 1
+        else:  # 2×2 pivot on rows k, k+1 (LAPACK marks both with the same negative index)
+            det, tr = d[k] * d[k + 1] - sub[k] ** 2, d[k] + d[k + 1]
+            count += 1 if det < 0 else (2 if tr > 0 else 0) if det > 0 else (d[k] > 0) + (d[k + 1] > 0)
+            k += 2
+    return int(count)
 
 
 def fit_to_llm(m: Moments, ridge: float, prior=None) -> tuple:
@@ -147,14 +223,17 @@ def fit_to_llm(m: Moments, ridge: float, prior=None) -> tuple:
         # writes little (a near-silent layer) gets a correspondingly small prior
         denom = float(torch.sum((prior @ m.ss) * prior))
         prior = prior * (float(torch.sum(prior * m.ls)) / denom if denom > 0 else 0.0)
-    P, lam = fit_map(m.ss, m.ls, m.tr_ll, m.count, ridge, prior)
-    return P, relative_residual(P, m.ss, m.ls, m.tr_ll), resolved_rank(m.ss, lam)
+    with threads_for(m.ss.shape[0]):
+        P, lam, ev = fit_map_rows(m.ss, m.ls, m.sq_l, m.count, ridge, prior)
+        rank = 0 if ev is None else int((ev > lam.median()).sum())  # at the typical row's ridge
+        return P, relative_residual(P, m.ss, m.ls, m.tr_ll), rank
 
 
 def fit_to_slm(m: Moments, ridge: float) -> tuple:
     """Q [n_s, n_l] carrying LLM vectors into the SLM's space, its relative residual and resolved rank."""
-    Q, lam = fit_map(m.ll, m.ls.T, m.tr_ss, m.count, ridge)
-    return Q, relative_residual(Q, m.ll, m.ls.T, m.tr_ss), resolved_rank(m.ll, lam)
+    with threads_for(m.ll.shape[0]):
+        Q, lam = fit_map(m.ll, m.ls.T, m.tr_ss, m.count, ridge)
+        return Q, relative_residual(Q, m.ll, m.ls.T, m.tr_ss), resolved_rank(m.ll, lam)
 
 
 def port_lora(A, B, to_slm_in, to_llm_out, bias=None):

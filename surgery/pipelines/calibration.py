@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ..errors import DataError
 from ..io.data import documents
+from ..io.progress import progress
 from ..io.tokenizer import check_ids, load_tokenizer
 
 
@@ -21,8 +22,8 @@ def token_blocks(model_dir: str, data: str, samples: int, seq_len: int, seed: in
 
     if samples < 1 or seq_len < 2:
         raise DataError(f"--samples {samples} / --seq-len {seq_len} are too small", "use at least 1 sample of 2 tokens")
-    docs = documents(data)
     tok = load_tokenizer(model_dir)
+    docs = documents(data, tokenizer=tok)  # the tokenizer renders chat records with its template
     eos = tok.eos_token_id
     ids: list[int] = []
     for d in docs:
@@ -41,15 +42,19 @@ def token_blocks(model_dir: str, data: str, samples: int, seq_len: int, seed: in
     return blocks, L
 
 
-def batches(blocks, batch_size: int, encoder_decoder: bool):
-    """Model keyword arguments for each batch (labels included, so the model returns its loss)."""
-    for i in range(0, blocks.shape[0], batch_size):
-        b = blocks[i:i + batch_size]
-        if encoder_decoder:
-            h = b.shape[1] // 2
-            yield {"input_ids": b[:, :h].contiguous(), "labels": b[:, h:].contiguous()}
-        else:
-            yield {"input_ids": b, "labels": b}
+def batches(blocks, batch_size: int, encoder_decoder: bool, description: str | None = None):
+    """Model keyword arguments for each batch (labels included, so the model returns its loss).
+    With a description, the pass reports progress (surgery/io/progress.py: a bar, or log lines)."""
+    n = -(-blocks.shape[0] // batch_size)
+    with progress(n, description or "", unit="batches", enabled=None if description else False) as advance:
+        for i in range(0, blocks.shape[0], batch_size):
+            b = blocks[i:i + batch_size]
+            if encoder_decoder:
+                h = b.shape[1] // 2
+                yield {"input_ids": b[:, :h].contiguous(), "labels": b[:, h:].contiguous()}
+            else:
+                yield {"input_ids": b, "labels": b}
+            advance(1)
 
 
 def to_device(batch: dict, model) -> dict:
@@ -63,7 +68,7 @@ def mean_loss(model, blocks, batch_size: int) -> float:
 
     total, n = 0.0, 0
     with torch.no_grad():
-        for b in batches(blocks, batch_size, model.config.is_encoder_decoder):
+        for b in batches(blocks, batch_size, model.config.is_encoder_decoder, "calibration loss"):
             out = model(**to_device(b, model), use_cache=False)
             k = b["labels"].numel()
             total += float(out.loss) * k

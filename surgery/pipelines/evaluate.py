@@ -28,7 +28,7 @@ def evaluate(model_dir: str, data: str, *, adapter: str | None = None, batch_siz
         model = kind.attach(model, adapter, arch)
     model = place(model, placement)
     metrics = evaluate_examples(model, examples, batch_size=batch_size, pad_id=pad_id_of(tok, model.config),
-                                seq2seq=seq2seq)
+                                seq2seq=seq2seq, description="eval")
     if hasattr(model, "bottleneck"):  # hooks off: the base model computes what it did before
         model.bottleneck.detach()
     return {"model": os.path.abspath(model_dir), "adapter": os.path.abspath(adapter) if adapter else None,

@@ -144,7 +144,7 @@ def fisher_mask(model, arch, blocks, batch_size: int) -> dict:
     handles = _mask_hooks(model, arch, masks)
     scores, n = {}, 0
     try:
-        for b in batches(blocks, batch_size, model.config.is_encoder_decoder):
+        for b in batches(blocks, batch_size, model.config.is_encoder_decoder, "Fisher scores"):
             with block_checkpointing(model, arch):
                 model(**to_device(b, model), use_cache=False).loss.backward()
             for key, m in masks.items():
@@ -177,7 +177,7 @@ def fisher_param(model, arch, blocks, batch_size: int) -> dict:
             handles.append(p.register_post_accumulate_grad_hook(hook(spec)))
     n = 0
     try:
-        for b in batches(blocks, batch_size, model.config.is_encoder_decoder):
+        for b in batches(blocks, batch_size, model.config.is_encoder_decoder, "Fisher scores"):
             with block_checkpointing(model, arch):
                 model(**to_device(b, model), use_cache=False).loss.backward()
             n += 1

@@ -14,6 +14,7 @@ weights plus one block's activations.
 from __future__ import annotations
 
 import gc
+import shutil
 from dataclasses import dataclass, replace
 
 from ..arch import arch_of, load_arch
@@ -85,7 +86,7 @@ def calibration_stats(model, arch, blocks, batch_size: int, residual: list[int])
     total, count = 0.0, 0
     try:
         with torch.no_grad():
-            for b in batches(blocks, batch_size, model.config.is_encoder_decoder):
+            for b in batches(blocks, batch_size, model.config.is_encoder_decoder, "norm statistics"):
                 out = model(**to_device(b, model), use_cache=False)
                 total += float(out.loss) * b["labels"].numel()
                 count += b["labels"].numel()
@@ -222,7 +223,11 @@ def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, 
     with OutputDir(out, inputs=[ck.path], force=force) as od:
         torch.manual_seed(cfg.seed)
         blocks, L = token_blocks(ck.path, data, cfg.samples, cfg.seq_len, cfg.seed, arch.dims.get("positions"))
-        model = load_model(ck.path, placement, dispatch="gpu", auto_dtype="stored", max_memory=max_memory)
+        # with a memory budget accelerate offloads what does not fit to CPU, then to disk (inside the
+        # output's temporary directory, removed before the rename)
+        offload = od.path(".offload") if max_memory else None
+        model = load_model(ck.path, placement, dispatch="gpu", auto_dtype="stored", max_memory=max_memory,
+                           offload_folder=offload)
         if cfg.importance == "magnitude":
             scores = imp.magnitude(ck, arch)
         elif cfg.importance == "random":
@@ -241,6 +246,8 @@ def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, 
         dropped = choose_dropped(arch, layer_scores, cfg.drop_layers)
         del model, scores
         gc.collect()
+        if offload:
+            shutil.rmtree(offload, ignore_errors=True)
         kept, ret = select(arch, u, sizes, dropped)
         bcfg = bridge_config(arch, sizes, kept_layers(kept))
         barch = load_arch(bcfg)
@@ -248,9 +255,12 @@ def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, 
         write_checkpoint(od, specs, _tensor_producer(ck, arch, barch, kept, corr, sizes), config=bcfg,
                          side_from=ck.path, max_shard_size=cfg.max_shard_size, description="writing bridge",
                          progress=progress)
-        bridge = load_model(od.tmp, placement, dispatch="gpu", auto_dtype="stored", max_memory=max_memory)
+        bridge = load_model(od.tmp, placement, dispatch="gpu", auto_dtype="stored", max_memory=max_memory,
+                            offload_folder=offload)
         bridge_loss = mean_loss(bridge, blocks, cfg.batch_size)
         del bridge
+        if offload:
+            shutil.rmtree(offload, ignore_errors=True)
         pl, pb = parameter_counts(arch), parameter_counts(barch)
         manifest = {
             "format": FORMAT, "source": ck.path, "family": arch.family, "importance": cfg.importance,

@@ -3,8 +3,8 @@
 The optional last stage of Algorithm 1 (Jin, Zhang & Zong, 2023): after transfer and tune-bridge,
 the adapter is plugged into the LLM and tuned there with two forward passes per step and no
 gradient of anything, so the memory is that of inference on the LLM. The LLM's weights are frozen
-and never written; OUT is the adapter in the input's own format (PEFT LoRA directory or AdapterHub
-bottleneck layout), with refine.json beside it (settings, loss per logging step, evaluations).
+and never written; OUT is the adapter in the input's own format (a PEFT directory: LoRA, DoRA, LoKr,
+(IA)³; or AdapterHub's bottleneck layout), with refine.json beside it (settings, loss per logging step, evaluations).
 
 The adapter's kind (surgery.kinds) puts the saved adapter on the LLM, names its tensors and writes
 them back (Kind.tunable / Kind.save_tuned); kinds list "refine" in their commands when they can.
@@ -51,7 +51,8 @@ def refine(adapter_dir: str, llm_dir: str, data: str, out: str, *, eval_data: st
                                       "eval_data": os.path.abspath(eval_data) if eval_data else None,
                                       "seed": cfg.seed, "steps": cfg.steps, "lr": cfg.lr, "eps": cfg.eps,
                                       "batch_size": cfg.batch_size, "max_length": max_length,
-                                      "eval_every": cfg.eval_every, "keep_best": cfg.keep_best, "kept_step": kept,
+                                      "eval_every": cfg.eval_every, "keep_best": cfg.keep_best, "backoff": cfg.backoff,
+                                      "kept_step": kept, "lr_schedule": hist.lr,
                                       "trainable": sum(p.numel() for p in params),
                                       "before": before, "after": after, "history": hist.as_dict()})
         path = od.commit()
@@ -59,5 +60,5 @@ def refine(adapter_dir: str, llm_dir: str, data: str, out: str, *, eval_data: st
     return {"output": path, "kind": kind.name, "family": arch.family, "trainable": trainable,
             "llm_parameters": sum(p.numel() for p in wrapped.parameters()) - trainable, "steps": hist.steps,
             "device": hist.device,
-            "evaluated_on": "eval" if eval_ex else "train", "kept_step": kept, "before": before, "after": after,
+            "evaluated_on": "eval" if eval_ex else "train", "kept_step": kept, "lr_schedule": hist.lr, "before": before, "after": after,
             "history": hist.as_dict()}

@@ -10,6 +10,7 @@ reproduces the completion token by token; at the first mismatch it leaves it.
 
 from __future__ import annotations
 
+from ..io.progress import progress
 from .data import IGNORE, collate
 
 
@@ -46,8 +47,9 @@ def exact_matches(logits, labels) -> list[bool]:
     return [bool(r) for r in ok.all(-1)]
 
 
-def evaluate_examples(model, examples, *, batch_size: int, pad_id: int, seq2seq: bool) -> dict:
-    """loss, perplexity, accuracy (None without prompt/completion records), examples, tokens."""
+def evaluate_examples(model, examples, *, batch_size: int, pad_id: int, seq2seq: bool, description: str | None = None) -> dict:
+    """loss, perplexity, accuracy (None without prompt/completion records), examples, tokens; with a
+    description, progress is reported (not inside training, whose own bar is showing)."""
     import math
 
     import torch
@@ -56,8 +58,10 @@ def evaluate_examples(model, examples, *, batch_size: int, pad_id: int, seq2seq:
     was_training = model.training
     model.eval()
     total, tokens, right, scored = 0.0, 0, 0, 0
-    with torch.no_grad():
+    n_batches = -(-len(examples) // batch_size)
+    with torch.no_grad(), progress(n_batches, description or "", unit="batches", enabled=None if description else False) as advance:
         for i in range(0, len(examples), batch_size):
+            advance(1)
             chunk = examples[i:i + batch_size]
             batch = {k: v.to(device) for k, v in collate(chunk, pad_id, seq2seq).items()}
             logits, labels = aligned_logits(model, batch, seq2seq)

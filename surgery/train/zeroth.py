@@ -19,9 +19,10 @@ from .score import aligned_logits, evaluate_examples, token_loss
 
 @dataclass
 class RefineConfig:
-    """Defaults (docs/refine.md says why): lr 1e-4 with ε 1e-3 stays stable on adapters from ~10⁴ to
-    ~10⁷ parameters (MeZO's LoRA setting; 1e-3 diverged in our runs), 500 steps of batch 16 keep
-    improving where 300 still gained."""
+    """Defaults (docs/refine.md says why): lr 1e-4 and ε 1e-3 (MeZO's LoRA setting; 1e-3 diverged in
+    issue 16's runs), 500 steps of batch 16; with an eval set, an evaluation every 50 steps, and a
+    worse one than the best so far restores the best state and halves lr (the stable lr depends
+    on the model and adapter, so the default only has to be right within a few halvings)."""
 
     steps: int = 500
     lr: float = 1e-4
@@ -29,18 +30,21 @@ class RefineConfig:
     batch_size: int = 16
     seed: int = 0
     log_every: int = 25  # steps per train_loss record (the mean of (L₊+L₋)/2 over them)
-    eval_every: int = 0  # steps between evaluations on the eval set (0: only before and after)
+    eval_every: int = 50  # steps between evaluations on the eval set (0: only before and after)
     keep_best: bool = True  # write the evaluated state (input, every eval, last) with the lowest loss
+    backoff: float = 0.5  # keep_best: an evaluation worse than the best restores it and multiplies lr by this (1: off)
     progress: bool | None = None  # None = only on a terminal
 
     def check(self) -> None:
         for name, v, ok in (("--steps", self.steps, self.steps >= 1), ("--batch-size", self.batch_size, self.batch_size >= 1),
                             ("--lr", self.lr, self.lr > 0), ("--eps", self.eps, self.eps > 0),
                             ("--log-every", self.log_every, self.log_every >= 1),
-                            ("--eval-every", self.eval_every, self.eval_every >= 0)):
+                            ("--eval-every", self.eval_every, self.eval_every >= 0),
+                            ("--backoff", self.backoff, 0 < self.backoff <= 1)):
             if not ok:
-                raise SurgeryError(f"{name} {v} is out of range", f"pass a positive {name}" if name != "--eval-every"
-                                   else "pass 0 (before and after only) or a positive number of steps")
+                raise SurgeryError(f"{name} {v} is out of range", {
+                    "--eval-every": "pass 0 (before and after only) or a positive number of steps",
+                    "--backoff": "pass a factor in (0, 1]: 0.5 halves lr, 1 never changes it"}.get(name, f"pass a positive {name}"))
 
 
 def batches(n: int, batch_size: int, seed: int):
@@ -66,7 +70,8 @@ def mezo_loop(model, params, train_examples, cfg: RefineConfig, *, pad_id: int, 
     """Run cfg.steps MeZO steps on `params` (tensors of `model`, updated in place); returns the history.
 
     Every parameter of `model` must already have requires_grad False; params are the adapter's.
-    on_eval(step, metrics) is called after each periodic evaluation (cfg.eval_every).
+    on_eval(step, metrics) is called after each periodic evaluation (cfg.eval_every); when it
+    returns a number, that is the learning rate from then on (hist.lr records each change).
     """
     import torch
 
@@ -82,6 +87,8 @@ def mezo_loop(model, params, train_examples, cfg: RefineConfig, *, pad_id: int, 
     device = params[0].device
     model.eval()  # dropout off: L₊ and L₋ must be two evaluations of one deterministic function
     hist = History(device=str(device), mixed_precision="no")
+    hist.lr = [(0, cfg.lr)]  # (step, lr from the next step on)
+    lr = cfg.lr
     seeds = step_seeds(cfg.seed, cfg.steps)
     order = batches(len(train_examples), cfg.batch_size, cfg.seed)
 
@@ -89,8 +96,11 @@ def mezo_loop(model, params, train_examples, cfg: RefineConfig, *, pad_id: int, 
         if eval_examples:
             m = evaluate_examples(model, eval_examples, batch_size=cfg.batch_size, pad_id=pad_id, seq2seq=seq2seq)
             hist.evals.append((step, m))
-            if on_eval:
-                on_eval(step, m)
+            new_lr = on_eval(step, m) if on_eval else None
+            if new_lr is not None:
+                nonlocal lr
+                lr = new_lr
+                hist.lr.append((step, lr))
             return m
         return None
 
@@ -100,7 +110,7 @@ def mezo_loop(model, params, train_examples, cfg: RefineConfig, *, pad_id: int, 
         for step in range(1, cfg.steps + 1):
             idx = next(order)
             batch = {k: v.to(device) for k, v in collate([train_examples[i] for i in idx], pad_id, seq2seq).items()}
-            lp, lm, g = spsa_step(params, lambda: batch_loss(model, batch, seq2seq), seeds[step - 1], cfg.lr, cfg.eps)
+            lp, lm, g = spsa_step(params, lambda: batch_loss(model, batch, seq2seq), seeds[step - 1], lr, cfg.eps)
             if not (g == g and abs(g) != float("inf")):
                 raise NumericsError(f"the loss became non-finite at step {step} (L+ {lp}, L- {lm})",
                                     "lower --lr or --eps; nothing was written")
@@ -123,7 +133,8 @@ def mezo_fit(model, params, tokenizer, train_examples, eval_examples, cfg: Refin
     MeZO's steps are noisy and a too-large lr drifts upward instead of failing loudly, so with
     cfg.keep_best the parameters end at the evaluated state with the lowest loss: the input (step
     0), a periodic evaluation, or the last step. `kept` is that step; `after` measures what is kept.
-    Keeping a state costs one copy of the adapter (on the CPU), never of the LLM.
+    A periodic evaluation worse than the best so far also restores the best state and multiplies
+    lr by cfg.backoff. Keeping a state costs one copy of the adapter (on the CPU), never of the LLM.
     """
     import torch
 
@@ -139,16 +150,29 @@ def mezo_fit(model, params, tokenizer, train_examples, eval_examples, cfg: Refin
     before = measure()
     best = {"loss": before["loss"], "step": 0, "state": snapshot() if cfg.keep_best else None, "metrics": before}
 
+    def restore():
+        with torch.no_grad():
+            for p, s in zip(params, best["state"]):
+                p.copy_(s)
+
     def consider(step, m):
-        if cfg.keep_best and m["loss"] < best["loss"]:
+        if not cfg.keep_best:
+            return None
+        if m["loss"] < best["loss"]:
             best.update(loss=m["loss"], step=step, state=snapshot(), metrics=m)
+            return None
+        if cfg.backoff < 1 and step < cfg.steps:  # back to the best state, on with a smaller step
+            restore()
+            lr[0] *= cfg.backoff
+            return lr[0]
+        return None
+
+    lr = [cfg.lr]
 
     hist = mezo_loop(model, params, train_examples, cfg, pad_id=pad, seq2seq=seq2seq, eval_examples=eval_examples,
                      on_eval=consider)
     after = hist.evals[-1][1] if hist.evals and hist.evals[-1][0] == cfg.steps else measure()
-    if not cfg.keep_best or after["loss"] <= best["loss"]:
+    if not cfg.keep_best or after["loss"] < best["loss"]:
         return before, hist, after, cfg.steps
-    with torch.no_grad():
-        for p, s in zip(params, best["state"]):
-            p.copy_(s)
+    restore()
     return before, hist, best["metrics"], best["step"]

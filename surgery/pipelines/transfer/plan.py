@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import AdapterError
+from ...errors import AdapterError
 
 
 @dataclass(frozen=True)

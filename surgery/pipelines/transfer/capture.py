@@ -1,8 +1,7 @@
 """Run the SLM and the LLM forward on the same inputs and accumulate paired activation moments.
 
-Only forward passes: the LLM never needs gradients, and surgery.io.model loads it with accelerate's
-`device_map="auto"` when needed, so it may be larger than one device (layers spill to CPU or disk).
-Forward hooks on the modules the family map names read each needed space; rows of the two
+Only forward passes, one window of LLM layers at a time (stream.py: only the window's weights
+are in memory, in the checkpoint's dtype; memory.py chooses the windows). Forward hooks on the modules the family map names read each needed space; rows of the two
 models are paired token by token:
   * text  — each model tokenizes the text with its own tokenizer; a token of one is paired with the
             token of the other that ends at the same character (identical tokenizers pair every token);
@@ -11,11 +10,9 @@ models are paired token by token:
 
 from __future__ import annotations
 
-import os
-
-from ..io.tokenizer import check_ids, vocab_limit
-from ..ops.project import Moments
-from .transfer_plan import module_path, slice_of
+from ...io.tokenizer import check_ids, vocab_limit
+from ...ops.project import Moments
+from .plan import module_path, slice_of
 
 
 def shared_vocab(tok_s, tok_l) -> list[tuple[int, int]]:
@@ -104,28 +101,45 @@ class Recorder:
             h.remove()
 
 
-def accumulate(models, archs, stack, wanted_s, wanted_l, pairing, batches, needs) -> dict:
-    """Moments per (llm layer, key). pairing: {llm layer: slm layer}; needs: {(j, key): (slm gram?, llm gram?)}."""
-    import torch
+def accumulate(streams, stack, windows, batches, pairing, wanted, needs, on_window) -> None:
+    """Moments per (llm layer, key), one window of LLM layers at a time.
 
-    rec_s = Recorder(models[0], archs[0], stack, wanted_s)
-    rec_l = Recorder(models[1], archs[1], stack, wanted_l)
-    moments: dict = {}
-    try:
-        with torch.no_grad():
-            for ids_s, m_s, rows_s, ids_l, m_l, rows_l in batches:
-                if len(rows_s) == 0:
-                    continue
-                # the base model (no LM head): logits are not needed, only the hooked activations
-                for model, ids, mask in ((models[0], ids_s, m_s), (models[1], ids_l, m_l)):
-                    model.base_model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
-                for (j, key), (gs, gl) in needs.items():
-                    xs = rec_s.store[(pairing[j], key)][rows_s]
-                    xl = rec_l.store[(j, key)][rows_l]
-                    if (j, key) not in moments:
-                        moments[(j, key)] = Moments(xs.shape[1], xl.shape[1], gs, gl)
-                    moments[(j, key)].add(xs, xl)
-    finally:
-        rec_s.close()
-        rec_l.close()
-    return moments
+    streams: (SLM, LLM) LayerStreams, primed on `batches` (each (…, rows_s, …, rows_l));
+    windows: [(start, stop)] of LLM layers; pairing: {llm layer: slm layer}; wanted: ({slm layer:
+    captures}, {llm layer: captures}); needs: {SpaceKey: Directions} (fit.py).
+    on_window(moments) fits and frees each window's moments before the next is captured.
+    """
+    import contextlib
+
+    s_stream, l_stream = streams
+    slm_layers = [sorted({pairing[j] for (j, _) in needs if a <= j < b}) for a, b in windows]
+    for w, (a, b) in enumerate(windows):
+        need = {(j, key): v for (j, key), v in needs.items() if a <= j < b}
+        used = slm_layers[w]
+        later = [i for ls in slm_layers[w + 1:] for i in ls]
+        if used:  # SLM layers up to the last one used; resume where the next window's SLM layers start
+            stop_s = used[-1] + 1
+            s_ctx = s_stream.window(s_stream.cur, stop_s, min([stop_s] + later))
+        else:
+            s_ctx = contextlib.nullcontext(lambda b: None)
+        rec_s = Recorder(s_stream.model, s_stream.arch, stack, {i: wanted[0][i] for i in used})
+        rec_l = Recorder(l_stream.model, l_stream.arch, stack, {j: wanted[1][j] for j in range(a, b) if j in wanted[1]})
+        moments: dict = {}
+        try:
+            with s_ctx as step_s, l_stream.window(a, b, b) as step_l:
+                for n, (_, _, rows_s, _, _, rows_l) in enumerate(batches):
+                    step_s(n)
+                    step_l(n)
+                    if len(rows_s):
+                        for (j, key), dirs in need.items():
+                            xs = rec_s.store[(pairing[j], key)][rows_s]
+                            xl = rec_l.store[(j, key)][rows_l]
+                            if (j, key) not in moments:
+                                moments[(j, key)] = Moments(xs.shape[1], xl.shape[1], dirs.to_llm, dirs.to_slm)
+                            moments[(j, key)].add(xs, xl)
+                    rec_s.store.clear()
+                    rec_l.store.clear()
+        finally:
+            rec_s.close()
+            rec_l.close()
+        on_window(a, b, moments)

@@ -2,7 +2,7 @@
 
 Jin, Zhang & Zong (EMNLP 2023), W_plug: depth — SLM layer i maps to a block of consecutive LLM
 layers (ops.project.depth_blocks) and its modules are duplicated into it; width — one fitted
-projection per space each module touches (transfer_fit), through which the adapter's weights are
+projection per space each module touches (fit.py), through which the adapter's weights are
 carried (each kind's port, surgery.kinds). Writes a PEFT adapter
 (or an AdapterHub directory, for a bottleneck adapter) for the LLM plus transfer.json (layer map, fit
 quality) and projections.safetensors (the maps, for tune-bridge). Format: docs/formats.md.
@@ -13,16 +13,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
-from ..arch import arch_of
-from ..errors import AdapterError, ArchitectureError, ShapeError
-from ..io.checkpoint import Checkpoint
-from ..io.hashing import file_sha256
-from ..io.writer import OutputDir, check_finite, check_output
-from ..kinds import kind_of
-from ..kinds.base import PortContext
-from ..ops.project import depth_blocks
-from .transfer_fit import fit_projections
-from .transfer_plan import kv_keys, layer_roles, locate, module_path
+from ...arch import arch_of
+from ...errors import AdapterError, ArchitectureError, OutputError, ResourceError, ShapeError
+from ...io.checkpoint import Checkpoint
+from ...io.hashing import file_sha256
+from ...io.writer import OutputDir, check_output, parse_size
+from ...kinds import kind_of
+from ...kinds.base import PortContext
+from ...ops.project import depth_blocks
+from .fit import FitOptions, Pair, fit_projections
+from .memory import ceiling, memory_guard
+from .plan import kv_keys, layer_roles, locate, module_path
 
 FORMAT = "surgery.transfer/1"
 MAPS = ("activations", "embeddings")
@@ -81,40 +82,54 @@ class TransferConfig:
 
 def transfer(adapter: str, llm: str, out: str, cfg: TransferConfig | None = None, *, slm_base: str | None = None,
              data: str | None = None, map_kind: str | None = None, depth: str | None = None, samples: int | None = None,
-             seq_len: int | None = None, ridge: float | None = None, batch: int | None = None, force: bool = False,
-             placement=None) -> dict:
+             seq_len: int | None = None, ridge: float | None = None, batch: int | None = None,
+             max_memory: str | int | None = None, force: bool = False) -> dict:
     """Port `adapter` (trained on its SLM) to `llm`; write OUT and return transfer.json's contents.
 
     cfg: the settings (TransferConfig, whose defaults these are); a keyword given (not None) overrides its field.
+    max_memory: peak-RSS budget ("3GB", bytes, or None: 4 GB, more if one layer needs it and the
+    machine has it); it decides how many LLM layers are captured and fitted at once (memory.py).
+    The models are not loaded whole (stream.py reads each window's weights in the checkpoint's dtype),
+    so transfer takes no --dtype/--device/--device-map.
     """
     given = dict(map_kind=map_kind, depth=depth, samples=samples, seq_len=seq_len, ridge=ridge, batch=batch)
     cfg = replace(cfg or TransferConfig(), **{k: v for k, v in given.items() if v is not None})
-    from safetensors.torch import save_file
-
     if cfg.map_kind not in MAPS:
         raise AdapterError(f"unknown --map {cfg.map_kind!r}", f"choose one of {', '.join(MAPS)}")
     if cfg.depth not in DEPTHS:
         raise AdapterError(f"unknown --depth {cfg.depth!r}", f"choose one of {', '.join(DEPTHS)}")
+    budget = None if max_memory is None else _budget(max_memory)
     kind, ad, ck_s, ck_l, arch_s, arch_l, stack = _open_pair(adapter, llm, slm_base)
     inputs = [ad.path, ck_s.path, ck_l.path]
     check_output(os.path.abspath(out), inputs, force)  # before any forward pass, not after
+    with memory_guard(budget or ceiling()), OutputDir(out, inputs=inputs, force=force) as od:
+        summary = _transfer(kind, ad, ck_s, ck_l, arch_s, arch_l, stack, od, cfg, data=data, budget=budget)
+        od.commit()
+    return summary
+
+
+def _budget(text) -> int:
+    try:
+        n = parse_size(text)
+    except (ValueError, TypeError, OutputError):
+        n = 0
+    if n <= 0:
+        raise ResourceError(f"--max-memory {text!r} is not a size", "write it like 3GB, 3500MB or 3.5e9")
+    return n
+
+
+def _transfer(kind, ad, ck_s, ck_l, arch_s, arch_l, stack, od, cfg: TransferConfig, *, data, budget) -> dict:
     blocks = depth_blocks(arch_s.stacks[stack], arch_l.stacks[stack])
     port = PortContext(arch_s, arch_l, stack, blocks, llm_path=ck_l.path, llm_config=ck_l.config,
                        roles=layer_roles(arch_s, stack), locate=lambda module: locate(arch_s, module),
                        llm_module=lambda layer, suffix: module_path(arch_l, stack, layer, suffix),
                        kv_keys=lambda: kv_keys(arch_s, stack))
     needs = kind.transfer_needs(ad, port)
-    maps, records, warnings, embed = fit_projections(
-        ck_s, ck_l, arch_s, arch_l, stack, blocks, needs, map_kind=cfg.map_kind, data=data, samples=cfg.samples,
-        seq_len=cfg.seq_len, ridge=cfg.ridge, batch=cfg.batch, embed_needed=kind.needs_embeddings,
-        placement=placement)
-    chosen = _choose_layers(blocks, records, cfg.depth) if kind.layered else blocks
-    port.chosen, port.maps, port.embed = chosen, maps, embed
+    opts = FitOptions(cfg.map_kind, data, cfg.samples, cfg.seq_len, cfg.ridge, cfg.batch, budget)
+    fits = fit_projections(Pair(ck_s, ck_l, arch_s, arch_l, stack, blocks), needs, opts, od.tmp, kind.needs_embeddings)
+    chosen = _choose_layers(blocks, fits.records, cfg.depth) if kind.layered else blocks
+    port.chosen, port.maps, port.embed = chosen, fits.maps, fits.embed
     write = kind.port(ad, port)
-    projections = {f"{stack}.{j}.{key}.{d}": m.float().contiguous() for (j, key, d), m in sorted(maps.items())}
-    projections.update({f"embed.{d}": m.float().contiguous() for d, m in embed.items()})
-    for k, t in projections.items():
-        check_finite(k, t)
     data_sha = None
     if data and cfg.map_kind == "activations":
         data_sha = file_sha256(data)
@@ -125,11 +140,9 @@ def transfer(adapter: str, llm: str, out: str, cfg: TransferConfig | None = None
         "seq_len": cfg.seq_len if cfg.map_kind == "activations" else None,
         "data_sha256": data_sha,
         "depth_map": {stack: blocks}, "layers_used": {stack: chosen},
-        "fits": records, "warnings": warnings,
+        "fits": fits.records, "warnings": fits.warnings,
     }
-    with OutputDir(out, inputs=inputs, force=force) as od:
-        write(od)
-        save_file(projections, od.path(PROJECTIONS), metadata={"format": FORMAT})
-        od.write_json("transfer.json", summary)
-        od.commit()
+    write(od)
+    fits.maps.write(od.path(PROJECTIONS), {f"embed.{d}": m for d, m in fits.embed.items()}, {"format": FORMAT})
+    od.write_json("transfer.json", summary)
     return summary

@@ -1,0 +1,100 @@
+"""transfer under a memory budget: windows of layers give the same result, running out is one clear line."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .conftest import run_cli
+from .test_transfer import ALL, calib, expanded, ids, logits  # noqa: F401  (fixtures)
+
+
+def test_windows_follow_the_budget():
+    from surgery.errors import ResourceError
+    from surgery.pipelines.transfer.memory import plan_windows
+
+    costs = [(10, 5), (10, 5), (10, 20), (10, 5)]
+    assert plan_windows(costs, 1000, 2000) == [(0, 4)]
+    assert plan_windows(costs, 30, 2000) == [(0, 2), (2, 3), (3, 4)]  # 10+10+5 fits; +layer 2's fit of 20 does not
+    with pytest.raises(ResourceError, match="--max-memory"):
+        plan_windows(costs, 25, 2000)  # layer 2 alone needs 30
+
+
+def test_one_layer_windows_give_the_same_adapter(fx, tmp_path, calib, expanded, monkeypatch):  # noqa: F811
+    """Capture-fit-free per window changes nothing: single-layer windows = one window over the whole LLM."""
+    import torch
+    from safetensors.torch import load_file
+
+    import surgery.pipelines.transfer.fit as tf
+    from surgery.pipelines.transfer import transfer
+
+    ad, llm = fx.lora("llama", targets=ALL, name="all"), expanded("llama", 2, 2)
+    kw = dict(data=calib, samples=8, seq_len=32)
+    transfer(ad, llm, str(tmp_path / "whole"), max_memory="20GB", **kw)
+    seen = []
+
+    def single(costs, left, budget):
+        seen.append(len(costs))
+        return [(j, j + 1) for j in range(len(costs))]
+
+    monkeypatch.setattr(tf, "plan_windows", single)
+    transfer(ad, llm, str(tmp_path / "single"), max_memory="20GB", **kw)
+    assert seen == [4]
+    for f in ("adapter_model.safetensors", "projections.safetensors"):
+        a, b = load_file(str(tmp_path / "whole" / f)), load_file(str(tmp_path / "single" / f))
+        assert a.keys() == b.keys() and len(a) > 0
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_bf16_llm_is_run_in_bf16(fx, tmp_path, calib, ids, expanded, monkeypatch):  # noqa: F811
+    """The LLM runs in its checkpoint's dtype (bf16 here), not a float32 copy, and the port still works."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import surgery.pipelines.transfer.stream as ts
+    from surgery.pipelines.transfer import transfer
+
+    src = expanded("llama", 2, 2)
+    llm = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(llm)
+    for f in Path(src).glob("*token*"):
+        shutil.copy(f, llm / f.name)
+    dtypes = []
+    real = ts.LayerStream.prime
+
+    def spy(self, batches):
+        dtypes.append(self.dtype)
+        return real(self, batches)
+
+    monkeypatch.setattr(ts.LayerStream, "prime", spy)
+    ad = fx.lora("llama")
+    transfer(ad, str(llm), str(tmp_path / "o"), data=calib, samples=32, seq_len=64)
+    assert dtypes == [torch.float32, torch.bfloat16]
+    slm = fx.model("llama")
+    base, want = logits(slm, ids), logits(slm, ids, ad)
+    got = logits(str(llm), ids, str(tmp_path / "o")) - logits(str(llm), ids)  # the effect on the bf16 LLM
+    err = float((got - (want - base)).norm() / (want - base).norm())
+    print("bf16 effect error", err)
+    assert err < 0.05
+
+
+def test_out_of_memory_is_one_line_naming_the_budget(fx, tmp_path, calib, expanded, monkeypatch):  # noqa: F811
+    import surgery.pipelines.transfer.stream as ts
+
+    ad, llm = fx.lora("llama"), expanded("llama", 2, 2)
+    code, _, err = run_cli("transfer", "--slm", ad, "--llm", llm, "-o", tmp_path / "o", "--data", calib,
+                           "--max-memory", "1MB")
+    assert code != 0 and "--max-memory" in err and "internal error" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+    def oom(self, batches):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(ts.LayerStream, "prime", oom)
+    code, _, err = run_cli("transfer", "--slm", ad, "--llm", llm, "-o", tmp_path / "o", "--data", calib)
+    assert code != 0 and "ran out of memory" in err and "--max-memory" in err and "internal error" not in err
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
+    code, _, err = run_cli("transfer", "--slm", ad, "--llm", llm, "-o", tmp_path / "o", "--data", calib,
+                           "--max-memory", "lots")
+    assert code != 0 and "--max-memory" in err
