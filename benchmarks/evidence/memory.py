@@ -14,7 +14,9 @@ report GPU memory, which is the same quantity plus the CUDA context.
 from __future__ import annotations
 
 
-def training_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: int = 0) -> dict:
+def _lora_model_and_counter(model_dir: str, batch: int, seq: int, rank: int, seed: int):
+    """The model with `surgery train`'s LoRA, a seeded batch, and a saved-tensor hook pair that
+    records each storage autograd saves once (both measures below count the same way)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -22,7 +24,6 @@ def training_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: in
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
-    model.train()
     ids = torch.randint(4, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
     seen: dict[tuple, int] = {}
 
@@ -31,7 +32,14 @@ def training_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: in
         seen[(st.data_ptr(), st.nbytes())] = st.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    return model, ids, seen, hooks
+
+
+def training_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: int = 0) -> dict:
+    model, ids, seen, hooks = _lora_model_and_counter(model_dir, batch, seq, rank, seed)
+    model.train()
+    with hooks:
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -52,21 +60,10 @@ def inference_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: i
     saved-tensor hook to show that it saves nothing.
     """
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")).eval()
-    ids = torch.randint(4, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
-    seen: dict[tuple, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        seen[(st.data_ptr(), st.nbytes())] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.inference_mode():
+    model, ids, seen, hooks = _lora_model_and_counter(model_dir, batch, seq, rank, seed)
+    model.eval()
+    with hooks, torch.inference_mode():
         model(input_ids=ids, labels=ids)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     lora = [p for p in model.parameters() if p.requires_grad]

@@ -14,7 +14,10 @@ from .common import Family, Force, JsonOut, MaxShard, Output, console, human_byt
 Dtype = Annotated[str, typer.Option("--dtype", help="Output dtype of floating tensors: auto (keep), float32, bfloat16, float16.")]
 
 
-def _report(info: dict, title: str) -> None:
+def _report(info: dict, title: str, json_out: bool) -> None:
+    if json_out:
+        print_json(info)
+        return
     from rich.table import Table
 
     err = console(stderr=True)
@@ -52,10 +55,7 @@ def merge_cmd(
     """Fold adapters into the base weights and write a standalone checkpoint."""
     use_families(family)
     info = merge_lora(base, adapters, output, weights=weight, dtype=dtype, max_shard_size=max_shard_size, force=force)
-    if json_out:
-        print_json(info)
-    else:
-        _report(info, "merge-lora")
+    _report(info, "merge-lora", json_out)
 
 
 @app.command("unmerge-lora")
@@ -73,7 +73,4 @@ def unmerge_cmd(
     """Take an adapter out of a merged checkpoint again (W -= delta)."""
     use_families(family)
     info = unmerge_lora(merged, adapter, output, weight=weight, dtype=dtype, max_shard_size=max_shard_size, force=force)
-    if json_out:
-        print_json(info)
-    else:
-        _report(info, "unmerge-lora")
+    _report(info, "unmerge-lora", json_out)
