@@ -62,6 +62,20 @@ def to_device(batch: dict, model) -> dict:
     return {k: v.to(dev) for k, v in batch.items()}
 
 
+def batch_loss(model, batch: dict):
+    """The model's mean token NLL on one batch (what `model(**batch).loss` is). A causal model's goes
+    through the chunked LM loss (train.score.batch_nll, ops/loss.py), so neither the forward nor the
+    Fisher backward ever holds the [tokens, vocabulary] logits: at TinyLlama's shape they weigh more
+    than a block's activations."""
+    b = to_device(batch, model)
+    if model.config.is_encoder_decoder:
+        return model(**b, use_cache=False).loss
+    from ..train.score import batch_nll
+
+    nll, n = batch_nll(model, b, False, use_cache=False)
+    return nll / max(n, 1)
+
+
 def mean_loss(model, blocks, batch_size: int) -> float:
     """Mean next-token NLL of `model` on the calibration blocks (batches are equal-sized blocks)."""
     import torch
@@ -69,8 +83,7 @@ def mean_loss(model, blocks, batch_size: int) -> float:
     total, n = 0.0, 0
     with torch.no_grad():
         for b in batches(blocks, batch_size, model.config.is_encoder_decoder, "calibration loss"):
-            out = model(**to_device(b, model), use_cache=False)
             k = b["labels"].numel()
-            total += float(out.loss) * k
+            total += float(batch_loss(model, b)) * k
             n += k
     return total / max(n, 1)

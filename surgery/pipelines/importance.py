@@ -11,7 +11,9 @@ The formulas are in surgery/ops/fisher.py.
 
 Memory: the gradient passes recompute one block at a time (torch.utils.checkpoint around every
 block's forward, non-reentrant so masks and hooks inside the block run again in the recompute),
-so the backward holds the blocks' inputs plus one block's activations, not the whole model's.
+so the backward holds the blocks' inputs plus one block's activations, not the whole model's; the
+loss goes through the LM head a chunk of tokens at a time (calibration.batch_loss), so neither do
+the full logits exist.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from ..ops.fisher import axis_scores, heads_to_groups, per_head, unit_mask
-from .calibration import batches, to_device
+from .calibration import batch_loss, batches
 
 METHODS = ("fisher-mask", "fisher-param", "magnitude", "random")
 
@@ -146,7 +148,7 @@ def fisher_mask(model, arch, blocks, batch_size: int) -> dict:
     try:
         for b in batches(blocks, batch_size, model.config.is_encoder_decoder, "Fisher scores"):
             with block_checkpointing(model, arch):
-                model(**to_device(b, model), use_cache=False).loss.backward()
+                batch_loss(model, b).backward()
             for key, m in masks.items():
                 _add(scores, key, m.grad.double().pow(2))
                 m.grad = None
@@ -179,7 +181,7 @@ def fisher_param(model, arch, blocks, batch_size: int) -> dict:
     try:
         for b in batches(blocks, batch_size, model.config.is_encoder_decoder, "Fisher scores"):
             with block_checkpointing(model, arch):
-                model(**to_device(b, model), use_cache=False).loss.backward()
+                batch_loss(model, b).backward()
             n += 1
     finally:
         for h in handles:

@@ -29,7 +29,7 @@ from ..ops.fisher import block_influence, top_k
 from .bridge_plan import (bridge_config, check_drop_layers, kept_layers, layer_kept, parameter_counts, plan_sizes,
                           select)
 from ..io.model import Placement, load_model
-from .calibration import batches, mean_loss, to_device, token_blocks
+from .calibration import batch_loss, batches, mean_loss, token_blocks
 from .stream import write_checkpoint
 
 FORMAT = "surgery.bridge/1"
@@ -87,8 +87,7 @@ def calibration_stats(model, arch, blocks, batch_size: int, residual: list[int])
     try:
         with torch.no_grad():
             for b in batches(blocks, batch_size, model.config.is_encoder_decoder, "norm statistics"):
-                out = model(**to_device(b, model), use_cache=False)
-                total += float(out.loss) * b["labels"].numel()
+                total += float(batch_loss(model, b)) * b["labels"].numel()
                 count += b["labels"].numel()
     finally:
         for h in handles:

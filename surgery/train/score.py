@@ -10,6 +10,8 @@ reproduces the completion token by token; at the first mismatch it leaves it.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from ..io.progress import progress
 from .data import IGNORE, collate
 
@@ -37,6 +39,48 @@ def token_loss(logits, labels):
     nll = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.shape[-1]), labels.reshape(-1),
                           ignore_index=IGNORE, reduction="sum")
     return nll, int((labels != IGNORE).sum())
+
+
+@contextmanager
+def _head_inputs(head):
+    """For the duration, the LM head records its input (the final hidden states, after the last norm
+    and any scaling the model applies before its head) and returns empty logits; yields (the recorded
+    inputs, the head's own forward, accelerate's hooks included)."""
+    had, inner = "forward" in head.__dict__, head.forward
+    seen = []
+
+    def fwd(x, *args, **kwargs):
+        seen.append(x)
+        return x.new_empty(*x.shape[:-1], 0)
+
+    head.forward = fwd
+    try:
+        yield seen, inner
+    finally:
+        if had:
+            head.forward = inner
+        else:
+            del head.forward
+
+
+def batch_nll(model, batch: dict, seq2seq: bool, unwrapped=None, **kwargs):
+    """(sum of token NLL, labelled tokens) of one teacher-forced batch: token_loss(*aligned_logits(...))
+    without ever holding the full logits. A causal model runs up to its LM head, whose input feeds
+    ops.loss.chunked_nll (a chunk of tokens at a time; prompt and padding tokens skip the head). T5 takes
+    the plain path. `unwrapped`: the model itself when `model` is a distributed wrapper around it."""
+    if seq2seq:
+        return token_loss(*aligned_logits(model, batch, seq2seq))
+    from ..ops.loss import chunked_nll
+
+    base = unwrapped if unwrapped is not None else model
+    config = base.config
+    with _head_inputs(base.get_output_embeddings()) as (seen, head):
+        model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), **kwargs)
+    L = batch["input_ids"].shape[1]
+    h = seen[-1][:, -L:]  # prompt tuning prepends virtual tokens: the last L positions are the real ones
+    nll, n = chunked_nll(h[:, :-1], batch["labels"][:, 1:], head, config.vocab_size,
+                         softcap=getattr(config, "final_logit_softcapping", None))
+    return nll, n
 
 
 def exact_matches(logits, labels) -> list[bool]:

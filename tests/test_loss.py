@@ -1,0 +1,138 @@
+"""The chunked LM loss (surgery/ops/loss.py) against torch's and transformers' own: value and gradients,
+label shifting, ignored labels, soft-capping, and that the full logits are never saved for backward."""
+
+import pytest
+
+from .test_prune import calib  # noqa: F401 (pytest fixture)
+
+
+def _max_saved_numel(fn):
+    """Run fn under a saved-tensor hook; the largest tensor autograd kept for backward."""
+    import torch
+
+    biggest = [0]
+
+    def pack(t):
+        biggest[0] = max(biggest[0], t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, biggest[0]
+
+
+def test_chunks_match_one_cross_entropy_and_keep_no_logits():
+    import torch
+    import torch.nn.functional as F
+
+    from surgery.ops.loss import IGNORE, chunked_nll
+
+    g = torch.Generator().manual_seed(0)
+    n, hdim, vocab = 37, 16, 50
+    h = torch.randn(n, hdim, generator=g, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(hdim, vocab, dtype=torch.float64)
+    y = torch.randint(0, vocab, (n,), generator=g)
+    y[[0, 5, 6, 30]] = IGNORE
+    ref = F.cross_entropy(head(h), y, ignore_index=IGNORE, reduction="sum")
+    ref.backward()
+    want = h.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()
+    h.grad = head.weight.grad = head.bias.grad = None
+    (nll, k), saved = _max_saved_numel(lambda: chunked_nll(h, y, head, vocab, elements=4 * vocab))  # 9 chunks
+    nll.backward()
+    assert k == n - 4
+    assert torch.allclose(nll, ref, rtol=1e-12)
+    for a, b in zip((h.grad, head.weight.grad, head.bias.grad), want):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert saved < 4 * vocab + 1  # the recomputation keeps at most one chunk's inputs, never [n, vocab]
+    # every label ignored: zero, and a backward still runs
+    nll, k = chunked_nll(h, torch.full_like(y, IGNORE), head, vocab)
+    nll.backward()
+    assert k == 0 and float(nll) == 0.0
+
+
+def test_soft_capping_is_applied_before_the_loss():
+    import torch
+    import torch.nn.functional as F
+
+    from surgery.ops.loss import chunked_nll
+
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(9, 8, generator=g) * 30
+    head = torch.nn.Linear(8, 11, bias=False)
+    y = torch.randint(0, 11, (9,), generator=g)
+    want = F.cross_entropy(torch.tanh(head(h) / 5.0) * 5.0, y, reduction="sum")
+    nll, _ = chunked_nll(h, y, head, 11, softcap=5.0, elements=22)
+    assert torch.allclose(nll, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "qwen3", "phi3"])
+def test_batch_nll_equals_transformers_loss_and_gradients(fx, family):
+    """Shifted labels, a masked prompt, right padding; every parameter trainable (tied heads included)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from surgery.train.score import batch_nll
+
+    model = AutoModelForCausalLM.from_pretrained(fx.model(family), dtype=torch.float32)
+    model.train()
+    g = torch.Generator().manual_seed(2)
+    V = model.config.vocab_size
+    ids = torch.randint(3, V, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # padding
+    labels = ids.clone()
+    labels[0, :5] = -100  # a prompt
+    labels[mask == 0] = -100
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    torch.manual_seed(0)
+    ref = model(**batch).loss
+    ref.backward()
+    want = grads()
+    torch.manual_seed(0)
+    nll, n = batch_nll(model, batch, False)
+    (nll / n).backward()
+    got = grads()
+    assert n == int((labels[:, 1:] != -100).sum())
+    assert torch.allclose(nll / n, ref, rtol=1e-5), (float(nll / n), float(ref))
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-6), k
+    assert model.get_output_embeddings().forward.__func__ is type(model.get_output_embeddings()).forward  # restored
+
+
+def test_fisher_scores_are_the_same_with_and_without_chunks(fx, calib, tmp_path, monkeypatch):
+    """prune-bridge's mask Fisher through the chunked loss (3 tokens a chunk, and under accelerate's
+    disk offload, whose hooks load the LM head again for each chunk's recompute) = through
+    transformers' loss on the full logits."""
+    import json
+    import os
+
+    import torch
+
+    from surgery.arch import load_arch
+    from surgery.io.model import load_model
+    from surgery.ops import loss
+    from surgery.pipelines import importance as imp
+    from surgery.pipelines.calibration import to_device, token_blocks
+
+    path = fx.model("llama")
+    arch = load_arch(json.loads(open(os.path.join(path, "config.json")).read()))
+    blocks, _ = token_blocks(path, calib, 4, 16, 0)
+    with monkeypatch.context() as m:
+        m.setattr(imp, "batch_loss", lambda model, b: model(**to_device(b, model), use_cache=False).loss)
+        want = imp.fisher_mask(load_model(path), arch, blocks, batch_size=4)
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 3 * arch.dims["vocab"])
+    got = imp.fisher_mask(load_model(path), arch, blocks, batch_size=4)
+    model = load_model(path, dispatch="gpu", max_memory={"cpu": "250KB"}, offload_folder=str(tmp_path / "off"))
+    assert "disk" in model.hf_device_map.values()
+    offloaded = imp.fisher_mask(model, arch, blocks, batch_size=4)
+    assert set(got) == set(want) == set(offloaded)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(offloaded[k], want[k], rtol=1e-5, atol=1e-12)
