@@ -4,6 +4,7 @@ label shifting, ignored labels, soft-capping, and that the full logits are never
 import pytest
 
 from .test_prune import calib  # noqa: F401 (pytest fixture)
+from .train_fixtures import task  # noqa: F401 (pytest fixture)
 
 
 def _max_saved_numel(fn):
@@ -136,3 +137,33 @@ def test_fisher_scores_are_the_same_with_and_without_chunks(fx, calib, tmp_path,
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-12)
         torch.testing.assert_close(offloaded[k], want[k], rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_training_through_chunks_gives_the_same_adapter(fx, task, tmp_path, monkeypatch, family):
+    """`surgery train` with the chunked loss (2 tokens a chunk) = with transformers' full logits."""
+    import torch
+    from safetensors.torch import load_file
+
+    from surgery.ops import loss
+    from surgery.train import loop, score
+
+    from .conftest import run_cli
+
+    train, _ = task
+    args = ["--data", train, "--epochs", "1", "--lr", "1e-2", "--batch-size", "16", "--rank", "4", "--json"]
+
+    def plain(model, batch, seq2seq, unwrapped=None):
+        return score.token_loss(*score.aligned_logits(model, batch, seq2seq))
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "batch_nll", plain)
+        assert run_cli("train", fx.model(family), "-o", tmp_path / "full", *args)[0] == 0
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 2 * 1024)
+    code, _, err = run_cli("train", fx.model(family), "-o", tmp_path / "chunked", *args)
+    assert code == 0, err
+    a, b = load_file(tmp_path / "full" / "adapter_model.safetensors"), load_file(tmp_path / "chunked" / "adapter_model.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # it did train

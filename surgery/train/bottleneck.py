@@ -177,5 +177,8 @@ class WithBottleneck(nn.Module):
     def config(self):
         return self.model.config
 
+    def get_output_embeddings(self):  # the scorer's chunked loss runs the LM head itself (train/score.py)
+        return self.model.get_output_embeddings()
+
     def forward(self, **kwargs):
         return self.model(**kwargs)

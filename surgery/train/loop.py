@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ..errors import DataError
 from .data import collate, pad_id_of
-from .score import aligned_logits, evaluate_examples, token_loss
+from .score import batch_nll, evaluate_examples
 
 
 @dataclass
@@ -121,8 +121,10 @@ def train_loop(model, train_examples, cfg: TrainConfig, *, pad_id: int, seq2seq:
         while step < total:
             for batch in loader:
                 batch = {k: v.to(device) for k, v in batch.items()}
-                logits, labels = aligned_logits(model, batch, seq2seq)
-                nll, n = token_loss(logits, labels)
+                # a causal LM's loss goes through its head a chunk of tokens at a time (ops/loss.py):
+                # the backward never holds the [tokens, vocabulary] logits
+                with acc.autocast():  # the head runs after the model's forward: keep it under the same autocast
+                    nll, n = batch_nll(model, batch, seq2seq, unwrapped=acc.unwrap_model(model))
                 loss = nll / max(n, 1)
                 acc.backward(loss)
                 if cfg.max_grad_norm:
