@@ -117,15 +117,15 @@ def base_model(size: Size) -> str:
     return path
 
 
-def lora_adapter(size: Size, r: int = 16) -> str:
-    """A rank-16 LoRA on all seven linear modules (alpha 32), random non-zero A and B, bf16."""
+def lora_adapter(size: Size, r: int = 16, modules: list[str] = MODULES) -> str:
+    """A rank-16 LoRA on `modules` (default all seven linear modules; alpha 32), random non-zero A and B, bf16."""
     import torch
 
     from surgery.arch import load_arch
     from surgery.io.adapter import lora_config, lora_key, write_adapter
     from surgery.io.writer import OutputDir
 
-    path = size.dir("lora")
+    path = size.dir("lora" if modules == MODULES else "lora-" + "-".join(modules))
     if os.path.exists(os.path.join(path, "adapter_config.json")):
         return path
     base = base_model(size)
@@ -133,13 +133,13 @@ def lora_adapter(size: Size, r: int = 16) -> str:
     g = torch.Generator().manual_seed(1)
     tensors = {}
     for s in arch.linears():
-        if s.module.split(".")[-1] not in MODULES:
+        if s.module.split(".")[-1] not in modules:
             continue
         n_out, n_in = arch.shape(s)
         tensors[lora_key(s.module, "lora_A.weight")] = (torch.randn(r, n_in, generator=g) / n_in ** 0.5).to(torch.bfloat16)
         tensors[lora_key(s.module, "lora_B.weight")] = (0.01 * torch.randn(n_out, r, generator=g)).to(torch.bfloat16)
     with OutputDir(path, force=True) as od:
-        write_adapter(od, lora_config(base, r, 2 * r, MODULES, task_type="CAUSAL_LM"), tensors)
+        write_adapter(od, lora_config(base, r, 2 * r, list(modules), task_type="CAUSAL_LM"), tensors)
         od.commit()
     return path
 
@@ -252,16 +252,26 @@ def _spot_check(base: str, tuned: str, mods: list[dict]) -> None:
         assert abs(want - r["optimum"]) < 1e-9, f"{r['module']}: optimum {r['optimum']} but LAPACK says {want}"
 
 
+def with_tokenizer(model_dir: str) -> str:
+    """prune-bridge and transfer tokenize their calibration text with the models' tokenizer (the fixtures')."""
+    from fixtures.build import build_tokenizer
+
+    if not os.path.exists(os.path.join(model_dir, "tokenizer.json")):
+        build_tokenizer(model_dir)
+    return model_dir
+
+
+def _checkpoint_mib(path: str) -> float:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors")) / 2**20
+
+
 def bench_prune(size: Size) -> list[dict]:
     """prune-bridge --reduction 16 (fisher-mask, the default batch of 8 x 128 tokens, one batch): peak RSS
     against the checkpoint's size on disk (issue 12: <= 1.3x); the bridge loads with from_pretrained with
     no missing or unexpected keys and has a finite calibration loss."""
-    from fixtures.build import build_tokenizer
     from fixtures.corpus import documents
 
-    base = base_model(size)
-    if not os.path.exists(os.path.join(base, "tokenizer.json")):
-        build_tokenizer(base)  # prune-bridge tokenizes its calibration text with the LLM's tokenizer
+    base = with_tokenizer(base_model(size))
     calib = size.dir("calib.txt")
     with open(calib, "w") as f:
         f.write("\n".join(documents(200, seed=3)) + "\n")
@@ -277,7 +287,7 @@ def bench_prune(size: Size) -> list[dict]:
             "_, i = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16, output_loading_info=True)\n"
             "sys.exit(1 if i['missing_keys'] or i['unexpected_keys'] else 0)\n")
     loads = subprocess.run([PY, "-c", code, out], env=dict(os.environ, HF_HUB_OFFLINE="1")).returncode == 0
-    ck_mb = sum(os.path.getsize(os.path.join(base, f)) for f in os.listdir(base) if f.endswith(".safetensors")) / 2**20
+    ck_mb = _checkpoint_mib(base)
     ratio = m["rss_mb"] / ck_mb  # both MiB (rss_mb is ru_maxrss / 1024)
     loss = info["calibration_loss"]["bridge"]
     p = info["parameters"]
@@ -288,7 +298,35 @@ def bench_prune(size: Size) -> list[dict]:
     return [row(name, size, m, check, loads and finite, rss_vs_checkpoint=round(ratio, 2))]
 
 
-COMMANDS = {"merge": bench_merge, "extract": bench_extract, "prune": bench_prune}
+def bench_transfer(size: Size) -> list[dict]:
+    """transfer of a rank-16 LoRA on q_proj, v_proj of the 0.2B-shaped model onto `size` (so 1.1B only:
+    the SLM must be the smaller model), with benchmarks/transfer_scale.py's command, setting
+    (--max-memory 3GB, 64 x 128 calibration tokens) and check: the ported adapter loads with
+    PeftModel.from_pretrained, every stored tensor placed, and gives a finite loss. Issue 12: < 3.5 GB
+    peak RSS at 1.1B."""
+    from benchmarks import transfer_scale as ts
+
+    if size.name == "0.2b":
+        return []
+    slm = SIZES["0.2b"]
+    llm = with_tokenizer(base_model(size))
+    with_tokenizer(base_model(slm))
+    lora = lora_adapter(slm, modules=ts.TARGETS)
+    calib = size.dir("transfer-calib.txt")
+    ts.write_calibration(calib, ts.SAMPLES)
+    out = size.dir("ported")
+    m = run_measured(ts.transfer_command(lora, llm, out, calib, ts.SAMPLES, ts.SEQ_LEN, ts.MAX_MEMORY), f"{size.name}-transfer")
+    name = f"transfer 0.2b LoRA ({','.join(ts.TARGETS)}) --max-memory {ts.MAX_MEMORY}"
+    if m["exit"] != 0:
+        return [row(name, size, m, m["error"], False)]
+    c = run_measured(ts.check_command(llm, out), f"{size.name}-transfer-check")
+    said = open(c["stdout"]).read().strip()
+    ratio = m["rss_mb"] / _checkpoint_mib(llm)
+    check = (f"{ratio:.2f}× the LLM checkpoint; ported adapter: " + (said if c["exit"] == 0 else f"FAILS: {c.get('error')}"))
+    return [row(name, size, m, check, c["exit"] == 0 and m["rss_mb"] * 2**20 < 3.5e9, rss_vs_checkpoint=round(ratio, 2))]
+
+
+COMMANDS = {"merge": bench_merge, "extract": bench_extract, "prune": bench_prune, "transfer": bench_transfer}
 
 
 # ---------------------------------------------------------------- extrapolation and report
@@ -309,29 +347,66 @@ def _flops_extract(size: Size, verify: bool) -> float:
     return total * size.layers
 
 
+PRUNE_TOKENS = 8 * 128  # bench_prune's one batch
+
+
+def _prune_activations(s: Size) -> int:
+    """What prune-bridge's excess over its weights grows with: the block inputs kept for the recompute
+    (layers x tokens x hidden) and one block's recomputed activations (tokens x intermediate)."""
+    return PRUNE_TOKENS * (s.layers * s.hidden + s.intermediate)
+
+
+def _transfer_pair(target: Size) -> tuple[dict, dict]:
+    """(SLM, LLM) shapes of transfer_scale's plan for an extrapolated LLM: the next size down is the SLM."""
+    from benchmarks.transfer_scale import SHAPES_PLAN
+
+    return {"7b": (SHAPES_PLAN["1.1B"], SHAPES_PLAN["7B"]), "70b": (SHAPES_PLAN["7B"], SHAPES_PLAN["70B"])}[target.name]
+
+
 def extrapolate(rows: list[dict]) -> list[dict]:
-    """CPU seconds scale with the work (bytes for merge, multiply-adds for extract) measured at 1.1B; peak
-    RSS with the largest tensor, fitted through the two measured sizes (a + b · largest tensor)."""
+    """Estimates (not measurements) for the 7B and 70B shapes, anchored at the 1.1B row (MiB, CPU s):
+      merge     CPU ∝ bytes; peak RSS linear in the largest tensor through the two measured sizes;
+      extract   CPU ∝ the multiply-adds of each module's decomposition; RSS as merge;
+      prune     CPU ∝ parameters (forward + backward per token); RSS = the checkpoint (every weight is
+                read, mmapped) + an excess linear in _prune_activations through the two sizes;
+      transfer  CPU ∝ LLM parameters; RSS = the 1.1B measurement + the growth that docs/transfer.md's
+                formula (transfer_scale.peak_terms) predicts from the 0.2B→1.1B pair to the target pair.
+    """
+    from benchmarks import transfer_scale as ts
+
     out = []
     by = {(r["command"], r["size"]): r for r in rows if r["ok"]}
+    b1, s0 = SIZES["1.1b"], SIZES["0.2b"]
+    largest = lambda s: 2 * max(s.vocab * s.hidden, s.hidden * s.intermediate)  # noqa: E731 — bf16 bytes
     for cmd in dict.fromkeys(r["command"] for r in rows):
         small, big = by.get((cmd, "0.2b")), by.get((cmd, "1.1b"))
         if not big or cmd.startswith("peft"):
             continue
-        if cmd.startswith("merge"):
-            work = lambda s: s.params()  # noqa: E731 — bytes read and written
-        elif cmd.startswith("extract"):
-            work = lambda s, v="--no-verify" not in cmd: _flops_extract(s, v)  # noqa: E731
-        else:
-            continue
-        largest = lambda s: 2 * max(s.vocab * s.hidden, s.hidden * s.intermediate)  # noqa: E731 — bf16 bytes
-        b1 = SIZES["1.1b"]
         for target in PAPER.values():
-            est = {"command": cmd, "size": target.name, "cpu_s": big["cpu_s"] * work(target) / work(b1)}
-            if small:
-                s0 = SIZES["0.2b"]
-                slope = (big["rss_mb"] - small["rss_mb"]) / max(largest(b1) - largest(s0), 1)
-                est["rss_mb"] = big["rss_mb"] + slope * (largest(target) - largest(b1))
+            est = {"command": cmd, "size": target.name}
+            if cmd.startswith(("merge", "extract")):
+                work = (lambda x: x.params()) if cmd.startswith("merge") else \
+                    (lambda x, v="--no-verify" not in cmd: _flops_extract(x, v))
+                est["cpu_s"] = big["cpu_s"] * work(target) / work(b1)
+                if small:
+                    slope = (big["rss_mb"] - small["rss_mb"]) / max(largest(b1) - largest(s0), 1)
+                    est["rss_mb"] = big["rss_mb"] + slope * (largest(target) - largest(b1))
+            elif cmd.startswith("prune"):
+                est["cpu_s"] = big["cpu_s"] * target.params() / b1.params()
+                if small:
+                    ex = {k: r["rss_mb"] - 2 * k.params() / 2**20 for k, r in ((s0, small), (b1, big))}
+                    slope = (ex[b1] - ex[s0]) / max(_prune_activations(b1) - _prune_activations(s0), 1)
+                    excess = ex[b1] + slope * (_prune_activations(target) - _prune_activations(b1))
+                    est["rss_mb"] = 2 * target.params() / 2**20 + excess
+                    est["note"] = f"the bf16 checkpoint {2 * target.params() / 2**30:.0f} GiB + {excess / 1024:.2f} GiB"
+            elif cmd.startswith("transfer"):
+                est["cpu_s"] = big["cpu_s"] * target.params() / b1.params()
+                here = ts.peak_terms(ts.SHAPES_PLAN["0.2B"], ts.SHAPES_PLAN["1.1B"], ts.TARGETS, ts.SAMPLES, ts.SEQ_LEN)
+                there = ts.peak_terms(*_transfer_pair(target), ts.TARGETS, ts.SAMPLES, ts.SEQ_LEN)
+                est["rss_mb"] = big["rss_mb"] + (there["peak"] - here["peak"]) / 2**20
+                est["note"] = f"SLM {'1.1B' if target.name == '7b' else '7B'}-shaped; formula alone {there['peak'] / 2**30:.2f} GiB"
+            else:
+                continue
             out.append(est)
     return out
 
@@ -357,18 +432,23 @@ def render(res: dict) -> str:
         check = r["check"] if r["ok"] else f"**FAILED**: {r['check']}"
         extra = f" ({r['wall_vs_peft']}× peft's wall, {r['rss_vs_peft']}× its RSS)" if "wall_vs_peft" in r else ""
         lines.append(f"| {r['command']} | {r['size']} | {_clock(r['wall_s'])} | {_clock(r['cpu_s'])} | "
-                     f"{r['rss_mb'] / 1000:.2f} GB | {check}{extra} |")
+                     f"{r['rss_mb'] / 1024:.2f} GiB | {check}{extra} |")
     est = extrapolate(rows)
     if est:
-        lines += ["", "Extrapolated (not measured) to Llama-2-7B (hidden 4096, 32 layers, MLP 11008) and Llama-2-70B "
-                  "(hidden 8192, 80 layers, GQA 64/8, MLP 28672) shapes, one core of this machine: CPU time scales "
-                  "with the work measured at 1.1B (bytes for merge; for extract the multiply-adds of each module's "
-                  "Gram matrix, its eigenvalues and the Krylov products, from the shapes), peak RSS linearly in the "
-                  "largest tensor through the two measured sizes.", "",
-                  "| command | size | CPU time (est.) | peak RSS (est.) |", "|---|---|---:|---:|"]
+        lines += ["", "**Extrapolated, not measured**, to Llama-2-7B (hidden 4096, 32 layers, MLP 11008) and "
+                  "Llama-2-70B (hidden 8192, 80 layers, GQA 64/8, MLP 28672) shapes on this machine, from the "
+                  "1.1B row by formula (`extrapolate()` in the script): CPU time in proportion to the work (bytes "
+                  "for merge; for extract the multiply-adds of each module's Gram matrix, eigenvalues and Krylov "
+                  "products; parameters for prune-bridge and transfer); peak RSS linear in the largest tensor "
+                  "through the two measured sizes for merge and extract, the checkpoint plus an excess linear in "
+                  "the kept activations (block inputs + one block) for prune-bridge, and the 1.1B measurement plus "
+                  "the growth docs/transfer.md's formula predicts for transfer. A 70B checkpoint (129 GiB) does not "
+                  "fit this machine's memory at all: prune-bridge there runs under `--max-memory` (accelerate's "
+                  "disk offload, docs/prune-bridge.md), which bounds the weights' share by the budget instead.", "",
+                  "| command | size | CPU time (est.) | peak RSS (est.) | basis |", "|---|---|---:|---:|---|"]
         for e in est:
-            rss = f"{e['rss_mb'] / 1000:.1f} GB" if "rss_mb" in e else "-"
-            lines.append(f"| {e['command']} | {e['size']} | {_clock(e['cpu_s'])} | {rss} |")
+            rss = f"{e['rss_mb'] / 1024:.1f} GiB" if "rss_mb" in e else "-"
+            lines.append(f"| {e['command']} | {e['size']} | {_clock(e['cpu_s'])} | {rss} | {e.get('note', '')} |")
     lines += ["", NOTES, "<!-- scale:end -->"]
     return "\n".join(lines)
 

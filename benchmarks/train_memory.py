@@ -113,9 +113,12 @@ def tensor_count(config: dict, targets: list[str], batch: int, seq: int) -> dict
             saved[key] = max(saved.get(key, 0), x.untyped_storage().nbytes())
         return x
 
+    from surgery.train.score import batch_nll
+
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    labels = torch.zeros(batch, seq, dtype=torch.long)  # real: the loss selects labelled tokens by value
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        pm(input_ids=ids, labels=ids)
+        batch_nll(pm, {"input_ids": ids, "labels": labels}, False)  # the trainer's loss (chunked LM head)
     w, s, t = sum(weights.values()), sum(saved.values()), 4 * trainable  # param + grad + 2 AdamW moments
     n = sum(p.numel() for p in pm.parameters())
     return {"weights": w, "saved": s, "trainable": t, "total": w + s + t, "params": n}

@@ -2,7 +2,7 @@
 TinyLlama-1.1B-shaped LLM (random weights, bf16; hidden 2048, 22 layers, GQA 32/4, MLP 5632, vocab 32000).
 
 Each transfer runs in its own subprocess; its peak RSS comes from wait4(). The ported adapter is then
-checked: it loads with PeftModel.from_pretrained with no missing keys and gives a finite loss.
+checked: it loads with PeftModel.from_pretrained, every stored tensor placed, and gives a finite loss.
 Models are built once and cached (random init, no downloads) under --work.
 
     flock /tmp/surgery-heavy.lock python benchmarks/transfer_scale.py [--work DIR] [--targets q_proj,v_proj]
@@ -29,19 +29,45 @@ SHAPES = {  # llama-family shapes; vocab 32000 as TinyLlama
                  intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
                  head_dim=64),
 }
+TARGETS, MAX_MEMORY, SAMPLES, SEQ_LEN = ["q_proj", "v_proj"], "3GB", 64, 128  # the measured setting (scale.py too)
 CHECK = """
 import sys, torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
+import os
+from safetensors import safe_open
 llm, adapter = sys.argv[1], sys.argv[2]
 m = AutoModelForCausalLM.from_pretrained(llm, dtype=torch.bfloat16)
-p, info = PeftModel.from_pretrained(m, adapter), None
+p = PeftModel.from_pretrained(m, adapter)
+with safe_open(os.path.join(adapter, "adapter_model.safetensors"), "pt") as f:
+    stored = len(list(f.keys()))
+live = sum("lora_" in k for k in p.state_dict())
+assert live == stored, f"the adapter holds {stored} tensors but peft placed {live}"
+print(f"{stored} adapter tensors placed,", end=" ")
 ids = torch.randint(4, 300, (1, 32), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
     loss = p(input_ids=ids, labels=ids).loss
 assert torch.isfinite(loss), loss
 print(f"loss {float(loss):.3f}")
 """
+
+
+def transfer_command(lora: str, llm: str, out: str, calib: str, samples: int, seq_len: int, max_memory: str) -> list[str]:
+    """The measured command (benchmarks/scale.py runs the same one for its transfer row)."""
+    return [sys.executable, "-m", "surgery", "transfer", "--slm", lora, "--llm", llm, "-o", out, "--data", calib,
+            "--samples", str(samples), "--seq-len", str(seq_len), "--max-memory", max_memory, "--force", "--json"]
+
+
+def check_command(llm: str, ported: str) -> list[str]:
+    """A child that loads the ported adapter with PeftModel.from_pretrained and prints its finite loss."""
+    return [sys.executable, "-c", CHECK, llm, ported]
+
+
+def write_calibration(path: str, samples: int) -> None:
+    from fixtures.corpus import documents
+
+    with open(path, "w") as f:
+        f.write("\n".join(documents(samples, seed=5)))
 
 
 def run(cmd: list[str]) -> tuple[float, float, float, str]:
@@ -80,7 +106,9 @@ PLAN_SHAPES = {  # (SLM, LLM) pairs of llama shapes for the paper plan; 7B = Lla
     "1.1B → 7B": ("1.1B", "7B"),
 }
 SHAPES_PLAN = {**SHAPES, "7B": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                                    num_key_value_heads=32, intermediate_size=11008, vocab_size=32000, head_dim=128)}
+                                    num_key_value_heads=32, intermediate_size=11008, vocab_size=32000, head_dim=128),
+               "70B": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                           intermediate_size=28672, vocab_size=32000, head_dim=128)}
 
 
 def spaces(shape: dict, targets: list[str]) -> dict:
@@ -103,45 +131,50 @@ def spaces(shape: dict, targets: list[str]) -> dict:
     return {k: (width[k], d) for k, d in out.items()}
 
 
-def plan(targets: list[str], samples: int, seq_len: int, batch: int = 8) -> None:
-    """The peak-memory formula of docs/transfer.md evaluated for one-layer windows (transfer/memory.py)."""
+def layer_params(c: dict) -> int:
+    h, i = c["hidden_size"], c["intermediate_size"]
+    kv = c["num_key_value_heads"] * c["head_dim"]
+    return 2 * h * h + 2 * h * kv + 3 * h * i
+
+
+def peak_terms(slm: dict, llm: dict, targets: list[str], samples: int, seq_len: int, batch: int = 8) -> dict:
+    """Bytes of each term of the peak-memory formula of docs/transfer.md (one-layer windows,
+    transfer/memory.py) for one SLM -> LLM pair of bf16 models; "peak" is their sum."""
     from surgery.pipelines.transfer.memory import space_bytes
 
+    sp_s, sp_l = spaces(slm, targets), spaces(llm, targets)
+    res = fit = 0
+    for k, (n_l, (to_llm, to_slm)) in sp_l.items():
+        c = space_bytes(sp_s[k][0], n_l, to_llm, to_slm, batch * seq_len)
+        res += c["resident"]
+        fit = max(fit, c["fit"])
+    t = {"checkpoint": 2 * (llm["num_hidden_layers"] * layer_params(llm) + 2 * llm["vocab_size"] * llm["hidden_size"]),
+         "base": 0.35e9 + samples * seq_len * 2 * (slm["hidden_size"] + llm["hidden_size"])
+         + 2 * llm["vocab_size"] * llm["hidden_size"],
+         "weights": 2 * (layer_params(slm) + layer_params(llm)), "resident": res, "fit": fit}
+    return {**t, "peak": t["base"] + t["weights"] + res + fit}
+
+
+def plan(targets: list[str], samples: int, seq_len: int, batch: int = 8) -> None:
+    """The peak-memory formula of docs/transfer.md evaluated for one-layer windows (transfer/memory.py)."""
     print(f"Plan (one-layer windows, LoRA on {','.join(targets)}, {samples}×{seq_len} calibration tokens, "
           f"bf16 models, 0.35 GB libraries):")
     print("| SLM → LLM | LLM checkpoint | base | W_j + w_j | M_j + P_j + X_j | F_j | predicted peak |")
     print("|---|---|---|---|---|---|---|")
     for label, (s_name, l_name) in PLAN_SHAPES.items():
-        S, L = SHAPES_PLAN[s_name], SHAPES_PLAN[l_name]
-
-        def layer_params(c):
-            h, i = c["hidden_size"], c["intermediate_size"]
-            kv = c["num_key_value_heads"] * c["head_dim"]
-            return 2 * h * h + 2 * h * kv + 3 * h * i
-
-        def total(c):
-            return c["num_hidden_layers"] * layer_params(c) + 2 * c["vocab_size"] * c["hidden_size"]
-
-        sp_s, sp_l = spaces(S, targets), spaces(L, targets)
-        res = fit = 0
-        for k, (n_l, (to_llm, to_slm)) in sp_l.items():
-            c = space_bytes(sp_s[k][0], n_l, to_llm, to_slm, batch * seq_len)
-            res += c["resident"]
-            fit = max(fit, c["fit"])
-        weights = 2 * (layer_params(S) + layer_params(L))
-        base = 0.35e9 + samples * seq_len * 2 * (S["hidden_size"] + L["hidden_size"]) + 2 * L["vocab_size"] * L["hidden_size"]
+        t = peak_terms(SHAPES_PLAN[s_name], SHAPES_PLAN[l_name], targets, samples, seq_len, batch)
         g = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
-        print(f"| {label} | {g(2 * total(L))} | {g(base)} | {g(weights)} | {g(res)} | {g(fit)} | "
-              f"**{g(base + weights + res + fit)}** |")
+        print(f"| {label} | {g(t['checkpoint'])} | {g(t['base'])} | {g(t['weights'])} | {g(t['resident'])} | "
+              f"{g(t['fit'])} | **{g(t['peak'])}** |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/work/scratch/transfer/scale")
-    ap.add_argument("--targets", default="q_proj,v_proj")
-    ap.add_argument("--max-memory", default="3GB")
-    ap.add_argument("--samples", type=int, default=64)
-    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument("--max-memory", default=MAX_MEMORY)
+    ap.add_argument("--samples", type=int, default=SAMPLES)
+    ap.add_argument("--seq-len", type=int, default=SEQ_LEN)
     ap.add_argument("--plan", action="store_true", help="print the peak-memory plan (formula) and exit")
     a = ap.parse_args()
     if a.plan:
@@ -155,12 +188,11 @@ def main() -> None:
     targets = a.targets.split(",")
     lora = build("lora", os.path.join(a.work, "lora-" + "-".join(targets)), {"slm": slm, "targets": targets})
     calib = os.path.join(a.work, "calib.txt")
-    run([sys.executable, "-c", f"from fixtures.corpus import documents; open({calib!r}, 'w').write(chr(10).join(documents({a.samples}, seed=5)))"])
+    run([sys.executable, "-c", f"from benchmarks.transfer_scale import write_calibration; write_calibration({calib!r}, {a.samples})"])
     out = os.path.join(a.work, "ported-" + "-".join(targets))
-    cmd = [sys.executable, "-m", "surgery", "transfer", "--slm", lora, "--llm", llm, "-o", out, "--data", calib,
-           "--samples", str(a.samples), "--seq-len", str(a.seq_len), "--max-memory", a.max_memory, "--force", "--json"]
+    cmd = transfer_command(lora, llm, out, calib, a.samples, a.seq_len, a.max_memory)
     rss, wall, cpu, _ = run(cmd)
-    _, _, _, check = run([sys.executable, "-c", CHECK, llm, out])
+    _, _, _, check = run(check_command(llm, out))
     ck = sum(os.path.getsize(os.path.join(llm, f)) for f in os.listdir(llm) if f.endswith(".safetensors")) / 1e9
     print(f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs")
     print(f"command: {' '.join(cmd[1:])}")

@@ -107,10 +107,10 @@ def test_batch_nll_equals_transformers_loss_and_gradients(fx, family):
     assert model.get_output_embeddings().forward.__func__ is type(model.get_output_embeddings()).forward  # restored
 
 
-def test_fisher_scores_are_the_same_with_and_without_chunks(fx, calib, tmp_path, monkeypatch):
-    """prune-bridge's mask Fisher through the chunked loss (3 tokens a chunk, and under accelerate's
-    disk offload, whose hooks load the LM head again for each chunk's recompute) = through
-    transformers' loss on the full logits."""
+def test_fisher_scores_are_the_same_with_and_without_chunks_and_micro_batches(fx, calib, tmp_path, monkeypatch):
+    """prune-bridge's mask Fisher through the chunked loss (3 tokens a chunk) and micro-batches (one
+    block each), also under accelerate's disk offload (whose hooks load the LM head again for each
+    chunk's recompute) = through transformers' loss on the full logits of the whole batch."""
     import json
     import os
 
@@ -129,6 +129,7 @@ def test_fisher_scores_are_the_same_with_and_without_chunks(fx, calib, tmp_path,
         m.setattr(imp, "batch_loss", lambda model, b: model(**to_device(b, model), use_cache=False).loss)
         want = imp.fisher_mask(load_model(path), arch, blocks, batch_size=4)
     monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 3 * arch.dims["vocab"])
+    monkeypatch.setattr(imp, "MICRO_TOKENS", 16)  # and one block per backward pass
     got = imp.fisher_mask(load_model(path), arch, blocks, batch_size=4)
     model = load_model(path, dispatch="gpu", max_memory={"cpu": "250KB"}, offload_folder=str(tmp_path / "off"))
     assert "disk" in model.hf_device_map.values()

@@ -49,11 +49,13 @@ def chunked_nll(hidden, labels, head, vocab: int, *, softcap: float | None = Non
     from torch.utils.checkpoint import checkpoint
 
     h = hidden.reshape(-1, hidden.shape[-1])
-    y = labels.reshape(-1).to(h.device)
-    keep = y != IGNORE
+    y = labels.reshape(-1)
+    keep = y != IGNORE  # on the labels' device: hidden may live on "meta" (memory counts) or elsewhere
     n = int(keep.sum())
     if n < y.numel():
-        h, y = h[keep], y[keep]
+        idx = keep.nonzero().squeeze(1)
+        h, y = h.index_select(0, idx.to(h.device)), y[idx]
+    y = y.to(h.device)
     total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
     if n == 0:
         return total + 0.0 * hidden.sum(), 0  # keeps the graph connected (a backward is still valid)

@@ -138,8 +138,24 @@ def block_checkpointing(model, arch):
                 del mod.forward
 
 
+MICRO_TOKENS = 256  # tokens per backward pass of fisher_mask (its activations scale with them)
+
+
+def _micro_batches(batch: dict, tokens: int):
+    """(part, share of the batch) for slices of `tokens` tokens or fewer (at least one block each).
+    Every block has the same length and no ignored label, so the batch's mean loss is the
+    share-weighted sum of the parts' means, and the sum of their gradients is the batch's gradient."""
+    rows, length = batch["input_ids"].shape
+    step = max(1, tokens // length)
+    for i in range(0, rows, step):
+        part = {k: v[i:i + step] for k, v in batch.items()}
+        yield part, part["input_ids"].shape[0] / rows
+
+
 def fisher_mask(model, arch, blocks, batch_size: int) -> dict:
-    """Mean over batches of (dL/dm)^2 for every structural mask; parameters never get gradients."""
+    """Mean over batches of (dL/dm)^2 for every structural mask; parameters never get gradients.
+    A batch's dL/dm is accumulated over micro-batches of MICRO_TOKENS tokens (mask gradients add up
+    across backward passes), so the activations follow the micro-batch, not --batch-size."""
     for p in model.parameters():
         p.requires_grad_(False)
     masks: dict = {}
@@ -148,7 +164,8 @@ def fisher_mask(model, arch, blocks, batch_size: int) -> dict:
     try:
         for b in batches(blocks, batch_size, model.config.is_encoder_decoder, "Fisher scores"):
             with block_checkpointing(model, arch):
-                batch_loss(model, b).backward()
+                for part, share in _micro_batches(b, MICRO_TOKENS):
+                    (batch_loss(model, part) * share).backward()
             for key, m in masks.items():
                 _add(scores, key, m.grad.double().pow(2))
                 m.grad = None

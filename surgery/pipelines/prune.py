@@ -7,8 +7,10 @@ corrections -> stream every tensor through surgery.ops.slice.select into a check
 family, with bridge.json beside it. By default the residual stream is kept whole (bridge_plan).
 
 Memory: the LLM is loaded in its checkpoint's dtype; the Fisher pass recomputes one block at a time
-(importance.fisher_mask) and the statistics pass is a no-grad forward, so peak memory follows the
-weights plus one block's activations.
+(importance.fisher_mask) over micro-batches of 256 tokens, the loss goes through the LM head a chunk
+of tokens at a time (ops/loss.py), the statistics pass is a no-grad forward, and freed activations
+go back to the OS at once (io/allocator.py): peak memory follows the weights plus one block's
+activations (1.1B-shaped bf16 llama: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, replace
 
 from ..arch import arch_of, load_arch
 from ..errors import ArchitectureError, DataError
+from ..io.allocator import return_freed_memory
 from ..io.checkpoint import Checkpoint
 from ..io.writer import OutputDir
 from ..ops.fisher import norm_correction, recalibrate_norm
@@ -219,6 +222,7 @@ def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, 
     if missing:
         raise ArchitectureError(f"{ck.path} lacks {missing[0]} (and {len(missing) - 1} more) that its family map lists",
                                 "re-save the LLM with save_pretrained")
+    return_freed_memory()  # freed activations leave the RSS at once (io/allocator.py)
     with OutputDir(out, inputs=[ck.path], force=force) as od:
         torch.manual_seed(cfg.seed)
         blocks, L = token_blocks(ck.path, data, cfg.samples, cfg.seq_len, cfg.seed, arch.dims.get("positions"))
