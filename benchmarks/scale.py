@@ -500,8 +500,13 @@ def main() -> None:
         return write_doc(res)
     res["machine"] = (f"{platform.machine()}, {os.cpu_count()} CPUs, {os.uname().release}, Python {platform.python_version()}, "
                       f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
-    argv = [x for i, x in enumerate(sys.argv[1:]) if x != "--work" and (i == 0 or sys.argv[i] != "--work")]
-    res.setdefault("commands", {})[f"{a.sizes} {a.commands}"] = "python benchmarks/scale.py " + " ".join(argv)
+    argv = [x for i, x in enumerate(sys.argv[1:]) if x not in ("--work", "--no-doc") and (i == 0 or sys.argv[i] != "--work")]
+    done = res.setdefault("commands", {})
+    for key in list(done):  # an earlier run whose rows this one replaces
+        ks, _, kc = key.partition(" ")
+        if set(ks.split(",")) <= set(sizes) and set(kc.split(",")) <= set(cmds):
+            del done[key]
+    done[f"{a.sizes} {a.commands}"] = "flock /tmp/surgery-heavy.lock python benchmarks/scale.py " + " ".join(argv)
     for size in sizes:
         for c in cmds:
             new = COMMANDS[c](SIZES[size])
