@@ -463,7 +463,13 @@ small machine. The largest excess over the optimum is what rounding the factors 
 (≤ 2⁻⁸·√2 of ‖Δ_r‖). Whether the old float32 basis also fails on this particular input was not
 re-measured here; the issue measured 30 of 154 modules worse than an empty adapter on its 1.1B input,
 and `tests/test_extract.py::test_krylov_reaches_the_optimum_at_real_aspect_in_bf16` reproduces that
-failure (relative error 4.7) at 2640×960 on a merged LoRA over a low bf16 rounding floor."""
+failure (relative error 4.7) at 2640×960 on a merged LoRA over a low bf16 rounding floor.
+
+prune-bridge reads every weight (mmapped, so they count in its RSS once touched): its floor is the
+checkpoint plus ≈ 0.35 GiB of libraries, and the rest is one micro-batch's activations (the Fisher
+backward recomputes one block at a time, the loss goes through the LM head in chunks; section
+"Layer-wise Fisher at real sizes" above). transfer streams the LLM a window of layers at a time under
+`--max-memory` and never holds it whole (docs/transfer.md has its peak-memory formula)."""
 
 
 def write_doc(res: dict) -> None:

@@ -71,7 +71,7 @@ def write_calibration(path: str, samples: int) -> None:
 
 
 def run(cmd: list[str]) -> tuple[float, float, float, str]:
-    """(peak RSS GB, wall s, CPU s, stdout) of a child process."""
+    """(peak RSS GiB, wall s, CPU s, stdout) of a child process."""
     t = time.time()
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT})
@@ -198,7 +198,7 @@ def main() -> None:
     print(f"command: {' '.join(cmd[1:])}")
     print("| SLM | LLM (bf16 checkpoint) | LoRA targets | --max-memory | peak RSS | wall | CPU | ported adapter |")
     print("|---|---|---|---|---|---|---|---|")
-    print(f"| 0.2B-shaped | 1.1B-shaped ({ck:.2f} GB) | {a.targets} (r 16) | {a.max_memory} | {rss:.2f} GB | "
+    print(f"| 0.2B-shaped | 1.1B-shaped ({ck:.2f} GB) | {a.targets} (r 16) | {a.max_memory} | {rss:.2f} GiB | "
           f"{wall:.0f} s | {cpu:.0f} s | loads in peft, {check.strip()} |")
 
 
