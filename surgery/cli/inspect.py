@@ -21,7 +21,7 @@ def inspect_cmd(
     use_families(family)
     info = describe(path)
     if json_out:
-        print_json(info)
+        print_json({"output": None, **info})  # every command's JSON has "output"; inspect writes nothing
         return
     from rich.table import Table
 

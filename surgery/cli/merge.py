@@ -9,9 +9,10 @@ import typer
 from ..kinds import names as kind_names
 from ..pipelines.merge import merge_lora, unmerge_lora
 from . import app
-from .common import Family, Force, JsonOut, MaxShard, Output, console, human_bytes, print_json, use_families
+from ..io.model import DTYPES
+from .common import Family, Force, JsonOut, MaxShard, Output, choice, console, human_bytes, print_json, use_families
 
-Dtype = Annotated[str, typer.Option("--dtype", help="Output dtype of floating tensors: auto (keep), float32, bfloat16, float16.")]
+Dtype = Annotated[str, choice("--dtype", DTYPES, "Output dtype of floating tensors (auto: keep each tensor's).")]
 
 
 def _report(info: dict, title: str, json_out: bool) -> None:

@@ -7,10 +7,12 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import SurgeryError
-from ..pipelines.prune import PruneConfig, prune_bridge
+from ..pipelines.bridge_plan import RESIDUAL
+from ..pipelines.importance import METHODS as IMPORTANCE
+from ..pipelines.prune import DROP_BY, PruneConfig, prune_bridge
 from . import app
-from .common import (Device, DeviceMap, Force, JsonOut, MaxShard, ModelDtype, Output, Seed, console, human_count,
-                     placement, print_json)
+from .common import (Device, DeviceMap, Force, JsonOut, MaxShard, ModelDtype, Output, Seed, choice, console,
+                     human_count, placement, print_json)
 
 C = PruneConfig()  # every default below is PruneConfig's
 Size = lambda flag, what: Annotated[Optional[int], typer.Option(flag, help=f"{what} of the bridge (overrides --reduction).")]  # noqa: E731
@@ -22,9 +24,9 @@ def prune_bridge_cmd(
     output: Output,
     data: Annotated[str, typer.Option("--data", help="Calibration text: one document a line, or .jsonl with a \"text\" field.")],
     reduction: Annotated[float, typer.Option("--reduction", help="Keep about 1/R of the non-embedding parameters (the paper uses 16).")] = C.reduction,
-    residual: Annotated[str, typer.Option("--residual", help="keep: every residual channel stays and heads, neurons and layers are cut (default); prune: cut the residual width too (the narrow LST bridge).")] = C.residual,
+    residual: Annotated[str, choice("--residual", RESIDUAL, "keep: every residual channel stays and heads, neurons and layers are cut (default); prune: cut the residual width too (the narrow LST bridge).")] = C.residual,
     drop_layers: Annotated[int, typer.Option("--drop-layers", help="Leave out N whole layers per stack (tune-bridge keeps their adapter as given).")] = C.drop_layers,
-    drop_by: Annotated[str, typer.Option("--drop-by", help="Which layers --drop-layers leaves out: similarity (lowest block influence, 1 - cos(in, out)) or fisher (lowest Fisher of a per-layer mask).")] = C.drop_by,
+    drop_by: Annotated[str, choice("--drop-by", DROP_BY, "Which layers --drop-layers leaves out: similarity (lowest block influence, 1 - cos(in, out)) or fisher (lowest Fisher of a per-layer mask).")] = C.drop_by,
     hidden_size: Size("--hidden-size", "Residual width (with --residual prune)") = C.hidden_size,
     intermediate_size: Size("--intermediate-size", "MLP width") = C.intermediate_size,
     num_attention_heads: Size("--num-attention-heads", "Attention heads") = C.num_attention_heads,
@@ -32,7 +34,7 @@ def prune_bridge_cmd(
     samples: Annotated[int, typer.Option("--samples", help="Calibration blocks to use.")] = C.samples,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration block.")] = C.seq_len,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Blocks per forward/backward pass.")] = C.batch_size,
-    importance: Annotated[str, typer.Option("--importance", help="fisher-mask (Kwon et al. 2022), fisher-param (LST), magnitude, or random (a control).")] = C.importance,
+    importance: Annotated[str, choice("--importance", IMPORTANCE, "fisher-mask: Kwon et al. 2022; fisher-param: LST; magnitude; random: a control.")] = C.importance,
     seed: Seed = C.seed,
     force: Force = False,
     max_shard_size: MaxShard = C.max_shard_size,
