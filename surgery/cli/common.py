@@ -12,16 +12,19 @@ from ..errors import SurgeryError
 from ..io.model import DEVICE_MAPS, DTYPES, Placement
 
 
-def choice(flag: str, values, help: str, *, aliases=(), **kw):
+def choice(flag: str, values, help: str, *, aliases=(), explain=None, **kw):
     """A typer.Option whose value is one of `values` (a list the library owns, so the check and the
     help cannot disagree): --help shows them as [a|b|c], the shell completes them, and a typo is
     refused while the flags are parsed, before torch or transformers is imported, in one line that
-    lists them. `aliases` are old names still accepted but not shown."""
+    lists them. `aliases` are old names still accepted but not shown; `explain(value)`, if given, may
+    raise a more specific error for a value outside the list (a kind this command does not take)."""
     values = tuple(values)
 
     def parse(value: str) -> str:
         if value in values or value in aliases:
             return value
+        if explain is not None:
+            explain(value)
         close = difflib.get_close_matches(value, values, n=1)
         raise SurgeryError(f"unknown {flag} {value!r}",
                            (f"did you mean {close[0]}? " if close else "") + f"choose one of {', '.join(values)}")

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from ..io.adapterhub import PRESETS
-from ..kinds import ALIASES, MethodOptions, names as kind_names
+from ..kinds import ALIASES, MethodOptions, get as get_kind, names as kind_names
 from ..pipelines.evaluate import evaluate
 from ..train.loop import TrainConfig
 from . import app
@@ -57,7 +57,8 @@ def train_cmd(
     model: Annotated[str, typer.Argument(help="The (small) model to tune: a Hugging Face checkpoint directory.")],
     data: Data,
     output: Output,
-    method: Annotated[str, choice("--method", kind_names("train"), "Adapter kind (docs/kinds.md).", aliases=tuple(ALIASES))] = "lora",
+    method: Annotated[str, choice("--method", kind_names("train"), "Adapter kind (docs/kinds.md).", aliases=tuple(ALIASES),
+                                       explain=lambda v: v in kind_names() and get_kind(v, "train"))] = "lora",
     eval_data: EvalData = None,
     epochs: Epochs = T.epochs,
     lr: Lr = T.lr,
