@@ -5,6 +5,7 @@ import json
 from surgery import __version__
 
 from .conftest import run_cli
+from .train_fixtures import one_thread, task  # noqa: F401 (pytest fixtures)
 
 
 def test_version_help_and_completion():
@@ -103,3 +104,13 @@ def test_the_old_method_alias_is_still_accepted_but_not_listed(fx, tmp_path):
     assert "adapter|" not in out and "|adapter" not in out
     code, _, err = run_cli("train", tmp_path / "missing", "--data", "d", "-o", tmp_path / "o", "--method", "adapter")
     assert code == 2 and "--method" not in err and "does not exist" in err  # got past the flags
+
+
+def test_piped_table_titles_stay_on_one_line(fx, task):
+    """rich wraps a title to its table's width: eval's two narrow columns folded the model and adapter
+    paths mid-word, one piece a line."""
+    model, adapter = fx.model("llama"), fx.lora("llama", targets=["q_proj"], name="a-long-adapter-name-for-a-title")
+    code, out, err = run_cli("eval", model, "--adapter", adapter, "--data", task[1], "--max-length", "32")
+    assert code == 0, err
+    assert out.splitlines()[0].strip() == f"eval {model} + {adapter}"
+    assert len(out.splitlines()[0]) > max(len(line) for line in out.splitlines()[1:])  # wider than its table

@@ -99,3 +99,12 @@ def print_json(obj) -> None:
     import json
 
     typer.echo(json.dumps(obj, indent=2, default=str))  # NaN stays visible here: it is a report, not a file
+
+
+def table(title: str | None = None, **kw):
+    """A rich Table whose title stays on one line: rich wraps a title to the table's width, so a long
+    path over a two-column table came out folded mid-word, one piece a line, when piped."""
+    from rich.table import Table
+    from rich.text import Text
+
+    return Table(title=None if title is None else Text(title, no_wrap=True, overflow="ignore"), **kw)

@@ -9,7 +9,8 @@ import typer
 from ..pipelines.extract import extract_lora
 from . import app
 from ..io.model import DTYPES
-from .common import Family, Force, JsonOut, Output, Seed, choice, console, human_bytes, print_json, use_families
+from .common import (Family, Force, JsonOut, Output, Seed, choice, console, human_bytes, print_json, table,
+                     use_families)
 
 
 @app.command("extract-lora")
@@ -34,9 +35,7 @@ def extract_cmd(
     if json_out:
         print_json(info)
         return
-    from rich.table import Table
-
-    t = Table(title=f"extract-lora → {info['output']}")
+    t = table(f"extract-lora → {info['output']}")
     for col in ("module", "shape", "rank", "method", "rel. error"):
         t.add_column(col, justify="right" if col in ("rank", "rel. error") else "left")
     for row in info["modules"]:

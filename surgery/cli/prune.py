@@ -12,7 +12,7 @@ from ..pipelines.importance import METHODS as IMPORTANCE
 from ..pipelines.prune import DROP_BY, PruneConfig, prune_bridge
 from . import app
 from .common import (Device, DeviceMap, Force, JsonOut, MaxShard, ModelDtype, Output, Seed, choice, console,
-                     human_count, placement, print_json)
+                     human_count, placement, print_json, table)
 
 C = PruneConfig()  # every default below is PruneConfig's
 Size = lambda flag, what: Annotated[Optional[int], typer.Option(flag, help=f"{what} of the bridge (overrides --reduction).")]  # noqa: E731
@@ -76,10 +76,8 @@ def parse_max_memory(text: str | None) -> dict | None:
 
 
 def render(r: dict) -> None:
-    from rich.table import Table
-
     p, loss = r["parameters"], r["calibration_loss"]
-    head = Table(title=f"bridge {r['output']}", show_header=False)
+    head = table(f"bridge {r['output']}", show_header=False)
     head.add_column(style="bold")
     head.add_column()
     head.add_row("from", f"{r['source']} ({r['family']})")
@@ -99,7 +97,7 @@ def render(r: dict) -> None:
     if r.get("note"):
         con.print(f"[yellow]note:[/yellow] {r['note']}")
     keys = sorted({k for layers in r["retained"]["layers"].values() for lay in layers if lay for k in lay})
-    t = Table(title="importance mass retained per layer")
+    t = table("importance mass retained per layer")
     t.add_column("stack")
     t.add_column("layer", justify="right")
     for k in keys:

@@ -12,7 +12,7 @@ from ..pipelines.evaluate import evaluate
 from ..train.loop import TrainConfig
 from . import app
 from .common import (Device, DeviceMap, Force, JsonOut, ModelDtype, Output, Seed, choice, console, human_count,
-                     placement, print_json)
+                     placement, print_json, table)
 
 Data = Annotated[str, typer.Option("--data", help="JSONL: {\"text\"} (LM loss); {\"prompt\",\"completion\"}, chat {\"messages\"} or Alpaca {\"instruction\",\"input\",\"output\"} (loss on the answer).")]
 EvalData = Annotated[str | None, typer.Option("--eval", help="JSONL evaluated periodically and at the end.")]
@@ -37,9 +37,7 @@ def _quiet() -> None:
 
 
 def _render(title: str, s: dict, extra: list[tuple[str, str]]) -> None:
-    from rich.table import Table
-
-    t = Table(title=title)
+    t = table(title)
     for c in ("", "loss", "perplexity", "accuracy"):
         t.add_column(c, justify="right" if c else "left")
     for name in ("before", "after"):
@@ -156,9 +154,7 @@ def eval_cmd(
     if json_out:
         print_json({"output": None, **s})  # every command's JSON has "output"; eval writes nothing
         return
-    from rich.table import Table
-
-    t = Table(title=f"eval {s['model']}" + (f" + {s['adapter']}" if s["adapter"] else ""), show_header=False)
+    t = table(f"eval {s['model']}" + (f" + {s['adapter']}" if s["adapter"] else ""), show_header=False)
     t.add_column(style="bold")
     t.add_column(justify="right")
     acc = "-" if s["accuracy"] is None else f"{s['accuracy']:.1%} ({s['correct']}/{s['scored']})"

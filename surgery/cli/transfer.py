@@ -10,7 +10,7 @@ from ..kinds import names as kind_names
 from ..pipelines.transfer import TransferConfig, transfer
 from ..pipelines.transfer.run import DEPTHS, MAPS
 from . import app
-from .common import Force, JsonOut, Output, choice, console, print_json
+from .common import Force, JsonOut, Output, choice, console, print_json, table
 
 C = TransferConfig()  # every default below is TransferConfig's
 
@@ -37,11 +37,9 @@ def transfer_cmd(
     if json_out:
         print_json(info)
         return
-    from rich.table import Table
-
     stack, blocks = next(iter(info["depth_map"].items()))
     used = info["layers_used"][stack]
-    t = Table(title=f"{info['kind']} → {output}  (map: {info['map']}, depth: {info['depth']})")
+    t = table(f"{info['kind']} → {output}  (map: {info['map']}, depth: {info['depth']})")
     for col in ("llm layer", "slm layer", "space", "direction", "rel. residual", "rank / dim", "tokens"):
         t.add_column(col, justify="right" if col not in ("space", "direction") else "left")
     for r in info["fits"]:
