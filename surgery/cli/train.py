@@ -22,6 +22,7 @@ Batch = Annotated[int, typer.Option("--batch-size", help="Examples per step.")]
 T, M = TrainConfig(), MethodOptions()  # the loop's and the methods' defaults, defined there once
 MaxLen = Annotated[int, typer.Option("--max-length", help="Tokens per example (long prompts lose their start).")]
 EvalEvery = Annotated[int, typer.Option("--eval-every", help="Steps between evaluations (0: once per epoch).")]
+LogEvery = Annotated[int, typer.Option("--log-every", help="Steps per training-loss record (their mean) in the output's history.")]
 
 
 def _quiet() -> None:
@@ -69,6 +70,7 @@ def train_cmd(
     reduction_factor: Annotated[float | None, typer.Option("--reduction-factor", help="Bottleneck width = hidden // N (default 16).")] = M.reduction_factor,
     max_length: MaxLen = 512,
     eval_every: EvalEvery = T.eval_every,
+    log_every: LogEvery = T.log_every,
     seed: Seed = T.seed,
     dtype: ModelDtype = "auto",
     device: Device = None,
@@ -83,8 +85,8 @@ def train_cmd(
     _quiet()
     s = train(model, data, output, method=method, eval_data=eval_data, epochs=epochs, lr=lr, batch_size=batch_size,
               rank=rank, alpha=alpha, targets=targets, virtual_tokens=virtual_tokens, adapter_config=adapter_config,
-              reduction_factor=reduction_factor, max_length=max_length, eval_every=eval_every, seed=seed, force=force,
-              placement=where)
+              reduction_factor=reduction_factor, max_length=max_length, eval_every=eval_every, log_every=log_every, seed=seed,
+              force=force, placement=where)
     if not s:  # a data-parallel worker; the main process reports
         return
     if json_out:
@@ -108,6 +110,7 @@ def tune_bridge_cmd(
     batch_size: Batch = T.batch_size,
     max_length: MaxLen = 512,
     eval_every: EvalEvery = T.eval_every,
+    log_every: LogEvery = T.log_every,
     seed: Seed = T.seed,
     dtype: ModelDtype = "auto",
     device: Device = None,
@@ -121,8 +124,8 @@ def tune_bridge_cmd(
 
     _quiet()
     s = tune_bridge(adapter, bridge, data, output, eval_data=eval_data, llm=llm, epochs=epochs, lr=lr,
-                    batch_size=batch_size, max_length=max_length, eval_every=eval_every, seed=seed, force=force,
-                    placement=where)
+                    batch_size=batch_size, max_length=max_length, eval_every=eval_every, log_every=log_every, seed=seed,
+                    force=force, placement=where)
     if not s:
         return
     if json_out:
