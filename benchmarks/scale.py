@@ -162,7 +162,8 @@ def run_measured(cmd: list[str], label: str) -> dict:
 
 
 def row(command: str, size: Size, measured: dict, check: str, ok: bool, **extra) -> dict:
-    return {"command": command, "size": size.name, "params": size.params(), **measured, "check": check, "ok": ok, **extra}
+    return {"command": command, "size": size.name, "params": size.params(), **measured, "check": check, "ok": ok,
+            "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), **extra}
 
 
 def surgery(*args) -> list[str]:
@@ -347,13 +348,14 @@ def _flops_extract(size: Size, verify: bool) -> float:
     return total * size.layers
 
 
-PRUNE_TOKENS = 8 * 128  # bench_prune's one batch
-
-
 def _prune_activations(s: Size) -> int:
-    """What prune-bridge's excess over its weights grows with: the block inputs kept for the recompute
-    (layers x tokens x hidden) and one block's recomputed activations (tokens x intermediate)."""
-    return PRUNE_TOKENS * (s.layers * s.hidden + s.intermediate)
+    """Bytes of prune-bridge's activations by docs/prune-bridge.md's formula (bf16, micro-batches of
+    n = 256 tokens): block inputs L·n·H·2, one block's recompute n·(4H + 4I)·2 + n·I·4, one chunk of
+    logits 2²²·10."""
+    from surgery.pipelines.importance import MICRO_TOKENS
+
+    n = MICRO_TOKENS
+    return s.layers * n * s.hidden * 2 + n * (4 * s.hidden + 4 * s.intermediate) * 2 + n * s.intermediate * 4 + 10 * 2 ** 22
 
 
 def _transfer_pair(target: Size) -> tuple[dict, dict]:
@@ -368,7 +370,7 @@ def extrapolate(rows: list[dict]) -> list[dict]:
       merge     CPU ∝ bytes; peak RSS linear in the largest tensor through the two measured sizes;
       extract   CPU ∝ the multiply-adds of each module's decomposition; RSS as merge;
       prune     CPU ∝ parameters (forward + backward per token); RSS = the checkpoint (every weight is
-                read, mmapped) + an excess linear in _prune_activations through the two sizes;
+                read, mmapped) + the 1.1B excess over its checkpoint + the growth of _prune_activations;
       transfer  CPU ∝ LLM parameters; RSS = the 1.1B measurement + the growth that docs/transfer.md's
                 formula (transfer_scale.peak_terms) predicts from the 0.2B→1.1B pair to the target pair.
     """
@@ -376,7 +378,7 @@ def extrapolate(rows: list[dict]) -> list[dict]:
 
     out = []
     by = {(r["command"], r["size"]): r for r in rows if r["ok"]}
-    b1, s0 = SIZES["1.1b"], SIZES["0.2b"]
+    b1, s0 = SIZES["1.1b"], SIZES["0.2b"]  # prune: the formula of the activations, anchored at 1.1B
     largest = lambda s: 2 * max(s.vocab * s.hidden, s.hidden * s.intermediate)  # noqa: E731 — bf16 bytes
     for cmd in dict.fromkeys(r["command"] for r in rows):
         small, big = by.get((cmd, "0.2b")), by.get((cmd, "1.1b"))
@@ -393,12 +395,10 @@ def extrapolate(rows: list[dict]) -> list[dict]:
                     est["rss_mb"] = big["rss_mb"] + slope * (largest(target) - largest(b1))
             elif cmd.startswith("prune"):
                 est["cpu_s"] = big["cpu_s"] * target.params() / b1.params()
-                if small:
-                    ex = {k: r["rss_mb"] - 2 * k.params() / 2**20 for k, r in ((s0, small), (b1, big))}
-                    slope = (ex[b1] - ex[s0]) / max(_prune_activations(b1) - _prune_activations(s0), 1)
-                    excess = ex[b1] + slope * (_prune_activations(target) - _prune_activations(b1))
-                    est["rss_mb"] = 2 * target.params() / 2**20 + excess
-                    est["note"] = f"the bf16 checkpoint {2 * target.params() / 2**30:.0f} GiB + {excess / 1024:.2f} GiB"
+                excess = big["rss_mb"] - 2 * b1.params() / 2**20 + (_prune_activations(target) - _prune_activations(b1)) / 2**20
+                est["rss_mb"] = 2 * target.params() / 2**20 + excess
+                est["note"] = (f"the bf16 checkpoint {2 * target.params() / 2**30:.0f} GiB + {excess / 1024:.2f} GiB"
+                               + (" (needs `--max-memory`: then the budget + the rest)" if target.name == "70b" else ""))
             elif cmd.startswith("transfer"):
                 est["cpu_s"] = big["cpu_s"] * target.params() / b1.params()
                 here = ts.peak_terms(ts.SHAPES_PLAN["0.2B"], ts.SHAPES_PLAN["1.1B"], ts.TARGETS, ts.SAMPLES, ts.SEQ_LEN)
@@ -411,12 +411,22 @@ def extrapolate(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _measured(r: dict) -> str:
+    """When a row was measured (UTC; rows are kept across runs): its date, or for rows saved before
+    rows had one, the time its command's log was written."""
+    if "date" in r:
+        return r["date"]
+    if os.path.exists(r.get("log", "")):
+        return time.strftime("%Y-%m-%d %H:%M", time.gmtime(os.path.getmtime(r["log"])))
+    return "?"
+
+
 def _clock(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
 def render(res: dict) -> str:
-    rows = res["rows"]
+    rows = sorted(res["rows"], key=_order)
     lines = ["<!-- scale:start -->", "## Every command at real sizes (`benchmarks/scale.py`)", "",
              "Random bf16 llamas (std 0.02), built locally: **0.2B** (hidden 1024, 12 layers, 16/4 heads, MLP 2816, "
              "vocab 32000) and **1.1B**, TinyLlama-1.1B's shape (hidden 2048, 22 layers, GQA 32/4, MLP 5632, vocab "
@@ -427,11 +437,11 @@ def render(res: dict) -> str:
              f"Machine: {res['machine']}  ",
              "Each row is one subprocess; wall and CPU time and peak RSS from `wait4()` on it. The machine is "
              "shared with other jobs, so wall times are indicative; CPU time is the steadier figure.", "",
-             "| command | size | wall | CPU | peak RSS | check |", "|---|---|---:|---:|---:|---|"]
+             "| command | size | measured | wall | CPU | peak RSS | check |", "|---|---|---|---:|---:|---:|---|"]
     for r in rows:
         check = r["check"] if r["ok"] else f"**FAILED**: {r['check']}"
         extra = f" ({r['wall_vs_peft']}× peft's wall, {r['rss_vs_peft']}× its RSS)" if "wall_vs_peft" in r else ""
-        lines.append(f"| {r['command']} | {r['size']} | {_clock(r['wall_s'])} | {_clock(r['cpu_s'])} | "
+        lines.append(f"| {r['command']} | {r['size']} | {_measured(r)} | {_clock(r['wall_s'])} | {_clock(r['cpu_s'])} | "
                      f"{r['rss_mb'] / 1024:.2f} GiB | {check}{extra} |")
     est = extrapolate(rows)
     if est:
@@ -440,8 +450,8 @@ def render(res: dict) -> str:
                   "1.1B row by formula (`extrapolate()` in the script): CPU time in proportion to the work (bytes "
                   "for merge; for extract the multiply-adds of each module's Gram matrix, eigenvalues and Krylov "
                   "products; parameters for prune-bridge and transfer); peak RSS linear in the largest tensor "
-                  "through the two measured sizes for merge and extract, the checkpoint plus an excess linear in "
-                  "the kept activations (block inputs + one block) for prune-bridge, and the 1.1B measurement plus "
+                  "through the two measured sizes for merge and extract, the checkpoint plus the 1.1B row's excess "
+                  "plus the growth of the activations by docs/prune-bridge.md's formula for prune-bridge, and the 1.1B measurement plus "
                   "the growth docs/transfer.md's formula predicts for transfer. A 70B checkpoint (129 GiB) does not "
                   "fit this machine's memory at all: prune-bridge there runs under `--max-memory` (accelerate's "
                   "disk offload, docs/prune-bridge.md), which bounds the weights' share by the budget instead.", "",
@@ -521,11 +531,16 @@ def main() -> None:
             for r in new:
                 print(json.dumps({k: v for k, v in r.items() if k not in ("log", "stdout")}), flush=True)
             json.dump(res, open(saved, "w"), indent=2)
-    order = {**{name: i for i, name in enumerate(COMMANDS)}}
-    res["rows"].sort(key=lambda r: (order.get(_key(r["command"]), 99), r["command"], float(r["size"][:-1])))
+    res["rows"].sort(key=_order)
     json.dump(res, open(saved, "w"), indent=2)
     if not a.no_doc:
         write_doc(res)
+
+
+def _order(r: dict):
+    """Table order: COMMANDS' order, then the command, then the size."""
+    order = {name: i for i, name in enumerate(COMMANDS)}
+    return order.get(_key(r["command"]), 99), r["command"], float(r["size"][:-1])
 
 
 def _key(command: str) -> str:
