@@ -70,6 +70,8 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--tag", default="", help="suffix for output names (variants of the same bridge/init)")
     ap.add_argument("--out", default=None, help="JSON lines file (default: WORK/results.jsonl)")
+    ap.add_argument("--fisher-mass", action="store_true",
+                    help="only print, per LLM layer, the fisher-mask scores prune-bridge ranks (kv groups, best neurons, layer)")
     a = ap.parse_args(argv)
 
     import torch
@@ -85,6 +87,8 @@ def main(argv=None) -> None:
     pair = a.pair or os.path.join(ROOT, "benchmarks", ".work", "pairs", os.path.basename(ev).removeprefix("evidence-"))
     llm = os.path.join(pair, "llm")
     train, dev, calib = (os.path.join(ev, "data", f"{a.task}-{x}.jsonl") for x in ("train", "dev", "calib"))
+    if a.fisher_mass:
+        return fisher_mass(llm, calib)
     os.makedirs(a.work, exist_ok=True)
     out_file = a.out or os.path.join(a.work, "results.jsonl")
     mem_llm = training_bytes(llm, batch=16, seq=64)["total"]
@@ -132,6 +136,34 @@ def main(argv=None) -> None:
                      "refined": round(100 * rf["after"]["accuracy"], 1), "refined_loss": round(rf["after"]["loss"], 3),
                      "refine": {"steps": rcfg.steps, "lr": rcfg.lr, "eps": rcfg.eps, "batch": rcfg.batch_size},
                      "curve": curve, "seconds": {"tune": round(t_tune), "refine": round(time.time() - t0)}})
+
+
+def fisher_mass(llm: str, calib: str) -> None:
+    """What a Fisher-ranked joint allocation would weigh: prune-bridge's fisher-mask unit scores
+    (32 x 32 calibration tokens, as above) per layer -- each kv group, the best 2 / 63 neurons, all
+    neurons -- and the layer mask's Fisher and block influence (the --drop-by rankings)."""
+    from surgery.arch import arch_of
+    from surgery.io.checkpoint import Checkpoint
+    from surgery.io.model import load_model
+    from surgery.pipelines import importance as imp
+    from surgery.pipelines.calibration import token_blocks
+    from surgery.pipelines.prune import calibration_stats
+
+    ck = Checkpoint.open(llm)
+    arch = arch_of(ck)
+    blocks, _ = token_blocks(ck.path, calib, 32, 32, 0, arch.dims.get("positions"))
+    model = load_model(ck.path, None, dispatch="gpu", auto_dtype="stored")
+    scores = imp.fisher_mask(model, arch, blocks, 8)
+    u = imp.units(arch, scores)
+    _, sim, _ = calibration_stats(model, arch, blocks, 8, list(range(arch.dims["hidden"])))
+    lf = imp.layer_fisher(scores, arch)
+    for st, n in arch.stacks.items():
+        for i in range(n):
+            groups = [round(float(x), 4) for x in u[(st, i, "attn")]]
+            m = u[(st, i, "mlp.inner")].sort(descending=True).values
+            print(json.dumps({"layer": i, "kv_groups": groups, "neurons_top2": round(float(m[:2].sum()), 4),
+                              "neurons_top63": round(float(m[:63].sum()), 4), "neurons_all": round(float(m.sum()), 4),
+                              "layer_fisher": round(lf[(st, i)], 4), "block_influence": round(sim[(st, i)], 3)}))
 
 
 if __name__ == "__main__":
