@@ -9,7 +9,7 @@ import typer
 from ..kinds import names as kind_names
 from ..pipelines.transfer import TransferConfig, transfer
 from . import app
-from .common import Force, JsonOut, Output, console, print_json
+from .common import Force, JsonOut, Output, Plot, console, print_json, say_plot
 
 C = TransferConfig()  # every default below is TransferConfig's
 
@@ -27,12 +27,13 @@ def transfer_cmd(
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration text.")] = C.seq_len,
     ridge: Annotated[float, typer.Option("--ridge", help="Ridge strength, relative to the mean eigenvalue of each Gram.")] = C.ridge,
     max_memory: Annotated[str, typer.Option("--max-memory", help="Peak memory budget, e.g. 3GB; sets how many LLM layers are captured and fitted at once (default 4GB, more if one layer needs it and memory is free).")] = None,
+    plot: Plot("each fitted projection's relative residual per LLM layer and space") = None,
     force: Force = False,
     json_out: JsonOut = False,
 ):
     """Port ADAPTER to the LLM: layers duplicated over blocks, widths through fitted projections (W_plug)."""
     cfg = TransferConfig(map_kind=map_kind, depth=depth, samples=samples, seq_len=seq_len, ridge=ridge)
-    info = transfer(slm, llm, output, cfg, slm_base=slm_base, data=data, max_memory=max_memory, force=force)
+    info = transfer(slm, llm, output, cfg, slm_base=slm_base, data=data, max_memory=max_memory, force=force, plot=plot)
     if json_out:
         print_json(info)
         return
@@ -56,3 +57,4 @@ def transfer_cmd(
                                                 for i, b in enumerate(blocks)))
     for w in info["warnings"]:
         c.print(f"[yellow]warning:[/] {w}")
+    say_plot(info["plot"])
