@@ -6,12 +6,13 @@ from typing import Annotated
 
 import typer
 
-from ..kinds import MethodOptions, names as kind_names
+from ..io.adapterhub import PRESETS
+from ..kinds import ALIASES, MethodOptions, get as get_kind, names as kind_names
 from ..pipelines.evaluate import evaluate
 from ..train.loop import TrainConfig
 from . import app
-from .common import (Device, DeviceMap, Force, JsonOut, ModelDtype, Output, Plot, Seed, console, human_count, placement,
-                     print_json, say_plot)
+from .common import (Device, DeviceMap, Force, JsonOut, ModelDtype, Output, Plot, Seed, choice, console, human_count,
+                     placement, print_json, say_plot, table)
 
 Data = Annotated[str, typer.Option("--data", help="JSONL: {\"text\"} (LM loss); {\"prompt\",\"completion\"}, chat {\"messages\"} or Alpaca {\"instruction\",\"input\",\"output\"} (loss on the answer).")]
 EvalData = Annotated[str | None, typer.Option("--eval", help="JSONL evaluated periodically and at the end.")]
@@ -38,9 +39,7 @@ def _quiet() -> None:
 
 
 def _render(title: str, s: dict, extra: list[tuple[str, str]]) -> None:
-    from rich.table import Table
-
-    t = Table(title=title)
+    t = table(title)
     for c in ("", "loss", "perplexity", "accuracy"):
         t.add_column(c, justify="right" if c else "left")
     for name in ("before", "after"):
@@ -58,7 +57,8 @@ def train_cmd(
     model: Annotated[str, typer.Argument(help="The (small) model to tune: a Hugging Face checkpoint directory.")],
     data: Data,
     output: Output,
-    method: Annotated[str, typer.Option("--method", help=f"Adapter kind: {' | '.join(kind_names('train'))}.")] = "lora",
+    method: Annotated[str, choice("--method", kind_names("train"), "Adapter kind (docs/kinds.md).", aliases=tuple(ALIASES),
+                                       explain=lambda v: v in kind_names() and get_kind(v, "train"))] = "lora",
     eval_data: EvalData = None,
     epochs: Epochs = T.epochs,
     lr: Lr = T.lr,
@@ -67,7 +67,7 @@ def train_cmd(
     alpha: Annotated[float | None, typer.Option("--alpha", help="LoRA/LoKr alpha (default 2 x rank).")] = M.alpha,
     targets: Annotated[list[str] | None, typer.Option("--targets", help="Module names, repeatable or comma-separated (default: every linear layer in the blocks).")] = None,
     virtual_tokens: Annotated[int, typer.Option("--virtual-tokens", help="Prompt/prefix length.")] = M.virtual_tokens,
-    adapter_config: Annotated[str, typer.Option("--adapter-config", help="Bottleneck adapter preset: houlsby (attention + FFN) | pfeiffer (FFN).")] = M.adapter_config,
+    adapter_config: Annotated[str, choice("--adapter-config", PRESETS, "Bottleneck adapter preset: houlsby (attention + FFN), pfeiffer (FFN).")] = M.adapter_config,
     reduction_factor: Annotated[float | None, typer.Option("--reduction-factor", help="Bottleneck width = hidden // N (default 16).")] = M.reduction_factor,
     max_length: MaxLen = 512,
     eval_every: EvalEvery = T.eval_every,
@@ -160,11 +160,9 @@ def eval_cmd(
     _quiet()
     s = evaluate(model, data, adapter=adapter, batch_size=batch_size, max_length=max_length, placement=where)
     if json_out:
-        print_json(s)
+        print_json({"output": None, **s})  # every command's JSON has "output"; eval writes nothing
         return
-    from rich.table import Table
-
-    t = Table(title=f"eval {s['model']}" + (f" + {s['adapter']}" if s["adapter"] else ""), show_header=False)
+    t = table(f"eval {s['model']}" + (f" + {s['adapter']}" if s["adapter"] else ""), show_header=False)
     t.add_column(style="bold")
     t.add_column(justify="right")
     acc = "-" if s["accuracy"] is None else f"{s['accuracy']:.1%} ({s['correct']}/{s['scored']})"

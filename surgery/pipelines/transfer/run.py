@@ -84,7 +84,8 @@ def transfer(adapter: str, llm: str, out: str, cfg: TransferConfig | None = None
              data: str | None = None, map_kind: str | None = None, depth: str | None = None, samples: int | None = None,
              seq_len: int | None = None, ridge: float | None = None, batch: int | None = None,
              max_memory: str | int | None = None, force: bool = False, plot: str | None = None) -> dict:
-    """Port `adapter` (trained on its SLM) to `llm`; write OUT and return transfer.json's contents.
+    """Port `adapter` (trained on its SLM) to `llm`; write OUT and return transfer.json's contents
+    with "output": OUT's path (and "plot": the --plot PNG, or None).
 
     cfg: the settings (TransferConfig, whose defaults these are); a keyword given (not None) overrides its field.
     max_memory: peak-RSS budget ("3GB", bytes, or None: 4 GB, more if one layer needs it and the
@@ -109,11 +110,11 @@ def transfer(adapter: str, llm: str, out: str, cfg: TransferConfig | None = None
         plots.check(plot, force, inputs=inputs + [data], output=out)
     with memory_guard(budget or ceiling()), OutputDir(out, inputs=inputs, force=force) as od:
         summary = _transfer(kind, ad, ck_s, ck_l, arch_s, arch_l, stack, od, cfg, data=data, budget=budget)
-        od.commit()
+        path = od.commit()
     if plot:  # from the fits transfer.json records
         plots.residuals(plot, summary["fits"], summary["layers_used"][stack],
                         f"transfer {kind.name} ({arch_s.family}): {cfg.map_kind} map, depth {cfg.depth}")
-    return {**summary, "plot": plot}
+    return {**summary, "output": path, "plot": plot}  # transfer.json's contents, where they were written, the plot
 
 
 def _budget(text) -> int:
