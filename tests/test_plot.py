@@ -222,3 +222,12 @@ def test_importance_helpers_by_hand():
 
     assert normalised([1.0, 4.0, 2.0]) == [0.25, 1.0, 0.5] and normalised([0.0, 0.0]) == [0.0, 0.0]
     assert kept_share([1.0, 4.0, 3.0], [False, True, True]) == 0.875
+
+
+def test_matplotlib_is_imported_only_to_draw():
+    import subprocess
+
+    code = ("import sys, surgery.plot, surgery.pipelines.prune, surgery.pipelines.transfer, surgery.pipelines.train, "
+            "surgery.cli; assert 'matplotlib' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
