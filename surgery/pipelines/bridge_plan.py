@@ -164,28 +164,47 @@ def check_drop_layers(arch, drop_layers: int) -> None:
                          "a bridge keeps at least one layer per stack; drop fewer layers")
 
 
-def plan_sizes(arch, reduction: float, fixed: dict, residual: str = "keep", drop_layers: int = 0) -> dict:
-    """Widths that keep about 1/reduction of the non-embedding parameters, each free width divided by
-    a common factor s (found by search; with the residual kept only heads and neurons shrink, and
-    `drop_layers` layers per stack are left out of the count)."""
+def plan_sizes(arch, reduction: float, fixed: dict, residual: str = "keep", drop_layers: int | None = 0) -> dict:
+    """Widths that keep about 1/reduction of the non-embedding parameters (plan_bridge's sizes)."""
+    return plan_bridge(arch, reduction, fixed, residual, drop_layers)[0]
+
+
+def plan_bridge(arch, reduction: float, fixed: dict, residual: str = "keep",
+                drop_layers: int | None = None) -> tuple[dict, int]:
+    """(widths, layers dropped per stack) that keep about 1/reduction of the non-embedding parameters.
+
+    Every free dimension is divided by one common factor s, found by search so the bridge's
+    non-embedding count is closest to N/R: with the residual kept, kv groups -> heads, the MLP's
+    neurons and, when `drop_layers` is None (planned depth), the number of layers (kept = round(L/s),
+    at least 1), so s is about sqrt(R) and no dimension is cut to a sliver while another stays whole
+    (a kv group cannot be split: at R = 16 on a 4-layer model with 2 kv groups, widths alone kept
+    2 of 384 neurons per layer; with depth planned the bridge keeps 1 layer with 64). An explicit
+    `drop_layers` fixes the depth; so do explicit widths and `residual="prune"` (the narrow LST bridge
+    keeps every layer), where depth is not planned (0 unless given).
+    """
     if not (math.isfinite(reduction) and reduction >= 1):  # nan passes `< 1`; it would reach bridge.json
         raise ShapeError(f"--reduction {reduction} is not a number >= 1", "a bridge keeps 1/R of the LLM; use R >= 1 (16 in the paper)")
     fixed = {k: v for k, v in fixed.items() if v is not None}
     _check_fixed(arch, fixed, residual)
+    fewest = min(arch.stacks.values())
+    planned = drop_layers is None and residual == "keep" and not fixed
+    if drop_layers is None:
+        drop_layers = 0
     check_drop_layers(arch, drop_layers)
-    layers = {st: list(range(n - drop_layers)) for st, n in arch.stacks.items()}
     target = parameter_counts(arch)["non_embedding"] / reduction
     best = None
     for step in range(0, 241):
         s = math.exp(step * math.log(max(reduction, 1.0) * 16) / 240) if reduction > 1 else 1.0
         sizes = _sizes_at(arch, s, fixed, residual)
+        drop = fewest - max(1, min(fewest, round(fewest / s))) if planned else drop_layers
+        layers = {st: list(range(n - drop)) for st, n in arch.stacks.items()}
         n = parameter_counts(load_arch(bridge_config(arch, sizes, layers)))["non_embedding"]
         err = abs(math.log(max(n, 1) / target))
         if best is None or err < best[0] - 1e-12:
-            best = (err, sizes)
+            best = (err, sizes, drop)
         if reduction == 1:
             break
-    return {k: best[1][k] for k in SIZE_NAMES}
+    return {k: best[1][k] for k in SIZE_NAMES}, best[2]
 
 
 def _group_key(group: str, kv: bool) -> str:

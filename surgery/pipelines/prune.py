@@ -18,7 +18,7 @@ import shutil
 from dataclasses import dataclass, replace
 
 from ..arch import arch_of, load_arch
-from ..errors import ArchitectureError, DataError
+from ..errors import ArchitectureError, DataError, ShapeError
 from ..io.checkpoint import Checkpoint
 from ..io.writer import OutputDir
 from ..ops.fisher import norm_correction, recalibrate_norm
@@ -26,7 +26,7 @@ from ..ops.slice import select as slice_select
 from . import importance as imp
 from ..io.hashing import file_sha256
 from ..ops.fisher import block_influence, top_k
-from .bridge_plan import (bridge_config, check_drop_layers, kept_layers, layer_kept, parameter_counts, plan_sizes,
+from .bridge_plan import (bridge_config, check_drop_layers, kept_layers, layer_kept, parameter_counts, plan_bridge,
                           select)
 from ..io.model import Placement, load_model
 from .calibration import batches, mean_loss, to_device, token_blocks
@@ -165,7 +165,7 @@ class PruneConfig:
 
     reduction: float = 16.0  # keep about 1/R of the non-embedding parameters (the paper uses 16)
     residual: str = "keep"  # keep every residual channel, or prune it too (the narrow LST bridge)
-    drop_layers: int = 0  # whole layers left out per stack
+    drop_layers: int | str = "auto"  # whole layers left out per stack; "auto": depth shares the reduction (bridge_plan)
     drop_by: str = "similarity"  # which: similarity (block influence) or fisher
     hidden_size: int | None = None  # explicit bridge widths override the reduction
     intermediate_size: int | None = None
@@ -179,8 +179,22 @@ class PruneConfig:
     max_shard_size: str = "5GB"
 
 
+def parse_drop_layers(v) -> int | None:
+    """--drop-layers: "auto" (None: the planner shares the reduction with depth) or a count of layers."""
+    if v is None or v == "auto":
+        return None
+    try:
+        n = int(v)
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0 or str(v).strip() not in (str(n), f"+{n}"):
+        raise ShapeError(f"--drop-layers {v!r} is neither 'auto' nor a count of layers",
+                         "pass --drop-layers auto (the default) or a whole number such as 0 or 2")
+    return n
+
+
 def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, *, reduction: float | None = None,
-                 residual: str | None = None, drop_layers: int | None = None, drop_by: str | None = None,
+                 residual: str | None = None, drop_layers: int | str | None = None, drop_by: str | None = None,
                  hidden_size: int | None = None, intermediate_size: int | None = None,
                  num_attention_heads: int | None = None, num_key_value_heads: int | None = None,
                  samples: int | None = None, seq_len: int | None = None, batch_size: int | None = None,
@@ -212,10 +226,12 @@ def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, 
                                 "use a family whose map has prune.config_keys (docs/arch.md)")
     if "config_keys" not in arch.prune:
         raise ArchitectureError(f"family {arch.family} has no prune.config_keys", "add it to its family file (docs/arch.md)")
-    check_drop_layers(arch, cfg.drop_layers)
-    sizes = plan_sizes(arch, cfg.reduction, {"hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size,
-                                             "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads},
-                       residual=cfg.residual, drop_layers=cfg.drop_layers)
+    asked = parse_drop_layers(cfg.drop_layers)
+    if asked is not None:
+        check_drop_layers(arch, asked)
+    sizes, drop = plan_bridge(arch, cfg.reduction, {"hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size,
+                                                    "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads},
+                              residual=cfg.residual, drop_layers=asked)
     missing = [t.name for t in arch.stored_tensors() if t.name not in ck]
     if missing:
         raise ArchitectureError(f"{ck.path} lacks {missing[0]} (and {len(missing) - 1} more) that its family map lists",
@@ -240,10 +256,10 @@ def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, 
         corr, similarity, llm_loss = calibration_stats(model, arch, blocks, cfg.batch_size,
                                                        top_k(u["residual"], sizes["hidden"]))
         layer_scores = similarity
-        if cfg.drop_layers and cfg.drop_by == "fisher":
+        if drop and cfg.drop_by == "fisher":
             layer_scores = imp.layer_fisher(scores if cfg.importance == "fisher-mask" else
                                             imp.fisher_mask(model, arch, blocks, cfg.batch_size), arch)
-        dropped = choose_dropped(arch, layer_scores, cfg.drop_layers)
+        dropped = choose_dropped(arch, layer_scores, drop)
         del model, scores
         gc.collect()
         if offload:
@@ -268,7 +284,7 @@ def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, 
             "reduction": float(cfg.reduction), "residual": cfg.residual,
             "sizes": sizes, "llm_sizes": {k: arch.dims[k] for k in sizes},
             "layers": {"llm": dict(arch.stacks), "bridge": dict(barch.stacks),
-                       "drop_by": cfg.drop_by if cfg.drop_layers else None,
+                       "drop_by": cfg.drop_by if drop else None, "drop_planned": asked is None,
                        "dropped": dropped, "scores": {st: [layer_scores[(st, i)] for i in range(n)]
                                                       for st, n in arch.stacks.items()}},
             "parameters": {"llm": pl["total"], "bridge": pb["total"],
