@@ -263,3 +263,33 @@ def layer_kept(kept: dict, stack: str | None, layer: int | None) -> dict:
     if stack is not None:
         out.update({k: v for k, v in kept["layers"][stack][layer].items() if "." in k})
     return out
+
+
+def unit_maps(arch, unit_scores: dict, kept: dict) -> list[dict]:
+    """What `select` chose from, as plain data for prune-bridge --plot (surgery.plot.importance): per
+    stack, one panel per head group and per neuron space, and one for the residual channels when they
+    were pruned. A panel: {"stack", "units", "layers": LLM layer indices, "dropped": [bool per layer],
+    "scores": [[float per unit] per layer], "kept": [[bool per unit] per layer]}. Heads are scored and
+    kept per kv group (one column per group: with grouped-query attention the group's query heads go
+    together); a layer --drop-layers left out keeps nothing."""
+    panels = []
+    if len(kept["residual"]) < arch.dims["hidden"]:
+        res = set(kept["residual"])
+        panels.append({"stack": "all layers", "units": "residual channels", "layers": ["all"], "dropped": [False],
+                       "scores": [unit_scores["residual"].tolist()],
+                       "kept": [[c in res for c in range(arch.dims["hidden"])]]})
+    rep = arch.dims["heads"] // arch.dims["kv_heads"]
+    for stack, n in arch.stacks.items():
+        entries = kept["layers"][stack]
+        kinds = [(g, _group_key(g, True), (f"{g} kv groups ({rep} heads each)" if rep > 1 else f"{g} heads"))
+                 for g in arch.head_groups(stack)]
+        kinds += [(s, s, f"{s} neurons") for s in arch.prune.get("neurons", {})]
+        for unit, key, label in kinds:
+            if (stack, 0, unit) not in unit_scores:  # a neuron space this stack does not have
+                continue
+            scores = [unit_scores[(stack, i, unit)].tolist() for i in range(n)]
+            chosen = [set(e[key]) if e is not None else set() for e in entries]
+            panels.append({"stack": stack, "units": label, "layers": list(range(n)),
+                           "dropped": [e is None for e in entries], "scores": scores,
+                           "kept": [[u in c for u in range(len(row))] for row, c in zip(scores, chosen)]})
+    return panels

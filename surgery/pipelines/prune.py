@@ -27,7 +27,7 @@ from . import importance as imp
 from ..io.hashing import file_sha256
 from ..ops.fisher import block_influence, top_k
 from .bridge_plan import (bridge_config, check_drop_layers, kept_layers, layer_kept, parameter_counts, plan_bridge,
-                          select)
+                          select, unit_maps)
 from ..io.model import Placement, load_model
 from .calibration import batches, mean_loss, to_device, token_blocks
 from .stream import write_checkpoint
@@ -200,13 +200,14 @@ def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, 
                  samples: int | None = None, seq_len: int | None = None, batch_size: int | None = None,
                  importance: str | None = None, seed: int | None = None, max_shard_size: str | None = None,
                  force: bool = False, placement: Placement | None = None, max_memory: dict | None = None,
-                 progress: bool | None = None) -> dict:
+                 progress: bool | None = None, plot: str | None = None) -> dict:
     """Write a bridge of `llm` to `out`; returns the report (also the content of bridge.json).
 
     cfg: the settings (PruneConfig, whose defaults these are); a keyword given (not None) overrides its field.
     placement: dtype and devices of the calibration passes (io.model; --dtype auto loads the LLM in its
     own dtype, here also on the CPU: the Fisher passes recompute one block at a time in float32);
     max_memory ({device: "20GiB", "cpu": ...}) caps each device for accelerate's placement.
+    plot: also draw each layer's head and neuron importance, kept and dropped, to this PNG (surgery.plot.importance).
     """
     import torch
 
@@ -236,6 +237,10 @@ def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, 
     if missing:
         raise ArchitectureError(f"{ck.path} lacks {missing[0]} (and {len(missing) - 1} more) that its family map lists",
                                 "re-save the LLM with save_pretrained")
+    if plot:
+        from .. import plot as plots
+
+        plots.check(plot, force, inputs=[ck.path, data], output=out)
     with OutputDir(out, inputs=[ck.path], force=force) as od:
         torch.manual_seed(cfg.seed)
         blocks, L = token_blocks(ck.path, data, cfg.samples, cfg.seq_len, cfg.seed, arch.dims.get("positions"))
@@ -299,4 +304,7 @@ def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, 
                                 "cannot shrink further; add --drop-layers N (or --residual prune) to go lower")
         od.write_json("bridge.json", manifest)
         path = od.commit()
-    return {"output": path, **manifest}
+    if plot:  # from the scores the selection used, not recomputed
+        plots.importance(plot, unit_maps(arch, u, kept),
+                         f"prune-bridge {arch.family}: {cfg.importance} importance, kept for a 1/{cfg.reduction:g} bridge")
+    return {"output": path, "plot": plot, **manifest}
