@@ -9,13 +9,19 @@ pytestmark = pytest.mark.skipif(not os.path.isdir("/usr/lib/python3.11"), reason
 
 
 def test_corpus_is_fixed_and_held_out_entries_are_not_pretrained_on():
-    from benchmarks.evidence.corpus import corpus_hash, entries, render, split
+    from benchmarks.evidence.corpus import corpus_hash, entries, extra_texts, render, split, validation
 
     es = entries()
     assert len(es) > 3000 and corpus_hash() == corpus_hash()
     seen, held = split()
-    assert len(held) == int(0.05 * len(es)) and len(seen) + len(held) == len(es)
-    assert not {render(e) for e in seen} & {render(e) for e in held}
+    valid = validation()
+    assert len(held) == len(valid) == int(0.05 * len(es)) and len(seen) + len(held) + len(valid) == len(es)
+    texts = [{render(e) for e in x} for x in (seen, held, valid)]
+    assert not texts[0] & texts[1] and not texts[0] & texts[2] and not texts[1] & texts[2]
+    # the extra text never continues a held-out or validation entry's docstring
+    extra = extra_texts()
+    unseen = {f"{e['qual']} in {e['module']}, more: " for e in held + valid}
+    assert len(extra) > 1000 and not any(t.startswith(p) for t in extra for p in unseen if t[:1] == p[:1])
     e = next(e for e in es if e["qual"] == "ensure_future")
     assert render(e).startswith("ensure_future(coro_or_future, loop) in asyncio.tasks: ")
 
