@@ -168,10 +168,15 @@ class Bench:
         return r
 
 
+def work_dir(pair: str) -> str:
+    """Where a pair's stages are cached (one directory per pretrained pair)."""
+    return os.path.join(ROOT, "benchmarks", ".work", "evidence-" + os.path.basename(pair))
+
+
 def run(quick: bool, jobs: int, tasks: list[str], log=print) -> str:
     s = QUICK if quick else FULL
     pair = pretrain(quick=quick, log=log)
-    work = os.path.join(ROOT, "benchmarks", ".work", "evidence-" + os.path.basename(pair))
+    work = work_dir(pair)
     b = Bench(pair, work, s, log)
     t0 = time.time()
     seeds = range(s["seeds"])
