@@ -1,6 +1,6 @@
 """Do the tasks need the larger model? LLM + LoRA minus SLM + LoRA, per task, over seeds.
 
-    python -m benchmarks.evidence.gaps [--tasks module,verb] [--seeds 3] [--jobs 2]
+    python -m benchmarks.evidence.gaps [--tasks verb,arg] [--seeds 3] [--jobs 2]
 
 Runs only the two LoRA baselines of benchmarks/evidence/run.py (same stages, same cache: a later
 `make evidence` reuses them) and prints the gap in accuracy points with its 95 % interval. Issue 16
@@ -24,7 +24,7 @@ from benchmarks.evidence.run import FULL, QUICK, Bench, pretrain, work_dir  # no
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tasks", default="module,verb")
+    ap.add_argument("--tasks", default="verb,arg")
     ap.add_argument("--seeds", type=int, default=FULL["seeds"])
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="the tiny pair and settings of `run --quick` (smoke run)")

@@ -47,11 +47,10 @@ def render(results: dict, sm: dict) -> str:
          "benchmarks/.work/pairs/ under a hash of its recipe)",
          f"- machine: {results['machine']}; date: {results['date']}",
          *_corpus_lines(pre, slm, llm)]
-    if "module_cloze" in results:
-        c = results["module_cloze"]
-        L.append(f"- what each model memorised, before any tuning (8-way cloze on the `module` dev entries in the "
-                 f"corpus's own wording, chance 12.5 %; benchmarks/evidence/knowledge.py): SLM "
-                 f"{100 * c['slm']:.1f} %, LLM {100 * c['llm']:.1f} %")
+    if "cloze" in results:
+        L.append("- what each model memorised, before any tuning (8-way cloze on each task's dev entries in the "
+                 "corpus's own wording, chance 12.5 %; benchmarks/evidence/knowledge.py): " + "; ".join(
+                     f"`{t}` SLM {100 * c['slm']:.1f} %, LLM {100 * c['llm']:.1f} %" for t, c in results["cloze"].items()))
     L += [f"- tasks (benchmarks/evidence/tasks.py): " + "; ".join(
               f"`{n}` ({results['task_sizes'][n][0]} train / {results['task_sizes'][n][1]} dev)" for n in sm["tasks"])
           + f"; {s['seeds']} seeds; LoRA rank 8 on every linear layer, {s['epochs']} epochs, lr {s['lr']}, batch "
