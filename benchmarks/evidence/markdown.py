@@ -125,7 +125,7 @@ def _corpus_lines(pre: dict, slm: dict, llm: dict) -> list[str]:
              "(the remaining paragraphs of those docstrings, and the index entries of the Python packages Debian "
              "installed in /usr/lib/python3/dist-packages: pip, setuptools, pygments, cryptography, apt, ...)"
              if "extra_texts" in pre else "")
-    index = f" ({pre['index_tokens']:,} of them the stdlib index)" if "index_tokens" in pre else ""
+    index = f" (the stdlib index's {pre['index_tokens']:,} tokens {repeats} times)" if "index_tokens" in pre else ""
     valid = (f"; {pre['valid_tokens']:,} validation tokens (another 5 %, never seen either) choose the checkpoint each "
              "model keeps" if "valid_tokens" in pre else "")
     kept = (f"; each model keeps its checkpoint of best validation loss (SLM step {slm['kept_step']}, LLM step "
