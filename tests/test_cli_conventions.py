@@ -5,6 +5,7 @@ import json
 from surgery import __version__
 
 from .conftest import run_cli
+from .train_fixtures import one_thread, task  # noqa: F401 (pytest fixtures)
 
 
 def test_version_help_and_completion():
@@ -38,3 +39,78 @@ def test_piped_tables_are_not_folded_at_80_columns(fx):
     assert code == 0, err
     row = next(line for line in out.splitlines() if "side_files" in line)
     assert "config.json, generation_config.json, tokenizer.json, tokenizer_config.json" in row
+
+
+def _choice_cases():
+    """(argv before the flag, flag, the library's list of values) for every enumerated option."""
+    from surgery.io.adapterhub import PRESETS
+    from surgery.io.model import DEVICE_MAPS, DTYPES
+    from surgery.kinds import names
+    from surgery.pipelines.bridge_plan import RESIDUAL
+    from surgery.pipelines.importance import METHODS
+    from surgery.pipelines.prune import DROP_BY
+    from surgery.pipelines.transfer.run import DEPTHS, MAPS
+
+    prune = ["prune-bridge", "m", "-o", "o", "--data", "d"]
+    transfer = ["transfer", "--slm", "a", "--llm", "b", "-o", "o"]
+    train = ["train", "m", "--data", "d", "-o", "o"]
+    return [(prune, "--importance", METHODS), (prune, "--residual", RESIDUAL), (prune, "--drop-by", DROP_BY),
+            (prune, "--dtype", DTYPES), (prune, "--device-map", DEVICE_MAPS),
+            (transfer, "--map", MAPS), (transfer, "--depth", DEPTHS),
+            (train, "--method", names("train")), (train, "--adapter-config", list(PRESETS)), (train, "--dtype", DTYPES),
+            (["tune-bridge", "--adapter", "a", "--bridge", "b", "--data", "d", "-o", "o"], "--dtype", DTYPES),
+            (["refine", "--adapter", "a", "--llm", "b", "--data", "d", "-o", "o"], "--dtype", DTYPES),
+            (["eval", "m", "--data", "d"], "--device-map", DEVICE_MAPS),
+            (["merge-lora", "b", "a", "-o", "o"], "--dtype", DTYPES),
+            (["unmerge-lora", "m", "a", "-o", "o"], "--dtype", DTYPES),
+            (["extract-lora", "b", "t", "-o", "o", "--rank", "2"], "--dtype", DTYPES)]
+
+
+def test_choices_are_listed_in_help():
+    for argv, flag, values in _choice_cases():
+        code, out, _ = run_cli(argv[0], "-h")
+        assert code == 0 and f"{flag} [{'|'.join(values)}]" in out, (argv[0], flag)
+
+
+def test_a_mistyped_choice_is_refused_before_torch_is_imported():
+    """Every enumerated option refuses a typo while the flags are parsed: one line naming the valid
+    values, exit 2, and neither torch nor transformers imported (they cost seconds)."""
+    import subprocess
+    import sys
+
+    cases = [(argv, flag, list(values)) for argv, flag, values in _choice_cases()]
+    code = ("import io, json, sys, contextlib\nfrom surgery.cli import main\nres = []\n"
+            f"for argv, flag, values in {cases!r}:\n"
+            "    sys.argv = ['surgery', *argv, flag, values[0] + 'x']\n"
+            "    err = io.StringIO()\n"
+            "    with contextlib.redirect_stderr(err):\n"
+            "        try: main()\n"
+            "        except SystemExit as e: res.append([e.code, err.getvalue()])\n"
+            "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'peft', 'accelerate'})\n"
+            "print(json.dumps({'res': res, 'heavy': heavy}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["heavy"] == []
+    assert len(got["res"]) == len(cases)
+    for (argv, flag, values), (exit_code, err) in zip(cases, got["res"]):
+        assert exit_code == 2 and err.count("\n") == 1, (flag, err)
+        assert err.startswith(f"surgery: error: unknown {flag} '{values[0]}x'; did you mean {values[0]}? choose one of "
+                              + ", ".join(values)), err
+
+
+def test_the_old_method_alias_is_still_accepted_but_not_listed(fx, tmp_path):
+    code, out, _ = run_cli("train", "-h")
+    assert "adapter|" not in out and "|adapter" not in out
+    code, _, err = run_cli("train", tmp_path / "missing", "--data", "d", "-o", tmp_path / "o", "--method", "adapter")
+    assert code == 2 and "--method" not in err and "does not exist" in err  # got past the flags
+
+
+def test_piped_table_titles_stay_on_one_line(fx, task):
+    """rich wraps a title to its table's width: eval's two narrow columns folded the model and adapter
+    paths mid-word, one piece a line."""
+    model, adapter = fx.model("llama"), fx.lora("llama", targets=["q_proj"], name="a-long-adapter-name-for-a-title")
+    code, out, err = run_cli("eval", model, "--adapter", adapter, "--data", task[1], "--max-length", "32")
+    assert code == 0, err
+    assert out.splitlines()[0].strip() == f"eval {model} + {adapter}"
+    assert len(out.splitlines()[0]) > max(len(line) for line in out.splitlines()[1:])  # wider than its table

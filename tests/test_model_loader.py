@@ -56,3 +56,21 @@ def test_every_command_takes_the_flags(fx, task, tmp_path):
                 ["tune-bridge", "--adapter", tmp_path / "a", "--bridge", tmp_path / "x", "--data", train, "-o", tmp_path / "d"]):
         code, _, err = run_cli(*cmd, "--device", "cuda:0", "--device-map", "auto")
         assert code == 2 and "--device cuda:0 and --device-map auto both given" in err, (cmd, err)
+
+
+def test_refine_takes_the_flags(fx, task, tmp_path):
+    """refine loads the LLM through the same loader: bfloat16 is what eval measures in bfloat16."""
+    train, dev = task
+    llm, lora = fx.model("llama"), fx.lora("llama", targets=["q_proj", "v_proj"], name="refine-flags")
+    args = ("refine", "--adapter", lora, "--llm", llm, "--data", train, "--eval", dev, "--steps", "1", "--json")
+    code, out, err = run_cli(*args, "-o", tmp_path / "bf16", "--dtype", "bfloat16", "--device", "cpu")
+    assert code == 0, err
+    bf = json.loads(out)["before"]["loss"]
+    code, out, err = run_cli(*args, "-o", tmp_path / "f32")
+    assert code == 0, err
+    f32 = json.loads(out)["before"]["loss"]
+    code, out, err = run_cli("eval", llm, "--adapter", lora, "--data", dev, "--dtype", "bfloat16", "--json")
+    assert code == 0, err
+    assert bf == pytest.approx(json.loads(out)["loss"], rel=2e-2) and bf != f32
+    code, _, err = run_cli(*args, "-o", tmp_path / "x", "--device", "cuda:0", "--device-map", "auto")
+    assert code == 2 and "both given" in err and not (tmp_path / "x").exists()

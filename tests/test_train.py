@@ -59,6 +59,7 @@ def test_lora_training_learns_the_task_and_eval_reproduces_it(fx, task, tmp_path
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["base_model_name_or_path"] == fx.model("llama")
     log = json.loads((out / "training.json").read_text())
     assert [e["step"] for e in log["history"]["evals"]] == [4, 8, 12, 16]  # once per epoch
+    assert [st for st, _ in log["history"]["train_loss"]] == [10, 16] and log["history"]["log_every"] == 10  # the default
     code, o, err = run_cli("eval", fx.model("llama"), "--adapter", out, "--data", dev, "--json")
     assert code == 0, err
     e = json.loads(o)
@@ -113,6 +114,25 @@ def test_same_seed_same_bytes(fx, task, tmp_path):
         train_adapter(fx.model("gpt2"), train, str(tmp_path / name), cfg=_cfg())
     a, b = ((tmp_path / n / "adapter_model.safetensors").read_bytes() for n in "ab")
     assert a == b
+
+
+def test_training_loss_is_recorded_every_log_step(fx, task, tmp_path):
+    """Each train_loss record is the mean of the per-step losses since the previous one (the last at the end)."""
+    train, _ = task
+    hist = {}
+    for every in (1, 3):
+        code, _, err = run_cli("train", fx.model("gpt2"), "--data", train, "-o", tmp_path / f"l{every}", "--epochs", "2",
+                               "--batch-size", "16", "--log-every", str(every))
+        assert code == 0, err
+        hist[every] = json.loads((tmp_path / f"l{every}" / "training.json").read_text())["history"]
+    per_step = dict(hist[1]["train_loss"])
+    assert list(per_step) == list(range(1, 9)) and hist[1]["steps"] == 8 and hist[3]["log_every"] == 3
+    assert [st for st, _ in hist[3]["train_loss"]] == [3, 6, 8]
+    for (st, mean), lo in zip(hist[3]["train_loss"], (1, 4, 7)):
+        assert mean == pytest.approx(sum(per_step[k] for k in range(lo, st + 1)) / (st - lo + 1), rel=1e-6)
+    assert per_step[8] < per_step[1]
+    code, _, err = run_cli("train", fx.model("gpt2"), "--data", train, "-o", tmp_path / "l0", "--log-every", "0")
+    assert code != 0 and err.count("\n") == 1 and "--log-every 0 is out of range" in err and not (tmp_path / "l0").exists()
 
 
 def test_method_errors(fx, task, tmp_path):

@@ -47,10 +47,12 @@ def test_output_loads_on_the_llm_and_differs_only_at_bridge_coordinates(fx, task
     out = tmp_path / "tuned"
     train, dev = task
     code, o, err = run_cli("tune-bridge", "--adapter", src, "--bridge", bridges[family], "--data", train, "--eval", dev,
-                           "-o", out, "--epochs", "1", "--lr", "1e-2", "--batch-size", "16", "--json")
+                           "-o", out, "--epochs", "1", "--lr", "1e-2", "--batch-size", "16", "--log-every", "1", "--json")
     assert code == 0, err
     s = json.loads(o)
     assert s["after"]["loss"] < s["before"]["loss"] and s["bridge_parameters"] < s["llm_parameters"] / 2
+    hist = json.loads((out / "tune_bridge.json").read_text())["history"]
+    assert [st for st, _ in hist["train_loss"]] == [1, 2, 3, 4] and [e["step"] for e in hist["evals"]] == [4]
 
     base = AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32)
     pm = PeftModel.from_pretrained(base, str(out))

@@ -8,7 +8,7 @@ import typer
 
 from ..pipelines.bitfit import apply_bitfit, extract_bitfit
 from . import app
-from .common import Force, JsonOut, MaxShard, Output, console, human_bytes, print_json
+from .common import Force, JsonOut, MaxShard, Output, console, human_bytes, print_json, table
 
 
 @app.command("extract-bitfit")
@@ -24,10 +24,8 @@ def extract_bitfit_cmd(
     if json_out:
         print_json({k: v for k, v in m.items() if k != "config"})
         return
-    from rich.table import Table
-
     n, s = m["norms"], m["sizes"]
-    t = Table(title=f"BitFit delta -> {m['output']}", show_header=False)
+    t = table(f"BitFit delta -> {m['output']}", show_header=False)
     t.add_column(style="bold")
     t.add_column()
     t.add_row("biases kept", str(n["changed_biases"]))

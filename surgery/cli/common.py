@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Annotated, Optional
 
 import typer
 
 from ..arch import use_family_files
-from ..io.model import Placement
+from ..errors import SurgeryError
+from ..io.model import DEVICE_MAPS, DTYPES, Placement
+
+
+def choice(flag: str, values, help: str, *, aliases=(), explain=None, **kw):
+    """A typer.Option whose value is one of `values` (a list the library owns, so the check and the
+    help cannot disagree): --help shows them as [a|b|c], the shell completes them, and a typo is
+    refused while the flags are parsed, before torch or transformers is imported, in one line that
+    lists them. `aliases` are old names still accepted but not shown; `explain(value)`, if given, may
+    raise a more specific error for a value outside the list (a kind this command does not take)."""
+    values = tuple(values)
+
+    def parse(value: str) -> str:
+        if value in values or value in aliases:
+            return value
+        if explain is not None:
+            explain(value)
+        close = difflib.get_close_matches(value, values, n=1)
+        raise SurgeryError(f"unknown {flag} {value!r}",
+                           (f"did you mean {close[0]}? " if close else "") + f"choose one of {', '.join(values)}")
+
+    return typer.Option(flag, help=help, parser=parse, metavar=f"[{'|'.join(values)}]",
+                        shell_complete=lambda ctx, param, incomplete: [v for v in values if v.startswith(incomplete)],
+                        **kw)
+
 
 Force = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists (inputs are never overwritten).")]
 Output = Annotated[str, typer.Option("--output", "-o", help="Output directory (written atomically).")]
@@ -26,11 +51,10 @@ Family = Annotated[Optional[list[str]], typer.Option(
     help="A family map for a model type surgery lacks (repeatable; also SURGERY_FAMILIES=DIR; docs/arch.md).")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed (same inputs and seed give identical output).")]
 # How a command that runs a model loads it (surgery/io/model.py owns what they mean)
-ModelDtype = Annotated[str, typer.Option("--dtype", help="Model dtype: auto (the checkpoint's on a GPU, float32 on "
-                                                         "the CPU), float32, bfloat16, float16.")]
+ModelDtype = Annotated[str, choice("--dtype", DTYPES, "Model dtype: auto = the checkpoint's on a GPU, float32 on the CPU.")]
 Device = Annotated[Optional[str], typer.Option("--device", help="Put the whole model on one device: cpu, cuda, cuda:N, mps.")]
-DeviceMap = Annotated[Optional[str], typer.Option("--device-map", help="Spread the model over the GPUs (then CPU, disk) "
-                                                                       "with accelerate: auto, balanced, balanced_low_0, sequential.")]
+DeviceMap = Annotated[Optional[str], choice("--device-map", DEVICE_MAPS,
+                                            "Spread the model over the GPUs (then CPU, disk) with accelerate.")]
 
 
 def placement(dtype: str, device: str | None, device_map: str | None):
@@ -75,3 +99,12 @@ def print_json(obj) -> None:
     import json
 
     typer.echo(json.dumps(obj, indent=2, default=str))  # NaN stays visible here: it is a report, not a file
+
+
+def table(title: str | None = None, **kw):
+    """A rich Table whose title stays on one line: rich wraps a title to the table's width, so a long
+    path over a two-column table came out folded mid-word, one piece a line, when piped."""
+    from rich.table import Table
+    from rich.text import Text
+
+    return Table(title=None if title is None else Text(title, no_wrap=True, overflow="ignore"), **kw)

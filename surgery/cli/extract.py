@@ -8,7 +8,9 @@ import typer
 
 from ..pipelines.extract import extract_lora
 from . import app
-from .common import Family, Force, JsonOut, Output, Seed, console, human_bytes, print_json, use_families
+from ..io.model import DTYPES
+from .common import (Family, Force, JsonOut, Output, Seed, choice, console, human_bytes, print_json, table,
+                     use_families)
 
 
 @app.command("extract-lora")
@@ -19,7 +21,7 @@ def extract_cmd(
     rank: Annotated[Optional[int], typer.Option("--rank", help="Rank of every module's LoRA.")] = None,
     energy: Annotated[Optional[float], typer.Option("--energy", help="Per module, the smallest rank keeping this share of the delta's energy (0-1].")] = None,
     targets: Annotated[Optional[list[str]], typer.Option("--targets", help="Module-name suffixes to extract, repeatable or comma-separated (default: every linear layer but the LM head).")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Adapter dtype: auto (the base's), float32, bfloat16, float16.")] = "auto",
+    dtype: Annotated[str, choice("--dtype", DTYPES, "Adapter dtype (auto: the base's).")] = "auto",
     seed: Seed = 0,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check each module's error against the Eckart-Young optimum from its spectrum (exact SVD fallback); --no-verify is ~2.5x faster at 1B widths.")] = True,
     plot: Annotated[Optional[str], typer.Option("--plot", help="Also draw each module's singular values and kept energy to this PNG (needs matplotlib: pip install 'surgery[plot]').")] = None,
@@ -33,9 +35,7 @@ def extract_cmd(
     if json_out:
         print_json(info)
         return
-    from rich.table import Table
-
-    t = Table(title=f"extract-lora → {info['output']}")
+    t = table(f"extract-lora → {info['output']}")
     for col in ("module", "shape", "rank", "method", "rel. error"):
         t.add_column(col, justify="right" if col in ("rank", "rel. error") else "left")
     for row in info["modules"]:

@@ -8,7 +8,7 @@ import typer
 
 from ..pipelines.inspect import describe
 from . import app
-from .common import Family, JsonOut, console, human_bytes, human_count, print_json, use_families
+from .common import Family, JsonOut, console, human_bytes, human_count, print_json, table, use_families
 
 
 @app.command("inspect")
@@ -21,11 +21,9 @@ def inspect_cmd(
     use_families(family)
     info = describe(path)
     if json_out:
-        print_json(info)
+        print_json({"output": None, **info})  # every command's JSON has "output"; inspect writes nothing
         return
-    from rich.table import Table
-
-    t = Table(title=info["path"], show_header=False)
+    t = table(info["path"], show_header=False)
     t.add_column(style="bold")
     t.add_column()
     for k, v in info.items():

@@ -8,7 +8,7 @@ import typer
 
 from ..pipelines.krona import extract_krona
 from . import app
-from .common import Force, JsonOut, Output, console, human_count, print_json
+from .common import Force, JsonOut, Output, console, human_count, print_json, table
 
 
 @app.command("extract-krona")
@@ -26,9 +26,7 @@ def extract_krona_cmd(
     if json_out:
         print_json(rep)
         return
-    from rich.table import Table
-
-    t = Table(title=f"LoKr adapter -> {rep['output']} (r = alpha = {rep['r']}, scaling 1)")
+    t = table(f"LoKr adapter -> {rep['output']} (r = alpha = {rep['r']}, scaling 1)")
     for col in ("module", "ΔW [out, in]", "w1", "w2", "rel. error", "compression"):
         t.add_column(col, justify="left" if col == "module" else "right", overflow="fold")
     for m in rep["modules"]:

@@ -9,21 +9,21 @@ import typer
 from ..kinds import names as kind_names
 from ..pipelines.merge import merge_lora, unmerge_lora
 from . import app
-from .common import Family, Force, JsonOut, MaxShard, Output, console, human_bytes, print_json, use_families
+from ..io.model import DTYPES
+from .common import (Family, Force, JsonOut, MaxShard, Output, choice, console, human_bytes, print_json, table,
+                    use_families)
 
-Dtype = Annotated[str, typer.Option("--dtype", help="Output dtype of floating tensors: auto (keep), float32, bfloat16, float16.")]
+Dtype = Annotated[str, choice("--dtype", DTYPES, "Output dtype of floating tensors (auto: keep each tensor's).")]
 
 
 def _report(info: dict, title: str, json_out: bool) -> None:
     if json_out:
         print_json(info)
         return
-    from rich.table import Table
-
     err = console(stderr=True)
     for note in info["notes"]:
         err.print(f"note: {note}", highlight=False, soft_wrap=True)
-    t = Table(title=title, show_header=False)
+    t = table(title, show_header=False)
     t.add_column(style="bold")
     t.add_column()
     for a in info["adapters"]:

@@ -7,10 +7,12 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import SurgeryError
-from ..pipelines.prune import PruneConfig, prune_bridge
+from ..pipelines.bridge_plan import RESIDUAL
+from ..pipelines.importance import METHODS as IMPORTANCE
+from ..pipelines.prune import DROP_BY, PruneConfig, prune_bridge
 from . import app
-from .common import (Device, DeviceMap, Force, JsonOut, MaxShard, ModelDtype, Output, Seed, console, human_count,
-                     placement, print_json)
+from .common import (Device, DeviceMap, Force, JsonOut, MaxShard, ModelDtype, Output, Seed, choice, console,
+                     human_count, placement, print_json, table)
 
 C = PruneConfig()  # every default below is PruneConfig's
 Size = lambda flag, what: Annotated[Optional[int], typer.Option(flag, help=f"{what} of the bridge (overrides --reduction).")]  # noqa: E731
@@ -22,9 +24,9 @@ def prune_bridge_cmd(
     output: Output,
     data: Annotated[str, typer.Option("--data", help="Calibration text: one document a line, or .jsonl with a \"text\" field.")],
     reduction: Annotated[float, typer.Option("--reduction", help="Keep about 1/R of the non-embedding parameters (the paper uses 16).")] = C.reduction,
-    residual: Annotated[str, typer.Option("--residual", help="keep: every residual channel stays and heads, neurons and layers are cut (default); prune: cut the residual width too (the narrow LST bridge).")] = C.residual,
+    residual: Annotated[str, choice("--residual", RESIDUAL, "keep: every residual channel stays and heads, neurons and layers are cut (default); prune: cut the residual width too (the narrow LST bridge).")] = C.residual,
     drop_layers: Annotated[int, typer.Option("--drop-layers", help="Leave out N whole layers per stack (tune-bridge keeps their adapter as given).")] = C.drop_layers,
-    drop_by: Annotated[str, typer.Option("--drop-by", help="Which layers --drop-layers leaves out: similarity (lowest block influence, 1 - cos(in, out)) or fisher (lowest Fisher of a per-layer mask).")] = C.drop_by,
+    drop_by: Annotated[str, choice("--drop-by", DROP_BY, "Which layers --drop-layers leaves out: similarity (lowest block influence, 1 - cos(in, out)) or fisher (lowest Fisher of a per-layer mask).")] = C.drop_by,
     hidden_size: Size("--hidden-size", "Residual width (with --residual prune)") = C.hidden_size,
     intermediate_size: Size("--intermediate-size", "MLP width") = C.intermediate_size,
     num_attention_heads: Size("--num-attention-heads", "Attention heads") = C.num_attention_heads,
@@ -32,7 +34,7 @@ def prune_bridge_cmd(
     samples: Annotated[int, typer.Option("--samples", help="Calibration blocks to use.")] = C.samples,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration block.")] = C.seq_len,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Blocks per forward/backward pass.")] = C.batch_size,
-    importance: Annotated[str, typer.Option("--importance", help="fisher-mask (Kwon et al. 2022), fisher-param (LST), magnitude, or random (a control).")] = C.importance,
+    importance: Annotated[str, choice("--importance", IMPORTANCE, "fisher-mask: Kwon et al. 2022; fisher-param: LST; magnitude; random: a control.")] = C.importance,
     seed: Seed = C.seed,
     force: Force = False,
     max_shard_size: MaxShard = C.max_shard_size,
@@ -74,10 +76,8 @@ def parse_max_memory(text: str | None) -> dict | None:
 
 
 def render(r: dict) -> None:
-    from rich.table import Table
-
     p, loss = r["parameters"], r["calibration_loss"]
-    head = Table(title=f"bridge {r['output']}", show_header=False)
+    head = table(f"bridge {r['output']}", show_header=False)
     head.add_column(style="bold")
     head.add_column()
     head.add_row("from", f"{r['source']} ({r['family']})")
@@ -97,7 +97,7 @@ def render(r: dict) -> None:
     if r.get("note"):
         con.print(f"[yellow]note:[/yellow] {r['note']}")
     keys = sorted({k for layers in r["retained"]["layers"].values() for lay in layers if lay for k in lay})
-    t = Table(title="importance mass retained per layer")
+    t = table("importance mass retained per layer")
     t.add_column("stack")
     t.add_column("layer", justify="right")
     for k in keys:

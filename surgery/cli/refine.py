@@ -10,7 +10,7 @@ from ..kinds import names as kind_names
 from ..pipelines.refine import refine
 from ..train.zeroth import RefineConfig
 from . import app
-from .common import Force, JsonOut, Output, Seed, human_count, print_json
+from .common import Device, DeviceMap, Force, JsonOut, ModelDtype, Output, Seed, human_count, placement, print_json
 from .train import Data, EvalData, MaxLen, _quiet, _render
 
 
@@ -34,14 +34,19 @@ def refine_cmd(
     keep_best: Annotated[bool, typer.Option("--keep-best/--keep-last", help="Write the evaluated state (input, each --eval-every, last) with the lowest loss, or the last step's.")] = _D.keep_best,
     backoff: Annotated[float, typer.Option("--backoff", help="With --keep-best: an evaluation worse than the best restores the best state and multiplies lr by this (1: never).")] = _D.backoff,
     seed: Seed = _D.seed,
+    dtype: ModelDtype = "auto",
+    device: Device = None,
+    device_map: DeviceMap = None,
     force: Force = False,
     json_out: JsonOut = False,
 ):
     """Tune an adapter on the LLM with forward passes only (MeZO): no gradients, no optimizer state, inference memory. OUT has the input's format and refine.json."""
+    where = placement(dtype, device, device_map)
     _quiet()
     cfg = RefineConfig(steps=steps, lr=lr, eps=eps, batch_size=batch_size, seed=seed, log_every=log_every,
                        eval_every=eval_every, keep_best=keep_best, backoff=backoff)
-    s = refine(adapter, llm, data, output, eval_data=eval_data, max_length=max_length, force=force, cfg=cfg)
+    s = refine(adapter, llm, data, output, eval_data=eval_data, max_length=max_length, force=force, cfg=cfg,
+               placement=where)
     if json_out:
         print_json(s)
         return

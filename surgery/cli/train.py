@@ -6,12 +6,13 @@ from typing import Annotated
 
 import typer
 
-from ..kinds import MethodOptions, names as kind_names
+from ..io.adapterhub import PRESETS
+from ..kinds import ALIASES, MethodOptions, get as get_kind, names as kind_names
 from ..pipelines.evaluate import evaluate
 from ..train.loop import TrainConfig
 from . import app
-from .common import (Device, DeviceMap, Force, JsonOut, ModelDtype, Output, Seed, console, human_count, placement,
-                     print_json)
+from .common import (Device, DeviceMap, Force, JsonOut, ModelDtype, Output, Seed, choice, console, human_count,
+                     placement, print_json, table)
 
 Data = Annotated[str, typer.Option("--data", help="JSONL: {\"text\"} (LM loss); {\"prompt\",\"completion\"}, chat {\"messages\"} or Alpaca {\"instruction\",\"input\",\"output\"} (loss on the answer).")]
 EvalData = Annotated[str | None, typer.Option("--eval", help="JSONL evaluated periodically and at the end.")]
@@ -21,6 +22,7 @@ Batch = Annotated[int, typer.Option("--batch-size", help="Examples per step.")]
 T, M = TrainConfig(), MethodOptions()  # the loop's and the methods' defaults, defined there once
 MaxLen = Annotated[int, typer.Option("--max-length", help="Tokens per example (long prompts lose their start).")]
 EvalEvery = Annotated[int, typer.Option("--eval-every", help="Steps between evaluations (0: once per epoch).")]
+LogEvery = Annotated[int, typer.Option("--log-every", help="Steps per training-loss record (their mean) in the output's history.")]
 
 
 def _quiet() -> None:
@@ -36,9 +38,7 @@ def _quiet() -> None:
 
 
 def _render(title: str, s: dict, extra: list[tuple[str, str]]) -> None:
-    from rich.table import Table
-
-    t = Table(title=title)
+    t = table(title)
     for c in ("", "loss", "perplexity", "accuracy"):
         t.add_column(c, justify="right" if c else "left")
     for name in ("before", "after"):
@@ -56,7 +56,8 @@ def train_cmd(
     model: Annotated[str, typer.Argument(help="The (small) model to tune: a Hugging Face checkpoint directory.")],
     data: Data,
     output: Output,
-    method: Annotated[str, typer.Option("--method", help=f"Adapter kind: {' | '.join(kind_names('train'))}.")] = "lora",
+    method: Annotated[str, choice("--method", kind_names("train"), "Adapter kind (docs/kinds.md).", aliases=tuple(ALIASES),
+                                       explain=lambda v: v in kind_names() and get_kind(v, "train"))] = "lora",
     eval_data: EvalData = None,
     epochs: Epochs = T.epochs,
     lr: Lr = T.lr,
@@ -65,10 +66,11 @@ def train_cmd(
     alpha: Annotated[float | None, typer.Option("--alpha", help="LoRA/LoKr alpha (default 2 x rank).")] = M.alpha,
     targets: Annotated[list[str] | None, typer.Option("--targets", help="Module names, repeatable or comma-separated (default: every linear layer in the blocks).")] = None,
     virtual_tokens: Annotated[int, typer.Option("--virtual-tokens", help="Prompt/prefix length.")] = M.virtual_tokens,
-    adapter_config: Annotated[str, typer.Option("--adapter-config", help="Bottleneck adapter preset: houlsby (attention + FFN) | pfeiffer (FFN).")] = M.adapter_config,
+    adapter_config: Annotated[str, choice("--adapter-config", PRESETS, "Bottleneck adapter preset: houlsby (attention + FFN), pfeiffer (FFN).")] = M.adapter_config,
     reduction_factor: Annotated[float | None, typer.Option("--reduction-factor", help="Bottleneck width = hidden // N (default 16).")] = M.reduction_factor,
     max_length: MaxLen = 512,
     eval_every: EvalEvery = T.eval_every,
+    log_every: LogEvery = T.log_every,
     seed: Seed = T.seed,
     dtype: ModelDtype = "auto",
     device: Device = None,
@@ -83,8 +85,8 @@ def train_cmd(
     _quiet()
     s = train(model, data, output, method=method, eval_data=eval_data, epochs=epochs, lr=lr, batch_size=batch_size,
               rank=rank, alpha=alpha, targets=targets, virtual_tokens=virtual_tokens, adapter_config=adapter_config,
-              reduction_factor=reduction_factor, max_length=max_length, eval_every=eval_every, seed=seed, force=force,
-              placement=where)
+              reduction_factor=reduction_factor, max_length=max_length, eval_every=eval_every, log_every=log_every, seed=seed,
+              force=force, placement=where)
     if not s:  # a data-parallel worker; the main process reports
         return
     if json_out:
@@ -108,6 +110,7 @@ def tune_bridge_cmd(
     batch_size: Batch = T.batch_size,
     max_length: MaxLen = 512,
     eval_every: EvalEvery = T.eval_every,
+    log_every: LogEvery = T.log_every,
     seed: Seed = T.seed,
     dtype: ModelDtype = "auto",
     device: Device = None,
@@ -121,8 +124,8 @@ def tune_bridge_cmd(
 
     _quiet()
     s = tune_bridge(adapter, bridge, data, output, eval_data=eval_data, llm=llm, epochs=epochs, lr=lr,
-                    batch_size=batch_size, max_length=max_length, eval_every=eval_every, seed=seed, force=force,
-                    placement=where)
+                    batch_size=batch_size, max_length=max_length, eval_every=eval_every, log_every=log_every, seed=seed,
+                    force=force, placement=where)
     if not s:
         return
     if json_out:
@@ -152,11 +155,9 @@ def eval_cmd(
     _quiet()
     s = evaluate(model, data, adapter=adapter, batch_size=batch_size, max_length=max_length, placement=where)
     if json_out:
-        print_json(s)
+        print_json({"output": None, **s})  # every command's JSON has "output"; eval writes nothing
         return
-    from rich.table import Table
-
-    t = Table(title=f"eval {s['model']}" + (f" + {s['adapter']}" if s["adapter"] else ""), show_header=False)
+    t = table(f"eval {s['model']}" + (f" + {s['adapter']}" if s["adapter"] else ""), show_header=False)
     t.add_column(style="bold")
     t.add_column(justify="right")
     acc = "-" if s["accuracy"] is None else f"{s['accuracy']:.1%} ({s['correct']}/{s['scored']})"

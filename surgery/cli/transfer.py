@@ -8,8 +8,9 @@ import typer
 
 from ..kinds import names as kind_names
 from ..pipelines.transfer import TransferConfig, transfer
+from ..pipelines.transfer.run import DEPTHS, MAPS
 from . import app
-from .common import Force, JsonOut, Output, console, print_json
+from .common import Force, JsonOut, Output, choice, console, print_json, table
 
 C = TransferConfig()  # every default below is TransferConfig's
 
@@ -21,8 +22,8 @@ def transfer_cmd(
     output: Output,
     slm_base: Annotated[str, typer.Option("--slm-base", help="The SLM directory (default: the adapter config's base).")] = None,
     data: Annotated[str, typer.Option("--data", help="Calibration text: one text per line, or .jsonl with a \"text\" field.")] = None,
-    map_kind: Annotated[str, typer.Option("--map", help="activations (fit on calibration text) or embeddings (data-free).")] = C.map_kind,
-    depth: Annotated[str, typer.Option("--depth", help="block: every LLM layer of an SLM layer's block; first; best (best-fitting layer).")] = C.depth,
+    map_kind: Annotated[str, choice("--map", MAPS, "activations: fit on calibration text; embeddings: data-free.")] = C.map_kind,
+    depth: Annotated[str, choice("--depth", DEPTHS, "block: every LLM layer of an SLM layer's block; first; best: the best-fitting layer.")] = C.depth,
     samples: Annotated[int, typer.Option("--samples", help="Calibration texts to use.")] = C.samples,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration text.")] = C.seq_len,
     ridge: Annotated[float, typer.Option("--ridge", help="Ridge strength, relative to the mean eigenvalue of each Gram.")] = C.ridge,
@@ -36,11 +37,9 @@ def transfer_cmd(
     if json_out:
         print_json(info)
         return
-    from rich.table import Table
-
     stack, blocks = next(iter(info["depth_map"].items()))
     used = info["layers_used"][stack]
-    t = Table(title=f"{info['kind']} → {output}  (map: {info['map']}, depth: {info['depth']})")
+    t = table(f"{info['kind']} → {output}  (map: {info['map']}, depth: {info['depth']})")
     for col in ("llm layer", "slm layer", "space", "direction", "rel. residual", "rank / dim", "tokens"):
         t.add_column(col, justify="right" if col not in ("space", "direction") else "left")
     for r in info["fits"]:

@@ -1,7 +1,7 @@
 """The one model loader: a checkpoint directory -> a transformers model, in the dtype and on the
 device(s) asked for.
 
-train, eval, prune-bridge and tune-bridge load here (transfer streams its layers instead:
+train, eval, prune-bridge, tune-bridge and refine load here (transfer streams its layers instead:
 pipelines/transfer/stream.py), so the causal / seq2seq choice,
 the dtype and the placement are decided in one place:
 
@@ -14,7 +14,7 @@ the dtype and the placement are decided in one place:
 
 With neither, each command keeps its default (`dispatch`):
   "never"  load on the CPU; the training loop moves the model to its process's device (one GPU per
-           process under `accelerate launch`, else the CPU) — train, eval, tune-bridge;
+           process under `accelerate launch`, else the CPU) — train, eval, tune-bridge, refine;
   "gpu"    device_map="auto" when a GPU is present — prune-bridge (whose auto dtype is the
            checkpoint's on the CPU too: its Fisher passes recompute one block at a time in float32);
   "fit"    device_map="auto" when a GPU is present or the model would not fit in free memory — transfer.

@@ -286,7 +286,8 @@ class LoraRoute:
 
         lcfg = bridge_lora_config(peft.LoraConfig.from_pretrained(self.path), self.steps)
         lcfg.inference_mode = False
-        pm = peft.get_peft_model(model, lcfg)
+        lcfg.base_model_name_or_path = None  # it wraps the bridge, not the LLM its file names (write() keeps that
+        pm = peft.get_peft_model(model, lcfg)  # file's config), so peft need not warn that the base was "renamed"
         sd = {}
         for s in self.steps:
             sd[lora_key(s["bridge_module"], "lora_A.weight")] = s["A_b"]

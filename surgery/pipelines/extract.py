@@ -18,6 +18,7 @@ from ..arch.generic import linear_map
 from ..errors import AdapterError, ArchitectureError, ShapeError
 from ..io.adapter import lora_config, lora_key, split_targets, targets_module, write_adapter, WEIGHTS
 from ..io.checkpoint import Checkpoint
+from ..io.model import DTYPES
 from ..io.progress import progress as progress_of
 from ..io.writer import OutputDir, check_finite
 from ..ops.lowrank import VERIFY_TOL, energy_rank, lora_factors, relative_error, spectrum_svd, sumsq64, truncated_svd
@@ -72,6 +73,8 @@ def extract_lora(base: str, tuned: str, out: str, *, rank: int | None = None, en
         raise AdapterError(f"--rank {rank} must be at least 1")
     if energy is not None and not 0.0 < energy <= 1.0:
         raise AdapterError(f"--energy {energy} must be in (0, 1]", "e.g. --energy 0.9")
+    if dtype not in DTYPES:
+        raise AdapterError(f"unknown --dtype {dtype!r}", f"choose one of {', '.join(DTYPES)}")
     if plot:
         if not verify:
             raise AdapterError("--plot draws each module's spectrum, which --no-verify skips", "drop one of them")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from ..arch.generic import GenericArch, linear_map
 from ..errors import AdapterError, ShapeError
 from ..io.checkpoint import Checkpoint
+from ..io.model import DTYPES
 from ..io.writer import OutputDir
 from ..kinds import kind_of
 from ..kinds.base import MergeTarget, Step, checked
@@ -113,8 +114,8 @@ def apply_adapters(base: str, adapters: list[str], out: str, *, weights: list[fl
     import torch
 
     t0 = time.time()
-    if dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ShapeError(f"unknown dtype {dtype!r}", "use auto, float32, bfloat16 or float16")
+    if dtype not in DTYPES:
+        raise ShapeError(f"unknown dtype {dtype!r}", f"use {', '.join(DTYPES)}")
     weights = list(weights or [])
     if weights and len(weights) != len(adapters):
         raise AdapterError(f"{len(weights)} --weight values for {len(adapters)} adapters", "give one weight per adapter, or none")

@@ -25,11 +25,12 @@ __all__ = ["RefineConfig", "refine"]
 
 
 def refine(adapter_dir: str, llm_dir: str, data: str, out: str, *, eval_data: str | None = None,
-           max_length: int = 512, force: bool = False, cfg: RefineConfig | None = None) -> dict:
+           max_length: int = 512, force: bool = False, cfg: RefineConfig | None = None, placement=None) -> dict:
     """Tune `adapter_dir` on the LLM `llm_dir` with MeZO on `data` (JSONL); write the adapter to `out`.
 
     Returns a summary: before/after metrics (on eval_data, else the training data), the loss
     history, parameter counts. `out` also gets refine.json with the same history.
+    placement: the LLM's dtype and device (surgery.io.model.Placement; default auto, as for train).
     """
     cfg = cfg or RefineConfig()
     cfg.check()
@@ -37,13 +38,13 @@ def refine(adapter_dir: str, llm_dir: str, data: str, out: str, *, eval_data: st
     adapter_dir = os.path.abspath(adapter_dir)
     inputs = [adapter_dir, llm_dir, data] + ([eval_data] if eval_data else [])
     with OutputDir(out, inputs=inputs, force=force) as od:  # refuse a bad output before any work
-        model, tok, arch = load_base(llm_dir)
+        model, tok, arch = load_base(llm_dir, placement)
         seq2seq = bool(model.config.is_encoder_decoder)
         train_ex = load_examples(data, tok, seq2seq=seq2seq, max_length=max_length)
         eval_ex = load_examples(eval_data, tok, seq2seq=seq2seq, max_length=max_length) if eval_data else None
         model.requires_grad_(False)
         wrapped, params = kind.tunable(model, adapter_dir, arch)
-        wrapped = place(wrapped)
+        wrapped = place(wrapped, placement)
         before, hist, after, kept = mezo_fit(wrapped, params, tok, train_ex, eval_ex, cfg, seq2seq=seq2seq)
         kind.save_tuned(od, adapter_dir, wrapped, model.config.to_dict(), arch)
         od.write_json("refine.json", {"method": "mezo", "kind": kind.name, "adapter": adapter_dir,

@@ -28,6 +28,7 @@ def train_adapter(model_dir: str, data: str, out: str, *, method: str = "lora", 
     import torch
 
     cfg = cfg or TrainConfig()
+    cfg.check()
     kind = get(method, "train")  # an unknown or untrainable method is refused before any loading
     opts = replace(opts or MethodOptions(), **options, seed=cfg.seed)
     inputs = [model_dir, data] + ([eval_data] if eval_data else [])

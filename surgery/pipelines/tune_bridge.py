@@ -50,6 +50,7 @@ def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data
                 cfg: TrainConfig | None = None, placement=None) -> dict:
     """Tune `adapter_dir` (a LoRA or bottleneck adapter for the LLM) on the bridge; write the lifted LLM adapter to `out`."""
     cfg = cfg or TrainConfig()
+    cfg.check()
     bdir, meta = read_bridge(bridge)
     llm_config = _llm_config(meta, llm, os.path.join(bdir, "bridge.json"))
     arch = load_arch(llm_config, "the LLM's config.json")

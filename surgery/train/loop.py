@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from ..errors import DataError
+from ..errors import DataError, SurgeryError
 from .data import collate, pad_id_of
 from .score import aligned_logits, evaluate_examples, token_loss
 
@@ -25,21 +25,36 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     eval_every: int = 0  # steps between evaluations; 0 = once per epoch
+    # steps per training-loss record in History.train_loss (the mean over them): 10 draws a curve from
+    # the short CPU runs this tool is used for (100 steps: 10 points) and costs nothing on long ones
+    log_every: int = 10
     max_steps: int | None = None  # stop early (benchmarks)
     progress: bool | None = None  # None = only on a terminal
+
+    def check(self) -> None:
+        """Refuse nonsense settings before any model is loaded."""
+        for flag, v, ok in (("--log-every", self.log_every, self.log_every >= 1),
+                            ("--eval-every", self.eval_every, self.eval_every >= 0)):
+            if not ok:
+                raise SurgeryError(f"{flag} {v} is out of range", "pass a positive number of steps"
+                                   + (" (0: once per epoch)" if flag == "--eval-every" else ""))
 
 
 @dataclass
 class History:
+    """What training.json / tune_bridge.json keep under "history" (docs/formats.md)."""
+
     steps: int = 0
-    train_loss: list = field(default_factory=list)  # (step, mean loss since the last record)
+    train_loss: list = field(default_factory=list)  # (step, mean loss since the last record), every log_every steps and at the end
     evals: list = field(default_factory=list)  # (step, metrics dict)
     device: str = "cpu"
     mixed_precision: str = "no"
+    log_every: int = 0
 
     def as_dict(self) -> dict:
         return {"steps": self.steps, "device": self.device, "mixed_precision": self.mixed_precision,
-                "train_loss": self.train_loss, "evals": [{"step": s, **m} for s, m in self.evals]}
+                "log_every": self.log_every, "train_loss": self.train_loss,
+                "evals": [{"step": s, **m} for s, m in self.evals]}
 
 
 def make_accelerator(model=None):
@@ -103,7 +118,7 @@ def train_loop(model, train_examples, cfg: TrainConfig, *, pad_id: int, seq2seq:
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     eval_every = cfg.eval_every or steps_per_epoch
-    hist = History(device=str(device), mixed_precision=str(acc.mixed_precision))
+    hist = History(device=str(device), mixed_precision=str(acc.mixed_precision), log_every=cfg.log_every)
 
     def run_eval(step):
         if eval_examples:
@@ -130,15 +145,15 @@ def train_loop(model, train_examples, cfg: TrainConfig, *, pad_id: int, seq2seq:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
-                running += float(loss.detach())
+                value = float(loss.detach())
+                running += value
                 count += 1
-                if step % eval_every == 0 or step == total:
+                if step % cfg.log_every == 0 or step == total:
                     hist.train_loss.append((step, running / count))
                     running, count = 0.0, 0
-                    m = run_eval(step)
-                    bar(step, hist.train_loss[-1][1], m)
-                else:
-                    bar(step, float(loss.detach()), None)
+                    value = hist.train_loss[-1][1]  # the bar shows the smoothed loss when there is one
+                m = run_eval(step) if step % eval_every == 0 or step == total else None
+                bar(step, value, m)
                 if step >= total:
                     break
     hist.steps = step

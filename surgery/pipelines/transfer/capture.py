@@ -10,6 +10,7 @@ models are paired token by token:
 
 from __future__ import annotations
 
+from ...io.progress import progress
 from ...io.tokenizer import check_ids, vocab_limit
 from ...ops.project import Moments
 from .plan import module_path, slice_of
@@ -108,38 +109,42 @@ def accumulate(streams, stack, windows, batches, pairing, wanted, needs, on_wind
     windows: [(start, stop)] of LLM layers; pairing: {llm layer: slm layer}; wanted: ({slm layer:
     captures}, {llm layer: captures}); needs: {SpaceKey: Directions} (fit.py).
     on_window(moments) fits and frees each window's moments before the next is captured.
+    Progress (io/progress.py: a bar with an ETA on a terminal, a log line every N seconds otherwise)
+    counts batches over all windows, since each window runs every batch through its layers once.
     """
     import contextlib
 
     s_stream, l_stream = streams
     slm_layers = [sorted({pairing[j] for (j, _) in needs if a <= j < b}) for a, b in windows]
-    for w, (a, b) in enumerate(windows):
-        need = {(j, key): v for (j, key), v in needs.items() if a <= j < b}
-        used = slm_layers[w]
-        later = [i for ls in slm_layers[w + 1:] for i in ls]
-        if used:  # SLM layers up to the last one used; resume where the next window's SLM layers start
-            stop_s = used[-1] + 1
-            s_ctx = s_stream.window(s_stream.cur, stop_s, min([stop_s] + later))
-        else:
-            s_ctx = contextlib.nullcontext(lambda b: None)
-        rec_s = Recorder(s_stream.model, s_stream.arch, stack, {i: wanted[0][i] for i in used})
-        rec_l = Recorder(l_stream.model, l_stream.arch, stack, {j: wanted[1][j] for j in range(a, b) if j in wanted[1]})
-        moments: dict = {}
-        try:
-            with s_ctx as step_s, l_stream.window(a, b, b) as step_l:
-                for n, (_, _, rows_s, _, _, rows_l) in enumerate(batches):
-                    step_s(n)
-                    step_l(n)
-                    if len(rows_s):
-                        for (j, key), dirs in need.items():
-                            xs = rec_s.store[(pairing[j], key)][rows_s]
-                            xl = rec_l.store[(j, key)][rows_l]
-                            if (j, key) not in moments:
-                                moments[(j, key)] = Moments(xs.shape[1], xl.shape[1], dirs.to_llm, dirs.to_slm)
-                            moments[(j, key)].add(xs, xl)
-                    rec_s.store.clear()
-                    rec_l.store.clear()
-        finally:
-            rec_s.close()
-            rec_l.close()
-        on_window(a, b, moments)
+    with progress(len(windows) * len(batches), "transfer: calibration passes", unit="batches") as advance:
+        for w, (a, b) in enumerate(windows):
+            need = {(j, key): v for (j, key), v in needs.items() if a <= j < b}
+            used = slm_layers[w]
+            later = [i for ls in slm_layers[w + 1:] for i in ls]
+            if used:  # SLM layers up to the last one used; resume where the next window's SLM layers start
+                stop_s = used[-1] + 1
+                s_ctx = s_stream.window(s_stream.cur, stop_s, min([stop_s] + later))
+            else:
+                s_ctx = contextlib.nullcontext(lambda b: None)
+            rec_s = Recorder(s_stream.model, s_stream.arch, stack, {i: wanted[0][i] for i in used})
+            rec_l = Recorder(l_stream.model, l_stream.arch, stack, {j: wanted[1][j] for j in range(a, b) if j in wanted[1]})
+            moments: dict = {}
+            try:
+                with s_ctx as step_s, l_stream.window(a, b, b) as step_l:
+                    for n, (_, _, rows_s, _, _, rows_l) in enumerate(batches):
+                        step_s(n)
+                        step_l(n)
+                        if len(rows_s):
+                            for (j, key), dirs in need.items():
+                                xs = rec_s.store[(pairing[j], key)][rows_s]
+                                xl = rec_l.store[(j, key)][rows_l]
+                                if (j, key) not in moments:
+                                    moments[(j, key)] = Moments(xs.shape[1], xl.shape[1], dirs.to_llm, dirs.to_slm)
+                                moments[(j, key)].add(xs, xl)
+                        rec_s.store.clear()
+                        rec_l.store.clear()
+                        advance(1, f"LLM layers {a}..{b - 1}" if b - a > 1 else f"LLM layer {a}")
+            finally:
+                rec_s.close()
+                rec_l.close()
+            on_window(a, b, moments)

@@ -84,7 +84,8 @@ def transfer(adapter: str, llm: str, out: str, cfg: TransferConfig | None = None
              data: str | None = None, map_kind: str | None = None, depth: str | None = None, samples: int | None = None,
              seq_len: int | None = None, ridge: float | None = None, batch: int | None = None,
              max_memory: str | int | None = None, force: bool = False) -> dict:
-    """Port `adapter` (trained on its SLM) to `llm`; write OUT and return transfer.json's contents.
+    """Port `adapter` (trained on its SLM) to `llm`; write OUT and return transfer.json's contents
+    with "output": OUT's path.
 
     cfg: the settings (TransferConfig, whose defaults these are); a keyword given (not None) overrides its field.
     max_memory: peak-RSS budget ("3GB", bytes, or None: 4 GB, more if one layer needs it and the
@@ -104,8 +105,8 @@ def transfer(adapter: str, llm: str, out: str, cfg: TransferConfig | None = None
     check_output(os.path.abspath(out), inputs, force)  # before any forward pass, not after
     with memory_guard(budget or ceiling()), OutputDir(out, inputs=inputs, force=force) as od:
         summary = _transfer(kind, ad, ck_s, ck_l, arch_s, arch_l, stack, od, cfg, data=data, budget=budget)
-        od.commit()
-    return summary
+        path = od.commit()
+    return {**summary, "output": path}  # transfer.json's contents, and where they were written
 
 
 def _budget(text) -> int:
