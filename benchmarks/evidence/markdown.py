@@ -109,7 +109,7 @@ def render(results: dict, sm: dict) -> str:
     sd = first["seeds"][0]
     cmds = [first["zero_shot"]["cmd"]] + [b["cmd"] for b in first["bridges"].values()]
     cmds += [sd[k]["cmd"] for k in ("slm_lora", "llm_lora")] + [sd["transfer"]["transfer"]["cmd"], sd["fresh"]["cmd"]]
-    cmds += [x for k in ("zero_init", "bridge", "narrow", "method") if k in sd
+    cmds += [x for k in ("zero_init", "bridge", "narrow", "method", "zero_refined") if k in sd
              for x in (sd[k]["train"]["cmd"], sd[k]["eval"].get("cmd")) if x]
     L += [c.replace(results["work"], "$WORK").replace(results["pair"], "$PAIR") for c in cmds]
     L += ["```", "", "`$PAIR` = the pretrained pair (`python -m benchmarks.evidence.pretrain --print-dir`), "

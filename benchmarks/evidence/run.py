@@ -10,6 +10,7 @@ memorised (tasks.py), for each task and seed (Jin, Zhang & Zong, EMNLP 2023, Alg
   bridge         transfer + prune-bridge (residual kept, the default) + tune-bridge, lifted (steps 3-8)
   narrow         the same through the narrow-residual (LST) bridge
   method         bridge + `surgery refine` (forward-only MeZO on the LLM itself): the method
+  zero_refined   zero_init + the same refine (is the transferred start still worth it after refine?)
 Every stage runs in its own subprocess; its peak RSS is measured there (stage.py). Training memory
 is also counted tensor by tensor (memory.py). Results go to <work>/results.json; docs/results.md is
 rendered from it (report.py, markdown.py).
@@ -37,7 +38,7 @@ from benchmarks.evidence.stage import ENV, run_stage  # noqa: E402
 from benchmarks.evidence.tasks import TASKS, write  # noqa: E402
 
 REDUCTION = 16
-FULL = dict(epochs=3, lr=3e-3, batch=16, seeds=3, calib=128, refine_steps=200, max_length=64)
+FULL = dict(epochs=3, lr=3e-3, batch=16, seeds=3, calib=128, refine_steps=500, max_length=64)
 QUICK = dict(epochs=1, lr=3e-3, batch=16, seeds=2, calib=16, refine_steps=10, max_length=64, n_train=64, n_dev=32)
 
 
@@ -165,6 +166,8 @@ class Bench:
         if has_refine:  # (where refine has not landed yet, the table has no method row)
             r["method"] = self.refined(task, seed, bridged["dir"], "method")
             bridged["eval"] = r["method"]["before"]
+            # Table 8 carried through the last stage: does the transferred start still matter after refine?
+            r["zero_refined"] = self.refined(task, seed, r["zero_init"]["dir"], "zero-init-refined")
         return r
 
 
