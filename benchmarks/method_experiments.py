@@ -68,6 +68,8 @@ def main(argv=None) -> None:
     ap.add_argument("--refine-eps", type=float, default=None)
     ap.add_argument("--refine-batch", type=int, default=16)
     ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--balance-init", action="store_true",
+                    help="tune from a copy of each start whose LoRA factors are balanced (ops.project.balance_factors; same delta)")
     ap.add_argument("--tag", default="", help="suffix for output names (variants of the same bridge/init)")
     ap.add_argument("--out", default=None, help="JSON lines file (default: WORK/results.jsonl)")
     ap.add_argument("--fisher-mass", action="store_true",
@@ -110,7 +112,9 @@ def main(argv=None) -> None:
             for init in a.inits.split(","):
                 start = {"transfer": os.path.join(ev, a.task, f"s{seed}", "transfer"),
                          "zero": os.path.join(ev, a.task, f"s{seed}", "fresh")}.get(init, init)
-                name = f"{spec}-{os.path.basename(init)}{a.tag}"
+                if a.balance_init:
+                    start = balanced_copy(start, os.path.join(a.work, a.task, f"s{seed}", "inits", os.path.basename(start) + "-bal"))
+                name = f"{spec}-{os.path.basename(init)}{'-bal' if a.balance_init else ''}{a.tag}"
                 tuned = os.path.join(a.work, a.task, f"s{seed}", name)
                 t0 = time.time()
                 tb = tune_bridge(start, bdir, train, tuned, eval_data=dev, max_length=64, force=True,
@@ -136,6 +140,25 @@ def main(argv=None) -> None:
                      "refined": round(100 * rf["after"]["accuracy"], 1), "refined_loss": round(rf["after"]["loss"], 3),
                      "refine": {"steps": rcfg.steps, "lr": rcfg.lr, "eps": rcfg.eps, "batch": rcfg.batch_size},
                      "curve": curve, "seconds": {"tune": round(t_tune), "refine": round(time.time() - t0)}})
+
+
+def balanced_copy(src: str, dst: str) -> str:
+    """A copy of the PEFT LoRA adapter `src` with every module's (A, B) replaced by balanced factors of B·A."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from surgery.ops.project import balance_factors
+
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    t = load_file(os.path.join(src, "adapter_model.safetensors"))
+    for k in [k for k in t if "lora_A" in k]:
+        kb = k.replace("lora_A", "lora_B")
+        A, B = balance_factors(t[k].to(torch.float64), t[kb].to(torch.float64))
+        t[k], t[kb] = A.to(t[k].dtype).contiguous(), B.to(t[kb].dtype).contiguous()
+    save_file(t, os.path.join(dst, "adapter_model.safetensors"), metadata={"format": "pt"})
+    return dst
 
 
 def fisher_mass(llm: str, calib: str) -> None:

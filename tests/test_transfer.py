@@ -275,8 +275,8 @@ def test_extra_units_that_read_but_do_not_write(fx, tmp_path, calib, ids, family
 
 @pytest.mark.parametrize("shape", [((8, 64), (32, 8)), ((8, 4), (32, 8)), ((8, 64), (4, 8))])
 def test_balanced_factors_keep_the_delta_and_equalise_the_norms(shape):
-    """transfer refactors each ported LoRA into balanced factors: the same B·A (to float64 rounding),
-    ‖A‖ = ‖B‖; an untrained LoRA (B = 0) keeps its A, so tuning can start from it."""
+    """balance_factors (port_lora(balance=True)): the same B·A (to float64 rounding), ‖A‖ = ‖B‖;
+    an untrained LoRA (B = 0) keeps its A, so tuning can start from it."""
     import torch
 
     from surgery.ops.project import balance_factors, port_lora
@@ -290,6 +290,8 @@ def test_balanced_factors_keep_the_delta_and_equalise_the_norms(shape):
     A0, B0 = balance_factors(A, torch.zeros_like(B))
     assert torch.equal(A0, A) and not B0.any()
     Q, P = torch.randn(shape[0][1], 16, dtype=torch.float64), torch.randn(24, shape[1][0], dtype=torch.float64)
-    a, b, _ = port_lora(A.float(), B.float(), Q, P)
-    a_raw, b_raw, _ = port_lora(A.float(), B.float(), Q, P, balance=False)
+    a, b, _ = port_lora(A.float(), B.float(), Q, P, balance=True)
+    a_raw, b_raw, _ = port_lora(A.float(), B.float(), Q, P)
+    assert torch.allclose(a_raw.double(), A @ Q, rtol=1e-5, atol=1e-6)  # the default is the plain product of maps
+    assert abs(a.norm() / b.norm() - 1) < 1e-4
     assert torch.allclose((b.double() @ a.double()), b_raw.double() @ a_raw.double(), rtol=1e-5, atol=1e-5)

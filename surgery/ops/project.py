@@ -236,13 +236,14 @@ def fit_to_slm(m: Moments, ridge: float) -> tuple:
         return Q, relative_residual(Q, m.ll, m.ls.T, m.tr_ss), resolved_rank(m.ll, lam)
 
 
-def port_lora(A, B, to_slm_in, to_llm_out, bias=None, balance: bool = True):
+def port_lora(A, B, to_slm_in, to_llm_out, bias=None, balance: bool = False):
     """A_llm = A · Q_in, B_llm = P_out · B (and a lora_B bias → P_out · bias); float32 results.
 
     balance: refactor the ported product P_out·B·A·Q_in into balanced factors (balance_factors): the
-    same delta, but the maps shrink A (Q_in reads the LLM's wider space into the SLM's) and grow B
-    (P_out), so the raw factors come out lopsided (on the evidence pair ‖B‖ ≈ 9 against ‖A‖ ≈ 0.35
-    for q_proj), which stalls the tuning that follows (docs/method-experiments.md).
+    same delta, but Q_in shrinks A (it reads the LLM's wider space into the SLM's) and P_out grows B, so
+    the raw factors come out lopsided (on the evidence pair ‖B‖ ≈ 9 against ‖A‖ ≈ 0.35 for q_proj).
+    Off by default: measured through tune-bridge and refine it helped on one seed and hurt on another
+    (docs/method-experiments.md), so the port keeps the paper's plain product of maps.
     """
     import torch
 
