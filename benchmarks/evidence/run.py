@@ -171,10 +171,20 @@ class Bench:
         return r
 
 
+def work_dir(pair: str) -> str:
+    """Where a pair's stages are cached: one directory per pretrained pair and version of tasks.py (the
+    data files and every stage record depend on both; a stage record is never re-run once it exists)."""
+    import hashlib
+
+    with open(os.path.join(ROOT, "benchmarks", "evidence", "tasks.py"), "rb") as f:
+        tasks_key = hashlib.sha256(f.read()).hexdigest()[:6]
+    return os.path.join(ROOT, "benchmarks", ".work", f"evidence-{os.path.basename(pair)}-t{tasks_key}")
+
+
 def run(quick: bool, jobs: int, tasks: list[str], log=print) -> str:
     s = QUICK if quick else FULL
     pair = pretrain(quick=quick, log=log)
-    work = os.path.join(ROOT, "benchmarks", ".work", "evidence-" + os.path.basename(pair))
+    work = work_dir(pair)
     b = Bench(pair, work, s, log)
     t0 = time.time()
     seeds = range(s["seeds"])
@@ -191,7 +201,7 @@ def run(quick: bool, jobs: int, tasks: list[str], log=print) -> str:
     with open(os.path.join(pair, "pretrain.json")) as f:
         results["pretrain"] = json.load(f)
     # training memory tensor by tensor, at the training batch shape (memory.py says why not RSS alone)
-    from benchmarks.evidence.knowledge import module_cloze
+    from benchmarks.evidence.knowledge import cloze
     from benchmarks.evidence.memory import inference_bytes, training_bytes
 
     shape = dict(batch=s["batch"], seq=s["max_length"])
@@ -199,8 +209,7 @@ def run(quick: bool, jobs: int, tasks: list[str], log=print) -> str:
     results["train_memory"] = {"slm": training_bytes(b.slm, **shape), "llm": training_bytes(b.llm, **shape),
                                **{f"bridge ({k})": training_bytes(v["dir"], **shape) for k, v in bridges.items()},
                                "refine (LLM, forward only)": inference_bytes(b.llm, **shape)}
-    if "module" in tasks:
-        results["module_cloze"] = {m: module_cloze(d, b.data("module")[1]) for m, d in (("slm", b.slm), ("llm", b.llm))}
+    results["cloze"] = {t: {m: cloze(t, d, b.data(t)[1]) for m, d in (("slm", b.slm), ("llm", b.llm))} for t in tasks}
     results["task_sizes"] = {t: [sum(1 for _ in open(f)) for f in b.data(t)[:2]] for t in tasks}
     results.update(settings=s, quick=quick, jobs=jobs, work=work, pair=pair, seconds=time.time() - t0,
                    machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
@@ -216,7 +225,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny pair, few examples, 2 seeds: a smoke run")
     ap.add_argument("--jobs", type=int, default=2, help="stages run in parallel (one thread each)")
-    ap.add_argument("--tasks", default="module,verb", help=f"comma-separated, of {TASKS}")
+    ap.add_argument("--tasks", default="verb,arg", help=f"comma-separated, of {TASKS}")
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/results.md")
     a = ap.parse_args()
     out = run(a.quick, a.jobs, [t for t in a.tasks.split(",") if t])
