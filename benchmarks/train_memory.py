@@ -3,7 +3,8 @@
 Stages, at the same batch and sequence length, LoRA r=8 (alpha 16) on the same modules:
   slm            `surgery train` LoRA on the small model                       (Algorithm 1, step 1)
   bridge         `surgery tune-bridge` on the default bridge (`prune-bridge --reduction 16`: every
-                 residual channel kept; the LLM itself is never loaded)       (steps 4-7)
+                 residual channel kept, depth planned with the widths, `--drop-layers auto`; the LLM
+                 itself is never loaded)                                      (steps 4-7)
   bridge-drop    the same with `--drop-layers L/2` (half the layers, wider MLPs for the same budget)
   bridge-narrow  the same with `--residual prune` (the paper's narrow bridge, for comparison)
   llm            `surgery train` LoRA directly on the LLM                     (the PEFT baseline)
@@ -78,15 +79,15 @@ def config_of(shape: dict, stage: str, work: str) -> dict:
     sys.path.insert(0, ROOT)
     from fixtures.build import _config
     from surgery.arch import load_arch
-    from surgery.pipelines.bridge_plan import bridge_config, plan_sizes
+    from surgery.pipelines.bridge_plan import bridge_config, plan_bridge
 
     if stage in ("slm", "llm"):
         return _config(shape["family"], **shape[stage]).to_dict()
     arch = load_arch(_config(shape["family"], **shape["llm"]).to_dict())
     a = _bridge_args(shape, stage)
-    drop = int(a[a.index("--drop-layers") + 1]) if "--drop-layers" in a else 0
+    drop = int(a[a.index("--drop-layers") + 1]) if "--drop-layers" in a else None  # None: prune-bridge's auto depth
     residual = "prune" if "prune" in a else "keep"
-    sizes = plan_sizes(arch, 16, {}, residual=residual, drop_layers=drop)
+    sizes, drop = plan_bridge(arch, 16, {}, residual=residual, drop_layers=drop)
     return bridge_config(arch, sizes, {st: list(range(n - drop)) for st, n in arch.stacks.items()})
 
 

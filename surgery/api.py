@@ -20,14 +20,15 @@ def train(model: str, data: str, output: str, *, method: str = "lora", eval_data
           epochs: float = 3.0, lr: float = 1e-3, batch_size: int = 8, rank: int = 8, alpha: float | None = None,
           targets=None, virtual_tokens: int = 8, adapter_config: str = "houlsby",
           reduction_factor: float | None = None, max_length: int = 512, eval_every: int = 0, log_every: int = 10,
-          seed: int = 0, force: bool = False, placement=None) -> dict:
+          seed: int = 0, force: bool = False, placement=None, plot: str | None = None) -> dict:
     """Tune an adapter of kind `method` (lora, prompt, prefix, lokr, bitfit, adapter, ...) on `model`
     with the JSONL `data`, write it to `output`, and return the summary (before/after metrics, steps).
 
     targets: module-name suffixes, as a list or "q_proj,v_proj" (default: every linear layer in the
     blocks). eval_data: a JSONL scored every `eval_every` steps (0: each epoch) and at the end.
     log_every: steps per training-loss record in training.json's history.
-    placement: the model's dtype and device (surgery.io.model.Placement; default auto)."""
+    placement: the model's dtype and device (surgery.io.model.Placement; default auto).
+    plot: also draw the loss curves to this PNG (needs matplotlib)."""
     from .io.adapter import split_targets
     from .pipelines.train import train_adapter
 
@@ -35,19 +36,19 @@ def train(model: str, data: str, output: str, *, method: str = "lora", eval_data
     return train_adapter(model, data, output, method=method, eval_data=eval_data, rank=rank, alpha=alpha,
                          targets=split_targets(targets), virtual_tokens=virtual_tokens, max_length=max_length, force=force,
                          cfg=_config(epochs, lr, batch_size, seed, eval_every, log_every), adapter_config=adapter_config,
-                         reduction_factor=rf, placement=placement)
+                         reduction_factor=rf, placement=placement, plot=plot)
 
 
 def tune_bridge(adapter: str, bridge: str, data: str, output: str, *, eval_data: str | None = None,
                 llm: str | None = None, epochs: float = 3.0, lr: float = 1e-3, batch_size: int = 8,
                 max_length: int = 512, eval_every: int = 0, log_every: int = 10, seed: int = 0, force: bool = False,
-                placement=None) -> dict:
+                placement=None, plot: str | None = None) -> dict:
     """Tune the LLM's `adapter` through `bridge` (from prune_bridge) on `data`, lift the update back and
     write an adapter for the LLM to `output`; returns the summary measured on the bridge."""
     from .pipelines.tune_bridge import tune_bridge as run
 
     return run(adapter, bridge, data, output, eval_data=eval_data, llm=llm, max_length=max_length, force=force,
-               cfg=_config(epochs, lr, batch_size, seed, eval_every, log_every), placement=placement)
+               cfg=_config(epochs, lr, batch_size, seed, eval_every, log_every), placement=placement, plot=plot)
 
 
 # name -> (module, attribute) of every exported function; imported on first use, so `import surgery`

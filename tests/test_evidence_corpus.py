@@ -9,31 +9,37 @@ pytestmark = pytest.mark.skipif(not os.path.isdir("/usr/lib/python3.11"), reason
 
 
 def test_corpus_is_fixed_and_held_out_entries_are_not_pretrained_on():
-    from benchmarks.evidence.corpus import corpus_hash, entries, render, split
+    from benchmarks.evidence.corpus import corpus_hash, entries, extra_texts, render, split, validation
 
     es = entries()
     assert len(es) > 3000 and corpus_hash() == corpus_hash()
     seen, held = split()
-    assert len(held) == int(0.05 * len(es)) and len(seen) + len(held) == len(es)
-    assert not {render(e) for e in seen} & {render(e) for e in held}
+    valid = validation()
+    assert len(held) == len(valid) == int(0.05 * len(es)) and len(seen) + len(held) + len(valid) == len(es)
+    texts = [{render(e) for e in x} for x in (seen, held, valid)]
+    assert not texts[0] & texts[1] and not texts[0] & texts[2] and not texts[1] & texts[2]
+    # the extra text never continues a held-out or validation entry's docstring
+    extra = extra_texts()
+    unseen = {f"{e['qual']} in {e['module']}, more: " for e in held + valid}
+    assert len(extra) > 1000 and not any(t.startswith(p) for t in extra for p in unseen if t[:1] == p[:1])
     e = next(e for e in es if e["qual"] == "ensure_future")
     assert render(e).startswith("ensure_future(coro_or_future, loop) in asyncio.tasks: ")
 
 
-@pytest.mark.parametrize("name", ["module", "verb"])
+@pytest.mark.parametrize("name", ["module", "verb", "arg"])
 def test_tasks_ask_dev_about_other_names_and_answer_as_the_corpus_does(name):
     from benchmarks.evidence.corpus import split
-    from benchmarks.evidence.tasks import labels, make
+    from benchmarks.evidence.tasks import _label, labels, make, question
 
     train, dev = make(name)
     assert (train, dev) == make(name)
-    q = lambda r: r["prompt"].split("defines ")[-1].split("? A:")[0] if name == "module" else \
-        r["prompt"].split("what does ")[-1].split(" do? A:")[0]  # noqa: E731
-    assert not {q(r) for r in train} & {q(r) for r in dev}
+    q = lambda r: question(name, r["prompt"])  # noqa: E731
+    assert not {q(r).split(".")[0] for r in train} & {q(r).split(".")[0] for r in dev}  # no class on both sides
     by_qual = {e["qual"]: e for e in split()[0]}
     for r in train + dev:
         e = by_qual[q(r)]  # every question is about a pretrained entry
-        want = e["module"].split(".")[0] if name == "module" else e["summary"].split()[0]
-        assert r["completion"] == " " + want and r["completion"] in labels(name)
+        want = {"module": e["module"].split(".")[0], "verb": e["summary"].split()[0],
+                "arg": e["args"].split(",")[0].strip()}[name]
+        assert r["completion"] == " " + want == " " + _label(name, e) and r["completion"] in labels(name)
     counts = [sum(r["completion"] == lab for r in dev) for lab in labels(name)]
     assert min(counts) >= 15

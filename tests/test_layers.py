@@ -4,7 +4,7 @@ import ast
 import os
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "surgery")
-# each layer may import the ones listed (errors.py, log.py and plot.py are leaves everyone may use: plot
+# each layer may import the ones listed (errors.py, log.py and plot/ are leaves everyone may use: plot
 # imports only errors; the package's __version__ is a constant)
 ALLOWED = {
     "ops": set(),

@@ -75,3 +75,39 @@ def test_random_importance_is_seeded_and_differs_from_magnitude(fx, calib, tmp_p
     with open(os.path.join(a["output"], "model.safetensors"), "rb") as f, \
             open(os.path.join(b["output"], "model.safetensors"), "rb") as g:
         assert f.read() == g.read()
+
+
+@pytest.mark.parametrize("reduction", [4, 16])
+def test_planned_depth_shares_the_reduction_with_heads_and_neurons(fx, reduction):
+    """--drop-layers auto (the default): with the residual kept, depth is divided by the same factor
+    as the kv groups and neurons, so no dimension is cut to a sliver (widths alone keep 1-2 neurons
+    of 128 per layer at R 16 here); the bridge still holds about 1/R of the non-embedding parameters."""
+    from surgery.arch import load_arch
+    from surgery.pipelines.bridge_plan import bridge_config, parameter_counts, plan_bridge
+
+    arch = _arch(fx.model("llama", num_hidden_layers=4, hidden_size=128, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=32, intermediate_size=384))
+    wide, none = plan_bridge(arch, reduction, {}, "keep", 0)
+    sizes, drop = plan_bridge(arch, reduction, {}, "keep", None)
+    assert none == 0 and 1 <= 4 - drop < 4
+    assert sizes["intermediate"] >= 3 * wide["intermediate"]
+    n = parameter_counts(load_arch(bridge_config(arch, sizes, {"layers": list(range(4 - drop))})))["non_embedding"]
+    assert 0.75 < n * reduction / parameter_counts(arch)["non_embedding"] < 1.33
+    # the narrow bridge, explicit widths and an explicit count keep their depth
+    assert plan_bridge(arch, reduction, {}, "prune", None)[1] == 0
+    assert plan_bridge(arch, reduction, {"intermediate": 8}, "keep", None)[1] == 0
+    assert plan_bridge(arch, reduction, {}, "keep", 1)[1] == 1
+
+
+def test_drop_layers_auto_is_recorded_and_a_bad_count_is_refused(fx, calib, tmp_path):
+    from surgery.pipelines.prune import prune_bridge
+
+    llm = fx.model("llama", num_hidden_layers=4)
+    r = prune_bridge(llm, tmp_path / "a", calib, reduction=16, **FAST)
+    assert r["layers"]["drop_planned"] and r["layers"]["bridge"]["layers"] < 4
+    assert sum(len(v) for v in r["layers"]["dropped"].values()) == 4 - r["layers"]["bridge"]["layers"]
+    r0 = prune_bridge(llm, tmp_path / "b", calib, reduction=16, drop_layers=0, **FAST)
+    assert not r0["layers"]["drop_planned"] and r0["layers"]["bridge"]["layers"] == 4
+    with pytest.raises(ShapeError, match="neither 'auto' nor a count"):
+        prune_bridge(llm, tmp_path / "c", calib, drop_layers="two")
+    assert not os.path.exists(tmp_path / "c")

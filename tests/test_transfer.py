@@ -271,3 +271,27 @@ def test_extra_units_that_read_but_do_not_write(fx, tmp_path, calib, ids, family
     ad = fx.lora(family, targets=targets, name="-".join(targets))
     transfer(ad, llm, str(tmp_path / "o"), data=calib, samples=32, seq_len=64)
     assert relative_error(fx.model(family), ad, llm, str(tmp_path / "o"), ids) < 0.01
+
+
+@pytest.mark.parametrize("shape", [((8, 64), (32, 8)), ((8, 4), (32, 8)), ((8, 64), (4, 8))])
+def test_balanced_factors_keep_the_delta_and_equalise_the_norms(shape):
+    """balance_factors (port_lora(balance=True)): the same B·A (to float64 rounding), ‖A‖ = ‖B‖;
+    an untrained LoRA (B = 0) keeps its A, so tuning can start from it."""
+    import torch
+
+    from surgery.ops.project import balance_factors, port_lora
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(*shape[0], generator=g, dtype=torch.float64) * 0.05
+    B = torch.randn(*shape[1], generator=g, dtype=torch.float64) * 20
+    A2, B2 = balance_factors(A, B)
+    assert torch.allclose(B2 @ A2, B @ A, atol=1e-12 * (B @ A).abs().max().item())
+    assert abs(A2.norm() / B2.norm() - 1) < 1e-9 and A2.shape == A.shape and B2.shape == B.shape
+    A0, B0 = balance_factors(A, torch.zeros_like(B))
+    assert torch.equal(A0, A) and not B0.any()
+    Q, P = torch.randn(shape[0][1], 16, dtype=torch.float64), torch.randn(24, shape[1][0], dtype=torch.float64)
+    a, b, _ = port_lora(A.float(), B.float(), Q, P, balance=True)
+    a_raw, b_raw, _ = port_lora(A.float(), B.float(), Q, P)
+    assert torch.allclose(a_raw.double(), A @ Q, rtol=1e-5, atol=1e-6)  # the default is the plain product of maps
+    assert abs(a.norm() / b.norm() - 1) < 1e-4
+    assert torch.allclose((b.double() @ a.double()), b_raw.double() @ a_raw.double(), rtol=1e-5, atol=1e-5)

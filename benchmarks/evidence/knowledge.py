@@ -1,9 +1,10 @@
-"""How much of the corpus's facts a pretrained model holds, before any tuning: an 8-way cloze.
+"""How much of the corpus's facts a pretrained model holds, before any tuning: an 8-way cloze per task.
 
-For the first 160 dev questions of the `module` task ("which module defines X?"), score the eight sentences
-"X(args) in <module>" -- the pretraining text's own wording -- by their summed log-likelihood and
-count the entry as known when the true module scores highest (chance: 1/8). It separates what each
-model memorised from the question format that LoRA has to learn.
+For the first 160 dev questions of a task ("which module defines X?", "what is the first argument of
+X?", ...), score the eight candidate answers in the pretraining text's own wording ("X(args) in
+<module>", "X(<arg>", "X(args) in module: <Verb>") by their summed log-likelihood and count the entry
+as known when the true answer scores highest (chance: 1/8). It separates what each model memorised
+from the question format that LoRA has to learn.
 """
 
 from __future__ import annotations
@@ -11,16 +12,16 @@ from __future__ import annotations
 import json
 
 
-def module_cloze(model_dir: str, dev_jsonl: str, limit: int = 160) -> float:
+def cloze(task: str, model_dir: str, dev_jsonl: str, limit: int = 160) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from benchmarks.evidence.corpus import split
-    from benchmarks.evidence.tasks import MODULES
+    from benchmarks.evidence.tasks import LABELS, cloze_text, question
 
-    args = {}
+    by_qual = {}
     for e in split()[0]:
-        args.setdefault(e["qual"], e["args"])
+        by_qual.setdefault(e["qual"], e)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     correct = n = 0
@@ -28,12 +29,12 @@ def module_cloze(model_dir: str, dev_jsonl: str, limit: int = 160) -> float:
         rows = [json.loads(line) for line in f][:limit]
     with torch.no_grad():
         for r in rows:
-            qual = r["prompt"].split("defines ", 1)[1].rsplit("?", 1)[0]
-            texts = [f"{qual}({args[qual]}) in {m}" for m in MODULES]
+            e = by_qual[question(task, r["prompt"])]
+            texts = [cloze_text(task, e, lab) for lab in LABELS[task]]
             enc = tok(texts, return_tensors="pt", padding=True)
             ids, mask = enc["input_ids"], enc["attention_mask"]
             logp = model(input_ids=ids, attention_mask=mask).logits[:, :-1].log_softmax(-1)
             ll = (logp.gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]).sum(-1)
-            correct += int(MODULES[int(ll.argmax())] == r["completion"].strip())
+            correct += int(LABELS[task][int(ll.argmax())] == r["completion"].strip())
             n += 1
     return correct / n

@@ -3,6 +3,7 @@ the hand-written discussion is benchmarks/evidence/discussion.md, included verba
 
 from __future__ import annotations
 
+import math
 import os
 
 from benchmarks.evidence.report import GAP_ROWS, ROWS, fmt
@@ -45,22 +46,11 @@ def render(results: dict, sm: dict) -> str:
          f"`--jobs {results['jobs']}` on a shared machine; pretraining the pair adds its own time once, cached in "
          "benchmarks/.work/pairs/ under a hash of its recipe)",
          f"- machine: {results['machine']}; date: {results['date']}",
-         f"- corpus: the docstrings of Debian's Python 3.11 standard library (/usr/lib/python3.11, packages "
-         f"libpython3.11-minimal/-stdlib), one index entry per public function, class and method "
-         f"(`name(args) in module: first paragraph`; benchmarks/evidence/corpus.py); {pre['tokens']:,} training "
-         f"tokens, {pre['heldout_tokens']:,} held-out tokens (5 % of the entries, never seen in pretraining)",
-         f"- pair (llama family, one BPE tokenizer of {s_vocab(pre)} tokens): SLM {slm['layers']} layers x "
-         f"{slm['hidden']} wide, {slm['non_embedding']:,} non-embedding parameters ({slm['parameters']:,} in all); "
-         f"LLM {llm['layers']} x {llm['hidden']}, {llm['non_embedding']:,} non-embedding "
-         f"({llm['non_embedding'] / slm['non_embedding']:.1f}x; {llm['parameters']:,} in all)",
-         f"- pretraining: {slm['steps']} steps of {pre['settings']['batch']} x {pre['settings']['seq_len']} tokens each "
-         f"(~{slm['tokens_seen'] / pre['tokens']:.0f} passes); held-out perplexity SLM **{slm['heldout_ppl']:.1f}**, "
-         f"LLM **{llm['heldout_ppl']:.1f}** (loss {slm['heldout_loss']:.3f} vs {llm['heldout_loss']:.3f})"]
-    if "module_cloze" in results:
-        c = results["module_cloze"]
-        L.append(f"- what each model memorised, before any tuning (8-way cloze on the `module` dev entries in the "
-                 f"corpus's own wording, chance 12.5 %; benchmarks/evidence/knowledge.py): SLM "
-                 f"{100 * c['slm']:.1f} %, LLM {100 * c['llm']:.1f} %")
+         *_corpus_lines(pre, slm, llm)]
+    if "cloze" in results:
+        L.append("- what each model memorised, before any tuning (8-way cloze on each task's dev entries in the "
+                 "corpus's own wording, chance 12.5 %; benchmarks/evidence/knowledge.py): " + "; ".join(
+                     f"`{t}` SLM {100 * c['slm']:.1f} %, LLM {100 * c['llm']:.1f} %" for t, c in results["cloze"].items()))
     L += [f"- tasks (benchmarks/evidence/tasks.py): " + "; ".join(
               f"`{n}` ({results['task_sizes'][n][0]} train / {results['task_sizes'][n][1]} dev)" for n in sm["tasks"])
           + f"; {s['seeds']} seeds; LoRA rank 8 on every linear layer, {s['epochs']} epochs, lr {s['lr']}, batch "
@@ -119,12 +109,42 @@ def render(results: dict, sm: dict) -> str:
     sd = first["seeds"][0]
     cmds = [first["zero_shot"]["cmd"]] + [b["cmd"] for b in first["bridges"].values()]
     cmds += [sd[k]["cmd"] for k in ("slm_lora", "llm_lora")] + [sd["transfer"]["transfer"]["cmd"], sd["fresh"]["cmd"]]
-    cmds += [x for k in ("zero_init", "bridge", "narrow", "method") if k in sd
+    cmds += [x for k in ("zero_init", "bridge", "narrow", "method", "zero_refined") if k in sd
              for x in (sd[k]["train"]["cmd"], sd[k]["eval"].get("cmd")) if x]
     L += [c.replace(results["work"], "$WORK").replace(results["pair"], "$PAIR") for c in cmds]
     L += ["```", "", "`$PAIR` = the pretrained pair (`python -m benchmarks.evidence.pretrain --print-dir`), "
           "`$WORK` = benchmarks/.work/evidence-<pair key>/.", ""]
     return "\n".join(L) + "\n"
+
+
+def _corpus_lines(pre: dict, slm: dict, llm: dict) -> list[str]:
+    ps = pre["settings"]
+    passes = slm["tokens_seen"] / pre["tokens"]
+    repeats = ps.get("index_repeats", 1)
+    extra = (f", repeated {repeats} times per pass, plus once per pass {pre['extra_texts']:,} texts of the same kind "
+             "(the remaining paragraphs of those docstrings, and the index entries of the Python packages Debian "
+             "installed in /usr/lib/python3/dist-packages: pip, setuptools, pygments, cryptography, apt, ...)"
+             if "extra_texts" in pre else "")
+    index = f" (the stdlib index's {pre['index_tokens']:,} tokens {repeats} times)" if "index_tokens" in pre else ""
+    valid = (f"; {pre['valid_tokens']:,} validation tokens (another 5 %, never seen either) choose the checkpoint each "
+             "model keeps" if "valid_tokens" in pre else "")
+    kept = (f"; each model keeps its checkpoint of best validation loss (SLM step {slm['kept_step']}, LLM step "
+            f"{llm['kept_step']}; at the last step the held-out perplexities were SLM "
+            f"{math.exp(slm['final_heldout_loss']):.1f}, LLM {math.exp(llm['final_heldout_loss']):.1f})"
+            if "kept_step" in llm else "")
+    return [f"- corpus: the docstrings of Debian's Python 3.11 standard library (/usr/lib/python3.11, packages "
+            f"libpython3.11-minimal/-stdlib), one index entry per public function, class and method "
+            f"(`name(args) in module: first paragraph`; benchmarks/evidence/corpus.py){extra}; {pre['tokens']:,} "
+            f"training tokens per pass{index}, {pre['heldout_tokens']:,} held-out tokens (5 % of the stdlib entries, "
+            f"never seen in pretraining){valid}",
+            f"- pair (llama family, one BPE tokenizer of {s_vocab(pre)} tokens): SLM {slm['layers']} layers x "
+            f"{slm['hidden']} wide, {slm['non_embedding']:,} non-embedding parameters ({slm['parameters']:,} in all); "
+            f"LLM {llm['layers']} x {llm['hidden']}, {llm['non_embedding']:,} non-embedding "
+            f"({llm['non_embedding'] / slm['non_embedding']:.1f}x; {llm['parameters']:,} in all)",
+            f"- pretraining: {slm['steps']} steps of {ps['batch']} x {ps['seq_len']} tokens each (~{passes:.1f} "
+            f"passes{f', each stdlib entry seen ~{passes * repeats:.0f} times' if repeats > 1 else ''}){kept}; "
+            f"held-out perplexity SLM **{slm['heldout_ppl']:.1f}**, LLM **{llm['heldout_ppl']:.1f}** "
+            f"(loss {slm['heldout_loss']:.3f} vs {llm['heldout_loss']:.3f})"]
 
 
 def s_vocab(pre: dict) -> str:

@@ -3,9 +3,13 @@
     python -m benchmarks.evidence.pretrain [--quick] [--print-dir]
 
 The corpus is real text shipped with this machine: the docstrings of Debian's Python 3.11 standard
-library (benchmarks/evidence/corpus.py), one index entry per function/class/method. 5 % of the entries
-are held out for perplexity; the tasks ask about entries the pretraining saw. Both models see the same
-token stream in the same order (same seed); only their size differs. The recipe (settings + the
+library (benchmarks/evidence/corpus.py), one index entry per function/class/method, repeated (the facts
+the tasks ask about), plus, once each, the rest of those docstrings and the index entries of Debian's
+other Python packages (more text of the same kind, so the larger model does not just overfit the index).
+5 % of the stdlib entries are held out for perplexity, another 5 % (validation) choose the checkpoint
+each model keeps (the best validation loss, checked every `eval_every` steps); the tasks ask about
+entries the pretraining saw. Both models see the same token stream in the same order (same seed);
+only their size differs. The recipe (settings + the
 corpus's hash) is hashed into the cache key, so a changed recipe never reuses a stale pair:
     benchmarks/.work/pairs/<hash>/{slm,llm,tokenizer,pretrain.json}
 Deterministic: seeded, one thread (torch.set_num_threads(1)), fixed step counts (never time-based).
@@ -38,11 +42,13 @@ SLM = dict(COMMON, hidden_size=64, intermediate_size=192, num_hidden_layers=2, n
            num_key_value_heads=2, head_dim=16)
 LLM = dict(COMMON, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
            num_key_value_heads=2, head_dim=32)
-# ~12 passes over the entries: each fact (which module, what it does) is seen ~12 times, which
-# the larger model memorises much more of; that is the knowledge the tasks ask for.
-SETTINGS = dict(version=3, corpus="python3.11-stdlib-docstrings", slm=SLM, llm=LLM, heldout_share=0.05,
-                seq_len=128, batch=32, slm_steps=400, llm_steps=400, lr=3e-3, warmup=40, weight_decay=0.1, seed=0)
-QUICK = dict(SETTINGS, slm_steps=20, llm_steps=20, quick_entries=400)
+# The stdlib index `index_repeats` times per pass (each fact -- which module, what it does -- seen
+# over the run: the knowledge the tasks ask for, which the larger model memorises more of) plus ~450k
+# tokens of other docstring text (~1.6 passes of the whole stream in 560 steps: each fact ~13 times).
+SETTINGS = dict(version=4, corpus="python3.11-stdlib-docstrings+rest+debian-dist-packages", slm=SLM, llm=LLM,
+                heldout_share=0.05, valid_share=0.05, index_repeats=8, seq_len=128, batch=32, slm_steps=560,
+                llm_steps=560, eval_every=20, lr=3e-3, warmup=40, weight_decay=0.1, seed=0)
+QUICK = dict(SETTINGS, slm_steps=20, llm_steps=20, eval_every=10, quick_entries=400, index_repeats=2)
 
 
 def key(settings: dict) -> str:
@@ -78,7 +84,7 @@ def _tagged(log, out_dir):
     return lambda msg: log(f"[{name}] {msg}", flush=True)
 
 
-def _train(cfg_dict: dict, train, held, steps: int, s: dict, out_dir: str, tok_dir: str, log) -> dict:
+def _train(cfg_dict: dict, train, held, valid, steps: int, s: dict, out_dir: str, tok_dir: str, log) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -99,6 +105,7 @@ def _train(cfg_dict: dict, train, held, steps: int, s: dict, out_dir: str, tok_d
     g = torch.Generator().manual_seed(s["seed"])
     order = torch.randperm(len(train), generator=g)
     t0, pos, curve = time.time(), 0, []
+    best = (float("inf"), -1, None)  # (validation loss, step, state dict): the checkpoint kept
     model.train()
     for step in range(steps):
         if pos + s["batch"] > len(order):  # next epoch: a fresh (seeded) permutation
@@ -111,16 +118,25 @@ def _train(cfg_dict: dict, train, held, steps: int, s: dict, out_dir: str, tok_d
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if step % 50 == 0 or step == steps - 1:
-            curve.append((step, loss.item(), _lm_loss(model, held, s["batch"]) if step % 100 == 0 else None))
+        if (step + 1) % s["eval_every"] == 0 or step == steps - 1:
+            v = _lm_loss(model, valid, s["batch"])
+            if v < best[0]:
+                best = (v, step + 1, {k: t.detach().clone() for k, t in model.state_dict().items()})
+            h = _lm_loss(model, held, s["batch"]) if (step + 1) % 100 == 0 else None
+            curve.append((step + 1, loss.item(), v, h))
             model.train()
-            log(f"  step {step:5d}  loss {loss.item():.4f}  held-out {curve[-1][2]}  ({time.time() - t0:.0f}s)")
+            log(f"  step {step + 1:5d}  loss {loss.item():.4f}  validation {v:.4f}  held-out {h}  "
+                f"({time.time() - t0:.0f}s)")
+    final_held = _lm_loss(model, held, s["batch"])
+    model.load_state_dict(best[2])
     held_loss = _lm_loss(model, held, s["batch"])
     model.save_pretrained(out_dir)
     for f in os.listdir(tok_dir):  # each checkpoint dir is self-contained (tokenizer alongside)
         shutil.copy(os.path.join(tok_dir, f), out_dir)
     return dict(parameters=n_params, non_embedding=n_params - n_embed, layers=config.num_hidden_layers,
-                hidden=config.hidden_size, steps=steps, curve=curve, tokens_seen=steps * s["batch"] * s["seq_len"], heldout_loss=held_loss, heldout_ppl=math.exp(held_loss), seconds=time.time() - t0)
+                hidden=config.hidden_size, steps=steps, kept_step=best[1], valid_loss=best[0], curve=curve,
+                tokens_seen=steps * s["batch"] * s["seq_len"], heldout_loss=held_loss, heldout_ppl=math.exp(held_loss),
+                final_heldout_loss=final_held, seconds=time.time() - t0)
 
 
 def recipe(quick: bool = False) -> dict:
@@ -133,7 +149,9 @@ def pretrain(quick: bool = False, force: bool = False, log=print) -> str:
     """Build (or reuse) the cached pair; returns the cache directory."""
     import torch
 
-    from benchmarks.evidence.corpus import render, split
+    import random
+
+    from benchmarks.evidence.corpus import extra_texts, render, split, validation
     from fixtures.build import build_tokenizer
 
     s = recipe(quick)
@@ -145,19 +163,29 @@ def pretrain(quick: bool = False, force: bool = False, log=print) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     seen, unseen = split(s["heldout_share"], s["seed"])
+    valid, extra = validation(s["heldout_share"], s["seed"]), list(extra_texts())
     if "quick_entries" in s:
-        seen, unseen = seen[: s["quick_entries"]], unseen[:40]
-    docs, held_docs = [render(e) for e in seen], [render(e) for e in unseen]
-    tok = build_tokenizer(os.path.join(tmp, "tokenizer"), texts=docs, vocab_size=SLM["vocab_size"])
-    train, held = _blocks(tok, docs, s["seq_len"]), _blocks(tok, held_docs, s["seq_len"])
-    log(f"corpus: {len(docs)} entries, {train.numel()} training tokens, {held.numel()} held-out tokens")
-    out = dict(settings=s, tokens=train.numel(), heldout_tokens=held.numel(), torch=torch.__version__)
+        seen, unseen, valid, extra = seen[: s["quick_entries"]], unseen[:40], valid[:40], extra[:400]
+    index = [render(e) for e in seen]
+    rng = random.Random(s["seed"])
+    docs = list(extra)
+    for _ in range(s["index_repeats"]):  # each copy in its own order, so blocks cut the repeats differently
+        docs += rng.sample(index, len(index))
+    rng.shuffle(docs)
+    tok = build_tokenizer(os.path.join(tmp, "tokenizer"), texts=index + extra, vocab_size=SLM["vocab_size"])
+    train = _blocks(tok, docs, s["seq_len"])
+    held, valid = (_blocks(tok, [render(e) for e in x], s["seq_len"]) for x in (unseen, valid))
+    index_tokens = _blocks(tok, index, 1).numel()
+    log(f"corpus: {len(index)} index entries ({index_tokens} tokens) x {s['index_repeats']} + {len(extra)} other "
+        f"texts: {train.numel()} training tokens; {held.numel()} held-out, {valid.numel()} validation tokens")
+    out = dict(settings=s, tokens=train.numel(), index_tokens=index_tokens, extra_texts=len(extra),
+               heldout_tokens=held.numel(), valid_tokens=valid.numel(), torch=torch.__version__)
     # the two models train at once, one process and one thread each (deterministic either way)
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
-        futs = {name: pool.submit(_train, cfg, train, held, steps, s, os.path.join(tmp, name),
+        futs = {name: pool.submit(_train, cfg, train, held, valid, steps, s, os.path.join(tmp, name),
                                   os.path.join(tmp, "tokenizer"), print)
                 for name, cfg, steps in (("slm", SLM, s["slm_steps"]), ("llm", LLM, s["llm_steps"]))}
         for name, f in futs.items():

@@ -5,9 +5,10 @@ zero-shot is near 0 and LoRA has a format to learn), and their dev split asks ab
 task's train split never names: the answer must come from pretraining, not from the tuning data.
   module  "Q: which module defines ensure_future? A:"  -> " asyncio"   (8 top-level packages)
   verb    "Q: what does Element.get do? A:"            -> " Get"       (first word of its docstring)
+  arg     "Q: what is the first argument of getLogger? A:" -> " name"  (first parameter, as the index lists it)
 Labels are capped per class (near balance, so chance is about 1/8), and split about half/half per
-label with a fixed seed, by owner: all methods of a class fall on one side, so a dev question's
-class never appears in the train split.
+label with a fixed seed, by owner: all methods of a class fall on one side, whatever their labels, so
+a dev question's class never appears in the train split.
 """
 
 from __future__ import annotations
@@ -15,28 +16,51 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 MODULES = ["asyncio", "email", "importlib", "xml", "logging", "multiprocessing", "unittest", "turtle"]
 VERBS = ["Return", "Set", "Get", "Read", "Create", "Parse", "Add", "Send"]
-CAP = {"module": 110, "verb": 60}
-TASKS = ("module", "verb")
+# the 8 first parameters with the most distinct owners (classes or functions) in the corpus, so the
+# split by owner leaves every label on both sides
+ARGS = ["name", "value", "a", "data", "object", "s", "path", "obj"]
+LABELS = {"module": MODULES, "verb": VERBS, "arg": ARGS}
+CAP = {"module": 110, "verb": 60, "arg": 50}
+TASKS = ("module", "verb", "arg")
+PROMPTS = {"module": "Q: which module defines {}? A:", "verb": "Q: what does {} do? A:",
+           "arg": "Q: what is the first argument of {}? A:"}
 
 
 def _label(name: str, e: dict) -> str | None:
     if name == "module":
-        top = e["module"].split(".")[0]
-        return top if top in MODULES else None
-    first = e["summary"].split()[0]
-    return first if first in VERBS else None
+        v = e["module"].split(".")[0]
+    elif name == "verb":
+        v = e["summary"].split()[0]
+    else:
+        v = e["args"].split(",")[0].strip()
+    return v if v in LABELS[name] else None
 
 
 def _prompt(name: str, qual: str) -> str:
-    return f"Q: which module defines {qual}? A:" if name == "module" else f"Q: what does {qual} do? A:"
+    return PROMPTS[name].format(qual)
+
+
+def question(name: str, prompt: str) -> str:
+    """The name a task's prompt asks about (the inverse of _prompt)."""
+    head, tail = PROMPTS[name].split("{}")
+    return prompt[len(head):-len(tail)]
+
+
+def cloze_text(name: str, e: dict, label: str) -> str:
+    """ENTRY as the pretraining text writes it, up to and including LABEL in the place the task asks about."""
+    if name == "arg":
+        return f"{e['qual']}({label}"
+    if name == "module":
+        return f"{e['qual']}({e['args']}) in {label}"
+    return f"{e['qual']}({e['args']}) in {e['module']}: {label}"
 
 
 def labels(name: str) -> list[str]:
-    return [f" {w}" for w in (MODULES if name == "module" else VERBS)]
+    return [f" {w}" for w in LABELS[name]]
 
 
 def make(name: str, seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -53,22 +77,28 @@ def make(name: str, seed: int = 0) -> tuple[list[dict], list[dict]]:
         if lab is not None:
             per_label[lab].append(q)
     rng = random.Random(f"{name}:{seed}")
-    train, dev = [], []
+    chosen = {}
     for lab in sorted(per_label):
         qs = per_label[lab]
         rng.shuffle(qs)
-        qs = qs[: CAP[name]]
-        # split by owner (the class of a method, else the name itself): a dev question never shares its
-        # class with a train question, so the answer cannot be read off the tuning data's names
-        owners = sorted({q.split(".")[0] for q in qs})
-        rng.shuffle(owners)
-        to_dev, n_dev = set(), 0
-        for o in owners:
-            if n_dev < len(qs) // 2:
-                to_dev.add(o)
-                n_dev += sum(q.split(".")[0] == o for q in qs)
-        for q in qs:
-            (dev if q.split(".")[0] in to_dev else train).append({"prompt": _prompt(name, q), "completion": f" {lab}"})
+        chosen.update((q, lab) for q in qs[: CAP[name]])
+    # split by owner (the class of a method, else the name itself), over all labels at once: a dev question
+    # never shares its class with a train question, so the answer cannot be read off the tuning data's
+    # names. An owner goes to dev while its most frequent label has fewer than half its questions there.
+    by_owner = defaultdict(list)
+    for q in sorted(chosen):
+        by_owner[q.split(".")[0]].append(q)
+    owners = sorted(by_owner)
+    rng.shuffle(owners)
+    total, in_dev, to_dev = Counter(chosen.values()), Counter(), set()
+    for o in owners:
+        labs = Counter(chosen[q] for q in by_owner[o])
+        if in_dev[labs.most_common(1)[0][0]] < total[labs.most_common(1)[0][0]] // 2:
+            to_dev.add(o)
+            in_dev.update(labs)
+    train, dev = [], []
+    for q in sorted(chosen):
+        (dev if q.split(".")[0] in to_dev else train).append({"prompt": _prompt(name, q), "completion": f" {chosen[q]}"})
     rng.shuffle(train)
     rng.shuffle(dev)
     return train, dev

@@ -57,6 +57,19 @@ DeviceMap = Annotated[Optional[str], choice("--device-map", DEVICE_MAPS,
                                             "Spread the model over the GPUs (then CPU, disk) with accelerate.")]
 
 
+
+def Plot(what: str):
+    """--plot FILE.png for a command that draws `what` (surgery/plot; matplotlib is the optional extra)."""
+    return Annotated[Optional[str], typer.Option("--plot", metavar="FILE.png", help=f"Also draw {what} to this PNG "
+                                                 "(needs matplotlib: pip install 'surgery[plot]').")]
+
+
+def say_plot(path: str | None) -> None:
+    """The human report's last line when --plot drew something."""
+    if path:
+        console().print(f"plot: {path}", highlight=False, soft_wrap=True)
+
+
 def placement(dtype: str, device: str | None, device_map: str | None):
     """The Placement of --dtype/--device/--device-map, checked before torch is imported."""
     return Placement(dtype, device, device_map).check()

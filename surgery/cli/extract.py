@@ -9,7 +9,7 @@ import typer
 from ..pipelines.extract import extract_lora
 from . import app
 from ..io.model import DTYPES
-from .common import (Family, Force, JsonOut, Output, Seed, choice, console, human_bytes, print_json, table,
+from .common import (Family, Force, JsonOut, Output, Plot, Seed, choice, console, human_bytes, print_json, table,
                      use_families)
 
 
@@ -24,7 +24,7 @@ def extract_cmd(
     dtype: Annotated[str, choice("--dtype", DTYPES, "Adapter dtype (auto: the base's).")] = "auto",
     seed: Seed = 0,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check each module's error against the Eckart-Young optimum from its spectrum (exact SVD fallback); --no-verify is ~2.5x faster at 1B widths.")] = True,
-    plot: Annotated[Optional[str], typer.Option("--plot", help="Also draw each module's singular values and kept energy to this PNG (needs matplotlib: pip install 'surgery[plot]').")] = None,
+    plot: Plot("each module's singular values and kept energy") = None,
     force: Force = False,
     json_out: JsonOut = False,
     family: Family = None,

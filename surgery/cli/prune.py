@@ -11,8 +11,8 @@ from ..pipelines.bridge_plan import RESIDUAL
 from ..pipelines.importance import METHODS as IMPORTANCE
 from ..pipelines.prune import DROP_BY, PruneConfig, prune_bridge
 from . import app
-from .common import (Device, DeviceMap, Force, JsonOut, MaxShard, ModelDtype, Output, Seed, choice, console,
-                     human_count, placement, print_json, table)
+from .common import (Device, DeviceMap, Force, JsonOut, MaxShard, ModelDtype, Output, Plot, Seed, choice, console,
+                     human_count, placement, print_json, say_plot, table)
 
 C = PruneConfig()  # every default below is PruneConfig's
 Size = lambda flag, what: Annotated[Optional[int], typer.Option(flag, help=f"{what} of the bridge (overrides --reduction).")]  # noqa: E731
@@ -25,7 +25,7 @@ def prune_bridge_cmd(
     data: Annotated[str, typer.Option("--data", help="Calibration text: one document a line, or .jsonl with a \"text\" field.")],
     reduction: Annotated[float, typer.Option("--reduction", help="Keep about 1/R of the non-embedding parameters (the paper uses 16).")] = C.reduction,
     residual: Annotated[str, choice("--residual", RESIDUAL, "keep: every residual channel stays and heads, neurons and layers are cut (default); prune: cut the residual width too (the narrow LST bridge).")] = C.residual,
-    drop_layers: Annotated[int, typer.Option("--drop-layers", help="Leave out N whole layers per stack (tune-bridge keeps their adapter as given).")] = C.drop_layers,
+    drop_layers: Annotated[str, typer.Option("--drop-layers", help="Leave out N whole layers per stack (tune-bridge keeps their adapter as given); auto: depth shares the reduction with heads and neurons (about 1/sqrt(R) of the layers kept; with the residual kept and no explicit widths), 0: widths only.")] = str(C.drop_layers),
     drop_by: Annotated[str, choice("--drop-by", DROP_BY, "Which layers --drop-layers leaves out: similarity (lowest block influence, 1 - cos(in, out)) or fisher (lowest Fisher of a per-layer mask).")] = C.drop_by,
     hidden_size: Size("--hidden-size", "Residual width (with --residual prune)") = C.hidden_size,
     intermediate_size: Size("--intermediate-size", "MLP width") = C.intermediate_size,
@@ -42,6 +42,7 @@ def prune_bridge_cmd(
     device: Device = None,
     device_map: DeviceMap = None,
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory budget per device for the calibration passes, e.g. cpu=8GiB or 0=70GiB,cpu=100GiB; accelerate offloads the rest to disk.")] = None,
+    plot: Plot("each layer's head and neuron importance, kept and dropped,") = None,
     json_out: JsonOut = False,
 ):
     """Prune LLM into a smaller checkpoint of the same family, by Fisher information on calibration data."""
@@ -55,11 +56,13 @@ def prune_bridge_cmd(
                       num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
                       samples=samples, seq_len=seq_len, batch_size=batch_size, importance=importance, seed=seed,
                       max_shard_size=max_shard_size)
-    r = prune_bridge(llm, output, data, cfg, force=force, placement=where, max_memory=parse_max_memory(max_memory))
+    r = prune_bridge(llm, output, data, cfg, force=force, placement=where, max_memory=parse_max_memory(max_memory),
+                     plot=plot)
     if json_out:
         print_json({k: v for k, v in r.items() if k != "kept"})
         return
     render(r)
+    say_plot(r["plot"])
 
 
 def parse_max_memory(text: str | None) -> dict | None:

@@ -11,8 +11,8 @@ from ..kinds import ALIASES, MethodOptions, get as get_kind, names as kind_names
 from ..pipelines.evaluate import evaluate
 from ..train.loop import TrainConfig
 from . import app
-from .common import (Device, DeviceMap, Force, JsonOut, ModelDtype, Output, Seed, choice, console, human_count,
-                     placement, print_json, table)
+from .common import (Device, DeviceMap, Force, JsonOut, ModelDtype, Output, Plot, Seed, choice, console, human_count,
+                     placement, print_json, say_plot, table)
 
 Data = Annotated[str, typer.Option("--data", help="JSONL: {\"text\"} (LM loss); {\"prompt\",\"completion\"}, chat {\"messages\"} or Alpaca {\"instruction\",\"input\",\"output\"} (loss on the answer).")]
 EvalData = Annotated[str | None, typer.Option("--eval", help="JSONL evaluated periodically and at the end.")]
@@ -23,6 +23,7 @@ T, M = TrainConfig(), MethodOptions()  # the loop's and the methods' defaults, d
 MaxLen = Annotated[int, typer.Option("--max-length", help="Tokens per example (long prompts lose their start).")]
 EvalEvery = Annotated[int, typer.Option("--eval-every", help="Steps between evaluations (0: once per epoch).")]
 LogEvery = Annotated[int, typer.Option("--log-every", help="Steps per training-loss record (their mean) in the output's history.")]
+LossPlot = Plot("the training loss per --log-every steps and the eval loss and accuracy at each evaluation")
 
 
 def _quiet() -> None:
@@ -75,6 +76,7 @@ def train_cmd(
     dtype: ModelDtype = "auto",
     device: Device = None,
     device_map: DeviceMap = None,
+    plot: LossPlot = None,
     force: Force = False,
     json_out: JsonOut = False,
 ):
@@ -86,7 +88,7 @@ def train_cmd(
     s = train(model, data, output, method=method, eval_data=eval_data, epochs=epochs, lr=lr, batch_size=batch_size,
               rank=rank, alpha=alpha, targets=targets, virtual_tokens=virtual_tokens, adapter_config=adapter_config,
               reduction_factor=reduction_factor, max_length=max_length, eval_every=eval_every, log_every=log_every, seed=seed,
-              force=force, placement=where)
+              force=force, placement=where, plot=plot)
     if not s:  # a data-parallel worker; the main process reports
         return
     if json_out:
@@ -95,6 +97,7 @@ def train_cmd(
     _render(f"train {s['method']} on {s['family']}: {s['output']}", s,
             [("trainable", f"{human_count(s['trainable'])} of {human_count(s['parameters'])} parameters"),
              ("steps", f"{s['steps']} on {s['device']} (mixed precision: {s['mixed_precision']})")])
+    say_plot(s["plot"])
 
 
 @app.command("tune-bridge")
@@ -115,6 +118,7 @@ def tune_bridge_cmd(
     dtype: ModelDtype = "auto",
     device: Device = None,
     device_map: DeviceMap = None,
+    plot: LossPlot = None,
     force: Force = False,
     json_out: JsonOut = False,
 ):
@@ -125,7 +129,7 @@ def tune_bridge_cmd(
     _quiet()
     s = tune_bridge(adapter, bridge, data, output, eval_data=eval_data, llm=llm, epochs=epochs, lr=lr,
                     batch_size=batch_size, max_length=max_length, eval_every=eval_every, log_every=log_every, seed=seed,
-                    force=force, placement=where)
+                    force=force, placement=where, plot=plot)
     if not s:
         return
     if json_out:
@@ -135,6 +139,7 @@ def tune_bridge_cmd(
             [("bridge", f"{human_count(s['bridge_parameters'])} parameters (LLM {human_count(s['llm_parameters'])}); "
                         f"{human_count(s['trainable'])} trainable"),
              ("steps", f"{s['steps']} on {s['device']} (mixed precision: {s['mixed_precision']})")])
+    say_plot(s["plot"])
 
 
 @app.command("eval")

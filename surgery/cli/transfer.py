@@ -10,7 +10,7 @@ from ..kinds import names as kind_names
 from ..pipelines.transfer import TransferConfig, transfer
 from ..pipelines.transfer.run import DEPTHS, MAPS
 from . import app
-from .common import Force, JsonOut, Output, choice, console, print_json, table
+from .common import Force, JsonOut, Output, Plot, choice, console, print_json, say_plot, table
 
 C = TransferConfig()  # every default below is TransferConfig's
 
@@ -28,12 +28,13 @@ def transfer_cmd(
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration text.")] = C.seq_len,
     ridge: Annotated[float, typer.Option("--ridge", help="Ridge strength, relative to the mean eigenvalue of each Gram.")] = C.ridge,
     max_memory: Annotated[str, typer.Option("--max-memory", help="Peak memory budget, e.g. 3GB; sets how many LLM layers are captured and fitted at once (default 4GB, more if one layer needs it and memory is free).")] = None,
+    plot: Plot("each fitted projection's relative residual per LLM layer and space") = None,
     force: Force = False,
     json_out: JsonOut = False,
 ):
     """Port ADAPTER to the LLM: layers duplicated over blocks, widths through fitted projections (W_plug)."""
     cfg = TransferConfig(map_kind=map_kind, depth=depth, samples=samples, seq_len=seq_len, ridge=ridge)
-    info = transfer(slm, llm, output, cfg, slm_base=slm_base, data=data, max_memory=max_memory, force=force)
+    info = transfer(slm, llm, output, cfg, slm_base=slm_base, data=data, max_memory=max_memory, force=force, plot=plot)
     if json_out:
         print_json(info)
         return
@@ -55,3 +56,4 @@ def transfer_cmd(
                                                 for i, b in enumerate(blocks)))
     for w in info["warnings"]:
         c.print(f"[yellow]warning:[/] {w}")
+    say_plot(info["plot"])

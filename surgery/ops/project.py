@@ -236,14 +236,45 @@ def fit_to_slm(m: Moments, ridge: float) -> tuple:
         return Q, relative_residual(Q, m.ll, m.ls.T, m.tr_ss), resolved_rank(m.ll, lam)
 
 
-def port_lora(A, B, to_slm_in, to_llm_out, bias=None):
-    """A_llm = A · Q_in, B_llm = P_out · B (and a lora_B bias → P_out · bias); float32 results."""
+def port_lora(A, B, to_slm_in, to_llm_out, bias=None, balance: bool = False):
+    """A_llm = A · Q_in, B_llm = P_out · B (and a lora_B bias → P_out · bias); float32 results.
+
+    balance: refactor the ported product P_out·B·A·Q_in into balanced factors (balance_factors): the
+    same delta, but Q_in shrinks A (it reads the LLM's wider space into the SLM's) and P_out grows B, so
+    the raw factors come out lopsided (on the evidence pair ‖B‖ ≈ 9 against ‖A‖ ≈ 0.35 for q_proj).
+    Off by default: measured through tune-bridge and refine it helped on one seed and hurt on another
+    (docs/method-experiments.md), so the port keeps the paper's plain product of maps.
+    """
     import torch
 
-    A2 = (A.to(torch.float64) @ to_slm_in).float()
-    B2 = (to_llm_out @ B.to(torch.float64)).float()
+    A2 = A.to(torch.float64) @ to_slm_in
+    B2 = to_llm_out @ B.to(torch.float64)
+    if balance:
+        A2, B2 = balance_factors(A2, B2)
     b2 = None if bias is None else (to_llm_out @ bias.to(torch.float64)).float()
-    return A2, B2, b2
+    return A2.float(), B2.float(), b2
+
+
+def balance_factors(A, B):
+    """(A', B') with B'·A' = B·A, ‖A'‖ = ‖B'‖ and the rank kept: B·A = Q_b R_b R_aᵀ Q_aᵀ (two thin
+    QRs), R_b R_aᵀ = U S Vᵀ (r × r), B' = Q_b U √S, A' = √S Vᵀ Q_aᵀ. Float64 in and out. A rank
+    above a side's width (r > in or out) keeps the factors and only equalises their norms; a zero
+    product is returned as it came."""
+    import torch
+
+    r = A.shape[0]
+    if r > min(A.shape[1], B.shape[0]):
+        if not (A.norm() > 0 and B.norm() > 0):
+            return A, B
+        c = (B.norm() / A.norm()).sqrt()
+        return A * c, B / c
+    qb, rb = torch.linalg.qr(B)
+    qa, ra = torch.linalg.qr(A.T)
+    U, S, Vh = torch.linalg.svd(rb @ ra.T)
+    if not S[0] > 0:  # a zero delta (an untrained LoRA: B = 0) keeps its factors, so tuning can start from A
+        return A, B
+    root = S.sqrt()
+    return (root[:, None] * Vh) @ qa.T, (qb @ U) * root
 
 
 def depth_blocks(n_slm: int, n_llm: int) -> list[list[int]]:

@@ -164,28 +164,47 @@ def check_drop_layers(arch, drop_layers: int) -> None:
                          "a bridge keeps at least one layer per stack; drop fewer layers")
 
 
-def plan_sizes(arch, reduction: float, fixed: dict, residual: str = "keep", drop_layers: int = 0) -> dict:
-    """Widths that keep about 1/reduction of the non-embedding parameters, each free width divided by
-    a common factor s (found by search; with the residual kept only heads and neurons shrink, and
-    `drop_layers` layers per stack are left out of the count)."""
+def plan_sizes(arch, reduction: float, fixed: dict, residual: str = "keep", drop_layers: int | None = 0) -> dict:
+    """Widths that keep about 1/reduction of the non-embedding parameters (plan_bridge's sizes)."""
+    return plan_bridge(arch, reduction, fixed, residual, drop_layers)[0]
+
+
+def plan_bridge(arch, reduction: float, fixed: dict, residual: str = "keep",
+                drop_layers: int | None = None) -> tuple[dict, int]:
+    """(widths, layers dropped per stack) that keep about 1/reduction of the non-embedding parameters.
+
+    Every free dimension is divided by one common factor s, found by search so the bridge's
+    non-embedding count is closest to N/R: with the residual kept, kv groups -> heads, the MLP's
+    neurons and, when `drop_layers` is None (planned depth), the number of layers (kept = round(L/s),
+    at least 1), so s is about sqrt(R) and no dimension is cut to a sliver while another stays whole
+    (a kv group cannot be split: at R = 16 on a 4-layer model with 2 kv groups, widths alone kept
+    2 of 384 neurons per layer; with depth planned the bridge keeps 1 layer with 64). An explicit
+    `drop_layers` fixes the depth; so do explicit widths and `residual="prune"` (the narrow LST bridge
+    keeps every layer), where depth is not planned (0 unless given).
+    """
     if not (math.isfinite(reduction) and reduction >= 1):  # nan passes `< 1`; it would reach bridge.json
         raise ShapeError(f"--reduction {reduction} is not a number >= 1", "a bridge keeps 1/R of the LLM; use R >= 1 (16 in the paper)")
     fixed = {k: v for k, v in fixed.items() if v is not None}
     _check_fixed(arch, fixed, residual)
+    fewest = min(arch.stacks.values())
+    planned = drop_layers is None and residual == "keep" and not fixed
+    if drop_layers is None:
+        drop_layers = 0
     check_drop_layers(arch, drop_layers)
-    layers = {st: list(range(n - drop_layers)) for st, n in arch.stacks.items()}
     target = parameter_counts(arch)["non_embedding"] / reduction
     best = None
     for step in range(0, 241):
         s = math.exp(step * math.log(max(reduction, 1.0) * 16) / 240) if reduction > 1 else 1.0
         sizes = _sizes_at(arch, s, fixed, residual)
+        drop = fewest - max(1, min(fewest, round(fewest / s))) if planned else drop_layers
+        layers = {st: list(range(n - drop)) for st, n in arch.stacks.items()}
         n = parameter_counts(load_arch(bridge_config(arch, sizes, layers)))["non_embedding"]
         err = abs(math.log(max(n, 1) / target))
         if best is None or err < best[0] - 1e-12:
-            best = (err, sizes)
+            best = (err, sizes, drop)
         if reduction == 1:
             break
-    return {k: best[1][k] for k in SIZE_NAMES}
+    return {k: best[1][k] for k in SIZE_NAMES}, best[2]
 
 
 def _group_key(group: str, kv: bool) -> str:
@@ -244,3 +263,33 @@ def layer_kept(kept: dict, stack: str | None, layer: int | None) -> dict:
     if stack is not None:
         out.update({k: v for k, v in kept["layers"][stack][layer].items() if "." in k})
     return out
+
+
+def unit_maps(arch, unit_scores: dict, kept: dict) -> list[dict]:
+    """What `select` chose from, as plain data for prune-bridge --plot (surgery.plot.importance): per
+    stack, one panel per head group and per neuron space, and one for the residual channels when they
+    were pruned. A panel: {"stack", "units", "layers": LLM layer indices, "dropped": [bool per layer],
+    "scores": [[float per unit] per layer], "kept": [[bool per unit] per layer]}. Heads are scored and
+    kept per kv group (one column per group: with grouped-query attention the group's query heads go
+    together); a layer --drop-layers left out keeps nothing."""
+    panels = []
+    if len(kept["residual"]) < arch.dims["hidden"]:
+        res = set(kept["residual"])
+        panels.append({"stack": "all layers", "units": "residual channels", "layers": ["all"], "dropped": [False],
+                       "scores": [unit_scores["residual"].tolist()],
+                       "kept": [[c in res for c in range(arch.dims["hidden"])]]})
+    rep = arch.dims["heads"] // arch.dims["kv_heads"]
+    for stack, n in arch.stacks.items():
+        entries = kept["layers"][stack]
+        kinds = [(g, _group_key(g, True), (f"{g} kv groups ({rep} heads each)" if rep > 1 else f"{g} heads"))
+                 for g in arch.head_groups(stack)]
+        kinds += [(s, s, f"{s} neurons") for s in arch.prune.get("neurons", {})]
+        for unit, key, label in kinds:
+            if (stack, 0, unit) not in unit_scores:  # a neuron space this stack does not have
+                continue
+            scores = [unit_scores[(stack, i, unit)].tolist() for i in range(n)]
+            chosen = [set(e[key]) if e is not None else set() for e in entries]
+            panels.append({"stack": stack, "units": label, "layers": list(range(n)),
+                           "dropped": [e is None for e in entries], "scores": scores,
+                           "kept": [[u in c for u in range(len(row))] for row, c in zip(scores, chosen)]})
+    return panels

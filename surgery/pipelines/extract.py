@@ -80,7 +80,7 @@ def extract_lora(base: str, tuned: str, out: str, *, rank: int | None = None, en
             raise AdapterError("--plot draws each module's spectrum, which --no-verify skips", "drop one of them")
         from .. import plot as plots
 
-        plots.check(plot, force)
+        plots.check(plot, force, inputs=[base, tuned], output=out)
     mmap_large_buffers()
     cb, ct = Checkpoint.open(base), Checkpoint.open(tuned)
     arch = _check_pair(cb, ct)

@@ -20,7 +20,7 @@ import shutil
 from dataclasses import dataclass, replace
 
 from ..arch import arch_of, load_arch
-from ..errors import ArchitectureError, DataError
+from ..errors import ArchitectureError, DataError, ShapeError
 from ..io.allocator import return_freed_memory
 from ..io.checkpoint import Checkpoint
 from ..io.writer import OutputDir
@@ -29,8 +29,8 @@ from ..ops.slice import select as slice_select
 from . import importance as imp
 from ..io.hashing import file_sha256
 from ..ops.fisher import block_influence, top_k
-from .bridge_plan import (bridge_config, check_drop_layers, kept_layers, layer_kept, parameter_counts, plan_sizes,
-                          select)
+from .bridge_plan import (bridge_config, check_drop_layers, kept_layers, layer_kept, parameter_counts, plan_bridge,
+                          select, unit_maps)
 from ..io.model import Placement, load_model
 from .calibration import batch_loss, batches, mean_loss, token_blocks
 from .stream import write_checkpoint
@@ -167,7 +167,7 @@ class PruneConfig:
 
     reduction: float = 16.0  # keep about 1/R of the non-embedding parameters (the paper uses 16)
     residual: str = "keep"  # keep every residual channel, or prune it too (the narrow LST bridge)
-    drop_layers: int = 0  # whole layers left out per stack
+    drop_layers: int | str = "auto"  # whole layers left out per stack; "auto": depth shares the reduction (bridge_plan)
     drop_by: str = "similarity"  # which: similarity (block influence) or fisher
     hidden_size: int | None = None  # explicit bridge widths override the reduction
     intermediate_size: int | None = None
@@ -181,20 +181,35 @@ class PruneConfig:
     max_shard_size: str = "5GB"
 
 
+def parse_drop_layers(v) -> int | None:
+    """--drop-layers: "auto" (None: the planner shares the reduction with depth) or a count of layers."""
+    if v is None or v == "auto":
+        return None
+    try:
+        n = int(v)
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0 or str(v).strip() not in (str(n), f"+{n}"):
+        raise ShapeError(f"--drop-layers {v!r} is neither 'auto' nor a count of layers",
+                         "pass --drop-layers auto (the default) or a whole number such as 0 or 2")
+    return n
+
+
 def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, *, reduction: float | None = None,
-                 residual: str | None = None, drop_layers: int | None = None, drop_by: str | None = None,
+                 residual: str | None = None, drop_layers: int | str | None = None, drop_by: str | None = None,
                  hidden_size: int | None = None, intermediate_size: int | None = None,
                  num_attention_heads: int | None = None, num_key_value_heads: int | None = None,
                  samples: int | None = None, seq_len: int | None = None, batch_size: int | None = None,
                  importance: str | None = None, seed: int | None = None, max_shard_size: str | None = None,
                  force: bool = False, placement: Placement | None = None, max_memory: dict | None = None,
-                 progress: bool | None = None) -> dict:
+                 progress: bool | None = None, plot: str | None = None) -> dict:
     """Write a bridge of `llm` to `out`; returns the report (also the content of bridge.json).
 
     cfg: the settings (PruneConfig, whose defaults these are); a keyword given (not None) overrides its field.
     placement: dtype and devices of the calibration passes (io.model; --dtype auto loads the LLM in its
     own dtype, here also on the CPU: the Fisher passes recompute one block at a time in float32);
     max_memory ({device: "20GiB", "cpu": ...}) caps each device for accelerate's placement.
+    plot: also draw each layer's head and neuron importance, kept and dropped, to this PNG (surgery.plot.importance).
     """
     import torch
 
@@ -214,14 +229,20 @@ def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, 
                                 "use a family whose map has prune.config_keys (docs/arch.md)")
     if "config_keys" not in arch.prune:
         raise ArchitectureError(f"family {arch.family} has no prune.config_keys", "add it to its family file (docs/arch.md)")
-    check_drop_layers(arch, cfg.drop_layers)
-    sizes = plan_sizes(arch, cfg.reduction, {"hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size,
-                                             "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads},
-                       residual=cfg.residual, drop_layers=cfg.drop_layers)
+    asked = parse_drop_layers(cfg.drop_layers)
+    if asked is not None:
+        check_drop_layers(arch, asked)
+    sizes, drop = plan_bridge(arch, cfg.reduction, {"hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size,
+                                                    "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads},
+                              residual=cfg.residual, drop_layers=asked)
     missing = [t.name for t in arch.stored_tensors() if t.name not in ck]
     if missing:
         raise ArchitectureError(f"{ck.path} lacks {missing[0]} (and {len(missing) - 1} more) that its family map lists",
                                 "re-save the LLM with save_pretrained")
+    if plot:
+        from .. import plot as plots
+
+        plots.check(plot, force, inputs=[ck.path, data], output=out)
     return_freed_memory()  # freed activations leave the RSS at once (io/allocator.py)
     with OutputDir(out, inputs=[ck.path], force=force) as od:
         torch.manual_seed(cfg.seed)
@@ -243,10 +264,10 @@ def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, 
         corr, similarity, llm_loss = calibration_stats(model, arch, blocks, cfg.batch_size,
                                                        top_k(u["residual"], sizes["hidden"]))
         layer_scores = similarity
-        if cfg.drop_layers and cfg.drop_by == "fisher":
+        if drop and cfg.drop_by == "fisher":
             layer_scores = imp.layer_fisher(scores if cfg.importance == "fisher-mask" else
                                             imp.fisher_mask(model, arch, blocks, cfg.batch_size), arch)
-        dropped = choose_dropped(arch, layer_scores, cfg.drop_layers)
+        dropped = choose_dropped(arch, layer_scores, drop)
         del model, scores
         gc.collect()
         if offload:
@@ -271,7 +292,7 @@ def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, 
             "reduction": float(cfg.reduction), "residual": cfg.residual,
             "sizes": sizes, "llm_sizes": {k: arch.dims[k] for k in sizes},
             "layers": {"llm": dict(arch.stacks), "bridge": dict(barch.stacks),
-                       "drop_by": cfg.drop_by if cfg.drop_layers else None,
+                       "drop_by": cfg.drop_by if drop else None, "drop_planned": asked is None,
                        "dropped": dropped, "scores": {st: [layer_scores[(st, i)] for i in range(n)]
                                                       for st, n in arch.stacks.items()}},
             "parameters": {"llm": pl["total"], "bridge": pb["total"],
@@ -286,4 +307,7 @@ def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, 
                                 "cannot shrink further; add --drop-layers N (or --residual prune) to go lower")
         od.write_json("bridge.json", manifest)
         path = od.commit()
-    return {"output": path, **manifest}
+    if plot:  # from the scores the selection used, not recomputed
+        plots.importance(plot, unit_maps(arch, u, kept),
+                         f"prune-bridge {arch.family}: {cfg.importance} importance, kept for a 1/{cfg.reduction:g} bridge")
+    return {"output": path, "plot": plot, **manifest}

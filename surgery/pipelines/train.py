@@ -19,12 +19,12 @@ from ..train.methods import load_base
 
 def train_adapter(model_dir: str, data: str, out: str, *, method: str = "lora", eval_data: str | None = None,
                   max_length: int = 512, force: bool = False, cfg: TrainConfig | None = None,
-                  opts: MethodOptions | None = None, placement=None, **options) -> dict:
+                  opts: MethodOptions | None = None, placement=None, plot: str | None = None, **options) -> dict:
     """Train an adapter for `model_dir` on `data` (JSONL) and write it to `out`; returns a summary.
 
     cfg: the loop's settings (TrainConfig); opts: the method's (MethodOptions: rank, alpha, targets, ...),
     single fields overridable as keywords (rank=4); placement: dtype and device of the base model
-    (surgery.io.model.Placement; default auto)."""
+    (surgery.io.model.Placement; default auto); plot: also draw the loss curves to this PNG (surgery.plot.loss)."""
     import torch
 
     cfg = cfg or TrainConfig()
@@ -32,6 +32,10 @@ def train_adapter(model_dir: str, data: str, out: str, *, method: str = "lora", 
     kind = get(method, "train")  # an unknown or untrainable method is refused before any loading
     opts = replace(opts or MethodOptions(), **options, seed=cfg.seed)
     inputs = [model_dir, data] + ([eval_data] if eval_data else [])
+    if plot:
+        from .. import plot as plots
+
+        plots.check(plot, force, inputs=inputs, output=out)
     with OutputDir(out, inputs=inputs, force=force) as od:  # refuse a bad output before any work
         model, tok, arch = load_base(model_dir, placement)
         seq2seq = bool(model.config.is_encoder_decoder)
@@ -52,6 +56,9 @@ def train_adapter(model_dir: str, data: str, out: str, *, method: str = "lora", 
                                         "batch_size": cfg.batch_size, "trainable": trainable,
                                         "before": before, "after": after, "history": hist.as_dict()})
         path = od.commit()
-    return {"output": path, "method": kind.name, "family": arch.family, "trainable": trainable, "parameters": total,
+    if plot:
+        plots.loss_curves(plot, hist.as_dict(), before, "eval" if eval_ex else "train",
+                          f"train {kind.name} on {arch.family}: {os.path.basename(path)}")
+    return {"output": path, "plot": plot, "method": kind.name, "family": arch.family, "trainable": trainable, "parameters": total,
             "steps": hist.steps, "device": hist.device, "mixed_precision": hist.mixed_precision,
             "evaluated_on": "eval" if eval_ex else "train", "before": before, "after": after}

@@ -47,8 +47,9 @@ def _llm_config(meta: dict, llm: str | None, where: str) -> dict:
 
 def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data: str | None = None,
                 llm: str | None = None, max_length: int = 512, force: bool = False,
-                cfg: TrainConfig | None = None, placement=None) -> dict:
-    """Tune `adapter_dir` (a LoRA or bottleneck adapter for the LLM) on the bridge; write the lifted LLM adapter to `out`."""
+                cfg: TrainConfig | None = None, placement=None, plot: str | None = None) -> dict:
+    """Tune `adapter_dir` (a LoRA or bottleneck adapter for the LLM) on the bridge; write the lifted LLM adapter to `out`.
+    plot: also draw the loss curves (measured on the bridge) to this PNG (surgery.plot.loss)."""
     cfg = cfg or TrainConfig()
     cfg.check()
     bdir, meta = read_bridge(bridge)
@@ -59,6 +60,10 @@ def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data
     kind = kind_of(adapter_dir, "tune-bridge")
     route = kind.bridge_route(adapter_dir, arch, meta["kept"])
     inputs = [route.path, bdir, data] + ([eval_data] if eval_data else [])
+    if plot:
+        from .. import plot as plots
+
+        plots.check(plot, force, inputs=inputs, output=out)
     with OutputDir(out, inputs=inputs, force=force) as od:
         model, tok, _ = load_base(bdir, placement)
         seq2seq = bool(model.config.is_encoder_decoder)
@@ -75,8 +80,11 @@ def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data
                                            "batch_size": cfg.batch_size, "bridge_before": before,
                                            "bridge_after": after, "history": hist.as_dict()})
         path = od.commit()
+    if plot:
+        plots.loss_curves(plot, hist.as_dict(), before, "eval" if eval_ex else "train",
+                          f"tune-bridge {kind.name} ({arch.family}, on the bridge): {os.path.basename(path)}")
     bridge_params = sum(p.numel() for p in pm.parameters() if not p.requires_grad)
-    return {"output": path, "family": arch.family, "kind": kind.name, "modules": route.modules, "steps": hist.steps,
+    return {"output": path, "plot": plot, "family": arch.family, "kind": kind.name, "modules": route.modules, "steps": hist.steps,
             "bridge_parameters": bridge_params, "llm_parameters": arch.num_parameters(),
             "trainable": sum(p.numel() for p in pm.parameters() if p.requires_grad),
             "device": hist.device, "mixed_precision": hist.mixed_precision,

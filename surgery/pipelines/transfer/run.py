@@ -83,13 +83,14 @@ class TransferConfig:
 def transfer(adapter: str, llm: str, out: str, cfg: TransferConfig | None = None, *, slm_base: str | None = None,
              data: str | None = None, map_kind: str | None = None, depth: str | None = None, samples: int | None = None,
              seq_len: int | None = None, ridge: float | None = None, batch: int | None = None,
-             max_memory: str | int | None = None, force: bool = False) -> dict:
+             max_memory: str | int | None = None, force: bool = False, plot: str | None = None) -> dict:
     """Port `adapter` (trained on its SLM) to `llm`; write OUT and return transfer.json's contents
-    with "output": OUT's path.
+    with "output": OUT's path (and "plot": the --plot PNG, or None).
 
     cfg: the settings (TransferConfig, whose defaults these are); a keyword given (not None) overrides its field.
     max_memory: peak-RSS budget ("3GB", bytes, or None: 4 GB, more if one layer needs it and the
     machine has it); it decides how many LLM layers are captured and fitted at once (memory.py).
+    plot: also draw each fit's relative residual per LLM layer and space to this PNG (surgery.plot.residuals).
     The models are not loaded whole (stream.py reads each window's weights in the checkpoint's dtype),
     so transfer takes no --dtype/--device/--device-map.
     """
@@ -103,10 +104,17 @@ def transfer(adapter: str, llm: str, out: str, cfg: TransferConfig | None = None
     kind, ad, ck_s, ck_l, arch_s, arch_l, stack = _open_pair(adapter, llm, slm_base)
     inputs = [ad.path, ck_s.path, ck_l.path]
     check_output(os.path.abspath(out), inputs, force)  # before any forward pass, not after
+    if plot:
+        from ... import plot as plots
+
+        plots.check(plot, force, inputs=inputs + [data], output=out)
     with memory_guard(budget or ceiling()), OutputDir(out, inputs=inputs, force=force) as od:
         summary = _transfer(kind, ad, ck_s, ck_l, arch_s, arch_l, stack, od, cfg, data=data, budget=budget)
         path = od.commit()
-    return {**summary, "output": path}  # transfer.json's contents, and where they were written
+    if plot:  # from the fits transfer.json records
+        plots.residuals(plot, summary["fits"], summary["layers_used"][stack],
+                        f"transfer {kind.name} ({arch_s.family}): {cfg.map_kind} map, depth {cfg.depth}")
+    return {**summary, "output": path, "plot": plot}  # transfer.json's contents, where they were written, the plot
 
 
 def _budget(text) -> int:

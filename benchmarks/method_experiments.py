@@ -1,0 +1,193 @@
+"""Targeted comparisons for the method's stages on the evidence pair (docs/method-experiments.md).
+
+    python -m benchmarks.method_experiments --task module --seeds 0 \
+        --bridges r16,r16-drop3 --inits transfer,zero --refine-steps 1000 --eval-every 200
+
+For one task and a few seeds of benchmarks/evidence (the pair it pretrained and the stages `make
+evidence` already ran: slm_lora, transfer, fresh = the zero-initialised LoRA), each bridge named in
+--bridges is built with `surgery prune-bridge` (library call), then for each start (--inits) the adapter
+is tuned on it (`tune-bridge`, the evidence's settings), lifted into the LLM and refined there with
+MeZO (`refine`, --keep-last), evaluating on dev every --eval-every steps, so one run gives the
+accuracy after the lift and the refine curve. The bridge's training memory is counted tensor by
+tensor (benchmarks/evidence/memory.py) beside LoRA on the LLM. Everything runs in this one process
+(one thread), so each stage costs seconds, not a process start. Results are appended as JSON lines.
+
+Bridge specs: `r<R>` (reduction R), `-drop<N>` (--drop-layers N), `-fisher` (--drop-by fisher),
+`-narrow` (--residual prune), `-i<N>` (explicit --intermediate-size N). Example: r8-drop2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def bridge_kwargs(spec: str) -> dict:
+    m = re.fullmatch(r"r(\d+(?:\.\d+)?)((?:-(?:drop\d+|fisher|narrow|i\d+|h\d+))*)", spec)
+    if not m:
+        raise SystemExit(f"bad bridge spec {spec!r}: use r16, r16-drop3, r8-drop2-fisher, r16-narrow, r16-i32")
+    kw = {"reduction": float(m.group(1))}
+    for part in filter(None, m.group(2).split("-")):
+        if part.startswith("drop"):
+            kw["drop_layers"] = int(part[4:])
+        elif part == "fisher":
+            kw["drop_by"] = "fisher"
+        elif part == "narrow":
+            kw["residual"] = "prune"
+        elif part.startswith("i"):
+            kw["intermediate_size"] = int(part[1:])
+        elif part.startswith("h"):
+            kw["num_attention_heads"] = int(part[1:])
+    return kw
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--evidence", default=os.environ.get("SURGERY_EVIDENCE_WORK"),
+                    help="the evidence work directory (benchmarks/.work/evidence-<key>) with data/ and <task>/s<seed>/")
+    ap.add_argument("--pair", default=None, help="the pretrained pair (default: the evidence's)")
+    ap.add_argument("--work", default=os.path.join(ROOT, "benchmarks", ".work", "method"))
+    ap.add_argument("--task", default="module")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--bridges", default="r16")
+    ap.add_argument("--inits", default="transfer", help="comma list of starts: transfer, zero (Table 8), or a path")
+    ap.add_argument("--tune-epochs", type=float, default=3)
+    ap.add_argument("--tune-lr", type=float, default=3e-3)
+    ap.add_argument("--refine-steps", type=int, default=200)
+    ap.add_argument("--refine-lr", type=float, default=None)
+    ap.add_argument("--refine-eps", type=float, default=None)
+    ap.add_argument("--refine-batch", type=int, default=16)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--balance-init", action="store_true",
+                    help="tune from a copy of each start whose LoRA factors are balanced (ops.project.balance_factors; same delta)")
+    ap.add_argument("--tag", default="", help="suffix for output names (variants of the same bridge/init)")
+    ap.add_argument("--out", default=None, help="JSON lines file (default: WORK/results.jsonl)")
+    ap.add_argument("--fisher-mass", action="store_true",
+                    help="only print, per LLM layer, the fisher-mask scores prune-bridge ranks (kv groups, best neurons, layer)")
+    a = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)
+    from benchmarks.evidence.memory import training_bytes
+    from surgery.pipelines.prune import prune_bridge
+    from surgery.pipelines.refine import RefineConfig, refine
+    from surgery.pipelines.tune_bridge import tune_bridge
+    from surgery.train.loop import TrainConfig
+
+    ev = a.evidence
+    pair = a.pair or os.path.join(ROOT, "benchmarks", ".work", "pairs", os.path.basename(ev).removeprefix("evidence-"))
+    llm = os.path.join(pair, "llm")
+    train, dev, calib = (os.path.join(ev, "data", f"{a.task}-{x}.jsonl") for x in ("train", "dev", "calib"))
+    if a.fisher_mass:
+        return fisher_mass(llm, calib)
+    os.makedirs(a.work, exist_ok=True)
+    out_file = a.out or os.path.join(a.work, "results.jsonl")
+    mem_llm = training_bytes(llm, batch=16, seq=64)["total"]
+
+    def log(rec):
+        rec["time"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+        print(json.dumps(rec), flush=True)
+        with open(out_file, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    for spec in a.bridges.split(","):
+        bdir = os.path.join(a.work, a.task, f"bridge-{spec}")
+        if not os.path.exists(os.path.join(bdir, "bridge.json")):
+            prune_bridge(llm, bdir, calib, samples=32, seq_len=32, force=True, progress=False, **bridge_kwargs(spec))
+        with open(os.path.join(bdir, "bridge.json")) as f:
+            meta = json.load(f)
+        mem = training_bytes(bdir, batch=16, seq=64)
+        for seed in map(int, a.seeds.split(",")):
+            for init in a.inits.split(","):
+                start = {"transfer": os.path.join(ev, a.task, f"s{seed}", "transfer"),
+                         "zero": os.path.join(ev, a.task, f"s{seed}", "fresh")}.get(init, init)
+                if a.balance_init:
+                    start = balanced_copy(start, os.path.join(a.work, a.task, f"s{seed}", "inits", os.path.basename(start) + "-bal"))
+                name = f"{spec}-{os.path.basename(init)}{'-bal' if a.balance_init else ''}{a.tag}"
+                tuned = os.path.join(a.work, a.task, f"s{seed}", name)
+                t0 = time.time()
+                tb = tune_bridge(start, bdir, train, tuned, eval_data=dev, max_length=64, force=True,
+                                 cfg=TrainConfig(epochs=a.tune_epochs, lr=a.tune_lr, batch_size=16, seed=seed, progress=False))
+                t_tune = time.time() - t0
+                rcfg = RefineConfig(steps=max(a.refine_steps, 1), batch_size=a.refine_batch, seed=seed,
+                                    eval_every=a.eval_every, keep_best=False, progress=False,
+                                    **({"lr": a.refine_lr} if a.refine_lr else {}),
+                                    **({"eps": a.refine_eps} if a.refine_eps else {}))
+                t0 = time.time()
+                rf = refine(tuned, llm, train, tuned + "-refined", eval_data=dev, max_length=64, force=True, cfg=rcfg)
+                with open(os.path.join(tuned + "-refined", "refine.json")) as f:
+                    curve = [(e["step"], round(100 * e["accuracy"], 1), round(e["loss"], 3))
+                             for e in json.load(f)["history"]["evals"]]
+                log({"task": a.task, "seed": seed, "bridge": spec, "init": init, "tag": a.tag,
+                     "sizes": meta["sizes"], "layers": meta["layers"]["bridge"],
+                     "non_embedding": meta["parameters"]["bridge_non_embedding"],
+                     "llm_non_embedding": meta["parameters"]["llm_non_embedding"],
+                     "bridge_mem_mb": round(mem["total"] / 2**20, 2), "llm_lora_mem_mb": round(mem_llm / 2**20, 2),
+                     "mem_ratio": round(mem_llm / mem["total"], 2),
+                     "on_bridge": round(100 * tb["after"]["accuracy"], 1),
+                     "lifted": round(100 * rf["before"]["accuracy"], 1), "lifted_loss": round(rf["before"]["loss"], 3),
+                     "refined": round(100 * rf["after"]["accuracy"], 1), "refined_loss": round(rf["after"]["loss"], 3),
+                     "refine": {"steps": rcfg.steps, "lr": rcfg.lr, "eps": rcfg.eps, "batch": rcfg.batch_size},
+                     "curve": curve, "seconds": {"tune": round(t_tune), "refine": round(time.time() - t0)}})
+
+
+def balanced_copy(src: str, dst: str) -> str:
+    """A copy of the PEFT LoRA adapter `src` with every module's (A, B) replaced by balanced factors of B·A."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from surgery.ops.project import balance_factors
+
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    t = load_file(os.path.join(src, "adapter_model.safetensors"))
+    for k in [k for k in t if "lora_A" in k]:
+        kb = k.replace("lora_A", "lora_B")
+        A, B = balance_factors(t[k].to(torch.float64), t[kb].to(torch.float64))
+        t[k], t[kb] = A.to(t[k].dtype).contiguous(), B.to(t[kb].dtype).contiguous()
+    save_file(t, os.path.join(dst, "adapter_model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def fisher_mass(llm: str, calib: str) -> None:
+    """What a Fisher-ranked joint allocation would weigh: prune-bridge's fisher-mask unit scores
+    (32 x 32 calibration tokens, as above) per layer -- each kv group, the best 2 / 63 neurons, all
+    neurons -- and the layer mask's Fisher and block influence (the --drop-by rankings)."""
+    from surgery.arch import arch_of
+    from surgery.io.checkpoint import Checkpoint
+    from surgery.io.model import load_model
+    from surgery.pipelines import importance as imp
+    from surgery.pipelines.calibration import token_blocks
+    from surgery.pipelines.prune import calibration_stats
+
+    ck = Checkpoint.open(llm)
+    arch = arch_of(ck)
+    blocks, _ = token_blocks(ck.path, calib, 32, 32, 0, arch.dims.get("positions"))
+    model = load_model(ck.path, None, dispatch="gpu", auto_dtype="stored")
+    scores = imp.fisher_mask(model, arch, blocks, 8)
+    u = imp.units(arch, scores)
+    _, sim, _ = calibration_stats(model, arch, blocks, 8, list(range(arch.dims["hidden"])))
+    lf = imp.layer_fisher(scores, arch)
+    for st, n in arch.stacks.items():
+        for i in range(n):
+            groups = [round(float(x), 4) for x in u[(st, i, "attn")]]
+            m = u[(st, i, "mlp.inner")].sort(descending=True).values
+            print(json.dumps({"layer": i, "kv_groups": groups, "neurons_top2": round(float(m[:2].sum()), 4),
+                              "neurons_top63": round(float(m[:63].sum()), 4), "neurons_all": round(float(m.sum()), 4),
+                              "layer_fisher": round(lf[(st, i)], 4), "block_influence": round(sim[(st, i)], 3)}))
+
+
+if __name__ == "__main__":
+    main()
