@@ -1,10 +1,11 @@
 """What commands write on stderr: their own progress lines, and nothing leaked from the libraries
 they call (transformers' loading bars, peft's warnings, FutureWarnings)."""
 
+import contextlib
+import io
 import json
 import re
-import subprocess
-import sys
+import warnings
 
 import pytest
 
@@ -24,51 +25,53 @@ def calib(tmp_path_factory):
     return str(path)
 
 
-# One fresh interpreter for all (importing torch, transformers and peft again costs seconds): the
-# fixture builders, then each command, each one's stderr kept apart. Fresh, because pytest and
-# conftest already silenced transformers and caught warnings in this one, which would hide exactly
-# the leaks under test.
-SCRIPT = """
-import contextlib, io, json, sys
-from surgery.cli import main
-from fixtures import build_model, build_lora, build_bias_tuned
-root, runs = sys.argv[1], json.loads(sys.argv[2])
-errs = {}
-with contextlib.redirect_stderr(io.StringIO()) as err:
-    build_model("llama", root + "/m"); build_lora(root + "/m", root + "/l"); build_bias_tuned(root + "/m", root + "/b")
-errs["fixtures"] = err.getvalue()
-for name, argv in runs.items():
-    sys.argv = ["surgery", *argv]
-    with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.redirect_stdout(io.StringIO()) as out:
-        try:
-            main()
-        except SystemExit as e:
-            assert not e.code, err.getvalue()
-    errs[name] = err.getvalue()
-    assert json.loads(out.getvalue())["output"]
-print(json.dumps(errs))
-"""
+@contextlib.contextmanager
+def as_a_user():
+    """Undo what pytest and conftest do to keep test logs clean, so the libraries print as they would
+    for a user: transformers' progress bars on, and warnings shown as a plain interpreter shows them
+    (all but the deprecation, import and resource warnings Python hides by default), here recorded."""
+    from transformers.utils import logging
+
+    with warnings.catch_warnings():  # huggingface_hub's own bars stay off under conftest's HF_HUB_DISABLE_PROGRESS_BARS
+        warnings.simplefilter("ignore")
+        logging.enable_progress_bar()  # transformers' bars ("Loading weights") are on again
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.resetwarnings()
+            warnings.simplefilter("always")
+            for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.filterwarnings("ignore", category=hidden)
+            yield caught
+    finally:
+        logging.disable_progress_bar()
 
 
-def test_commands_and_fixtures_leak_nothing_from_libraries(fx, task, calib, tmp_path):
-    import os
-
+def test_commands_leak_nothing_from_libraries(fx, task, calib, tmp_path):
     from fixtures.bridge import build_bridge
 
     llama, lora = fx.model("llama"), fx.lora("llama", targets=["q_proj", "v_proj"], name="quiet")
-    runs = {"transfer": ["transfer", "--slm", lora, "--llm", llama, "--data", calib, "--samples", "4", "--seq-len", "16",
-                         "-o", str(tmp_path / "t"), "--json"],
-            "tune-bridge": ["tune-bridge", "--adapter", lora, "--data", task[0], "--epochs", "0.25", "--max-length", "32",
-                            "--bridge", build_bridge(llama, str(tmp_path / "bridge"), fraction=0.5, seed=3),
-                            "-o", str(tmp_path / "tb"), "--json"]}
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), json.dumps(runs)], capture_output=True, text=True,
-                       timeout=600, env={**os.environ, "SURGERY_PROGRESS_SECONDS": "3600"})
-    assert r.returncode == 0, r.stderr
-    errs = json.loads(r.stdout)
-    assert set(errs) == {"fixtures", "transfer", "tune-bridge"}
-    for name, err in errs.items():
+    bridge = build_bridge(llama, str(tmp_path / "bridge"), fraction=0.5, seed=3)
+    runs = {"transfer": ["transfer", "--slm", lora, "--llm", llama, "--data", calib, "--samples", "4", "--seq-len", "16"],
+            "tune-bridge": ["tune-bridge", "--adapter", lora, "--bridge", bridge, "--data", task[0], "--epochs", "0.25",
+                            "--max-length", "32"]}
+    for name, argv in runs.items():
+        with as_a_user() as caught:
+            code, out, err = run_cli(*argv, "-o", tmp_path / name, "--json", env={"SURGERY_PROGRESS_SECONDS": "3600"})
+        assert code == 0, err
+        assert json.loads(out)["output"]
         assert not [leak for leak in LEAKS if leak in err], (name, err)
-    assert errs["fixtures"] == ""
+        assert not caught, (name, [f"{w.category.__name__}: {w.message}" for w in caught])
+
+
+def test_fixture_builders_leak_nothing(tmp_path):
+    from fixtures import build_bias_tuned, build_lora, build_model
+
+    with as_a_user() as caught, contextlib.redirect_stderr(io.StringIO()) as err:
+        build_model("llama", str(tmp_path / "m"))
+        build_lora(str(tmp_path / "m"), str(tmp_path / "l"))
+        build_bias_tuned(str(tmp_path / "m"), str(tmp_path / "b"))
+    assert err.getvalue() == ""
+    assert not caught, [f"{w.category.__name__}: {w.message}" for w in caught]
 
 
 def test_transfer_logs_its_calibration_passes_without_a_terminal(fx, calib, tmp_path):

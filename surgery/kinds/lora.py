@@ -315,11 +315,12 @@ class LoraRoute:
 def bridge_lora_config(lcfg, steps: list[dict]):
     """The LLM adapter's LoraConfig for the bridge. When the bridge renumbered layers (--drop-layers),
     layer-indexed settings (layers_to_transform, rank/alpha patterns, regex targets) would point at
-    the wrong layers, so every module is named exactly, with its own rank and alpha."""
+    the wrong layers, so every module is named exactly, with its own rank and alpha. So are they when
+    a rank or alpha pattern names a module of a dropped layer, which peft would warn matched nothing."""
     import math
     import re
 
-    if all(s["module"] == s["bridge_module"] for s in steps):
+    if all(s["module"] == s["bridge_module"] for s in steps) and not (lcfg.rank_pattern or lcfg.alpha_pattern):
         return lcfg
     r = {re.escape(s["bridge_module"]): int(s["A"].shape[0]) for s in steps}
     alpha = {k: s["scaling"] * (math.sqrt(r[k]) if lcfg.use_rslora else r[k]) for s, k in zip(steps, r)}
