@@ -86,7 +86,9 @@ def main(argv=None) -> None:
     from surgery.train.loop import TrainConfig
 
     ev = a.evidence
-    pair = a.pair or os.path.join(ROOT, "benchmarks", ".work", "pairs", os.path.basename(ev).removeprefix("evidence-"))
+    # evidence-<pair key>[-t<tasks.py key>] (benchmarks/evidence/run.py's work_dir)
+    key = re.sub(r"-t[0-9a-f]{6}$", "", os.path.basename(ev).removeprefix("evidence-"))
+    pair = a.pair or os.path.join(ROOT, "benchmarks", ".work", "pairs", key)
     llm = os.path.join(pair, "llm")
     train, dev, calib = (os.path.join(ev, "data", f"{a.task}-{x}.jsonl") for x in ("train", "dev", "calib"))
     if a.fisher_mass:
