@@ -7,7 +7,9 @@ holds at the peak of a step, for a given model and the LoRA that `surgery train`
   activations  every tensor autograd saves for the backward pass, counted once per storage
                (torch.autograd.graph.saved_tensors_hooks during the forward pass)
   lora state   trainable parameters x 3 (their gradients and AdamW's two moments)
-at a stated batch shape. It is the memory that scales with the model; the paper's Tables 6-7
+at a stated batch shape. The loss is the trainer's own (surgery.train.score.batch_nll: the LM head a
+chunk of tokens at a time, so no stage keeps full-vocabulary logits for backward), with every token
+labelled, so the count is an upper bound for prompt/completion training, whose prompt tokens skip the head. It is the memory that scales with the model; the paper's Tables 6-7
 report GPU memory, which is the same quantity plus the CUDA context.
 """
 
@@ -38,10 +40,12 @@ def _lora_model_and_counter(model_dir: str, batch: int, seq: int, rank: int, see
 
 def training_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: int = 0) -> dict:
     model, ids, seen, hooks = _lora_model_and_counter(model_dir, batch, seq, rank, seed)
+    from surgery.train.score import batch_nll
+
     model.train()
     with hooks:
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
+        nll, n = batch_nll(model, {"input_ids": ids, "labels": ids}, seq2seq=False)
+    (nll / n).backward()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     # parameters saved for backward are already counted as weights
@@ -70,3 +74,36 @@ def inference_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: i
     z = max(p.numel() * p.element_size() for p in lora)
     return {"weights": weights, "activations": sum(seen.values()), "lora_state": z,
             "total": weights + sum(seen.values()) + z, "batch": batch, "seq": seq}
+
+
+def memory_table(slm: str, llm: str, bridges: dict, batch: int, seq: int) -> dict:
+    """Every stage's count, as results.json's "train_memory" holds it (run.py and main() below)."""
+    return {"slm": training_bytes(slm, batch, seq), "llm": training_bytes(llm, batch, seq),
+            **{f"bridge ({k})": training_bytes(v["dir"], batch, seq) for k, v in bridges.items()},
+            "refine (LLM, forward only)": inference_bytes(llm, batch, seq)}
+
+
+def main() -> None:
+    """Recount the memory of an existing run and regenerate docs/results.md from it:
+        python -m benchmarks.evidence.memory benchmarks/.work/evidence-<key>/results.json
+    The counts depend only on the models and the batch shape, so this equals a full re-run's."""
+    import json
+    import os
+    import sys
+
+    from benchmarks.evidence.report import write_docs
+
+    path = sys.argv[1]
+    with open(path) as f:
+        results = json.load(f)
+    s, first = results["settings"], next(iter(results["tasks"].values()))
+    pair = results["pair"]
+    results["train_memory"] = memory_table(os.path.join(pair, "slm"), os.path.join(pair, "llm"), first["bridges"],
+                                           s["batch"], s["max_length"])
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    write_docs(path, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs"))
+
+
+if __name__ == "__main__":
+    main()

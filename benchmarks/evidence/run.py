@@ -202,13 +202,9 @@ def run(quick: bool, jobs: int, tasks: list[str], log=print) -> str:
         results["pretrain"] = json.load(f)
     # training memory tensor by tensor, at the training batch shape (memory.py says why not RSS alone)
     from benchmarks.evidence.knowledge import cloze
-    from benchmarks.evidence.memory import inference_bytes, training_bytes
+    from benchmarks.evidence.memory import memory_table
 
-    shape = dict(batch=s["batch"], seq=s["max_length"])
-    bridges = results["tasks"][tasks[0]]["bridges"]
-    results["train_memory"] = {"slm": training_bytes(b.slm, **shape), "llm": training_bytes(b.llm, **shape),
-                               **{f"bridge ({k})": training_bytes(v["dir"], **shape) for k, v in bridges.items()},
-                               "refine (LLM, forward only)": inference_bytes(b.llm, **shape)}
+    results["train_memory"] = memory_table(b.slm, b.llm, results["tasks"][tasks[0]]["bridges"], s["batch"], s["max_length"])
     results["cloze"] = {t: {m: cloze(t, d, b.data(t)[1]) for m, d in (("slm", b.slm), ("llm", b.llm))} for t in tasks}
     results["task_sizes"] = {t: [sum(1 for _ in open(f)) for f in b.data(t)[:2]] for t in tasks}
     results.update(settings=s, quick=quick, jobs=jobs, work=work, pair=pair, seconds=time.time() - t0,
