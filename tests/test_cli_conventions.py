@@ -56,7 +56,7 @@ def _choice_cases():
     train = ["train", "m", "--data", "d", "-o", "o"]
     return [(prune, "--importance", METHODS), (prune, "--residual", RESIDUAL), (prune, "--drop-by", DROP_BY),
             (prune, "--dtype", DTYPES), (prune, "--device-map", DEVICE_MAPS),
-            (transfer, "--map", MAPS), (transfer, "--depth", DEPTHS),
+            (transfer, "--map", MAPS), (transfer, "--depth", DEPTHS), (transfer, "--dtype", DTYPES),
             (train, "--method", names("train")), (train, "--adapter-config", list(PRESETS)), (train, "--dtype", DTYPES),
             (["tune-bridge", "--adapter", "a", "--bridge", "b", "--data", "d", "-o", "o"], "--dtype", DTYPES),
             (["refine", "--adapter", "a", "--llm", "b", "--data", "d", "-o", "o"], "--dtype", DTYPES),

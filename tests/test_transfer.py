@@ -88,6 +88,27 @@ def test_same_model_reproduces_the_adapter(fx, tmp_path, calib, ids):
     assert cfg["base_model_name_or_path"] == os.path.abspath(slm)
 
 
+def test_dtype_sets_the_streamed_layers_dtype(fx, tmp_path, calib, ids):
+    """--dtype bfloat16 runs the calibration passes in bfloat16: recorded, a different (rounded) fit,
+    still close to the adapter's effect; the default (auto) is the float32 fixture's own dtype."""
+    from safetensors.torch import load_file
+
+    from surgery.errors import SurgeryError
+    from surgery.pipelines.transfer import transfer
+
+    slm = fx.model("llama")
+    ad = fx.lora("llama", targets=ALL)
+    auto = transfer(ad, slm, str(tmp_path / "auto"), data=calib, **FAST)
+    bf16 = transfer(ad, slm, str(tmp_path / "bf16"), data=calib, dtype="bfloat16", **FAST)
+    assert (auto["dtype"], bf16["dtype"]) == ("auto", "bfloat16")
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("auto", "bf16"))
+    assert any(not (a[k] == b[k]).all() for k in a)  # the flag reached the forward passes
+    assert relative_error(slm, ad, slm, str(tmp_path / "bf16"), ids) < 0.05
+    with pytest.raises(SurgeryError, match="unknown --dtype"):
+        transfer(ad, slm, str(tmp_path / "bad"), data=calib, dtype="float8", **FAST)
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("family,width,depth", [("llama", 2, 2), ("llama", 3, 1), ("gpt2", 2, 2)], ids=str)
 def test_exact_expansion_reproduces_the_adapter(fx, tmp_path, calib, ids, expanded, family, width, depth):
     """LLM = SLM hidden at permuted positions (GQA groups intact) + pass-through layers: within 1 %."""

@@ -10,6 +10,7 @@ from ..kinds import names as kind_names
 from ..pipelines.transfer import TransferConfig, transfer
 from ..pipelines.transfer.run import DEPTHS, MAPS
 from . import app
+from ..io.model import DTYPES
 from .common import Force, JsonOut, Output, Plot, choice, console, print_json, say_plot, table
 
 C = TransferConfig()  # every default below is TransferConfig's
@@ -28,12 +29,13 @@ def transfer_cmd(
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration text.")] = C.seq_len,
     ridge: Annotated[float, typer.Option("--ridge", help="Ridge strength, relative to the mean eigenvalue of each Gram.")] = C.ridge,
     max_memory: Annotated[str, typer.Option("--max-memory", help="Peak memory budget, e.g. 3GB; sets how many LLM layers are captured and fitted at once (default 4GB, more if one layer needs it and memory is free).")] = None,
+    dtype: Annotated[str, choice("--dtype", DTYPES, "Dtype the streamed layers run in: auto = each checkpoint's own (the fits are float64 regardless).")] = C.dtype,
     plot: Plot("each fitted projection's relative residual per LLM layer and space") = None,
     force: Force = False,
     json_out: JsonOut = False,
 ):
     """Port ADAPTER to the LLM: layers duplicated over blocks, widths through fitted projections (W_plug)."""
-    cfg = TransferConfig(map_kind=map_kind, depth=depth, samples=samples, seq_len=seq_len, ridge=ridge)
+    cfg = TransferConfig(map_kind=map_kind, depth=depth, samples=samples, seq_len=seq_len, ridge=ridge, dtype=dtype)
     info = transfer(slm, llm, output, cfg, slm_base=slm_base, data=data, max_memory=max_memory, force=force, plot=plot)
     if json_out:
         print_json(info)

@@ -73,6 +73,7 @@ class FitOptions:
     ridge: float = 1e-9
     batch: int = 8
     budget: int | None = None  # peak-RSS bytes; None: memory.default_budget
+    dtype: str = "auto"  # the streamed layers' dtype (auto: each checkpoint's own)
 
 
 @dataclass
@@ -143,7 +144,7 @@ def fit_projections(pair: Pair, needs: dict, opts: FitOptions, spill_dir: str, e
     for key in captured:
         wanted_s.setdefault(slm_of[key.layer], set()).add(pts_s[key.space])
         wanted_l.setdefault(key.layer, set()).add(pts_l[key.space])
-    streams = (LayerStream(ck_s, arch_s, stack), LayerStream(ck_l, arch_l, stack))
+    streams = (LayerStream(ck_s, arch_s, stack, dtype=opts.dtype), LayerStream(ck_l, arch_l, stack, dtype=opts.dtype))
     streams[0].prime([(b[0], b[1]) for b in batches])
     streams[1].prime([(b[3], b[4]) for b in batches])
     trim()

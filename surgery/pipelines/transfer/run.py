@@ -17,6 +17,7 @@ from ...arch import arch_of
 from ...errors import AdapterError, ArchitectureError, OutputError, ResourceError, ShapeError
 from ...io.checkpoint import Checkpoint
 from ...io.hashing import file_sha256
+from ...io.model import Placement
 from ...io.writer import OutputDir, check_output, parse_size
 from ...kinds import kind_of
 from ...kinds.base import PortContext
@@ -78,11 +79,14 @@ class TransferConfig:
     seq_len: int = 128  # tokens per calibration text
     ridge: float = 1e-9  # relative to the mean eigenvalue of each Gram
     batch: int = 8
+    # the streamed layers' dtype: auto = each checkpoint's own (not float32 on the CPU as for the other
+    # commands: a window of layers in its stored dtype is what keeps transfer's memory bounded)
+    dtype: str = "auto"
 
 
 def transfer(adapter: str, llm: str, out: str, cfg: TransferConfig | None = None, *, slm_base: str | None = None,
              data: str | None = None, map_kind: str | None = None, depth: str | None = None, samples: int | None = None,
-             seq_len: int | None = None, ridge: float | None = None, batch: int | None = None,
+             seq_len: int | None = None, ridge: float | None = None, batch: int | None = None, dtype: str | None = None,
              max_memory: str | int | None = None, force: bool = False, plot: str | None = None) -> dict:
     """Port `adapter` (trained on its SLM) to `llm`; write OUT and return transfer.json's contents
     with "output": OUT's path (and "plot": the --plot PNG, or None).
@@ -91,15 +95,17 @@ def transfer(adapter: str, llm: str, out: str, cfg: TransferConfig | None = None
     max_memory: peak-RSS budget ("3GB", bytes, or None: 4 GB, more if one layer needs it and the
     machine has it); it decides how many LLM layers are captured and fitted at once (memory.py).
     plot: also draw each fit's relative residual per LLM layer and space to this PNG (surgery.plot.residuals).
-    The models are not loaded whole (stream.py reads each window's weights in the checkpoint's dtype),
-    so transfer takes no --dtype/--device/--device-map.
+    dtype: the dtype the streamed layers run in (auto: each checkpoint's own). The models are not loaded
+    whole (stream.py reads each window's weights), so transfer takes no --device-map; the fits run in
+    float64 whatever the layers' dtype.
     """
-    given = dict(map_kind=map_kind, depth=depth, samples=samples, seq_len=seq_len, ridge=ridge, batch=batch)
+    given = dict(map_kind=map_kind, depth=depth, samples=samples, seq_len=seq_len, ridge=ridge, batch=batch, dtype=dtype)
     cfg = replace(cfg or TransferConfig(), **{k: v for k, v in given.items() if v is not None})
     if cfg.map_kind not in MAPS:
         raise AdapterError(f"unknown --map {cfg.map_kind!r}", f"choose one of {', '.join(MAPS)}")
     if cfg.depth not in DEPTHS:
         raise AdapterError(f"unknown --depth {cfg.depth!r}", f"choose one of {', '.join(DEPTHS)}")
+    Placement(cfg.dtype).check()
     budget = None if max_memory is None else _budget(max_memory)
     kind, ad, ck_s, ck_l, arch_s, arch_l, stack = _open_pair(adapter, llm, slm_base)
     inputs = [ad.path, ck_s.path, ck_l.path]
@@ -134,7 +140,7 @@ def _transfer(kind, ad, ck_s, ck_l, arch_s, arch_l, stack, od, cfg: TransferConf
                        llm_module=lambda layer, suffix: module_path(arch_l, stack, layer, suffix),
                        kv_keys=lambda: kv_keys(arch_s, stack))
     needs = kind.transfer_needs(ad, port)
-    opts = FitOptions(cfg.map_kind, data, cfg.samples, cfg.seq_len, cfg.ridge, cfg.batch, budget)
+    opts = FitOptions(cfg.map_kind, data, cfg.samples, cfg.seq_len, cfg.ridge, cfg.batch, budget, cfg.dtype)
     fits = fit_projections(Pair(ck_s, ck_l, arch_s, arch_l, stack, blocks), needs, opts, od.tmp, kind.needs_embeddings)
     chosen = _choose_layers(blocks, fits.records, cfg.depth) if kind.layered else blocks
     port.chosen, port.maps, port.embed = chosen, fits.maps, fits.embed
@@ -144,7 +150,7 @@ def _transfer(kind, ad, ck_s, ck_l, arch_s, arch_l, stack, od, cfg: TransferConf
         data_sha = file_sha256(data)
     summary = {
         "format": FORMAT, "kind": kind.name, "slm_adapter": ad.path, "slm_base": ck_s.path, "llm": ck_l.path,
-        "family": arch_s.family, "map": cfg.map_kind, "depth": cfg.depth, "ridge": cfg.ridge,
+        "family": arch_s.family, "map": cfg.map_kind, "depth": cfg.depth, "ridge": cfg.ridge, "dtype": cfg.dtype,
         "samples": cfg.samples if cfg.map_kind == "activations" else None,
         "seq_len": cfg.seq_len if cfg.map_kind == "activations" else None,
         "data_sha256": data_sha,

@@ -30,13 +30,13 @@ class _Stop(Exception):
 
 
 class LayerStream:
-    def __init__(self, ck, arch, stack: str, device: str = "cpu"):
+    def __init__(self, ck, arch, stack: str, device: str = "cpu", dtype: str = "auto"):
         import torch
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.ck, self.arch, self.stack, self.device = ck, arch, stack, device
-        self.dtype = ck.main_dtype()
+        self.dtype = ck.main_dtype() if dtype == "auto" else getattr(torch, dtype)
         if not self.dtype.is_floating_point:
             self.dtype = torch.float32
         config = AutoConfig.from_pretrained(ck.path)
