@@ -69,6 +69,25 @@ def fx(tmp_path_factory):
     return FixtureFactory(str(tmp_path_factory.mktemp("fixtures")))
 
 
+HEAVY = ("torch", "transformers", "peft", "accelerate")  # what `surgery --help` and flag checks must not import
+
+
+def run_fresh(body: str) -> tuple[str, list[str]]:
+    """Run `body` in a fresh interpreter after `from surgery.cli import app, main`; returns its stdout
+    and which of HEAVY it imported (a measure of start-up cost that a busy machine cannot make flaky)."""
+    import subprocess
+    import sys
+
+    code = (f"import sys\nfrom surgery.cli import app, main\n{body}\n"
+            f"print('HEAVY', sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    import ast
+
+    out, heavy = r.stdout.rsplit("HEAVY", 1)
+    return out, ast.literal_eval(heavy.strip())
+
+
 def run_cli(*args, env=None):
     """Run the CLI in-process like a user would; returns (exit code, stdout, stderr)."""
     import contextlib

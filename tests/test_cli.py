@@ -7,22 +7,19 @@ import sys
 
 import pytest
 
-from .conftest import FAMILY_NAMES, MORE_FAMILIES, run_cli
+from .conftest import FAMILY_NAMES, MORE_FAMILIES, run_cli, run_fresh
 
 
 def test_help_imports_no_heavy_library():
     """`surgery --help` (and each command's) stays fast by importing no torch/transformers/peft; measured
     by what is imported, not by a wall clock that a busy machine makes flaky."""
-    code = ("import sys\nfrom surgery.cli import app, main\n"
-            "for argv in [['--help']] + [[c.name or c.callback.__name__, '--help'] for c in app.registered_commands]:\n"
-            "    sys.argv = ['surgery', *argv]\n"
-            "    try: main()\n"
-            "    except SystemExit: pass\n"
-            "print('HEAVY', sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'peft', 'accelerate'}))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert "inspect" in r.stdout and "--max-shard-size" in r.stdout  # the top-level and the commands' help ran
-    assert r.stdout.rsplit("HEAVY", 1)[1].strip() == "[]"
+    out, heavy = run_fresh(
+        "for argv in [['--help']] + [[c.name or c.callback.__name__, '--help'] for c in app.registered_commands]:\n"
+        "    sys.argv = ['surgery', *argv]\n"
+        "    try: main()\n"
+        "    except SystemExit: pass")
+    assert "inspect" in out and "--max-shard-size" in out  # the top-level and the commands' help ran
+    assert heavy == []
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES + MORE_FAMILIES)

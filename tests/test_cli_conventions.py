@@ -4,7 +4,7 @@ import json
 
 from surgery import __version__
 
-from .conftest import run_cli
+from .conftest import run_cli, run_fresh
 from .train_fixtures import one_thread, task  # noqa: F401 (pytest fixtures)
 
 
@@ -75,25 +75,20 @@ def test_choices_are_listed_in_help():
 def test_a_mistyped_choice_is_refused_before_torch_is_imported():
     """Every enumerated option refuses a typo while the flags are parsed: one line naming the valid
     values, exit 2, and neither torch nor transformers imported (they cost seconds)."""
-    import subprocess
-    import sys
-
     cases = [(argv, flag, list(values)) for argv, flag, values in _choice_cases()]
-    code = ("import io, json, sys, contextlib\nfrom surgery.cli import main\nres = []\n"
-            f"for argv, flag, values in {cases!r}:\n"
-            "    sys.argv = ['surgery', *argv, flag, values[0] + 'x']\n"
-            "    err = io.StringIO()\n"
-            "    with contextlib.redirect_stderr(err):\n"
-            "        try: main()\n"
-            "        except SystemExit as e: res.append([e.code, err.getvalue()])\n"
-            "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'peft', 'accelerate'})\n"
-            "print(json.dumps({'res': res, 'heavy': heavy}))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    got = json.loads(r.stdout)
-    assert got["heavy"] == []
-    assert len(got["res"]) == len(cases)
-    for (argv, flag, values), (exit_code, err) in zip(cases, got["res"]):
+    out, heavy = run_fresh(
+        "import io, json, contextlib\nres = []\n"
+        f"for argv, flag, values in {cases!r}:\n"
+        "    sys.argv = ['surgery', *argv, flag, values[0] + 'x']\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        try: main()\n"
+        "        except SystemExit as e: res.append([e.code, err.getvalue()])\n"
+        "print(json.dumps(res))")
+    res = json.loads(out)
+    assert heavy == []
+    assert len(res) == len(cases)
+    for (argv, flag, values), (exit_code, err) in zip(cases, res):
         assert exit_code == 2 and err.count("\n") == 1, (flag, err)
         assert err.startswith(f"surgery: error: unknown {flag} '{values[0]}x'; did you mean {values[0]}? choose one of "
                               + ", ".join(values)), err
