@@ -173,7 +173,8 @@ class Bench:
 
 def work_dir(pair: str) -> str:
     """Where a pair's stages are cached: one directory per pretrained pair and version of tasks.py (the
-    data files and every stage record depend on both; a stage record is never re-run once it exists)."""
+    data files depend on both). Within it a stage record is reused while its key (stage.py: command line,
+    code, input contents) matches, and re-run when it does not."""
     import hashlib
 
     with open(os.path.join(ROOT, "benchmarks", "evidence", "tasks.py"), "rb") as f:
