@@ -36,6 +36,7 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -91,8 +92,44 @@ def config_of(shape: dict, stage: str, work: str) -> dict:
     return bridge_config(arch, sizes, {st: list(range(n - drop)) for st, n in arch.stacks.items()})
 
 
-def tensor_count(config: dict, targets: list[str], batch: int, seq: int) -> dict:
-    """Bytes a LoRA training step holds at the end of its forward pass, on the meta device (see top)."""
+@contextmanager
+def fused_attention():
+    """On the meta device, scaled_dot_product_attention saves what the fused kernels save.
+
+    torch has no fused attention kernel for "meta", so there sdpa falls back to its math path, which
+    saves the [batch, heads, seq, seq] probabilities and copies of q and k: an eager-attention count.
+    On a real device the trainer gets a fused kernel (CPU flash attention, CUDA flash/efficient), which
+    saves q, k and v (k and v with their own kv heads under grouped-query attention), the output and
+    one log-sum-exp per query, and recomputes the probabilities in the backward. This stands in for
+    it on meta tensors only (tests/test_memory_count.py: the meta count equals a real CPU step's)."""
+    import torch
+
+    F = torch.nn.functional
+    real = F.scaled_dot_product_attention
+
+    class Fused(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            b, h, t, d = q.shape
+            out = q.new_empty(b, t, h, v.shape[-1]).transpose(1, 2)  # [b, t, h, d] storage, as the kernels write it
+            ctx.save_for_backward(q, k, v, out, q.new_empty(b, h, t))
+            return out
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        if q.device.type == "meta" and attn_mask is None and not dropout_p:
+            return Fused.apply(q, k, v)
+        return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = real
+
+
+def tensor_count(config: dict, targets: list[str], batch: int, seq: int, device: str = "meta") -> dict:
+    """Bytes a LoRA training step holds at the end of its forward pass, on the meta device (see top;
+    device="cpu" runs the same step for real, which the tests compare it with)."""
     import peft
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -100,7 +137,7 @@ def tensor_count(config: dict, targets: list[str], batch: int, seq: int) -> dict
     cfg = dict(config)
     cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     cfg.pad_token_id = None  # GPT-2 looks for padding in the ids, which meta tensors do not hold
-    with torch.device("meta"):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     pm = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
     pm.train()
@@ -116,9 +153,9 @@ def tensor_count(config: dict, targets: list[str], batch: int, seq: int) -> dict
 
     from surgery.train.score import batch_nll
 
-    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
     labels = torch.zeros(batch, seq, dtype=torch.long)  # real: the loss selects labelled tokens by value
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+    with fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         batch_nll(pm, {"input_ids": ids, "labels": labels}, False)  # the trainer's loss (chunked LM head)
     w, s, t = sum(weights.values()), sum(saved.values()), 4 * trainable  # param + grad + 2 AdamW moments
     n = sum(p.numel() for p in pm.parameters())
