@@ -205,7 +205,9 @@ def run(quick: bool, jobs: int, tasks: list[str], log=print) -> str:
     from benchmarks.evidence.knowledge import cloze
     from benchmarks.evidence.memory import memory_table
 
-    results["train_memory"] = memory_table(b.slm, b.llm, results["tasks"][tasks[0]]["bridges"], s["batch"], s["max_length"])
+    first = results["tasks"][tasks[0]]
+    results["train_memory"] = memory_table(b.slm, b.llm, first["bridges"], s["batch"], s["max_length"],
+                                           first["seeds"][0]["transfer"]["transfer"])
     results["cloze"] = {t: {m: cloze(t, d, b.data(t)[1]) for m, d in (("slm", b.slm), ("llm", b.llm))} for t in tasks}
     results["task_sizes"] = {t: [sum(1 for _ in open(f)) for f in b.data(t)[:2]] for t in tasks}
     results.update(settings=s, quick=quick, jobs=jobs, work=work, pair=pair, seconds=time.time() - t0,
