@@ -143,23 +143,128 @@ def tensor_count(config: dict, targets: list[str], batch: int, seq: int, device:
     pm.train()
     weights = {p.untyped_storage()._cdata: p.numel() * p.element_size() for p in pm.parameters()}
     trainable = sum(p.numel() * 4 for p in pm.parameters() if p.requires_grad)
-    saved: dict = {}
-
-    def pack(x):
-        key = x.untyped_storage()._cdata
-        if key not in weights:
-            saved[key] = max(saved.get(key, 0), x.untyped_storage().nbytes())
-        return x
-
     from surgery.train.score import batch_nll
 
     ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
     labels = torch.zeros(batch, seq, dtype=torch.long)  # real: the loss selects labelled tokens by value
-    with fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+    with fused_attention(), saved_tensors(pm) as saved:
         batch_nll(pm, {"input_ids": ids, "labels": labels}, False)  # the trainer's loss (chunked LM head)
-    w, s, t = sum(weights.values()), sum(saved.values()), 4 * trainable  # param + grad + 2 AdamW moments
+    w, s, t = sum(weights.values()), sum(b for _, b in saved.values()), 4 * trainable  # param + grad + 2 AdamW moments
     n = sum(p.numel() for p in pm.parameters())
-    return {"weights": w, "saved": s, "trainable": t, "total": w + s + t, "params": n}
+    return {"weights": w, "saved": s, "trainable": t, "total": w + s + t, "params": n, "kinds": by_kind(saved)}
+
+
+# What each saved tensor is, from the innermost module running when autograd saved it (first match wins).
+KINDS = (("lora", "linear inputs kept for LoRA (x for A, A·x for B)", lambda p: ".lora_" in p),
+         ("norms", "norms (their input, 1/rms)", lambda p: "norm" in p.rsplit(".", 1)[-1] or p.rsplit(".", 1)[-1].startswith("ln")),
+         ("attention", "attention (fused kernel: q, k, v, output, log-sum-exp; rotary tables)",
+          lambda p: "attn" in p or "attention" in p),
+         ("mlp", "MLP intermediates (gate, activation, up)", lambda p: "mlp" in p),
+         ("loss", "loss (LM head input, labels)", lambda p: p == ""),
+         ("other", "other", lambda p: True))
+
+
+def kind_of(path: str) -> str:
+    return next(k for k, _, match in KINDS if match(path))
+
+
+@contextmanager
+def saved_tensors(model):
+    """Yields {storage: (kind, bytes)} of every tensor autograd saves while the block runs, each storage
+    once and the model's parameters not at all (they are counted as weights)."""
+    import torch
+
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict = {}
+    stack = [""]
+    handles = []
+    for name, mod in model.named_modules():
+        name = name.removeprefix("base_model.model.")
+        handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: (stack.append(n), None)[1]))
+        handles.append(mod.register_forward_hook(lambda m, a, o, n=name: (stack.pop(), None)[1]))
+
+    def pack(x):
+        key = x.untyped_storage()._cdata
+        if key not in params and key not in saved:
+            saved[key] = (kind_of(stack[-1] if len(stack) > 1 else ""), x.untyped_storage().nbytes())
+        return x
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            yield saved
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def by_kind(saved: dict) -> dict:
+    out = {k: 0 for k, _, _ in KINDS}
+    for kind, b in saved.values():
+        out[kind] += b
+    return {k: v for k, v in out.items() if v}
+
+
+def method_counts(shape: dict, counts: dict, work: str) -> dict:
+    """The method's stages that do not train a LoRA step, counted like the others (fp32 throughout):
+
+    prune-bridge  its Fisher pass (fisher-mask, prune-bridge's defaults: blocks of 128 tokens, a micro-batch
+                  of importance.MICRO_TOKENS): the LLM's weights, every block's checkpointed input, and one
+                  block's recomputed saved activations while it runs its backward (the LLM's per-layer
+                  saved activations of a LoRA step at the micro-batch's shape)
+    transfer      transfer's own cost model (surgery/pipelines/transfer/memory.py) at its defaults (64 texts
+                  of 128 tokens, batches of 8), for the spaces it captures for LoRA on every llama linear
+                  layer (as the evidence run's transfer does): per LLM layer its and its SLM layer's weights,
+                  one batch's captured activations, float64 moments and fitted maps; throughout, both models'
+                  hidden states and the LLM's embedding. With one layer per window (the least it runs in)
+                  and with as many layers as its default 4 GB budget takes.
+    refine        the LLM's weights with its LoRA and one regenerated direction tensor: no saved activations."""
+    from surgery.pipelines.importance import MICRO_TOKENS
+    from surgery.pipelines.prune import PruneConfig
+    from surgery.pipelines.transfer.memory import DEFAULT, space_bytes
+    from surgery.pipelines.transfer.run import TransferConfig
+
+    llm, slm = config_of(shape, "llm", work), config_of(shape, "slm", work)
+    out = {}
+    pc = PruneConfig()
+    rows = min(pc.batch_size, max(1, MICRO_TOKENS // pc.seq_len))
+    step = tensor_count(llm, shape["targets"], rows, pc.seq_len)
+    layers, hidden = llm["num_hidden_layers"], llm["hidden_size"]
+    loss = step["kinds"].get("loss", 0)
+    held = int((step["saved"] - loss) / layers + layers * rows * pc.seq_len * hidden * 4 + loss)
+    w = counts["llm"]["weights"] - counts["llm"]["trainable"] // 4  # the LLM without its LoRA
+    out["prune-bridge (Fisher)"] = {"weights": w, "saved": held, "trainable": 0, "total": w + held,
+                                    "params": counts["llm"]["params"]}
+    if shape["family"] == "llama" and len(shape["targets"]) == 7:
+        tc = TransferConfig()
+
+        def dims(c):
+            kv = c["num_key_value_heads"] * c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
+            q = c["num_attention_heads"] * c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
+            return {"res": c["hidden_size"], "q": q, "kv": kv, "mlp": c["intermediate_size"]}
+
+        ds, dl = dims(slm), dims(llm)
+        # (space, to_llm, to_slm) per LLM layer, as transfer captures them for LoRA on q,k,v,o,gate,up,down
+        spaces = [("kv", 1, 0), ("kv", 1, 0), ("q", 1, 0), ("q", 0, 1), ("res", 0, 1), ("res", 0, 1),
+                  ("mlp", 1, 1), ("res", 1, 0), ("res", 1, 0), ("res", 1, 0)]
+        tokens = tc.batch * tc.seq_len
+        per_layer = sum(space_bytes(ds[k], dl[k], bool(a), bool(b), tokens)["resident"] for k, a, b in spaces)
+
+        def layer_weights(c, d):
+            return 4 * (2 * d["res"] * d["q"] + 2 * d["res"] * d["kv"] + 3 * d["res"] * d["mlp"] + 2 * d["res"])
+
+        lw = layer_weights(llm, dl) + layer_weights(slm, ds)
+        base = 4 * (tc.samples * tc.seq_len * (ds["res"] + dl["res"]) + llm["vocab_size"] * dl["res"])
+        fit = max(space_bytes(ds[k], dl[k], bool(a), bool(b), tokens)["fit"] for k, a, b in spaces)
+        fits = max(1, min(layers, int((DEFAULT - base - fit) // (lw + per_layer))))
+        for name, n in (("transfer (one-layer windows)", 1), ("transfer (default 4 GB budget)", fits)):
+            out[name] = {"weights": n * lw + 4 * llm["vocab_size"] * dl["res"], "trainable": 0, "params": 0,
+                         "saved": n * per_layer + 4 * tc.samples * tc.seq_len * (ds["res"] + dl["res"])}
+            out[name]["total"] = out[name]["weights"] + out[name]["saved"]
+    lora = counts["llm"]["trainable"] // 4
+    out["refine (LLM, forward only)"] = {"weights": counts["llm"]["weights"], "saved": 0, "trainable": 0,
+                                         "total": counts["llm"]["weights"], "params": counts["llm"]["params"],
+                                         "z": lora}
+    return out
 
 
 def setup(shape: dict, work: str, seq: int, train_docs: int) -> None:
@@ -246,6 +351,7 @@ def main() -> None:
         setup(shape, a.work, a.seq, train_docs=a.batch * a.steps)
         return
     counts = {s: tensor_count(config_of(shape, s, a.work), shape["targets"], a.batch, a.seq) for s in STAGES}
+    counts.update(method_counts(shape, counts, a.work))
     rows = {}
     if not a.no_rss:
         # models are built in their own process: a child's ru_maxrss counts the pages it shared with
@@ -266,7 +372,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     llm = counts["llm"]["total"]
     for s, c in counts.items():
-        print(f"| {s} | {c['params'] / 1e6:.1f}M | {c['weights'] / gb:.3f} | {c['saved'] / gb:.3f} | "
+        print(f"| {s} | {c['params'] / 1e6:.1f}M | " if c['params'] else f"| {s} | - | ", end="")
+        print(f"{c['weights'] / gb:.3f} | {c['saved'] / gb:.3f} | "
               f"{c['trainable'] / gb:.4f} | {c['total'] / gb:.3f} | {llm / c['total']:.2f}x |")
     if rows:
         print(f"\nPeak RSS ({a.steps} step(s); `- imports` subtracts the RSS after importing the libraries):\n")
