@@ -375,6 +375,13 @@ def main() -> None:
         print(f"| {s} | {c['params'] / 1e6:.1f}M | " if c['params'] else f"| {s} | - | ", end="")
         print(f"{c['weights'] / gb:.3f} | {c['saved'] / gb:.3f} | "
               f"{c['trainable'] / gb:.4f} | {c['total'] / gb:.3f} | {llm / c['total']:.2f}x |")
+    kinds = {st: c["kinds"] for st, c in counts.items() if c.get("kinds")}
+    print("\nSaved activations by kind (GB; the module that saved each tensor; `lora`: the adapted linear layers' "
+          "inputs, which LoRA's A needs for its gradient, and the rank-8 A x for B):\n")
+    print("| kind | " + " | ".join(kinds) + " |\n|---|" + "---:|" * len(kinds))
+    for k, label, _ in KINDS:
+        if any(k in v for v in kinds.values()):
+            print(f"| {label} | " + " | ".join(f"{v.get(k, 0) / gb:.3f}" for v in kinds.values()) + " |")
     if rows:
         print(f"\nPeak RSS ({a.steps} step(s); `- imports` subtracts the RSS after importing the libraries):\n")
         print("| stage | frozen params | trainable | peak RSS MB | - imports MB | LLM / this (peak) | LLM / this (- imports) | s |")
