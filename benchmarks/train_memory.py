@@ -228,7 +228,7 @@ def method_counts(shape: dict, counts: dict, work: str) -> dict:
     pc = PruneConfig()
     rows = min(pc.batch_size, max(1, MICRO_TOKENS // pc.seq_len))
     step = tensor_count(llm, shape["targets"], rows, pc.seq_len)
-    layers, hidden = llm["num_hidden_layers"], llm["hidden_size"]
+    layers, hidden = llm.get("num_hidden_layers", llm.get("n_layer")), llm.get("hidden_size", llm.get("n_embd"))
     loss = step["kinds"].get("loss", 0)
     held = int((step["saved"] - loss) / layers + layers * rows * pc.seq_len * hidden * 4 + loss)
     w = counts["llm"]["weights"] - counts["llm"]["trainable"] // 4  # the LLM without its LoRA
