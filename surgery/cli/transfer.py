@@ -12,6 +12,7 @@ from ..pipelines.transfer.run import DEPTHS, MAPS
 from ..pipelines.transfer.scale import SCALES
 from . import app
 from ..io.model import DTYPES
+from .train import _quiet
 from .common import Force, JsonOut, Output, Plot, choice, console, print_json, say_plot, table
 
 C = TransferConfig()  # every default below is TransferConfig's
@@ -37,6 +38,7 @@ def transfer_cmd(
     json_out: JsonOut = False,
 ):
     """Port ADAPTER to the LLM: layers duplicated over blocks, widths through fitted projections (W_plug)."""
+    _quiet()  # --scale auto loads both models whole: no transformers loading bars on stderr
     cfg = TransferConfig(map_kind=map_kind, depth=depth, samples=samples, seq_len=seq_len, ridge=ridge, dtype=dtype, scale=scale)
     info = transfer(slm, llm, output, cfg, slm_base=slm_base, data=data, max_memory=max_memory, force=force, plot=plot)
     if json_out:
