@@ -29,13 +29,25 @@ ALPHAS = (0.25, 0.5, 1.0, 2.0)  # global factors tried on the normalised port (b
 
 
 def _batches(model_dir: str, data: str, samples: int, seq_len: int, batch: int):
-    """The first `samples` records of `data` as (input_ids, attention_mask, labels) batches: labels as in
-    training (every token of a text record; a prompt/completion record's completion only)."""
+    """The first `samples` records of `data` with text (those the fits read: io.data.documents) as
+    (input_ids, attention_mask, labels) batches, labelled as training labels them: every token of a text
+    record, only the completion of a prompt/completion record. Unlike a training file, kinds may mix;
+    a record too short to score (one token) is skipped."""
+    from ...errors import DataError
+    from ...io.data import iter_records
     from ...io.tokenizer import load_tokenizer
-    from ...train.data import collate, load_examples, pad_id_of
+    from ...train.data import collate, encode, pad_id_of
 
     tok = load_tokenizer(model_dir, pad=True)
-    ex = load_examples(data, tok, seq2seq=False, max_length=seq_len)[:samples]
+    ex = []
+    for rec in iter_records(data):
+        if len(ex) >= samples:
+            break
+        if rec.document(tok).strip():
+            try:
+                ex += encode([rec], tok, seq2seq=False, max_length=seq_len)
+            except DataError:
+                continue
     pad = pad_id_of(tok, None)
     return [tuple(collate(ex[i:i + batch], pad, False).values()) for i in range(0, len(ex), batch)]
 
@@ -101,11 +113,13 @@ def choose_scale(od, *, slm_adapter: str, slm_base: str, llm: str, data: str, sa
     from ...io.adapter import WEIGHTS
     from ...io.writer import check_finite
 
+    l_batches = _batches(llm, data, samples, seq_len, batch)
+    if not l_batches:
+        return {"mode": "none", "reason": f"no record of {data} has two tokens to score"}
     s_model, s_layers = _load(slm_base, slm_adapter, dtype)
     _, e_slm = forward_pass(s_model, _batches(slm_base, data, samples, seq_len, batch), s_layers)
     del s_model, s_layers
     l_model, l_layers = _load(llm, od.tmp, dtype)
-    l_batches = _batches(llm, data, samples, seq_len, batch)
     raw_loss, e_llm = forward_pass(l_model, l_batches, l_layers)
     norm = {}
     for name in l_layers:
