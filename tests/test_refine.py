@@ -306,3 +306,12 @@ def test_keep_best_never_writes_an_adapter_worse_than_its_input(fx, task, tmp_pa
     assert code == 0, err
     s = json.loads(o)
     assert s["lr_schedule"][:3] == [[0, 3.0], [10, 1.5], [20, 0.75]] and s["after"]["loss"] <= s["before"]["loss"]
+
+
+def test_the_evidence_measures_refine_at_its_default_steps():
+    """docs/results.md reports refine "at its defaults": the evidence's step count must be RefineConfig's
+    (docs/method-experiments.md measured the default on the evidence pair)."""
+    from benchmarks.evidence.run import FULL
+    from surgery.train.zeroth import RefineConfig
+
+    assert FULL["refine_steps"] == RefineConfig().steps

@@ -69,10 +69,11 @@ def spsa_step(params: Sequence[torch.Tensor], loss: Callable[[], float], seed: i
 
 def spsa_multi_step(params: Sequence[torch.Tensor], loss: Callable[[], float], seeds: Sequence[int], lr: float,
                     eps: float) -> tuple[float, float, float]:
-    """One step along k = len(seeds) directions: g_i = spsa_estimate for each z_i at the same θ, then
-    θ -= (lr/k)·Σ g_i·z_i (the average of k SPSA gradient estimates; 2k forward passes). Returns the
-    mean L₊, the mean L₋ and the mean |g|-signed estimate of the first direction's g when k == 1
-    (so k = 1 is exactly spsa_step). A non-finite g_i skips the whole update."""
+    """One step along k = len(seeds) directions: g_i = (L(θ+εz_i) − L(θ−εz_i))/(2ε) for each z_i at the
+    same θ, then θ -= (lr/k)·Σ g_i·z_i: the average of k SPSA gradient estimates, 2k forward passes.
+    Returns the means of L₊, L₋ and g; k = 1 is spsa_step exactly. A non-finite g_i skips the update
+    (g is then NaN). The z_i are regenerated from their seeds, so the memory is still one direction tensor.
+    """
     if len(seeds) == 1:
         return spsa_step(params, loss, seeds[0], lr, eps)
     gs, lps, lms = [], [], []
