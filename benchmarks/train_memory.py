@@ -36,6 +36,7 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -91,8 +92,44 @@ def config_of(shape: dict, stage: str, work: str) -> dict:
     return bridge_config(arch, sizes, {st: list(range(n - drop)) for st, n in arch.stacks.items()})
 
 
-def tensor_count(config: dict, targets: list[str], batch: int, seq: int) -> dict:
-    """Bytes a LoRA training step holds at the end of its forward pass, on the meta device (see top)."""
+@contextmanager
+def fused_attention():
+    """On the meta device, scaled_dot_product_attention saves what the fused kernels save.
+
+    torch has no fused attention kernel for "meta", so there sdpa falls back to its math path, which
+    saves the [batch, heads, seq, seq] probabilities and copies of q and k: an eager-attention count.
+    On a real device the trainer gets a fused kernel (CPU flash attention, CUDA flash/efficient), which
+    saves q, k and v (k and v with their own kv heads under grouped-query attention), the output and
+    one log-sum-exp per query, and recomputes the probabilities in the backward. This stands in for
+    it on meta tensors only (tests/test_memory_count.py: the meta count equals a real CPU step's)."""
+    import torch
+
+    F = torch.nn.functional
+    real = F.scaled_dot_product_attention
+
+    class Fused(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            b, h, t, d = q.shape
+            out = q.new_empty(b, t, h, v.shape[-1]).transpose(1, 2)  # [b, t, h, d] storage, as the kernels write it
+            ctx.save_for_backward(q, k, v, out, q.new_empty(b, h, t))
+            return out
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        if q.device.type == "meta" and attn_mask is None and not dropout_p:
+            return Fused.apply(q, k, v)
+        return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = real
+
+
+def tensor_count(config: dict, targets: list[str], batch: int, seq: int, device: str = "meta") -> dict:
+    """Bytes a LoRA training step holds at the end of its forward pass, on the meta device (see top;
+    device="cpu" runs the same step for real, which the tests compare it with)."""
     import peft
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -100,29 +137,134 @@ def tensor_count(config: dict, targets: list[str], batch: int, seq: int) -> dict
     cfg = dict(config)
     cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     cfg.pad_token_id = None  # GPT-2 looks for padding in the ids, which meta tensors do not hold
-    with torch.device("meta"):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     pm = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
     pm.train()
     weights = {p.untyped_storage()._cdata: p.numel() * p.element_size() for p in pm.parameters()}
     trainable = sum(p.numel() * 4 for p in pm.parameters() if p.requires_grad)
+    from surgery.train.score import batch_nll
+
+    ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+    labels = torch.zeros(batch, seq, dtype=torch.long)  # real: the loss selects labelled tokens by value
+    with fused_attention(), saved_tensors(pm) as saved:
+        batch_nll(pm, {"input_ids": ids, "labels": labels}, False)  # the trainer's loss (chunked LM head)
+    w, s, t = sum(weights.values()), sum(b for _, b in saved.values()), 4 * trainable  # param + grad + 2 AdamW moments
+    n = sum(p.numel() for p in pm.parameters())
+    return {"weights": w, "saved": s, "trainable": t, "total": w + s + t, "params": n, "kinds": by_kind(saved)}
+
+
+# What each saved tensor is, from the innermost module running when autograd saved it (first match wins).
+KINDS = (("lora", "linear inputs kept for LoRA (x for A, A·x for B)", lambda p: ".lora_" in p),
+         ("norms", "norms (their input, 1/rms)", lambda p: "norm" in p.rsplit(".", 1)[-1] or p.rsplit(".", 1)[-1].startswith("ln")),
+         ("attention", "attention (fused kernel: q, k, v, output, log-sum-exp; rotary tables)",
+          lambda p: "attn" in p or "attention" in p),
+         ("mlp", "MLP intermediates (gate, activation, up)", lambda p: "mlp" in p),
+         ("loss", "loss (LM head input, labels)", lambda p: p == ""),
+         ("other", "other", lambda p: True))
+
+
+def kind_of(path: str) -> str:
+    return next(k for k, _, match in KINDS if match(path))
+
+
+@contextmanager
+def saved_tensors(model):
+    """Yields {storage: (kind, bytes)} of every tensor autograd saves while the block runs, each storage
+    once and the model's parameters not at all (they are counted as weights)."""
+    import torch
+
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
     saved: dict = {}
+    stack = [""]
+    handles = []
+    for name, mod in model.named_modules():
+        name = name.removeprefix("base_model.model.")
+        handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: (stack.append(n), None)[1]))
+        handles.append(mod.register_forward_hook(lambda m, a, o, n=name: (stack.pop(), None)[1]))
 
     def pack(x):
         key = x.untyped_storage()._cdata
-        if key not in weights:
-            saved[key] = max(saved.get(key, 0), x.untyped_storage().nbytes())
+        if key not in params and key not in saved:
+            saved[key] = (kind_of(stack[-1] if len(stack) > 1 else ""), x.untyped_storage().nbytes())
         return x
 
-    from surgery.train.score import batch_nll
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            yield saved
+    finally:
+        for h in handles:
+            h.remove()
 
-    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
-    labels = torch.zeros(batch, seq, dtype=torch.long)  # real: the loss selects labelled tokens by value
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        batch_nll(pm, {"input_ids": ids, "labels": labels}, False)  # the trainer's loss (chunked LM head)
-    w, s, t = sum(weights.values()), sum(saved.values()), 4 * trainable  # param + grad + 2 AdamW moments
-    n = sum(p.numel() for p in pm.parameters())
-    return {"weights": w, "saved": s, "trainable": t, "total": w + s + t, "params": n}
+
+def by_kind(saved: dict) -> dict:
+    out = {k: 0 for k, _, _ in KINDS}
+    for kind, b in saved.values():
+        out[kind] += b
+    return {k: v for k, v in out.items() if v}
+
+
+def method_counts(shape: dict, counts: dict, work: str) -> dict:
+    """The method's stages that do not train a LoRA step, counted like the others (fp32 throughout):
+
+    prune-bridge  its Fisher pass (fisher-mask, prune-bridge's defaults: blocks of 128 tokens, a micro-batch
+                  of importance.MICRO_TOKENS): the LLM's weights, every block's checkpointed input, and one
+                  block's recomputed saved activations while it runs its backward (the LLM's per-layer
+                  saved activations of a LoRA step at the micro-batch's shape)
+    transfer      transfer's own cost model (surgery/pipelines/transfer/memory.py) at its defaults (64 texts
+                  of 128 tokens, batches of 8), for the spaces it captures for LoRA on every llama linear
+                  layer (as the evidence run's transfer does): per LLM layer its and its SLM layer's weights,
+                  one batch's captured activations, float64 moments and fitted maps; throughout, both models'
+                  hidden states and the LLM's embedding. With one layer per window (the least it runs in)
+                  and with as many layers as its default 4 GB budget takes.
+    refine        the LLM's weights with its LoRA and one regenerated direction tensor: no saved activations."""
+    from surgery.pipelines.importance import MICRO_TOKENS
+    from surgery.pipelines.prune import PruneConfig
+    from surgery.pipelines.transfer.memory import DEFAULT, space_bytes
+    from surgery.pipelines.transfer.run import TransferConfig
+
+    llm, slm = config_of(shape, "llm", work), config_of(shape, "slm", work)
+    out = {}
+    pc = PruneConfig()
+    rows = min(pc.batch_size, max(1, MICRO_TOKENS // pc.seq_len))
+    step = tensor_count(llm, shape["targets"], rows, pc.seq_len)
+    layers, hidden = llm.get("num_hidden_layers", llm.get("n_layer")), llm.get("hidden_size", llm.get("n_embd"))
+    loss = step["kinds"].get("loss", 0)
+    held = int((step["saved"] - loss) / layers + layers * rows * pc.seq_len * hidden * 4 + loss)
+    w = counts["llm"]["weights"] - counts["llm"]["trainable"] // 4  # the LLM without its LoRA
+    out["prune-bridge (Fisher)"] = {"weights": w, "saved": held, "trainable": 0, "total": w + held,
+                                    "params": counts["llm"]["params"]}
+    if shape["family"] == "llama" and len(shape["targets"]) == 7:
+        tc = TransferConfig()
+
+        def dims(c):
+            kv = c["num_key_value_heads"] * c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
+            q = c["num_attention_heads"] * c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
+            return {"res": c["hidden_size"], "q": q, "kv": kv, "mlp": c["intermediate_size"]}
+
+        ds, dl = dims(slm), dims(llm)
+        # (space, to_llm, to_slm) per LLM layer, as transfer captures them for LoRA on q,k,v,o,gate,up,down
+        spaces = [("kv", 1, 0), ("kv", 1, 0), ("q", 1, 0), ("q", 0, 1), ("res", 0, 1), ("res", 0, 1),
+                  ("mlp", 1, 1), ("res", 1, 0), ("res", 1, 0), ("res", 1, 0)]
+        tokens = tc.batch * tc.seq_len
+        per_layer = sum(space_bytes(ds[k], dl[k], bool(a), bool(b), tokens)["resident"] for k, a, b in spaces)
+
+        def layer_weights(c, d):
+            return 4 * (2 * d["res"] * d["q"] + 2 * d["res"] * d["kv"] + 3 * d["res"] * d["mlp"] + 2 * d["res"])
+
+        lw = layer_weights(llm, dl) + layer_weights(slm, ds)
+        base = 4 * (tc.samples * tc.seq_len * (ds["res"] + dl["res"]) + llm["vocab_size"] * dl["res"])
+        fit = max(space_bytes(ds[k], dl[k], bool(a), bool(b), tokens)["fit"] for k, a, b in spaces)
+        fits = max(1, min(layers, int((DEFAULT - base - fit) // (lw + per_layer))))
+        for name, n in (("transfer (one-layer windows)", 1), ("transfer (default 4 GB budget)", fits)):
+            out[name] = {"weights": n * lw + 4 * llm["vocab_size"] * dl["res"], "trainable": 0, "params": 0,
+                         "saved": n * per_layer + 4 * tc.samples * tc.seq_len * (ds["res"] + dl["res"])}
+            out[name]["total"] = out[name]["weights"] + out[name]["saved"]
+    lora = counts["llm"]["trainable"] // 4
+    out["refine (LLM, forward only)"] = {"weights": counts["llm"]["weights"], "saved": 0, "trainable": 0,
+                                         "total": counts["llm"]["weights"], "params": counts["llm"]["params"],
+                                         "z": lora}
+    return out
 
 
 def setup(shape: dict, work: str, seq: int, train_docs: int) -> None:
@@ -209,6 +351,7 @@ def main() -> None:
         setup(shape, a.work, a.seq, train_docs=a.batch * a.steps)
         return
     counts = {s: tensor_count(config_of(shape, s, a.work), shape["targets"], a.batch, a.seq) for s in STAGES}
+    counts.update(method_counts(shape, counts, a.work))
     rows = {}
     if not a.no_rss:
         # models are built in their own process: a child's ru_maxrss counts the pages it shared with
@@ -229,8 +372,16 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     llm = counts["llm"]["total"]
     for s, c in counts.items():
-        print(f"| {s} | {c['params'] / 1e6:.1f}M | {c['weights'] / gb:.3f} | {c['saved'] / gb:.3f} | "
+        print(f"| {s} | {c['params'] / 1e6:.1f}M | " if c['params'] else f"| {s} | - | ", end="")
+        print(f"{c['weights'] / gb:.3f} | {c['saved'] / gb:.3f} | "
               f"{c['trainable'] / gb:.4f} | {c['total'] / gb:.3f} | {llm / c['total']:.2f}x |")
+    kinds = {st: c["kinds"] for st, c in counts.items() if c.get("kinds")}
+    print("\nSaved activations by kind (GB; the module that saved each tensor; `lora`: the adapted linear layers' "
+          "inputs, which LoRA's A needs for its gradient, and the rank-8 A x for B):\n")
+    print("| kind | " + " | ".join(kinds) + " |\n|---|" + "---:|" * len(kinds))
+    for k, label, _ in KINDS:
+        if any(k in v for v in kinds.values()):
+            print(f"| {label} | " + " | ".join(f"{v.get(k, 0) / gb:.3f}" for v in kinds.values()) + " |")
     if rows:
         print(f"\nPeak RSS ({a.steps} step(s); `- imports` subtracts the RSS after importing the libraries):\n")
         print("| stage | frozen params | trainable | peak RSS MB | - imports MB | LLM / this (peak) | LLM / this (- imports) | s |")

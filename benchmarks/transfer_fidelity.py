@@ -75,7 +75,7 @@ def main() -> None:
         for kind in ("activations", "embeddings"):
             out = llm + f"-{kind}"
             t = time.time()
-            transfer(slm + "-lora", llm, out, data=calib, map_kind=kind, samples=64, force=True)
+            transfer(slm + "-lora", llm, out, data=calib, map_kind=kind, samples=64, scale="none", force=True)  # the port itself
             dt = time.time() - t
             err = float(((logits(llm, ids, out) - llm_base) - (want - base)).norm() / effect)
             print(f"| {family} | ×{width} | ×{depth} | {silent} | {readers} | {kind} | {mismatch:.2e} | {err:.2e} | {dt:.1f} s |",

@@ -53,9 +53,11 @@ print(f"loss {float(loss):.3f}")
 
 
 def transfer_command(lora: str, llm: str, out: str, calib: str, samples: int, seq_len: int, max_memory: str) -> list[str]:
-    """The measured command (benchmarks/scale.py runs the same one for its transfer row)."""
+    """The measured command (benchmarks/scale.py runs the same one for its transfer row): the streamed port,
+    --scale none (--scale auto then loads the LLM whole for its forward passes: inference memory, not this)."""
     return [sys.executable, "-m", "surgery", "transfer", "--slm", lora, "--llm", llm, "-o", out, "--data", calib,
-            "--samples", str(samples), "--seq-len", str(seq_len), "--max-memory", max_memory, "--force", "--json"]
+            "--samples", str(samples), "--seq-len", str(seq_len), "--max-memory", max_memory, "--scale", "none",
+            "--force", "--json"]
 
 
 def check_command(llm: str, ported: str) -> list[str]:

@@ -168,3 +168,43 @@ def test_training_through_chunks_gives_the_same_adapter(fx, task, tmp_path, monk
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
     assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # it did train
+
+
+def test_right_padding_needs_no_mask_and_saves_none():
+    """A right-padded batch runs without its attention mask (same loss, checked above against
+    transformers' masked loss); a batch padded on the left keeps it."""
+    import torch
+
+    from surgery.train.score import causal_mask
+
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    assert causal_mask(mask) is None and causal_mask(torch.ones(2, 3, dtype=torch.long)) is None
+    left = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    assert causal_mask(left) is left and causal_mask(None) is None
+    gap = torch.tensor([[1, 0, 1]])
+    assert causal_mask(gap) is gap
+
+
+def test_training_step_saves_no_attention_mask(fx):
+    """With a right-padded batch no [batch, 1, seq, seq] tensor is kept for the backward."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from surgery.train.score import batch_nll
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(fx.model("llama"), dtype=torch.float32),
+                           LoraConfig(r=4, target_modules="all-linear"))
+    ids = torch.randint(3, model.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
+    mask = (torch.arange(20) < torch.tensor([[20], [11], [6]])).long()
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        nll, n = batch_nll(model, batch, False)
+    assert n == 19 + 10 + 5
+    assert not [s for s in shapes if len(s) == 4 and s[-2:] == (20, 20)], shapes

@@ -9,7 +9,7 @@ import pytest
 from .conftest import run_cli
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-FAST = dict(samples=12, seq_len=48)
+FAST = dict(samples=12, seq_len=48, scale="none")  # the port itself (--scale auto rescales it: tested below)
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +290,7 @@ def test_extra_units_that_read_but_do_not_write(fx, tmp_path, calib, ids, family
     llm = str(tmp_path / "llm")
     expand_model(fx.model(family), llm, width=width, depth=depth, seed=11, readers=1.0)
     ad = fx.lora(family, targets=targets, name="-".join(targets))
-    transfer(ad, llm, str(tmp_path / "o"), data=calib, samples=32, seq_len=64)
+    transfer(ad, llm, str(tmp_path / "o"), data=calib, samples=32, seq_len=64, scale="none")
     assert relative_error(fx.model(family), ad, llm, str(tmp_path / "o"), ids) < 0.01
 
 
@@ -316,3 +316,67 @@ def test_balanced_factors_keep_the_delta_and_equalise_the_norms(shape):
     assert torch.allclose(a_raw.double(), A @ Q, rtol=1e-5, atol=1e-6)  # the default is the plain product of maps
     assert abs(a.norm() / b.norm() - 1) < 1e-4
     assert torch.allclose((b.double() @ a.double()), b_raw.double() @ a_raw.double(), rtol=1e-5, atol=1e-5)
+
+
+def _text_loss(model_dir, texts, adapter=None):
+    """The LLM's mean next-token loss on `texts` (one batch, padding excluded), computed here independently."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter)
+    enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=48)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        return float(model.eval()(**enc, labels=labels).loss)
+
+
+def test_scale_auto_is_never_worse_than_no_adapter_on_its_text(fx, tmp_path, calib):
+    """--scale auto (the default): every ported B is the raw port's times its recorded factor, the factors
+    are the chosen candidate's, and the LLM's loss on the calibration text with the written adapter is
+    the smallest candidate's, so no larger than without the adapter (alpha 0) or with the raw port."""
+    import torch
+    from safetensors.torch import load_file
+
+    from surgery.pipelines.transfer import transfer
+
+    llm = fx.model("llama", seed=5)  # not an expansion: the same shape, independently initialised
+    ad = fx.lora("llama", targets=ALL)
+    raw = transfer(ad, llm, str(tmp_path / "raw"), data=calib, **FAST)
+    auto = transfer(ad, llm, str(tmp_path / "auto"), data=calib, samples=12, seq_len=48)
+    assert raw["scale"] == {"mode": "none"} and auto["scale"]["mode"] == "auto"
+    s = auto["scale"]
+    by = {(c["start"], c["alpha"]): c["loss"] for c in s["candidates"]}
+    assert s["chosen"]["loss"] == min(by.values()) <= min(by[("zero", 0.0)], by[("raw", 1.0)])
+    a, r = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("auto", "raw"))
+    for k in a:
+        if ".lora_B." in k:
+            name = k.removeprefix("base_model.model.").split(".lora_B.")[0]
+            assert torch.allclose(a[k], r[k] * s["relative_effect"][name]["factor"], atol=1e-6), k
+        else:
+            assert torch.equal(a[k], r[k]), k  # A is never touched
+    from fixtures.corpus import documents
+
+    texts = documents(32, seed=3)[:12]
+    none_loss, auto_loss = _text_loss(llm, texts), _text_loss(llm, texts, str(tmp_path / "auto"))
+    assert auto_loss <= none_loss + 1e-4
+    with pytest.raises(Exception, match="unknown --scale"):
+        transfer(ad, llm, str(tmp_path / "bad"), data=calib, scale="twice", **{k: v for k, v in FAST.items() if k != "scale"})
+
+
+def test_scale_auto_normalise_is_one_on_an_exact_width_expansion(fx, tmp_path, calib, expanded):
+    """Where the LLM computes the SLM exactly (x3 wider, same depth), each ported delta changes its module's
+    output by the same share as the SLM's did, so the normalising factor e_slm / (e_llm * k) is 1."""
+    from surgery.pipelines.transfer import transfer
+
+    info = transfer(fx.lora("llama", targets=ALL), expanded("llama", 3, 1), str(tmp_path / "o"), data=calib,
+                    samples=12, seq_len=48)
+    eff = info["scale"]["relative_effect"]
+    assert len(eff) == 2 * len(ALL)
+    for name, e in eff.items():
+        assert e["copies"] == 1 and e["slm"] > 1e-3, name
+        assert abs(e["normalise"] - 1) < 1e-3, (name, e)

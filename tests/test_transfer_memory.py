@@ -69,7 +69,7 @@ def test_bf16_llm_is_run_in_bf16(fx, tmp_path, calib, ids, expanded, monkeypatch
 
     monkeypatch.setattr(ts.LayerStream, "prime", spy)
     ad = fx.lora("llama")
-    transfer(ad, str(llm), str(tmp_path / "o"), data=calib, samples=32, seq_len=64)
+    transfer(ad, str(llm), str(tmp_path / "o"), data=calib, samples=32, seq_len=64, scale="none")
     assert dtypes == [torch.float32, torch.bfloat16]
     slm = fx.model("llama")
     base, want = logits(slm, ids), logits(slm, ids, ad)

@@ -33,6 +33,23 @@ def _bridges(sm: dict) -> list[str]:
     return out
 
 
+def _kinds(tm: dict) -> list[str]:
+    """The training rows' saved activations by what they are (benchmarks/train_memory.KINDS)."""
+    from benchmarks.train_memory import KINDS
+
+    rows = {k: v["kinds"] for k, v in tm.items() if "kinds" in v}
+    if not rows:
+        return []
+    kinds = [(k, label) for k, label, _ in KINDS if any(k in r for r in rows.values())]
+    out = ["", "The training rows' saved activations by kind (MB; the kind is the module that saved the tensor; "
+           "`lora` holds the inputs of the adapted linear layers: the normed hidden states, the attention output and "
+           "the MLP's gate x up product, which LoRA's A needs for its gradient, and the rank-8 A x for B):", "",
+           "| kind | " + " | ".join(rows) + " |", "|---|" + "---:|" * len(rows)]
+    for k, label in kinds:
+        out.append(f"| {label} | " + " | ".join(f"{r.get(k, 0) / 2**20:.2f}" for r in rows.values()) + " |")
+    return out
+
+
 def render(results: dict, sm: dict) -> str:
     pre, s = results["pretrain"], results["settings"]
     slm, llm = pre["slm"], pre["llm"]
@@ -68,10 +85,14 @@ def render(results: dict, sm: dict) -> str:
         L.append("- method minus SLM + LoRA, accuracy points per task (mean ± 95 %): " + "; ".join(
             f"{n} {fmt(v)}" for n, v in g["beats_slm"].items() if v) + " (goal > 0: **" + (
             "met" if all(v and v[0] > 0 for v in g["beats_slm"].values()) else "not met") + "**)")
-    L.append(f"- training memory, LoRA on the LLM / the method's most expensive stage "
-             f"({mr['method_peak_stage']}): **{mr['tensors']:.1f}x** counted tensor by tensor (goal ≥ 5x: "
-             f"**{'met' if mr['tensors'] >= 5 else 'not met'}**); by whole-process peak RSS {mr['rss']:.2f}x "
-             "(the Python/torch runtime is most of every process at this size)")
+    readings = (("method", "the method's stages only (transfer, prune-bridge, tune-bridge, refine)"),
+                ("with_slm", "counting also the SLM adapter's training, the input Algorithm 1 starts from"))
+    for key, what in readings:
+        r = mr[key]
+        L.append(f"- training memory, LoRA on the LLM / the most expensive stage, {what}: **{r['tensors']:.1f}x** "
+                 f"({r['stage']}) counted tensor by tensor (goal ≥ 5x: **{'met' if r['tensors'] >= 5 else 'not met'}**); "
+                 f"by whole-process peak RSS {r['rss']:.2f}x ({r['rss_stage']}; the Python/torch runtime is most of "
+                 "every process at this size)")
     L += ["", "## The table", "", "Dev exact-match accuracy (%; teacher-forced argmax over the whole completion), mean "
           "over seeds with its 95 % t-interval clipped to [0, 100]. *Gap closed* = (row - LLM zero-shot) / "
           "(LLM+LoRA - LLM zero-shot), per seed, then mean ± 95 % (n/a where LLM+LoRA is within 5 points of "
@@ -88,16 +109,24 @@ def render(results: dict, sm: dict) -> str:
           "tasks and seeds:", "", "| stage | peak RSS (MB) |", "|---|---:|"]
     for v in sm["rss"].values():
         L.append(f"| {v['label']} | {fmt(v['mb'], pct=False)} |")
-    L += ["", f"Memory of one step at the training shape ({tm['llm']['batch']} x {tm['llm']['seq']} tokens), counted "
-          "tensor by tensor (benchmarks/evidence/memory.py): the weights of the model the step runs through, the "
-          "tensors autograd saves for backward, and the adapter's state (LoRA gradients + AdamW moments = 3x its "
-          "parameters; for refine, one regenerated direction tensor: MeZO keeps no gradient or moment). Transient "
-          "activations (one layer's at a time) are counted on neither side.", "",
-          "| stage | weights (MB) | saved activations (MB) | adapter state (MB) | total (MB) | LoRA on the LLM / this |",
+    L += ["", f"Memory of every stage at the training shape ({tm['llm']['batch']} x {tm['llm']['seq']} tokens a step), "
+          "counted tensor by tensor (benchmarks/evidence/memory.py, MB = 2^20 bytes). Training rows (slm, llm, "
+          "bridge): the weights of the model the step runs through, the tensors autograd saves for backward, and the "
+          "adapter's state (LoRA gradients + AdamW moments = 3x its parameters). refine: the LLM's weights and one "
+          "regenerated direction tensor (MeZO keeps no gradient or moment, its forwards save nothing). "
+          "prune-bridge: its Fisher pass at its own micro-batch (the LLM's weights, every block's checkpointed input, "
+          "one block's recomputed activations). transfer: from its own cost model (surgery/pipelines/transfer/"
+          "memory.py), forward only: the window of layers it streams (both models' weights) and what it holds for "
+          "them (float64 moments, fitted maps, one batch's captured activations), plus both models' hidden states "
+          "and the LLM's embedding; with the default --max-memory, and with one layer per window (the least it "
+          "can run in). Transients (one layer's activations, a fit's eigendecomposition) are counted on no side. "
+          "The slm row is the SLM adapter's training, the method's input.", "",
+          "| stage | weights (MB) | saved activations / held tensors (MB) | adapter state (MB) | total (MB) | LoRA on the LLM / this |",
           "|---|---:|---:|---:|---:|---:|"]
     for k, v in tm.items():
         L.append(f"| {k} | {v['weights'] / 2**20:.2f} | {v['activations'] / 2**20:.2f} | {v['lora_state'] / 2**20:.2f} "
                  f"| {v['total'] / 2**20:.2f} | {tm['llm']['total'] / v['total']:.1f}x |")
+    L += _kinds(tm)
     L.append("")
     disc = os.path.join(os.path.dirname(os.path.abspath(__file__)), "discussion.md")
     if os.path.exists(disc):

@@ -16,9 +16,8 @@ report GPU memory, which is the same quantity plus the CUDA context.
 from __future__ import annotations
 
 
-def _lora_model_and_counter(model_dir: str, batch: int, seq: int, rank: int, seed: int):
-    """The model with `surgery train`'s LoRA, a seeded batch, and a saved-tensor hook pair that
-    records each storage autograd saves once (both measures below count the same way)."""
+def _lora_model(model_dir: str, batch: int, seq: int, rank: int, seed: int):
+    """The model with `surgery train`'s LoRA and a seeded batch."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -27,32 +26,24 @@ def _lora_model_and_counter(model_dir: str, batch: int, seq: int, rank: int, see
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
     ids = torch.randint(4, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
-    seen: dict[tuple, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        seen[(st.data_ptr(), st.nbytes())] = st.nbytes()
-        return t
-
-    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-    return model, ids, seen, hooks
+    return model, ids
 
 
 def training_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: int = 0) -> dict:
-    model, ids, seen, hooks = _lora_model_and_counter(model_dir, batch, seq, rank, seed)
+    """One LoRA step: weights, saved activations (and what they are: benchmarks/train_memory.KINDS), state."""
+    from benchmarks.train_memory import by_kind, saved_tensors
     from surgery.train.score import batch_nll
 
+    model, ids = _lora_model(model_dir, batch, seq, rank, seed)
     model.train()
-    with hooks:
+    with saved_tensors(model) as seen:
         nll, n = batch_nll(model, {"input_ids": ids, "labels": ids}, seq2seq=False)
     (nll / n).backward()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    # parameters saved for backward are already counted as weights
-    params = {(p.untyped_storage().data_ptr(), p.untyped_storage().nbytes()) for p in model.parameters()}
-    acts = sum(v for k, v in seen.items() if k not in params)
+    acts = sum(b for _, b in seen.values())
     return {"weights": weights, "activations": acts, "lora_state": 3 * trainable,
-            "total": weights + acts + 3 * trainable, "batch": batch, "seq": seq}
+            "total": weights + acts + 3 * trainable, "batch": batch, "seq": seq, "kinds": by_kind(seen)}
 
 
 def inference_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: int = 0) -> dict:
@@ -65,22 +56,128 @@ def inference_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: i
     """
     import torch
 
-    model, ids, seen, hooks = _lora_model_and_counter(model_dir, batch, seq, rank, seed)
+    from benchmarks.train_memory import saved_tensors
+
+    model, ids = _lora_model(model_dir, batch, seq, rank, seed)
     model.eval()
-    with hooks, torch.inference_mode():
+    with saved_tensors(model) as seen, torch.inference_mode():
         model(input_ids=ids, labels=ids)
+    acts = sum(b for _, b in seen.values())
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     lora = [p for p in model.parameters() if p.requires_grad]
     z = max(p.numel() * p.element_size() for p in lora)
-    return {"weights": weights, "activations": sum(seen.values()), "lora_state": z,
-            "total": weights + sum(seen.values()) + z, "batch": batch, "seq": seq}
+    return {"weights": weights, "activations": acts, "lora_state": z,
+            "total": weights + acts + z, "batch": batch, "seq": seq}
 
 
-def memory_table(slm: str, llm: str, bridges: dict, batch: int, seq: int) -> dict:
-    """Every stage's count, as results.json's "train_memory" holds it (run.py and main() below)."""
-    return {"slm": training_bytes(slm, batch, seq), "llm": training_bytes(llm, batch, seq),
-            **{f"bridge ({k})": training_bytes(v["dir"], batch, seq) for k, v in bridges.items()},
-            "refine (LLM, forward only)": inference_bytes(llm, batch, seq)}
+def fisher_bytes(llm_dir: str, rows: int, seq: int, rank: int = 8) -> dict:
+    """prune-bridge's Fisher pass (fisher-mask), counted the same way: the LLM's weights; every block's
+    input, which the block checkpoints keep for the backward (importance.block_checkpointing); and,
+    while one block runs its backward, that block's recomputed saved activations, taken as the LLM's
+    per-layer saved activations of a LoRA step at the micro-batch's shape (`rows` x `seq` tokens:
+    importance.MICRO_TOKENS). The structural masks and their gradients are a few hundred floats."""
+    import json
+    import os
+
+    with open(os.path.join(llm_dir, "config.json")) as f:
+        cfg = json.load(f)
+    step = training_bytes(llm_dir, rows, seq, rank)
+    layers, hidden = cfg["num_hidden_layers"], cfg["hidden_size"]
+    block = (step["activations"] - step["kinds"].get("loss", 0)) / layers
+    inputs = layers * rows * seq * hidden * 4
+    acts = int(block + inputs + step["kinds"].get("loss", 0))
+    return {"weights": step["weights"], "activations": acts, "lora_state": 0, "total": step["weights"] + acts,
+            "batch": rows, "seq": seq}
+
+
+def transfer_bytes(adapter: str, llm_dir: str, data: str | None, samples: int, seq_len: int,
+                   map_kind: str = "activations") -> tuple[dict, dict]:
+    """transfer (forward only, the LLM streamed a window of layers at a time), from transfer's own cost
+    model (surgery/pipelines/transfer/memory.py): a window's layer weights (both models) and what it
+    holds for them (one batch's captured activations, the float64 moments, the fitted maps until they
+    are spilled), plus what the run holds throughout: both models' stored hidden states and the largest
+    non-layer tensor (an embedding). The fit's own transient (an eigendecomposition) is left out, as
+    the training rows leave out their transients. Returns (the windows planned with the default
+    --max-memory, one layer per window: the least --max-memory allows). The run stops once planned."""
+    import json
+    import os
+    import tempfile
+
+    import surgery.pipelines.transfer.fit as tf
+    from surgery.pipelines.transfer import transfer
+
+    seen: dict = {}
+    plan, windows = tf.plan_windows, tf._windows
+
+    class Planned(Exception):
+        pass
+
+    def record_plan(costs, left, budget):
+        seen["costs"], seen["windows"] = costs, plan(costs, left, budget)
+        return seen["windows"]
+
+    def record_windows(streams, captured, slm_of, pts_s, pts_l, batches, budget):
+        out = windows(streams, captured, slm_of, pts_s, pts_l, batches, budget)
+        s_stream, l_stream = streams
+        seen["weights"] = [l_stream.layer_bytes(j) + (s_stream.layer_bytes(slm_of[j]) if j in slm_of else 0)
+                           for j in range(len(seen["costs"]))]
+        seen["hidden"] = sum(b[0].numel() * s_stream.arch.dims["hidden"] + b[3].numel() * l_stream.arch.dims["hidden"]
+                             for b in batches) * 4
+        raise Planned
+
+    tf.plan_windows, tf._windows = record_plan, record_windows
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            transfer(adapter, llm_dir, os.path.join(tmp, "out"), data=data, map_kind=map_kind, samples=samples,
+                     seq_len=seq_len)
+    except Planned:
+        pass
+    finally:
+        tf.plan_windows, tf._windows = plan, windows
+    with open(os.path.join(llm_dir, "config.json")) as f:
+        cfg = json.load(f)
+    embedding = cfg["vocab_size"] * cfg["hidden_size"] * 4
+    held = [c[0] - w for c, w in zip(seen["costs"], seen["weights"])]
+
+    def count(windows):
+        w, h = max(((sum(seen["weights"][a:b]), sum(held[a:b])) for a, b in windows), key=sum)
+        w, h = w + embedding, h + seen["hidden"]
+        return {"weights": w, "activations": h, "lora_state": 0, "total": w + h, "windows": windows}
+
+    return count(seen["windows"]), count([(j, j + 1) for j in range(len(held))])
+
+
+def _flags(cmd: str) -> dict:
+    import shlex
+
+    a = shlex.split(cmd)
+    return {k: v for k, v in zip(a, a[1:]) if k.startswith("--")}
+
+
+def memory_table(slm: str, llm: str, bridges: dict, batch: int, seq: int, transfer: dict | None = None) -> dict:
+    """Every stage's count, as results.json's "train_memory" holds it (run.py and main() below).
+
+    bridges: prune-bridge's stage records by kind ({"dir", "cmd"}); transfer: a transfer stage record.
+    The Fisher pass and transfer are counted at the settings their command lines used."""
+    from surgery.pipelines.importance import MICRO_TOKENS
+    from surgery.pipelines.prune import PruneConfig
+    from surgery.pipelines.transfer.run import TransferConfig
+
+    table = {"slm": training_bytes(slm, batch, seq), "llm": training_bytes(llm, batch, seq)}
+    if transfer is not None:
+        f, d = _flags(transfer["cmd"]), TransferConfig()
+        table["transfer"], table["transfer (one-layer windows)"] = transfer_bytes(
+            f["--slm"], llm, f.get("--data"), int(f.get("--samples", d.samples)), int(f.get("--seq-len", d.seq_len)),
+            f.get("--map", d.map_kind))
+    for k, v in bridges.items():
+        if "cmd" in v:
+            f, d = _flags(v["cmd"]), PruneConfig()
+            length = int(f.get("--seq-len", d.seq_len))
+            rows = min(int(f.get("--batch-size", d.batch_size)), max(1, MICRO_TOKENS // length))
+            table[f"prune-bridge ({k})"] = fisher_bytes(llm, rows, length)
+    table.update({f"bridge ({k})": training_bytes(v["dir"], batch, seq) for k, v in bridges.items()})
+    table["refine (LLM, forward only)"] = inference_bytes(llm, batch, seq)
+    return table
 
 
 def main() -> None:
@@ -99,7 +196,7 @@ def main() -> None:
     s, first = results["settings"], next(iter(results["tasks"].values()))
     pair = results["pair"]
     results["train_memory"] = memory_table(os.path.join(pair, "slm"), os.path.join(pair, "llm"), first["bridges"],
-                                           s["batch"], s["max_length"])
+                                           s["batch"], s["max_length"], first["seeds"][0]["transfer"]["transfer"])
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
     write_docs(path, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs"))

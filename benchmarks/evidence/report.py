@@ -23,8 +23,11 @@ ROWS = [("zero-shot", "LLM zero-shot"), ("slm_lora", "SLM + LoRA (on the SLM)"),
         ("method", "transfer + tune-bridge + refine (**the method**)"),
         ("zero_refined", "zero-init LoRA + tune-bridge + refine (Table 8 with refine)")]
 GAP_ROWS = ("slm_lora", "transfer", "zero_init", "bridge", "narrow", "method", "zero_refined")
-# the stages Algorithm 1 runs (with refine as its last stage), for the memory goal
-METHOD_STAGES = ("slm_lora", "transfer", "prune-keep", "bridge", "method")
+# the stages Algorithm 1 runs on the LLM's side (with refine as its last stage), for the memory goal, by
+# process RSS and in train_memory's tensor count; the SLM's own LoRA is the method's input, reported beside
+METHOD_STAGES = ("transfer", "prune-keep", "bridge", "method")
+METHOD_COUNTS = ("transfer", "prune-bridge (keep)", "bridge (keep)", "refine (LLM, forward only)")
+SLM_STAGE, SLM_COUNT = "slm_lora", "slm"
 
 
 def ci(xs: list[float]) -> tuple[float, float]:
@@ -106,12 +109,14 @@ def summarise(results: dict) -> dict:
             sm["rss"][k] = {"label": label, "mb": ci(xs)}
     sm["rss"]["eval"] = {"label": "eval on the LLM (inference, for scale)",
                          "mb": ci([s["transfer"]["eval"]["rss_mb"] for t in results["tasks"].values() for s in t["seeds"]])}
-    method_rss = max(sm["rss"][k]["mb"][0] for k in METHOD_STAGES if k in sm["rss"])
     tm = results["train_memory"]
-    method_tm = max(v["total"] for k, v in tm.items() if k in ("slm", "bridge (keep)", "refine (LLM, forward only)"))
-    sm["memory_ratio"] = {"rss": sm["rss"]["llm_lora"]["mb"][0] / method_rss, "tensors": tm["llm"]["total"] / method_tm,
-                          "method_peak_stage": max((v["total"], k) for k, v in tm.items()
-                                                   if k in ("slm", "bridge (keep)", "refine (LLM, forward only)"))[1]}
+    sm["memory_ratio"] = {}
+    for reading, stages, counts in (("method", METHOD_STAGES, METHOD_COUNTS),
+                                    ("with_slm", METHOD_STAGES + (SLM_STAGE,), METHOD_COUNTS + (SLM_COUNT,))):
+        rss_peak = max((sm["rss"][k]["mb"][0], sm["rss"][k]["label"]) for k in stages if k in sm["rss"])
+        t_peak = max((v["total"], k) for k, v in tm.items() if k in counts)
+        sm["memory_ratio"][reading] = {"tensors": tm["llm"]["total"] / t_peak[0], "stage": t_peak[1],
+                                       "rss": sm["rss"]["llm_lora"]["mb"][0] / rss_peak[0], "rss_stage": rss_peak[1]}
     sm["train_memory"] = tm
     learn = [n for n, x in sm["tasks"].items() if x["gap"]["method"]]
     sm["goal"] = {"tasks": learn,

@@ -77,9 +77,10 @@ class Bench:
         with open(os.path.join(self.llm, "config.json")) as f:
             self.bridges = bridge_kinds(json.load(f))
         # stages that depend on the bridge are cached under a name that says which prune-bridge built it
-        # (and at which reduction, when not the 16 of the stages cached before it was a setting)
-        self.tag = ("" if cli_has("prune-bridge", "--residual") else "-sized") + \
-            ("" if s["reduction"] == 16 else f"-r{s['reduction']:g}")
+        self.tag = "" if cli_has("prune-bridge", "--residual") else "-sized"
+        # and those that start from the transfer under one that says whether transfer sized its deltas
+        # (--scale auto, its default since it exists): a cached raw port is not reused for them
+        self.ttag = "-scaled" if cli_has("transfer", "--scale") else ""
 
     def p(self, *parts):
         return os.path.join(self.work, *parts)
@@ -149,12 +150,16 @@ class Bench:
         return {"dir": out, "train": t, "eval": {"out": t["out"]["after"]}, "before": {"out": t["out"]["before"]}}
 
     def transfer(self, task: str, seed: int, slm_adapter: str) -> dict:
-        _, _, calib = self.data(task)
-        out = self.p(task, f"s{seed}", "transfer")
-        t = self.stage(f"{task}/s{seed}/transfer", ["transfer", "--slm", slm_adapter, "--llm", self.llm, "-o", out,
-                                                    "--map", "activations", "--data", calib, "--samples", "64",
-                                                    "--seq-len", "32", "--force"])
-        return {"dir": out, "transfer": t, "eval": self.evaluate(f"{task}/s{seed}/transfer-eval", task, self.llm, out)}
+        """Fitted on the first 64 training records' text (the calibration file's first 64 lines, the same
+        text); --scale auto (transfer's default) then sizes the deltas by the LLM's loss on those records'
+        completions, as training scores them."""
+        train, _, calib = self.data(task)
+        name = "transfer" + self.ttag
+        out = self.p(task, f"s{seed}", name)
+        t = self.stage(f"{task}/s{seed}/{name}", ["transfer", "--slm", slm_adapter, "--llm", self.llm, "-o", out,
+                                                  "--map", "activations", "--data", train if self.ttag else calib,
+                                                  "--samples", "64", "--seq-len", "32", "--force"])
+        return {"dir": out, "transfer": t, "eval": self.evaluate(f"{task}/s{seed}/{name}-eval", task, self.llm, out)}
 
     def seed_chain(self, task: str, seed: int) -> dict:
         train, dev, _ = self.data(task)
@@ -169,10 +174,10 @@ class Bench:
                                 + self.train_args(seed, epochs=0))
         r["zero_init"] = self.tuned(task, seed, d("fresh"), "keep", "zero-init")
         has_refine = all(cli_has("refine", f) for f in ("--steps", "--max-length", "--eval"))
-        r["bridge"] = bridged = self.tuned(task, seed, tr["dir"], "keep", "bridge", evaluate=not has_refine)
-        r["narrow"] = self.tuned(task, seed, tr["dir"], "narrow", "narrow")
+        r["bridge"] = bridged = self.tuned(task, seed, tr["dir"], "keep", "bridge" + self.ttag, evaluate=not has_refine)
+        r["narrow"] = self.tuned(task, seed, tr["dir"], "narrow", "narrow" + self.ttag)
         if has_refine:  # (where refine has not landed yet, the table has no method row)
-            r["method"] = self.refined(task, seed, bridged["dir"], "method")
+            r["method"] = self.refined(task, seed, bridged["dir"], "method" + self.ttag)
             bridged["eval"] = r["method"]["before"]
             # Table 8 carried through the last stage: does the transferred start still matter after refine?
             r["zero_refined"] = self.refined(task, seed, r["zero_init"]["dir"], "zero-init-refined")
@@ -181,7 +186,8 @@ class Bench:
 
 def work_dir(pair: str) -> str:
     """Where a pair's stages are cached: one directory per pretrained pair and version of tasks.py (the
-    data files and every stage record depend on both; a stage record is never re-run once it exists)."""
+    data files depend on both). Within it a stage record is reused while its key (stage.py: command line,
+    code, input contents) matches, and re-run when it does not."""
     import hashlib
 
     with open(os.path.join(ROOT, "benchmarks", "evidence", "tasks.py"), "rb") as f:
@@ -212,7 +218,9 @@ def run(quick: bool, jobs: int, tasks: list[str], log=print) -> str:
     from benchmarks.evidence.knowledge import cloze
     from benchmarks.evidence.memory import memory_table
 
-    results["train_memory"] = memory_table(b.slm, b.llm, results["tasks"][tasks[0]]["bridges"], s["batch"], s["max_length"])
+    first = results["tasks"][tasks[0]]
+    results["train_memory"] = memory_table(b.slm, b.llm, first["bridges"], s["batch"], s["max_length"],
+                                           first["seeds"][0]["transfer"]["transfer"])
     results["cloze"] = {t: {m: cloze(t, d, b.data(t)[1]) for m, d in (("slm", b.slm), ("llm", b.llm))} for t in tasks}
     results["task_sizes"] = {t: [sum(1 for _ in open(f)) for f in b.data(t)[:2]] for t in tasks}
     results.update(settings=s, quick=quick, jobs=jobs, work=work, pair=pair, seconds=time.time() - t0,

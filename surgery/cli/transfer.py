@@ -9,8 +9,10 @@ import typer
 from ..kinds import names as kind_names
 from ..pipelines.transfer import TransferConfig, transfer
 from ..pipelines.transfer.run import DEPTHS, MAPS
+from ..pipelines.transfer.scale import SCALES
 from . import app
 from ..io.model import DTYPES
+from .train import _quiet
 from .common import Force, JsonOut, Output, Plot, choice, console, print_json, say_plot, table
 
 C = TransferConfig()  # every default below is TransferConfig's
@@ -22,7 +24,7 @@ def transfer_cmd(
     llm: Annotated[str, typer.Option("--llm", help="The large model directory (same family as the SLM).")],
     output: Output,
     slm_base: Annotated[str, typer.Option("--slm-base", help="The SLM directory (default: the adapter config's base).")] = None,
-    data: Annotated[str, typer.Option("--data", help="Calibration text: one text per line, or .jsonl with a \"text\" field.")] = None,
+    data: Annotated[str, typer.Option("--data", help="Calibration data: one text per line, or JSONL records (their whole text is fitted on; --scale auto scores them as training does: a prompt/completion record by its completion).")] = None,
     map_kind: Annotated[str, choice("--map", MAPS, "activations: fit on calibration text; embeddings: data-free.")] = C.map_kind,
     depth: Annotated[str, choice("--depth", DEPTHS, "block: every LLM layer of an SLM layer's block; first; best: the best-fitting layer.")] = C.depth,
     samples: Annotated[int, typer.Option("--samples", help="Calibration texts to use.")] = C.samples,
@@ -30,12 +32,14 @@ def transfer_cmd(
     ridge: Annotated[float, typer.Option("--ridge", help="Ridge strength, relative to the mean eigenvalue of each Gram.")] = C.ridge,
     max_memory: Annotated[str, typer.Option("--max-memory", help="Peak memory budget, e.g. 3GB; sets how many LLM layers are captured and fitted at once (default 4GB, more if one layer needs it and memory is free).")] = None,
     dtype: Annotated[str, choice("--dtype", DTYPES, "Dtype the streamed layers run in: auto = each checkpoint's own (the fits are float64 regardless).")] = C.dtype,
+    scale: Annotated[str, choice("--scale", SCALES, "auto: size a ported LoRA's deltas by forward passes on --data (each module's effect matched to the SLM's, then a factor chosen by the LLM's loss, 0 included: never worse than no adapter on that text); none: as ported.")] = C.scale,
     plot: Plot("each fitted projection's relative residual per LLM layer and space") = None,
     force: Force = False,
     json_out: JsonOut = False,
 ):
     """Port ADAPTER to the LLM: layers duplicated over blocks, widths through fitted projections (W_plug)."""
-    cfg = TransferConfig(map_kind=map_kind, depth=depth, samples=samples, seq_len=seq_len, ridge=ridge, dtype=dtype)
+    _quiet()  # --scale auto loads both models whole: no transformers loading bars on stderr
+    cfg = TransferConfig(map_kind=map_kind, depth=depth, samples=samples, seq_len=seq_len, ridge=ridge, dtype=dtype, scale=scale)
     info = transfer(slm, llm, output, cfg, slm_base=slm_base, data=data, max_memory=max_memory, force=force, plot=plot)
     if json_out:
         print_json(info)

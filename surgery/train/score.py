@@ -63,6 +63,23 @@ def _head_inputs(head):
             del head.forward
 
 
+def causal_mask(mask):
+    """None for a right-padded batch (every row's mask is ones, then zeros), else the mask itself.
+
+    Under causal attention no real token sees a later position, so the padding at the end of a row
+    changes only the padding's own outputs, whose labels are ignored: the loss and its gradients are
+    the same without the mask (tests/test_loss.py checks them against transformers' masked loss).
+    Without one, sdpa runs its causal fused kernel, which keeps no [batch, 1, seq, seq] mask for the
+    backward (with a mask the CPU kernel saves it; CUDA's flash kernel takes none at all)."""
+    if mask is None or mask.dim() != 2:
+        return mask
+    import torch
+
+    lengths = mask.sum(-1, keepdim=True)
+    right_padded = torch.equal(mask.bool(), torch.arange(mask.shape[1], device=mask.device) < lengths)
+    return None if right_padded else mask
+
+
 def batch_nll(model, batch: dict, seq2seq: bool, unwrapped=None, **kwargs):
     """(sum of token NLL, labelled tokens) of one teacher-forced batch: token_loss(*aligned_logits(...))
     without ever holding the full logits. A causal model runs up to its LM head, whose input feeds
@@ -75,7 +92,7 @@ def batch_nll(model, batch: dict, seq2seq: bool, unwrapped=None, **kwargs):
     base = unwrapped if unwrapped is not None else model
     config = base.config
     with _head_inputs(base.get_output_embeddings()) as (seen, head):
-        model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), **kwargs)
+        model(input_ids=batch["input_ids"], attention_mask=causal_mask(batch.get("attention_mask")), **kwargs)
     L = batch["input_ids"].shape[1]
     h = seen[-1][:, -L:]  # prompt tuning prepends virtual tokens: the last L positions are the real ones
     nll, n = chunked_nll(h[:, :-1], batch["labels"][:, 1:], head, config.vocab_size,

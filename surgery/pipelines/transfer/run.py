@@ -24,6 +24,7 @@ from ...kinds.base import PortContext
 from ...ops.project import depth_blocks
 from .fit import FitOptions, Pair, fit_projections
 from .memory import ceiling, memory_guard
+from .scale import SCALES, choose_scale
 from .plan import kv_keys, layer_roles, locate, module_path
 
 FORMAT = "surgery.transfer/1"
@@ -82,12 +83,15 @@ class TransferConfig:
     # the streamed layers' dtype: auto = each checkpoint's own (not float32 on the CPU as for the other
     # commands: a window of layers in its stored dtype is what keeps transfer's memory bounded)
     dtype: str = "auto"
+    # auto: a ported LoRA's deltas are sized by forward passes on --data (scale.py: each module's effect
+    # normalised to the SLM's, then a global factor chosen by the LLM's loss, 0 and the raw port included)
+    scale: str = "auto"
 
 
 def transfer(adapter: str, llm: str, out: str, cfg: TransferConfig | None = None, *, slm_base: str | None = None,
              data: str | None = None, map_kind: str | None = None, depth: str | None = None, samples: int | None = None,
              seq_len: int | None = None, ridge: float | None = None, batch: int | None = None, dtype: str | None = None,
-             max_memory: str | int | None = None, force: bool = False, plot: str | None = None) -> dict:
+             scale: str | None = None, max_memory: str | int | None = None, force: bool = False, plot: str | None = None) -> dict:
     """Port `adapter` (trained on its SLM) to `llm`; write OUT and return transfer.json's contents
     with "output": OUT's path (and "plot": the --plot PNG, or None).
 
@@ -99,12 +103,14 @@ def transfer(adapter: str, llm: str, out: str, cfg: TransferConfig | None = None
     whole (stream.py reads each window's weights), so transfer takes no --device-map; the fits run in
     float64 whatever the layers' dtype.
     """
-    given = dict(map_kind=map_kind, depth=depth, samples=samples, seq_len=seq_len, ridge=ridge, batch=batch, dtype=dtype)
+    given = dict(map_kind=map_kind, depth=depth, samples=samples, seq_len=seq_len, ridge=ridge, batch=batch, dtype=dtype, scale=scale)
     cfg = replace(cfg or TransferConfig(), **{k: v for k, v in given.items() if v is not None})
     if cfg.map_kind not in MAPS:
         raise AdapterError(f"unknown --map {cfg.map_kind!r}", f"choose one of {', '.join(MAPS)}")
     if cfg.depth not in DEPTHS:
         raise AdapterError(f"unknown --depth {cfg.depth!r}", f"choose one of {', '.join(DEPTHS)}")
+    if cfg.scale not in SCALES:
+        raise AdapterError(f"unknown --scale {cfg.scale!r}", f"choose one of {', '.join(SCALES)}")
     Placement(cfg.dtype).check()
     budget = None if max_memory is None else _budget(max_memory)
     kind, ad, ck_s, ck_l, arch_s, arch_l, stack = _open_pair(adapter, llm, slm_base)
@@ -121,6 +127,27 @@ def transfer(adapter: str, llm: str, out: str, cfg: TransferConfig | None = None
         plots.residuals(plot, summary["fits"], summary["layers_used"][stack],
                         f"transfer {kind.name} ({arch_s.family}): {cfg.map_kind} map, depth {cfg.depth}")
     return {**summary, "output": path, "plot": plot}  # transfer.json's contents, where they were written, the plot
+
+
+def _scale(kind, ad, ck_s, ck_l, arch_s, arch_l, stack, od, cfg: TransferConfig, data, blocks, chosen) -> dict:
+    """transfer.json's "scale": what --scale did to the written adapter (scale.py)."""
+    if cfg.scale == "none":
+        return {"mode": "none"}
+    if kind.name != "lora":
+        return {"mode": "none", "reason": f"--scale auto sizes LoRA deltas; a {kind.name} adapter is written as ported"}
+    if not data:
+        return {"mode": "none", "reason": "no --data text to choose the scale by"}
+    slm_of = {j: i for i, blk in enumerate(blocks) for j in blk}
+
+    def slm_module(name):
+        _, j, suffix = locate(arch_l, name)
+        return module_path(arch_s, stack, slm_of[j], suffix)
+
+    def copies(name):
+        return len(chosen[slm_of[locate(arch_l, name)[1]]])
+
+    return choose_scale(od, slm_adapter=ad.path, slm_base=ck_s.path, llm=ck_l.path, data=data, samples=cfg.samples, seq_len=cfg.seq_len,
+                        batch=cfg.batch, dtype=cfg.dtype, slm_module_of=slm_module, copies_of=copies)
 
 
 def _budget(text) -> int:
@@ -158,6 +185,7 @@ def _transfer(kind, ad, ck_s, ck_l, arch_s, arch_l, stack, od, cfg: TransferConf
         "fits": fits.records, "warnings": fits.warnings,
     }
     write(od)
+    summary["scale"] = _scale(kind, ad, ck_s, ck_l, arch_s, arch_l, stack, od, cfg, data, blocks, chosen)
     fits.maps.write(od.path(PROJECTIONS), {f"embed.{d}": m for d, m in fits.embed.items()}, {"format": FORMAT})
     od.write_json("transfer.json", summary)
     return summary
