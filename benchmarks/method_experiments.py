@@ -87,7 +87,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--bridges", default="r16")
     ap.add_argument("--inits", default="transfer",
-                    help="comma list of starts: transfer, zero (Table 8), or a path; a suffix -only<L..> (transfer-only0) "
+                    help="comma list of starts: transfer, zero (Table 8), another stage of the evidence's seed directory "
+                         "(transfer-scaled), or a path; a suffix -only<L..> (transfer-only0) "
                          "zeroes the LoRA B of every LLM layer but these (the start's delta outside them removed)")
     ap.add_argument("--tune-epochs", type=float, default=3)
     ap.add_argument("--tune-lr", type=float, default=3e-3)
@@ -148,8 +149,10 @@ def main(argv=None) -> None:
         for seed in map(int, a.seeds.split(",")):
             for init in a.inits.split(","):
                 base, _, only = init.partition("-only")
-                start = {"transfer": os.path.join(ev, a.task, f"s{seed}", "transfer"),
-                         "zero": os.path.join(ev, a.task, f"s{seed}", "fresh")}.get(base, base)
+                # transfer, zero, another stage of the evidence's seed directory (transfer-scaled), or a path
+                sd = os.path.join(ev, a.task, f"s{seed}")
+                start = os.path.join(sd, {"zero": "fresh"}.get(base, base))
+                start = start if os.path.isdir(start) else base
                 if only:
                     start = layers_only_copy(start, os.path.join(a.work, a.task, f"s{seed}", "inits", f"{base}-only{only}"),
                                              {int(c) for c in only})
