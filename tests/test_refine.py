@@ -56,6 +56,26 @@ def test_spsa_step_on_a_quadratic_is_an_exact_directional_step():
     assert torch.allclose(theta, start - 0.1 * g * z, atol=1e-12)
 
 
+def test_several_directions_average_their_estimates_and_one_is_a_plain_step():
+    """k directions at the same θ: θ moves by −(lr/k)·Σ g_i·z_i with each g_i = z_i·(θ − c) (exact on a
+    quadratic); k = 1 is spsa_step exactly, so --directions 1 reproduces earlier runs."""
+    from surgery.ops.mezo import directions, spsa_multi_step, spsa_step
+
+    torch.manual_seed(0)
+    c = torch.randn(10, dtype=torch.float64)
+    start = torch.randn(10, dtype=torch.float64)
+    theta = start.clone()
+    loss = lambda: 0.5 * float(((theta - c) ** 2).sum())  # noqa: E731
+    zs = [next(directions([theta], s)).double() for s in (3, 4, 5)]
+    spsa_multi_step([theta], loss, [3, 4, 5], lr=0.3, eps=1e-3)
+    want = start - 0.1 * sum(float(z @ (start - c)) * z for z in zs)
+    assert torch.allclose(theta, want, atol=1e-9)
+    a, b = start.clone(), start.clone()
+    spsa_step([a], lambda: 0.5 * float(((a - c) ** 2).sum()), 9, lr=0.1, eps=1e-3)
+    spsa_multi_step([b], lambda: 0.5 * float(((b - c) ** 2).sum()), [9], lr=0.1, eps=1e-3)
+    assert torch.equal(a, b)
+
+
 def test_spsa_estimate_matches_autograd_on_a_tiny_llm_with_lora(fx, task):
     """(L(θ+εz) − L(θ−εz))/(2ε) = z·∇L + O(ε²), on the fixture llama with its LoRA, in float64."""
     from peft import PeftModel
@@ -286,3 +306,12 @@ def test_keep_best_never_writes_an_adapter_worse_than_its_input(fx, task, tmp_pa
     assert code == 0, err
     s = json.loads(o)
     assert s["lr_schedule"][:3] == [[0, 3.0], [10, 1.5], [20, 0.75]] and s["after"]["loss"] <= s["before"]["loss"]
+
+
+def test_the_evidence_measures_refine_at_its_default_steps():
+    """docs/results.md reports refine "at its defaults": the evidence's step count must be RefineConfig's
+    (docs/method-experiments.md measured the default on the evidence pair)."""
+    from benchmarks.evidence.run import FULL
+    from surgery.train.zeroth import RefineConfig
+
+    assert FULL["refine_steps"] == RefineConfig().steps

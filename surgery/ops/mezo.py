@@ -67,6 +67,31 @@ def spsa_step(params: Sequence[torch.Tensor], loss: Callable[[], float], seed: i
     return lp, lm, g
 
 
+def spsa_multi_step(params: Sequence[torch.Tensor], loss: Callable[[], float], seeds: Sequence[int], lr: float,
+                    eps: float) -> tuple[float, float, float]:
+    """One step along k = len(seeds) directions: g_i = (L(θ+εz_i) − L(θ−εz_i))/(2ε) for each z_i at the
+    same θ, then θ -= (lr/k)·Σ g_i·z_i: the average of k SPSA gradient estimates, 2k forward passes.
+    Returns the means of L₊, L₋ and g; k = 1 is spsa_step exactly. A non-finite g_i skips the update
+    (g is then NaN). The z_i are regenerated from their seeds, so the memory is still one direction tensor.
+    """
+    if len(seeds) == 1:
+        return spsa_step(params, loss, seeds[0], lr, eps)
+    gs, lps, lms = [], [], []
+    for s in seeds:
+        lp, lm, g = spsa_step(params, loss, s, 0.0, eps)
+        lps.append(lp)
+        lms.append(lm)
+        gs.append(g)
+    k = len(seeds)
+    if all(g == g and abs(g) != float("inf") for g in gs):
+        for s, g in zip(seeds, gs):
+            add_direction_(params, s, -lr * g / k)
+        g_all = sum(gs) / k
+    else:
+        g_all = float("nan")
+    return sum(lps) / k, sum(lms) / k, g_all
+
+
 def spsa_estimate(params: Sequence[torch.Tensor], loss: Callable[[], float], seed: int, eps: float) -> float:
     """(L(θ+εz) − L(θ−εz)) / (2ε) without updating θ (a step with lr 0): what spsa_step would use."""
     return spsa_step(params, loss, seed, 0.0, eps)[2]

@@ -20,14 +20,16 @@ from .score import aligned_logits, evaluate_examples, token_loss
 @dataclass
 class RefineConfig:
     """Defaults (docs/refine.md says why): lr 1e-4 and ε 1e-3 (MeZO's LoRA setting; 1e-3 diverged in
-    issue 16's runs), 500 steps of batch 16; with an eval set, an evaluation every 50 steps, and a
-    worse one than the best so far restores the best state and halves lr (the stable lr depends
+    issue 16's runs), 1500 steps of batch 16 (3000 forward passes: on the evidence pair the dev
+    loss still falls after 500 steps, and 1500 gain ~3 points of accuracy over 500); with an eval
+    set, an evaluation every 50 steps, and a worse one than the best so far restores the best state and halves lr (the stable lr depends
     on the model and adapter, so the default only has to be right within a few halvings)."""
 
-    steps: int = 500
+    steps: int = 1500
     lr: float = 1e-4
     eps: float = 1e-3
     batch_size: int = 16
+    directions: int = 1  # SPSA estimates averaged per step (2 forward passes each)
     seed: int = 0
     log_every: int = 25  # steps per train_loss record (the mean of (L₊+L₋)/2 over them)
     eval_every: int = 50  # steps between evaluations on the eval set (0: only before and after)
@@ -37,6 +39,7 @@ class RefineConfig:
 
     def check(self) -> None:
         for name, v, ok in (("--steps", self.steps, self.steps >= 1), ("--batch-size", self.batch_size, self.batch_size >= 1),
+                            ("--directions", self.directions, self.directions >= 1),
                             ("--lr", self.lr, self.lr > 0), ("--eps", self.eps, self.eps > 0),
                             ("--log-every", self.log_every, self.log_every >= 1),
                             ("--eval-every", self.eval_every, self.eval_every >= 0),
@@ -75,7 +78,7 @@ def mezo_loop(model, params, train_examples, cfg: RefineConfig, *, pad_id: int, 
     """
     import torch
 
-    from ..ops.mezo import spsa_step, step_seeds  # lazy: ops.mezo needs torch at import
+    from ..ops.mezo import spsa_multi_step, step_seeds  # lazy: ops.mezo needs torch at import
 
     if not train_examples:
         raise DataError("no training examples", "pass a non-empty JSONL file")
@@ -89,7 +92,8 @@ def mezo_loop(model, params, train_examples, cfg: RefineConfig, *, pad_id: int, 
     hist = History(device=str(device), mixed_precision="no")
     hist.lr = [(0, cfg.lr)]  # (step, lr from the next step on)
     lr = cfg.lr
-    seeds = step_seeds(cfg.seed, cfg.steps)
+    k = cfg.directions
+    seeds = step_seeds(cfg.seed, cfg.steps * k)
     order = batches(len(train_examples), cfg.batch_size, cfg.seed)
 
     def run_eval(step):
@@ -110,7 +114,8 @@ def mezo_loop(model, params, train_examples, cfg: RefineConfig, *, pad_id: int, 
         for step in range(1, cfg.steps + 1):
             idx = next(order)
             batch = {k: v.to(device) for k, v in collate([train_examples[i] for i in idx], pad_id, seq2seq).items()}
-            lp, lm, g = spsa_step(params, lambda: batch_loss(model, batch, seq2seq), seeds[step - 1], lr, cfg.eps)
+            lp, lm, g = spsa_multi_step(params, lambda: batch_loss(model, batch, seq2seq), seeds[(step - 1) * k:step * k],
+                                         lr, cfg.eps)
             if not (g == g and abs(g) != float("inf")):
                 raise NumericsError(f"the loss became non-finite at step {step} (L+ {lp}, L- {lm})",
                                     "lower --lr or --eps; nothing was written")
