@@ -13,7 +13,9 @@ tensor (benchmarks/evidence/memory.py) beside LoRA on the LLM. Everything runs i
 (one thread), so each stage costs seconds, not a process start. Results are appended as JSON lines.
 
 Bridge specs: `r<R>` (reduction R), `-drop<N>` (--drop-layers N), `-fisher` (--drop-by fisher),
-`-narrow` (--residual prune), `-i<N>` (explicit --intermediate-size N). Example: r8-drop2.
+`-narrow` (--residual prune), `-i<N>` (explicit --intermediate-size N), `-h<N>` (--num-attention-heads N),
+`-k<L..>` (keep exactly these LLM layers, e.g. k0 or k03: which layers a dropping plan keeps, in place
+of prune-bridge's ranking). Example: r8-drop2.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def bridge_kwargs(spec: str) -> dict:
-    m = re.fullmatch(r"r(\d+(?:\.\d+)?)((?:-(?:drop\d+|fisher|narrow|i\d+|h\d+))*)", spec)
+    m = re.fullmatch(r"r(\d+(?:\.\d+)?)((?:-(?:drop\d+|fisher|narrow|i\d+|h\d+|k\d+))*)", spec)
     if not m:
         raise SystemExit(f"bad bridge spec {spec!r}: use r16, r16-drop3, r8-drop2-fisher, r16-narrow, r16-i32")
     kw = {"reduction": float(m.group(1))}
@@ -48,7 +50,31 @@ def bridge_kwargs(spec: str) -> dict:
             kw["intermediate_size"] = int(part[1:])
         elif part.startswith("h"):
             kw["num_attention_heads"] = int(part[1:])
+        elif part.startswith("k"):
+            kw["keep_layers"] = sorted({int(c) for c in part[1:]})
     return kw
+
+
+def prune_keeping(llm: str, out: str, calib: str, keep_layers=None, **kw) -> None:
+    """prune-bridge, with `keep_layers` (LLM layer indices, single digits) overriding which layers its
+    ranking keeps: its choose_dropped is swapped for one that drops the others, for this call only."""
+    from surgery.pipelines import prune as pr
+
+    if keep_layers is None:
+        return pr.prune_bridge(llm, out, calib, samples=32, seq_len=32, force=True, progress=False, **kw)
+    ranked = pr.choose_dropped
+
+    def fixed(arch, scores, drop):
+        return {st: [i for i in range(n) if i not in keep_layers] for st, n in arch.stacks.items()}
+
+    with open(os.path.join(llm, "config.json")) as f:
+        n_layers = json.load(f)["num_hidden_layers"]
+    pr.choose_dropped = fixed
+    try:
+        pr.prune_bridge(llm, out, calib, samples=32, seq_len=32, force=True, progress=False,
+                        **{**kw, "drop_layers": n_layers - len(keep_layers)})
+    finally:
+        pr.choose_dropped = ranked
 
 
 def main(argv=None) -> None:
@@ -60,7 +86,10 @@ def main(argv=None) -> None:
     ap.add_argument("--task", default="module")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--bridges", default="r16")
-    ap.add_argument("--inits", default="transfer", help="comma list of starts: transfer, zero (Table 8), or a path")
+    ap.add_argument("--inits", default="transfer",
+                    help="comma list of starts: transfer, zero (Table 8), another stage of the evidence's seed directory "
+                         "(transfer-scaled), or a path; a suffix -only<L..> (transfer-only0) "
+                         "zeroes the LoRA B of every LLM layer but these (the start's delta outside them removed)")
     ap.add_argument("--tune-epochs", type=float, default=3)
     ap.add_argument("--tune-lr", type=float, default=3e-3)
     ap.add_argument("--refine-steps", type=int, default=200)
@@ -74,13 +103,14 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, help="JSON lines file (default: WORK/results.jsonl)")
     ap.add_argument("--fisher-mass", action="store_true",
                     help="only print, per LLM layer, the fisher-mask scores prune-bridge ranks (kv groups, best neurons, layer)")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="only build each bridge and print its size and training memory beside LoRA on the LLM")
     a = ap.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(1)
     from benchmarks.evidence.memory import training_bytes
-    from surgery.pipelines.prune import prune_bridge
     from surgery.pipelines.refine import RefineConfig, refine
     from surgery.pipelines.tune_bridge import tune_bridge
     from surgery.train.loop import TrainConfig
@@ -106,14 +136,26 @@ def main(argv=None) -> None:
     for spec in a.bridges.split(","):
         bdir = os.path.join(a.work, a.task, f"bridge-{spec}")
         if not os.path.exists(os.path.join(bdir, "bridge.json")):
-            prune_bridge(llm, bdir, calib, samples=32, seq_len=32, force=True, progress=False, **bridge_kwargs(spec))
+            prune_keeping(llm, bdir, calib, **bridge_kwargs(spec))
         with open(os.path.join(bdir, "bridge.json")) as f:
             meta = json.load(f)
         mem = training_bytes(bdir, batch=16, seq=64)
+        if a.memory_only:
+            print(json.dumps({"bridge": spec, "sizes": meta["sizes"], "kept_layers": kept_llm_layers(meta),
+                              "non_embedding": meta["parameters"]["bridge_non_embedding"],
+                              "bridge_mem_mb": round(mem["total"] / 2**20, 2), "mem_ratio": round(mem_llm / mem["total"], 2),
+                              "calibration_loss": round(meta["calibration_loss"]["bridge"], 3)}), flush=True)
+            continue
         for seed in map(int, a.seeds.split(",")):
             for init in a.inits.split(","):
-                start = {"transfer": os.path.join(ev, a.task, f"s{seed}", "transfer"),
-                         "zero": os.path.join(ev, a.task, f"s{seed}", "fresh")}.get(init, init)
+                base, _, only = init.partition("-only")
+                # transfer, zero, another stage of the evidence's seed directory (transfer-scaled), or a path
+                sd = os.path.join(ev, a.task, f"s{seed}")
+                start = os.path.join(sd, {"zero": "fresh"}.get(base, base))
+                start = start if os.path.isdir(start) else base
+                if only:
+                    start = layers_only_copy(start, os.path.join(a.work, a.task, f"s{seed}", "inits", f"{base}-only{only}"),
+                                             {int(c) for c in only})
                 if a.balance_init:
                     start = balanced_copy(start, os.path.join(a.work, a.task, f"s{seed}", "inits", os.path.basename(start) + "-bal"))
                 name = f"{spec}-{os.path.basename(init)}{'-bal' if a.balance_init else ''}{a.tag}"
@@ -132,7 +174,8 @@ def main(argv=None) -> None:
                     curve = [(e["step"], round(100 * e["accuracy"], 1), round(e["loss"], 3))
                              for e in json.load(f)["history"]["evals"]]
                 log({"task": a.task, "seed": seed, "bridge": spec, "init": init, "tag": a.tag,
-                     "sizes": meta["sizes"], "layers": meta["layers"]["bridge"],
+                     "sizes": meta["sizes"], "layers": meta["layers"]["bridge"], "kept_layers": kept_llm_layers(meta),
+                     "tune": {"epochs": a.tune_epochs, "lr": a.tune_lr},
                      "non_embedding": meta["parameters"]["bridge_non_embedding"],
                      "llm_non_embedding": meta["parameters"]["llm_non_embedding"],
                      "bridge_mem_mb": round(mem["total"] / 2**20, 2), "llm_lora_mem_mb": round(mem_llm / 2**20, 2),
@@ -142,6 +185,28 @@ def main(argv=None) -> None:
                      "refined": round(100 * rf["after"]["accuracy"], 1), "refined_loss": round(rf["after"]["loss"], 3),
                      "refine": {"steps": rcfg.steps, "lr": rcfg.lr, "eps": rcfg.eps, "batch": rcfg.batch_size},
                      "curve": curve, "seconds": {"tune": round(t_tune), "refine": round(time.time() - t0)}})
+
+
+def kept_llm_layers(meta: dict) -> list[int]:
+    """The LLM layers a bridge keeps (bridge.json: its layer count and the dropped ones; one stack)."""
+    (st, n), = meta["layers"]["llm"].items()
+    return [i for i in range(n) if i not in (meta["layers"].get("dropped") or {}).get(st, [])]
+
+
+def layers_only_copy(src: str, dst: str, keep: set[int]) -> str:
+    """A copy of the PEFT LoRA adapter `src` whose modules outside LLM layers `keep` have B = 0 (no delta)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    t = load_file(os.path.join(src, "adapter_model.safetensors"))
+    for k in t:
+        m = re.search(r"\.layers\.(\d+)\.", k)
+        if "lora_B" in k and m and int(m.group(1)) not in keep:
+            t[k] = t[k].zero_()
+    save_file(t, os.path.join(dst, "adapter_model.safetensors"), metadata={"format": "pt"})
+    return dst
 
 
 def balanced_copy(src: str, dst: str) -> str:

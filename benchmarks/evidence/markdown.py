@@ -73,7 +73,7 @@ def render(results: dict, sm: dict) -> str:
           + f"; {s['seeds']} seeds; LoRA rank 8 on every linear layer, {s['epochs']} epochs, lr {s['lr']}, batch "
           f"{s['batch']} (train and tune-bridge alike); refine {s['refine_steps']} MeZO steps at `surgery refine`'s "
           "defaults otherwise",
-          "- bridges (`prune-bridge --reduction 16`, on the task's first "
+          f"- bridges (`prune-bridge --reduction {s.get('reduction', 16):g}`, on the task's first "
           f"{s['calib']} training texts): " + "; ".join(_bridges(sm)), ""]
     L += ["## Against the goal (issue 16)", ""]
     if g["gap"] is None:
