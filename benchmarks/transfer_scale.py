@@ -6,7 +6,7 @@ checked: it loads with PeftModel.from_pretrained, every stored tensor placed, an
 Models are built once and cached (random init, no downloads) under --work.
 
     flock /tmp/surgery-heavy.lock python benchmarks/transfer_scale.py [--work DIR] [--targets q_proj,v_proj]
-        [--max-memory 3GB] [--samples 64] [--seq-len 128]
+        [--max-memory 3GB] [--samples 64] [--seq-len 128] [--scale none|auto]
     python benchmarks/transfer_scale.py --plan     # the formula of docs/transfer.md for 1.1B and 7B
 """
 
@@ -52,11 +52,13 @@ print(f"loss {float(loss):.3f}")
 """
 
 
-def transfer_command(lora: str, llm: str, out: str, calib: str, samples: int, seq_len: int, max_memory: str) -> list[str]:
+def transfer_command(lora: str, llm: str, out: str, calib: str, samples: int, seq_len: int, max_memory: str,
+                     scale: str = "none") -> list[str]:
     """The measured command (benchmarks/scale.py runs the same one for its transfer row): the streamed port,
-    --scale none (--scale auto then loads the LLM whole for its forward passes: inference memory, not this)."""
+    --scale none by default; --scale auto (transfer's default) then loads the LLM whole for its forward passes,
+    so its peak is the LLM's inference memory rather than the streamed window's: measure both."""
     return [sys.executable, "-m", "surgery", "transfer", "--slm", lora, "--llm", llm, "-o", out, "--data", calib,
-            "--samples", str(samples), "--seq-len", str(seq_len), "--max-memory", max_memory, "--scale", "none",
+            "--samples", str(samples), "--seq-len", str(seq_len), "--max-memory", max_memory, "--scale", scale,
             "--force", "--json"]
 
 
@@ -178,6 +180,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=SAMPLES)
     ap.add_argument("--seq-len", type=int, default=SEQ_LEN)
     ap.add_argument("--plan", action="store_true", help="print the peak-memory plan (formula) and exit")
+    ap.add_argument("--scale", default="none", choices=("none", "auto"),
+                    help="transfer's --scale: none = the streamed port alone; auto = + the forward passes that size it")
     a = ap.parse_args()
     if a.plan:
         sys.path.insert(0, ROOT)
@@ -191,16 +195,16 @@ def main() -> None:
     lora = build("lora", os.path.join(a.work, "lora-" + "-".join(targets)), {"slm": slm, "targets": targets})
     calib = os.path.join(a.work, "calib.txt")
     run([sys.executable, "-c", f"from benchmarks.transfer_scale import write_calibration; write_calibration({calib!r}, {a.samples})"])
-    out = os.path.join(a.work, "ported-" + "-".join(targets))
-    cmd = transfer_command(lora, llm, out, calib, a.samples, a.seq_len, a.max_memory)
+    out = os.path.join(a.work, "ported-" + "-".join(targets) + ("" if a.scale == "none" else "-" + a.scale))
+    cmd = transfer_command(lora, llm, out, calib, a.samples, a.seq_len, a.max_memory, a.scale)
     rss, wall, cpu, _ = run(cmd)
     _, _, _, check = run(check_command(llm, out))
     ck = sum(os.path.getsize(os.path.join(llm, f)) for f in os.listdir(llm) if f.endswith(".safetensors")) / 1e9
     print(f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs")
     print(f"command: {' '.join(cmd[1:])}")
-    print("| SLM | LLM (bf16 checkpoint) | LoRA targets | --max-memory | peak RSS | wall | CPU | ported adapter |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| 0.2B-shaped | 1.1B-shaped ({ck:.2f} GB) | {a.targets} (r 16) | {a.max_memory} | {rss:.2f} GiB | "
+    print("| SLM | LLM (bf16 checkpoint) | LoRA targets | --max-memory | --scale | peak RSS | wall | CPU | ported adapter |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| 0.2B-shaped | 1.1B-shaped ({ck:.2f} GB) | {a.targets} (r 16) | {a.max_memory} | {a.scale} | {rss:.2f} GiB | "
           f"{wall:.0f} s | {cpu:.0f} s | loads in peft, {check.strip()} |")
 
 
