@@ -71,8 +71,7 @@ def render(results: dict, sm: dict) -> str:
     L += [f"- tasks (benchmarks/evidence/tasks.py): " + "; ".join(
               f"`{n}` ({results['task_sizes'][n][0]} train / {results['task_sizes'][n][1]} dev)" for n in sm["tasks"])
           + f"; {s['seeds']} seeds; LoRA rank 8 on every linear layer, {s['epochs']} epochs, lr {s['lr']}, batch "
-          f"{s['batch']} (train and tune-bridge alike" + (f", but tune-bridge {s['bridge_epochs']} epochs" if
-                                         s.get("bridge_epochs", s["epochs"]) != s["epochs"] else "") + f"); refine {s['refine_steps']} MeZO steps at `surgery refine`'s "
+          f"{s['batch']} (train and tune-bridge alike); refine {s['refine_steps']} MeZO steps at `surgery refine`'s "
           "defaults otherwise",
           f"- bridges (`prune-bridge --reduction {s.get('reduction', 16):g}`, on the task's first "
           f"{s['calib']} training texts): " + "; ".join(_bridges(sm)), ""]

@@ -44,13 +44,10 @@ from benchmarks.evidence.tasks import TASKS, write  # noqa: E402
 # 22.4), while the bridge's training memory stays >= 5x below LoRA on the LLM (5.6x here, 5.8x at
 # TinyLlama-1.1B's shape; 6.7x / 7.0x at 16). docs/method-experiments.md section 5.
 REDUCTION = 10
-# tune-bridge's epochs (train's stay 3): with 10 the method scored 61.4 / 50.7 on verb (seeds 1 / 0) against
-# 41.5 / 37.2 with 3, and 32.3 vs 31.2 on arg seed 0 (r10, the scaled transfer, 500 refine steps); the
-# bridge's 187 training records give 36 steps at 3 epochs. docs/method-experiments.md section 5.
 FULL = dict(epochs=3, lr=3e-3, batch=16, seeds=3, calib=128, refine_steps=1500, max_length=64,
-            reduction=REDUCTION, bridge_epochs=10)  # refine: its default (tests/test_refine.py)
+            reduction=REDUCTION)  # refine: its default (tests/test_refine.py)
 QUICK = dict(epochs=1, lr=3e-3, batch=16, seeds=2, calib=16, refine_steps=10, max_length=64, n_train=64, n_dev=32,
-             reduction=REDUCTION, bridge_epochs=1)
+             reduction=REDUCTION)
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,7 +132,7 @@ class Bench:
         out = self.p(task, f"s{seed}", name)
         t = self.stage(f"{task}/s{seed}/{name}", ["tune-bridge", "--adapter", adapter, "--bridge",
                                                  self.bridge(task, kind)["dir"], "--data", train, "--eval", dev,
-                                                 "-o", out] + self.train_args(seed, epochs=self.s["bridge_epochs"]))
+                                                 "-o", out] + self.train_args(seed))
         r = {"dir": out, "train": t}
         if evaluate:
             r["eval"] = self.evaluate(f"{task}/s{seed}/{name}-eval", task, self.llm, out)
