@@ -41,8 +41,9 @@ from benchmarks.evidence.tasks import TASKS, write  # noqa: E402
 # auto keeps one of the LLM's four layers either way, with 139 instead of 63 of its 384 MLP neurons;
 # from the transferred start (--scale auto) the method (transfer + tune-bridge + refine) scored higher
 # in 4 of 4 one-seed runs (verb/arg x seeds 0/1, 500 refine steps: 34.1 vs 30.0 mean; lifted 28.6 vs
-# 22.4), while the bridge's training memory stays >= 5x below LoRA on the LLM (5.6x here, 5.8x at
-# TinyLlama-1.1B's shape; 6.7x / 7.0x at 16). docs/method-experiments.md section 5.
+# 22.4), while the
+# bridge's training memory stays >= 5x below LoRA on the LLM (5.6x here, 5.8x at TinyLlama-1.1B's
+# shape; 6.7x / 7.0x at 16). docs/method-experiments.md, "The bridge's trade-off".
 REDUCTION = 10
 FULL = dict(epochs=3, lr=3e-3, batch=16, seeds=3, calib=128, refine_steps=1500, max_length=64,
             reduction=REDUCTION)  # refine: its default (tests/test_refine.py)
