@@ -169,6 +169,13 @@ def memory_table(slm: str, llm: str, bridges: dict, batch: int, seq: int, transf
         table["transfer"], table["transfer (one-layer windows)"] = transfer_bytes(
             f["--slm"], llm, f.get("--data"), int(f.get("--samples", d.samples)), int(f.get("--seq-len", d.seq_len)),
             f.get("--map", d.map_kind))
+        if getattr(d, "scale", "none") != "none" and f.get("--scale", d.scale) != "none" and f.get("--data"):
+            # --scale auto then runs the whole LLM (with the port on it) forward over the --data batches:
+            # inference memory, counted as refine's row is; the stage's count is the larger of the two
+            scale = inference_bytes(llm, d.batch, int(f.get("--seq-len", d.seq_len)))
+            table["transfer (--scale auto passes)"] = scale
+            if scale["total"] > table["transfer"]["total"]:
+                table["transfer"] = {**scale, "from": "transfer (--scale auto passes)"}
     for k, v in bridges.items():
         if "cmd" in v:
             f, d = _flags(v["cmd"]), PruneConfig()
