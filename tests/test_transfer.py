@@ -368,6 +368,21 @@ def test_scale_auto_is_never_worse_than_no_adapter_on_its_text(fx, tmp_path, cal
         transfer(ad, llm, str(tmp_path / "bad"), data=calib, scale="twice", **{k: v for k, v in FAST.items() if k != "scale"})
 
 
+def test_scale_auto_runs_on_a_bfloat16_llm(fx, tmp_path, calib):
+    """A bf16 checkpoint (the usual one; --dtype auto keeps its stored dtype) under --scale auto: peft keeps
+    the adapter in float32 beside the bf16 weights, so the effect probe must run the LoRA factors in their
+    own dtype (it crashed at 1.1B with 'BFloat16 != float'). Same choice rule, finite factors."""
+    import math
+
+    from surgery.pipelines.transfer import transfer
+
+    info = transfer(fx.lora("llama", targets=ALL), fx.model("llama", seed=5), str(tmp_path / "o"), data=calib,
+                    samples=12, seq_len=48, dtype="bfloat16")
+    s = info["scale"]
+    assert s["mode"] == "auto" and s["chosen"]["loss"] == min(c["loss"] for c in s["candidates"])
+    assert all(math.isfinite(e["factor"]) and e["llm"] > 0 for e in s["relative_effect"].values())
+
+
 def test_scale_auto_normalise_is_one_on_an_exact_width_expansion(fx, tmp_path, calib, expanded):
     """Where the LLM computes the SLM exactly (x3 wider, same depth), each ported delta changes its module's
     output by the same share as the SLM's did, so the normalising factor e_slm / (e_llm * k) is 1."""

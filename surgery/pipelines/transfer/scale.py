@@ -81,7 +81,9 @@ def forward_pass(model, batches, layers: dict | None = None) -> tuple[float, dic
         def f(mod, inp, out):
             x = inp[0]
             base = mod.base_layer(x)
-            delta = mod.lora_B["default"](mod.lora_A["default"](x)) * mod.scaling["default"]
+            # peft keeps the adapter in float32 beside bf16/fp16 weights and casts x in its own forward
+            a = mod.lora_A["default"]
+            delta = mod.lora_B["default"](a(x.to(a.weight.dtype))) * mod.scaling["default"]
             keep = mask_now["m"].unsqueeze(-1).to(torch.float32)
             sums[name][0] += float((delta.float() * keep).pow(2).sum())
             sums[name][1] += float((base.float() * keep).pow(2).sum())
