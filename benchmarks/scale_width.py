@@ -1,0 +1,114 @@
+"""This session's numerics at TinyLlama-1.1B widths, against the float64 exact answer.
+
+Two pieces changed on small fixtures only, checked here at real widths (hidden 2048, 32/4 heads,
+MLP 5632, vocab 32000; 2 layers to keep the float64 reference cheap; random bf16 weights, 4 right-padded
+texts of 256, 200, 130 and 64 tokens):
+
+1. train.score.causal_mask: a right-padded causal batch runs without its attention mask. Its loss and
+   gradient (of layer 0's q_proj weight) against the float64 masked answer, beside the masked bf16 run
+   it replaced: dropping the mask must cost nothing measurable.
+2. transfer --scale auto's probe (pipelines/transfer/scale.forward_pass): each LoRA module's relative
+   effect ‖ΔW x‖/‖W x‖ and the loss on a bf16 model with peft's float32 adapter, against the same model
+   and adapter in float64. The factors it chooses are ratios of these effects.
+
+    python benchmarks/scale_width.py
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
+             num_hidden_layers=2, vocab_size=32000, head_dim=64, max_position_embeddings=2048, tie_word_embeddings=False)
+LENGTHS = (256, 200, 130, 64)
+TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def batch(torch):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, SHAPE["vocab_size"], (len(LENGTHS), max(LENGTHS)), generator=g)
+    mask = (torch.arange(max(LENGTHS)) < torch.tensor(LENGTHS)[:, None]).long()
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+def rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def masks(torch, model, model64, ids, mask, labels) -> list[tuple[str, float, float]]:
+    from surgery.train.score import aligned_logits, batch_nll, token_loss
+
+    def loss_grad(m, fn):
+        m.zero_grad()
+        nll, n = fn(m)
+        loss = nll / n
+        loss.backward()
+        w = m.model.layers[0].self_attn.q_proj.weight
+        return float(loss.detach()), w.grad.detach().clone()
+
+    full = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    exact_l, exact_g = loss_grad(model64, lambda m: token_loss(*aligned_logits(m, full, False)))
+    rows = []
+    for name, fn in (("masked (transformers' path, before)", lambda m: token_loss(*aligned_logits(m, full, False))),
+                     ("no mask (causal_mask, the trainer's now)", lambda m: batch_nll(m, full, False))):
+        l, g = loss_grad(model, fn)
+        rows.append((name, abs(l - exact_l) / abs(exact_l), rel(g, exact_g)))
+    return rows
+
+
+def probe(torch, model, model64, ids, mask, labels):
+    from peft import LoraConfig, get_peft_model
+
+    from surgery.pipelines.transfer.scale import forward_pass
+
+    cfg = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False)
+    torch.manual_seed(2)
+    pm = get_peft_model(model, cfg)
+    pm64 = get_peft_model(model64, cfg)
+    pm64.load_state_dict({k: v.double() for k, v in pm.state_dict().items() if "lora_" in k}, strict=False)
+
+    def layers(p):
+        return {n.removeprefix("base_model.model."): m for n, m in p.named_modules() if hasattr(m, "lora_B") and "default" in m.lora_B}
+
+    batches = [(ids, mask, labels)]
+    with torch.no_grad():
+        loss, eff = forward_pass(pm.eval(), batches, layers(pm))
+        loss64, eff64 = forward_pass(pm64.eval(), batches, layers(pm64))
+    errs = {n: abs(eff[n] - eff64[n]) / eff64[n] for n in eff64}
+    adapter_dtype = next(iter(layers(pm).values())).lora_A["default"].weight.dtype
+    return loss, loss64, errs, eff64, adapter_dtype
+
+
+def main() -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    t0 = time.time()
+    cfg = LlamaConfig(**SHAPE, attn_implementation="sdpa")
+    model64 = LlamaForCausalLM(cfg).to(torch.bfloat16).to(torch.float64)  # the bf16 model, held exactly
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in model64.state_dict().items()})
+    ids, mask, labels = batch(torch)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; shape {SHAPE}; "
+          f"texts of {LENGTHS} tokens, right-padded")
+    print("\n| 1. attention mask (bf16) | loss, rel. error vs float64 masked | dL/dW_q (layer 0), rel. error |")
+    print("|---|---:|---:|")
+    for name, el, eg in masks(torch, model, model64, ids, mask, labels):
+        print(f"| {name} | {el:.2e} | {eg:.2e} |")
+    loss, loss64, errs, eff64, adt = probe(torch, model, model64, ids, mask, labels)
+    worst = max(errs, key=errs.get)
+    print(f"\n2. --scale auto's probe: bf16 model, {adt} adapter (peft's), LoRA r 16 on {','.join(TARGETS)}, "
+          f"against float64: loss {loss:.5f} vs {loss64:.5f} (rel. error {abs(loss - loss64) / loss64:.2e}); "
+          f"relative effect of {len(errs)} modules ({min(eff64.values()):.3f}-{max(eff64.values()):.3f}): "
+          f"max rel. error {errs[worst]:.2e} ({worst}), mean {sum(errs.values()) / len(errs):.2e}")
+    print(f"\n{time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
