@@ -68,11 +68,12 @@ def _load(model_dir: str, adapter: str, dtype: str):
 
 
 def forward_pass(model, batches, layers: dict | None = None) -> tuple[float, dict[str, float]]:
-    """(mean loss per labelled token, computed as `surgery eval` does (train.score); and, for each LoRA
-    layer in `layers`, ‖ΔW x‖ / ‖W x‖ over the batches' tokens, padding excluded: ΔW = its LoRA delta)."""
+    """(mean loss per labelled token, computed as training scores it (train.score.batch_nll: the LM head a
+    chunk of tokens at a time, never the full logits); and, for each LoRA layer in `layers`,
+    ‖ΔW x‖ / ‖W x‖ over the batches' tokens, padding excluded: ΔW = its LoRA delta)."""
     import torch
 
-    from ...train.score import aligned_logits, token_loss
+    from ...train.score import batch_nll
 
     sums = {name: [0.0, 0.0] for name in layers or {}}
     mask_now = {}
@@ -95,7 +96,7 @@ def forward_pass(model, batches, layers: dict | None = None) -> tuple[float, dic
         with torch.inference_mode():
             for ids, mask, labels in batches:
                 mask_now["m"] = mask
-                nll, k = token_loss(*aligned_logits(model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, False))
+                nll, k = batch_nll(model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, False)
                 total += float(nll)
                 n += k
     finally:
