@@ -43,8 +43,8 @@ from benchmarks.evidence.tasks import TASKS, write  # noqa: E402
 # in 4 of 4 one-seed runs (verb/arg x seeds 0/1, 500 refine steps: 34.1 vs 30.0 mean; lifted 28.6 vs
 # 22.4), while the
 # bridge's training memory stays >= 5x below LoRA on the LLM (5.6x here, 5.40x at TinyLlama-1.1B's
-# shape; 6.7x / 6.52x at 16; `python benchmarks/train_memory.py --shape tinyllama --no-rss`, docs/benchmarks.md).
-# docs/method-experiments.md, "The bridge's trade-off".
+# shape; 6.7x / 6.52x at 16; benchmarks/train_memory.py's tensor count at batch 4 x 256).
+# docs/method-experiments.md, "The bridge's trade-off" (both shapes), docs/benchmarks.md (6.52x).
 REDUCTION = 10
 FULL = dict(epochs=3, lr=3e-3, batch=16, seeds=3, calib=128, refine_steps=1500, max_length=64,
             reduction=REDUCTION)  # refine: its default (tests/test_refine.py)
