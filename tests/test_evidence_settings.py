@@ -27,7 +27,7 @@ def _commands(monkeypatch, epochs):
     return {(a[0], a[a.index("-o") + 1]): a[a.index("--epochs") + 1] for a in seen if "--epochs" in a}
 
 
-@pytest.mark.parametrize("epochs, expect", [(None, "3"), (10, "10")])
+@pytest.mark.parametrize("epochs, expect", [(None, str(run.FULL["epochs"])), (7, "7")])
 def test_epochs_reaches_every_train_and_tune_bridge_stage_alike(monkeypatch, epochs, expect):
     got = _commands(monkeypatch, epochs)
     assert got.pop(("train", "W/verb/s0/fresh")) == "0"  # the zero-init adapter: no training
