@@ -44,3 +44,11 @@ class DataError(SurgeryError):
 
 class ResourceError(SurgeryError):
     """The job does not fit in the memory it was given (or the machine has)."""
+
+
+def check_ranges(rules, fixes: dict | None = None) -> None:
+    """Refuse the first setting out of range: rules are (flag, value, ok); fixes[flag] says how to mend
+    it (default "pass a positive FLAG"). One home for the CLI's numeric range checks."""
+    for flag, v, ok in rules:
+        if not ok:
+            raise SurgeryError(f"{flag} {v} is out of range", (fixes or {}).get(flag, f"pass a positive {flag}"))

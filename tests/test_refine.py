@@ -302,10 +302,10 @@ def test_keep_best_never_writes_an_adapter_worse_than_its_input(fx, task, tmp_pa
     assert sorted(evals) == [10, 20, 30] and s["kept_step"] in evals
     assert s["after"]["loss"] == min(evals.values()) <= s["before"]["loss"]
     # a worse evaluation than the best so far restores the best state and halves lr
-    code, o, err = _refine(src, llm, task, tmp_path / "backoff", "--lr", "3", "--eval-every", "10")
+    code, o, err = _refine(src, llm, task, tmp_path / "backoff", "--lr", "20", "--eval-every", "10")
     assert code == 0, err
     s = json.loads(o)
-    assert s["lr_schedule"][:3] == [[0, 3.0], [10, 1.5], [20, 0.75]] and s["after"]["loss"] <= s["before"]["loss"]
+    assert s["lr_schedule"][:3] == [[0, 20.0], [10, 10.0], [20, 5.0]] and s["after"]["loss"] <= s["before"]["loss"]
 
 
 def test_the_evidence_measures_refine_at_its_default_steps():

@@ -35,7 +35,7 @@ def _quiet() -> None:
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(peft|transformers|accelerate)(\.|$)")
 
 
 def _render(title: str, s: dict, extra: list[tuple[str, str]]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from ..errors import DataError, SurgeryError
+from ..errors import DataError, check_ranges
 from .data import collate, pad_id_of
 from .score import batch_nll, evaluate_examples
 
@@ -33,11 +33,10 @@ class TrainConfig:
 
     def check(self) -> None:
         """Refuse nonsense settings before any model is loaded."""
-        for flag, v, ok in (("--log-every", self.log_every, self.log_every >= 1),
-                            ("--eval-every", self.eval_every, self.eval_every >= 0)):
-            if not ok:
-                raise SurgeryError(f"{flag} {v} is out of range", "pass a positive number of steps"
-                                   + (" (0: once per epoch)" if flag == "--eval-every" else ""))
+        check_ranges((("--log-every", self.log_every, self.log_every >= 1),
+                      ("--eval-every", self.eval_every, self.eval_every >= 0)),
+                     {"--log-every": "pass a positive number of steps",
+                      "--eval-every": "pass a positive number of steps (0: once per epoch)"})
 
 
 @dataclass
