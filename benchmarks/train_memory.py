@@ -214,13 +214,14 @@ def method_counts(shape: dict, counts: dict, work: str) -> dict:
     transfer      transfer's own cost model (surgery/pipelines/transfer/memory.py) at its defaults (64 texts
                   of 128 tokens, batches of 8), for the spaces it captures for LoRA on every llama linear
                   layer (as the evidence run's transfer does): per LLM layer its and its SLM layer's weights,
-                  one batch's captured activations, float64 moments and fitted maps; throughout, both models'
-                  hidden states and the LLM's embedding. With one layer per window (the least it runs in)
-                  and with as many layers as its default 4 GB budget takes.
+                  float64 moments, one batch's paired SLM activations (the LLM's go into the moments in
+                  chunks), the map being fitted and the residual prior; throughout, both models' hidden
+                  states; the LLM's embedding only in the priming pass, before any layer (the peak is the
+                  larger phase). Its default (one layer a window), and as many layers as --max-memory 4GB takes.
     refine        the LLM's weights with its LoRA and one regenerated direction tensor: no saved activations."""
     from surgery.pipelines.importance import MICRO_TOKENS
     from surgery.pipelines.prune import PruneConfig
-    from surgery.pipelines.transfer.memory import DEFAULT, space_bytes
+    from surgery.pipelines.transfer.memory import DEFAULT, layer_bytes
     from surgery.pipelines.transfer.run import TransferConfig
 
     llm, slm = config_of(shape, "llm", work), config_of(shape, "slm", work)
@@ -246,20 +247,20 @@ def method_counts(shape: dict, counts: dict, work: str) -> dict:
         # (space, to_llm, to_slm) per LLM layer, as transfer captures them for LoRA on q,k,v,o,gate,up,down
         spaces = [("kv", 1, 0), ("kv", 1, 0), ("q", 1, 0), ("q", 0, 1), ("res", 0, 1), ("res", 0, 1),
                   ("mlp", 1, 1), ("res", 1, 0), ("res", 1, 0), ("res", 1, 0)]
-        tokens = tc.batch * tc.seq_len
-        per_layer = sum(space_bytes(ds[k], dl[k], bool(a), bool(b), tokens)["resident"] for k, a, b in spaces)
+        terms = layer_bytes([(ds[k], dl[k], bool(a), bool(b)) for k, a, b in spaces], tc.batch * tc.seq_len)
 
         def layer_weights(c, d):
             return 4 * (2 * d["res"] * d["q"] + 2 * d["res"] * d["kv"] + 3 * d["res"] * d["mlp"] + 2 * d["res"])
 
         lw = layer_weights(llm, dl) + layer_weights(slm, ds)
-        base = 4 * (tc.samples * tc.seq_len * (ds["res"] + dl["res"]) + llm["vocab_size"] * dl["res"])
-        fit = max(space_bytes(ds[k], dl[k], bool(a), bool(b), tokens)["fit"] for k, a, b in spaces)
-        fits = max(1, min(layers, int((DEFAULT - base - fit) // (lw + per_layer))))
-        for name, n in (("transfer (one-layer windows)", 1), ("transfer (default 4 GB budget)", fits)):
-            out[name] = {"weights": n * lw + 4 * llm["vocab_size"] * dl["res"], "trainable": 0, "params": 0,
-                         "saved": n * per_layer + 4 * tc.samples * tc.seq_len * (ds["res"] + dl["res"])}
-            out[name]["total"] = out[name]["weights"] + out[name]["saved"]
+        hidden = 4 * tc.samples * tc.seq_len * (ds["res"] + dl["res"])  # both models' stored hidden states
+        embedding = 4 * llm["vocab_size"] * dl["res"]  # held by the priming pass only, before any layer
+        per_layer = lw + terms["moments"] + terms["acts"]
+        fits = max(1, min(layers, int((DEFAULT - hidden - embedding - terms["maps"] - terms["fit"]) // per_layer)))
+        for name, n in (("transfer (default: one layer a window)", 1), ("transfer (--max-memory 4GB)", fits)):
+            w, h = max((n * lw, n * (terms["moments"] + terms["acts"]) + terms["maps"] + hidden), (embedding, hidden),
+                       key=sum)
+            out[name] = {"weights": w, "saved": h, "trainable": 0, "params": 0, "total": w + h}
     lora = counts["llm"]["trainable"] // 4
     out["refine (LLM, forward only)"] = {"weights": counts["llm"]["weights"], "saved": 0, "trainable": 0,
                                          "total": counts["llm"]["weights"], "params": counts["llm"]["params"],

@@ -6,7 +6,7 @@ checked: it loads with PeftModel.from_pretrained, every stored tensor placed, an
 Models are built once and cached (random init, no downloads) under --work.
 
     flock /tmp/surgery-heavy.lock python benchmarks/transfer_scale.py [--work DIR] [--targets q_proj,v_proj]
-        [--max-memory 3GB] [--samples 64] [--seq-len 128] [--scale none|auto]
+        [--max-memory 3GB (default: none, one layer a window)] [--samples 64] [--seq-len 128] [--scale none|auto]
     python benchmarks/transfer_scale.py --plan     # the formula of docs/transfer.md for 1.1B and 7B
 """
 
@@ -29,7 +29,7 @@ SHAPES = {  # llama-family shapes; vocab 32000 as TinyLlama
                  intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
                  head_dim=64),
 }
-TARGETS, MAX_MEMORY, SAMPLES, SEQ_LEN = ["q_proj", "v_proj"], "3GB", 64, 128  # the measured setting (scale.py too)
+TARGETS, MAX_MEMORY, SAMPLES, SEQ_LEN = ["q_proj", "v_proj"], None, 64, 128  # the measured setting (scale.py too)
 CHECK = """
 import sys, torch
 from peft import PeftModel
@@ -52,14 +52,15 @@ print(f"loss {float(loss):.3f}")
 """
 
 
-def transfer_command(lora: str, llm: str, out: str, calib: str, samples: int, seq_len: int, max_memory: str,
+def transfer_command(lora: str, llm: str, out: str, calib: str, samples: int, seq_len: int, max_memory: str | None,
                      scale: str = "none") -> list[str]:
     """The measured command (benchmarks/scale.py runs the same one for its transfer row): the streamed port,
     --scale none by default; --scale auto (transfer's default) then loads the LLM whole for its forward passes,
-    so its peak is the LLM's inference memory rather than the streamed window's: measure both."""
+    so its peak is the LLM's inference memory rather than the streamed window's: measure both.
+    max_memory None: transfer's default (one LLM layer a window)."""
+    budget = ["--max-memory", max_memory] if max_memory else []
     return [sys.executable, "-m", "surgery", "transfer", "--slm", lora, "--llm", llm, "-o", out, "--data", calib,
-            "--samples", str(samples), "--seq-len", str(seq_len), "--max-memory", max_memory, "--scale", scale,
-            "--force", "--json"]
+            "--samples", str(samples), "--seq-len", str(seq_len), *budget, "--scale", scale, "--force", "--json"]
 
 
 def check_command(llm: str, ported: str) -> list[str]:
@@ -142,28 +143,26 @@ def layer_params(c: dict) -> int:
 
 
 def peak_terms(slm: dict, llm: dict, targets: list[str], samples: int, seq_len: int, batch: int = 8) -> dict:
-    """Bytes of each term of the peak-memory formula of docs/transfer.md (one-layer windows,
-    transfer/memory.py) for one SLM -> LLM pair of bf16 models; "peak" is their sum."""
-    from surgery.pipelines.transfer.memory import space_bytes
+    """Bytes of each term of the peak-memory formula of docs/transfer.md (one-layer windows, transfer's
+    default; transfer/memory.py) for one SLM -> LLM pair of bf16 models; "peak" is their sum."""
+    from surgery.pipelines.transfer.memory import layer_bytes
 
     sp_s, sp_l = spaces(slm, targets), spaces(llm, targets)
-    res = fit = 0
-    for k, (n_l, (to_llm, to_slm)) in sp_l.items():
-        c = space_bytes(sp_s[k][0], n_l, to_llm, to_slm, batch * seq_len)
-        res += c["resident"]
-        fit = max(fit, c["fit"])
+    terms = layer_bytes([(sp_s[k][0], n_l, to_llm, to_slm) for k, (n_l, (to_llm, to_slm)) in sp_l.items()],
+                        batch * seq_len)
     t = {"checkpoint": 2 * (llm["num_hidden_layers"] * layer_params(llm) + 2 * llm["vocab_size"] * llm["hidden_size"]),
          "base": 0.35e9 + samples * seq_len * 2 * (slm["hidden_size"] + llm["hidden_size"])
          + 2 * llm["vocab_size"] * llm["hidden_size"],
-         "weights": 2 * (layer_params(slm) + layer_params(llm)), "resident": res, "fit": fit}
-    return {**t, "peak": t["base"] + t["weights"] + res + fit}
+         "weights": 2 * (layer_params(slm) + layer_params(llm)), "resident": terms["moments"] + terms["acts"],
+         "fit": terms["maps"] + terms["fit"]}
+    return {**t, "peak": t["base"] + t["weights"] + t["resident"] + t["fit"]}
 
 
 def plan(targets: list[str], samples: int, seq_len: int, batch: int = 8) -> None:
     """The peak-memory formula of docs/transfer.md evaluated for one-layer windows (transfer/memory.py)."""
     print(f"Plan (one-layer windows, LoRA on {','.join(targets)}, {samples}×{seq_len} calibration tokens, "
           f"bf16 models, 0.35 GB libraries):")
-    print("| SLM → LLM | LLM checkpoint | base | W_j + w_j | M_j + P_j + X_j | F_j | predicted peak |")
+    print("| SLM → LLM | LLM checkpoint | base | W_j + w_j | M_j + X_j | P_j + F_j | predicted peak |")
     print("|---|---|---|---|---|---|---|")
     for label, (s_name, l_name) in PLAN_SHAPES.items():
         t = peak_terms(SHAPES_PLAN[s_name], SHAPES_PLAN[l_name], targets, samples, seq_len, batch)
@@ -176,7 +175,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/work/scratch/transfer/scale")
     ap.add_argument("--targets", default=",".join(TARGETS))
-    ap.add_argument("--max-memory", default=MAX_MEMORY)
+    ap.add_argument("--max-memory", default=MAX_MEMORY, help="transfer's --max-memory (default: not passed, one layer a window)")
     ap.add_argument("--samples", type=int, default=SAMPLES)
     ap.add_argument("--seq-len", type=int, default=SEQ_LEN)
     ap.add_argument("--plan", action="store_true", help="print the peak-memory plan (formula) and exit")
@@ -204,7 +203,7 @@ def main() -> None:
     print(f"command: {' '.join(cmd[1:])}")
     print("| SLM | LLM (bf16 checkpoint) | LoRA targets | --max-memory | --scale | peak RSS | wall | CPU | ported adapter |")
     print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| 0.2B-shaped | 1.1B-shaped ({ck:.2f} GB) | {a.targets} (r 16) | {a.max_memory} | {a.scale} | {rss:.2f} GiB | "
+    print(f"| 0.2B-shaped | 1.1B-shaped ({ck:.2f} GB) | {a.targets} (r 16) | {a.max_memory or 'default'} | {a.scale} | {rss:.2f} GiB | "
           f"{wall:.0f} s | {cpu:.0f} s | loads in peft, {check.strip()} |")
 
 

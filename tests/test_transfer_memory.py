@@ -98,3 +98,87 @@ def test_out_of_memory_is_one_line_naming_the_budget(fx, tmp_path, calib, expand
     code, _, err = run_cli("transfer", "--slm", ad, "--llm", llm, "-o", tmp_path / "o", "--data", calib,
                            "--max-memory", "lots")
     assert code != 0 and "--max-memory" in err
+
+
+def test_chunked_moments_equal_one_chunk():
+    """Moments added a few rows at a time (the float64 copies bounded by the chunk) equal one add of
+    every row, and so do the maps fitted from them."""
+    import torch
+
+    from surgery.ops.project import Moments, fit_to_llm, fit_to_slm
+
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(101, 6, generator=g)
+    xl = torch.cat([xs @ torch.randn(6, 9, generator=g), torch.randn(101, 2, generator=g)], 1)  # a partly linear relation
+    whole, chunked = Moments(6, 11), Moments(6, 11)
+    whole.add(xs, xl)
+    chunked.add(xs, xl, chunk=7)
+    assert chunked.count == whole.count == 101
+    for name in ("ss", "ll", "ls", "sq_l"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(whole, name), rtol=1e-12, atol=1e-12)
+    assert abs(chunked.tr_ss - whole.tr_ss) < 1e-9 * whole.tr_ss and abs(chunked.tr_ll - whole.tr_ll) < 1e-9 * whole.tr_ll
+    for fit in (fit_to_llm, fit_to_slm):
+        (a, ra, ka), (b, rb, kb) = fit(whole, 1e-9), fit(chunked, 1e-9)
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+        assert ka == kb and abs(ra - rb) < 1e-8
+
+
+def test_default_holds_one_layer_and_a_chunk(fx, tmp_path, calib, expanded, monkeypatch):  # noqa: F811
+    """Without --max-memory: one LLM layer a window; only that layer's moments exist when it is fitted;
+    the LLM's activations go into the moments inside the hook (never stored), float64 copies at most a
+    chunk of rows; each map is spilled alone. And the port equals one window over the whole LLM."""
+    import torch
+    from safetensors.torch import load_file
+
+    import surgery.pipelines.transfer.capture as tc
+    import surgery.pipelines.transfer.fit as tf
+    from surgery.ops.project import Moments
+    from surgery.pipelines.transfer import transfer
+    from surgery.pipelines.transfer.maps import MapStore
+
+    ad, llm = fx.lora("llama", targets=ALL, name="all"), expanded("llama", 2, 2)
+    kw = dict(data=calib, samples=8, seq_len=32, scale="none")
+    transfer(ad, llm, str(tmp_path / "whole"), max_memory="20GB", **kw)
+    seen = {"windows": [], "rows": [], "stored": [], "spilled": [], "kept": []}
+    monkeypatch.setattr(tc, "CHUNK_TOKENS", 5)
+    real_acc, real_add, real_spill, real_hook = tc.accumulate, Moments._add, MapStore.spill, tc.Recorder._hook
+
+    def acc(streams, stack, windows, batches, pairing, wanted, needs, on_window):
+        seen["windows"] = windows
+
+        def fit(a, b, moments):
+            seen["stored"].append({j for j, _ in moments})
+            return on_window(a, b, moments)
+        return real_acc(streams, stack, windows, batches, pairing, wanted, needs, fit)
+
+    def add(self, xs, xl):
+        seen["rows"].append(xs.shape[0])
+        return real_add(self, xs, xl)
+
+    def spill(self, maps):
+        seen["spilled"].append(len(maps))
+        return real_spill(self, maps)
+
+    def hook(self, where, side, start, stop):
+        inner = real_hook(self, where, side, start, stop)
+
+        def h(module, args, output):
+            inner(module, args, output)
+            seen["kept"].append((self.sink is None, len(self.store)))  # the LLM's recorder keeps nothing
+        return h
+
+    monkeypatch.setattr(tf, "accumulate", acc)
+    monkeypatch.setattr(tc.Recorder, "_hook", hook)
+    monkeypatch.setattr(Moments, "_add", add)
+    monkeypatch.setattr(MapStore, "spill", spill)
+    transfer(ad, llm, str(tmp_path / "default"), **kw)
+    assert seen["windows"] == [(j, j + 1) for j in range(4)]
+    assert seen["stored"] == [{0}, {1}, {2}, {3}]  # a window's moments are one layer's
+    assert seen["rows"] and max(seen["rows"]) <= 5 and sum(seen["rows"]) > 5 * len(seen["windows"])
+    assert seen["spilled"] and set(seen["spilled"]) == {1}
+    assert {n for slm, n in seen["kept"] if not slm} == {0} and any(n for slm, n in seen["kept"] if slm)
+    for f in ("adapter_model.safetensors", "projections.safetensors"):
+        a, b = load_file(str(tmp_path / "whole" / f)), load_file(str(tmp_path / "default" / f))
+        assert a.keys() == b.keys() and len(a) > 0
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)  # the chunks change only the rounding

@@ -117,9 +117,10 @@ def render(results: dict, sm: dict) -> str:
           "prune-bridge: its Fisher pass at its own micro-batch (the LLM's weights, every block's checkpointed input, "
           "one block's recomputed activations). transfer: from its own cost model (surgery/pipelines/transfer/"
           "memory.py), forward only: the window of layers it streams (both models' weights) and what it holds for "
-          "them (float64 moments, fitted maps, one batch's captured activations), plus both models' hidden states "
-          "and the LLM's embedding; with the default --max-memory, and with one layer per window (the least it "
-          "can run in). Transients (one layer's activations, a fit's eigendecomposition) are counted on no side. "
+          "them (float64 moments, one batch's paired SLM activations, the LLM's a chunk at a time, the map being "
+          "fitted and the residual prior), plus both models' hidden states, or the priming pass's LLM embedding "
+          "if that is more; with its default (one layer a window) and with --max-memory 4GB (as many layers as "
+          "that fits). Transients (one layer's activations, a fit's eigendecomposition) are counted on no side. "
           "The slm row is the SLM adapter's training, the method's input.", "",
           "| stage | weights (MB) | saved activations / held tensors (MB) | adapter state (MB) | total (MB) | LoRA on the LLM / this |",
           "|---|---:|---:|---:|---:|---:|"]

@@ -91,41 +91,39 @@ def fisher_bytes(llm_dir: str, rows: int, seq: int, rank: int = 8) -> dict:
 
 
 def transfer_bytes(adapter: str, llm_dir: str, data: str | None, samples: int, seq_len: int,
-                   map_kind: str = "activations") -> tuple[dict, dict]:
+                   map_kind: str = "activations", budget: str = "4GB") -> tuple[dict, dict]:
     """transfer (forward only, the LLM streamed a window of layers at a time), from transfer's own cost
     model (surgery/pipelines/transfer/memory.py): a window's layer weights (both models) and what it
-    holds for them (one batch's captured activations, the float64 moments, the fitted maps until they
-    are spilled), plus what the run holds throughout: both models' stored hidden states and the largest
-    non-layer tensor (an embedding). The fit's own transient (an eigendecomposition) is left out, as
-    the training rows leave out their transients. Returns (the windows planned with the default
-    --max-memory, one layer per window: the least --max-memory allows). The run stops once planned."""
+    holds for them (the float64 moments, one batch's paired SLM activations and the LLM's in chunks, the
+    map being fitted and the residual prior), plus what the run holds throughout: both models' stored
+    hidden states. The largest non-layer tensor (the LLM's embedding) is held only by the priming pass,
+    before any layer is loaded, so the peak is the larger of the two phases. The fit's own transient (an
+    eigendecomposition) is left out, as the training rows leave out their transients. Returns (the
+    default: one LLM layer a window, the windows `--max-memory budget` plans). The run stops once planned."""
     import json
     import os
     import tempfile
 
     import surgery.pipelines.transfer.fit as tf
     from surgery.pipelines.transfer import transfer
+    from surgery.pipelines.transfer.run import _budget
 
     seen: dict = {}
-    plan, windows = tf.plan_windows, tf._windows
+    windows = tf._windows
 
     class Planned(Exception):
         pass
 
-    def record_plan(costs, left, budget):
-        seen["costs"], seen["windows"] = costs, plan(costs, left, budget)
-        return seen["windows"]
-
-    def record_windows(streams, captured, slm_of, pts_s, pts_l, batches, budget):
-        out = windows(streams, captured, slm_of, pts_s, pts_l, batches, budget)
+    def record_windows(streams, captured, slm_of, pts_s, pts_l, batches, _):
+        seen["weights"], seen["terms"] = tf._layer_terms(streams, captured, slm_of, pts_s, pts_l, batches)
+        seen["default"] = windows(streams, captured, slm_of, pts_s, pts_l, batches, None)
+        seen["budget"] = windows(streams, captured, slm_of, pts_s, pts_l, batches, _budget(budget))
         s_stream, l_stream = streams
-        seen["weights"] = [l_stream.layer_bytes(j) + (s_stream.layer_bytes(slm_of[j]) if j in slm_of else 0)
-                           for j in range(len(seen["costs"]))]
         seen["hidden"] = sum(b[0].numel() * s_stream.arch.dims["hidden"] + b[3].numel() * l_stream.arch.dims["hidden"]
                              for b in batches) * 4
         raise Planned
 
-    tf.plan_windows, tf._windows = record_plan, record_windows
+    tf._windows = record_windows
     try:
         with tempfile.TemporaryDirectory() as tmp:
             transfer(adapter, llm_dir, os.path.join(tmp, "out"), data=data, map_kind=map_kind, samples=samples,
@@ -133,18 +131,20 @@ def transfer_bytes(adapter: str, llm_dir: str, data: str | None, samples: int, s
     except Planned:
         pass
     finally:
-        tf.plan_windows, tf._windows = plan, windows
+        tf._windows = windows
     with open(os.path.join(llm_dir, "config.json")) as f:
         cfg = json.load(f)
     embedding = cfg["vocab_size"] * cfg["hidden_size"] * 4
-    held = [c[0] - w for c, w in zip(seen["costs"], seen["weights"])]
 
     def count(windows):
-        w, h = max(((sum(seen["weights"][a:b]), sum(held[a:b])) for a, b in windows), key=sum)
-        w, h = w + embedding, h + seen["hidden"]
+        def phase(a, b):
+            t = seen["terms"][a:b]
+            held = sum(x["moments"] + x["acts"] for x in t) + max((x["maps"] for x in t), default=0)
+            return sum(seen["weights"][a:b]), held + seen["hidden"]
+        w, h = max([phase(a, b) for a, b in windows] + [(embedding, seen["hidden"])], key=sum)  # + the priming pass
         return {"weights": w, "activations": h, "lora_state": 0, "total": w + h, "windows": windows}
 
-    return count(seen["windows"]), count([(j, j + 1) for j in range(len(held))])
+    return count(seen["default"]), count(seen["budget"])
 
 
 def _flags(cmd: str) -> dict:
@@ -166,7 +166,7 @@ def memory_table(slm: str, llm: str, bridges: dict, batch: int, seq: int, transf
     table = {"slm": training_bytes(slm, batch, seq), "llm": training_bytes(llm, batch, seq)}
     if transfer is not None:
         f, d = _flags(transfer["cmd"]), TransferConfig()
-        table["transfer"], table["transfer (one-layer windows)"] = transfer_bytes(
+        table["transfer"], table["transfer (--max-memory 4GB)"] = transfer_bytes(
             f["--slm"], llm, f.get("--data"), int(f.get("--samples", d.samples)), int(f.get("--seq-len", d.seq_len)),
             f.get("--map", d.map_kind))
         if getattr(d, "scale", "none") != "none" and f.get("--scale", d.scale) != "none" and f.get("--data"):

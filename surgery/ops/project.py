@@ -54,12 +54,19 @@ class Moments:
         self.sq_l = torch.zeros(n_llm, **f)  # per LLM coordinate Σ x², for per-row fits to the LLM
         self.count = 0
 
-    def add(self, x_slm, x_llm) -> None:
+    def add(self, x_slm, x_llm, chunk: int | None = None) -> None:
+        """Accumulate paired rows; `chunk` rows at a time (None: all at once), so the float64 copies
+        are chunk × (n_s + n_l), not the whole batch's. The sums are the same up to rounding."""
+        if x_slm.shape[0] != x_llm.shape[0]:
+            raise ValueError(f"unpaired activations: {x_slm.shape[0]} vs {x_llm.shape[0]} rows")
+        step = chunk or max(x_slm.shape[0], 1)
+        for r in range(0, x_slm.shape[0], step):
+            self._add(x_slm[r:r + step], x_llm[r:r + step])
+
+    def _add(self, x_slm, x_llm) -> None:
         import torch
 
         xs, xl = x_slm.to(torch.float64), x_llm.to(torch.float64)
-        if xs.shape[0] != xl.shape[0]:
-            raise ValueError(f"unpaired activations: {xs.shape[0]} vs {xl.shape[0]} rows")
         if self.ss is not None:
             self.ss.addmm_(xs.T, xs)
         if self.ll is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from ...io.progress import progress
 from ...io.tokenizer import check_ids, vocab_limit
 from ...ops.project import Moments
+from .memory import CHUNK_TOKENS
 from .plan import module_path, slice_of
 
 
@@ -78,11 +79,14 @@ def vocab_batches(pairs, batch: int):
 
 
 class Recorder:
-    """Forward hooks that keep, per (layer, key), the last batch's activations as [B·T, n]."""
+    """Forward hooks on the modules of (layer, key) that take each batch's paired rows ([rows, n]) as
+    they are computed: into `store` (the SLM's, kept until the LLM has run the same batch), or straight
+    into `sink(where, x)` (the LLM's, folded into the moments inside the hook, so no batch of LLM
+    activations outlives its layer's forward). `rows` is the batch's paired positions; set it per batch."""
 
-    def __init__(self, model, arch, stack: str, wanted: dict):
+    def __init__(self, model, arch, stack: str, wanted: dict, sink=None):
         """wanted: {layer: [Capture]}."""
-        self.store, self.handles = {}, []
+        self.store, self.handles, self.sink, self.rows = {}, [], sink, None
         mods = dict(model.named_modules())
         for layer, caps in wanted.items():
             for cap in caps:
@@ -94,7 +98,11 @@ class Recorder:
         def hook(module, args, output):
             x = args[0] if side == "in" else output
             x = x.detach()[..., start:stop]
-            self.store[where] = x.reshape(-1, x.shape[-1]).to("cpu")
+            x = x.reshape(-1, x.shape[-1])[self.rows].to("cpu")  # a compact copy of the paired rows only
+            if self.sink is None:
+                self.store[where] = x
+            else:
+                self.sink(where, x)
         return hook
 
     def close(self):
@@ -108,6 +116,8 @@ def accumulate(streams, stack, windows, batches, pairing, wanted, needs, on_wind
     streams: (SLM, LLM) LayerStreams, primed on `batches` (each (…, rows_s, …, rows_l));
     windows: [(start, stop)] of LLM layers; pairing: {llm layer: slm layer}; wanted: ({slm layer:
     captures}, {llm layer: captures}); needs: {SpaceKey: Directions} (fit.py).
+    Per batch the SLM's paired rows of the window's spaces are kept; the LLM's are added to the
+    float64 moments inside its hooks, CHUNK_TOKENS rows at a time (memory.py), and dropped.
     on_window(moments) fits and frees each window's moments before the next is captured.
     Progress (io/progress.py: a bar with an ETA on a terminal, a log line every N seconds otherwise)
     counts batches over all windows, since each window runs every batch through its layers once.
@@ -126,23 +136,28 @@ def accumulate(streams, stack, windows, batches, pairing, wanted, needs, on_wind
                 s_ctx = s_stream.window(s_stream.cur, stop_s, min([stop_s] + later))
             else:
                 s_ctx = contextlib.nullcontext(lambda b: None)
-            rec_s = Recorder(s_stream.model, s_stream.arch, stack, {i: wanted[0][i] for i in used})
-            rec_l = Recorder(l_stream.model, l_stream.arch, stack, {j: wanted[1][j] for j in range(a, b) if j in wanted[1]})
             moments: dict = {}
+            rec_s = Recorder(s_stream.model, s_stream.arch, stack, {i: wanted[0][i] for i in used})
+
+            def add(where, xl, rec_s=rec_s, moments=moments, need=need):
+                j, key = where
+                xs = rec_s.store[(pairing[j], key)]
+                if (j, key) not in moments:
+                    dirs = need[(j, key)]
+                    moments[(j, key)] = Moments(xs.shape[1], xl.shape[1], dirs.to_llm, dirs.to_slm)
+                moments[(j, key)].add(xs, xl, CHUNK_TOKENS)
+
+            rec_l = Recorder(l_stream.model, l_stream.arch, stack,
+                             {j: wanted[1][j] for j in range(a, b) if j in wanted[1]}, sink=add)
             try:
                 with s_ctx as step_s, l_stream.window(a, b, b) as step_l:
                     for n, (_, _, rows_s, _, _, rows_l) in enumerate(batches):
+                        rec_s.rows, rec_l.rows = rows_s, rows_l
+                        if not len(rows_s):  # nothing paired: the batch still runs, to carry its hidden state
+                            rec_s.rows = rec_l.rows = slice(0, 0)
                         step_s(n)
                         step_l(n)
-                        if len(rows_s):
-                            for (j, key), dirs in need.items():
-                                xs = rec_s.store[(pairing[j], key)][rows_s]
-                                xl = rec_l.store[(j, key)][rows_l]
-                                if (j, key) not in moments:
-                                    moments[(j, key)] = Moments(xs.shape[1], xl.shape[1], dirs.to_llm, dirs.to_slm)
-                                moments[(j, key)].add(xs, xl)
                         rec_s.store.clear()
-                        rec_l.store.clear()
                         advance(1, f"LLM layers {a}..{b - 1}" if b - a > 1 else f"LLM layer {a}")
             finally:
                 rec_s.close()

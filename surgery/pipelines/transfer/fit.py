@@ -18,7 +18,7 @@ from ...io.data import documents
 from ...io.tokenizer import load_tokenizer
 from .capture import accumulate, shared_vocab, text_batches, vocab_batches
 from .maps import MapStore
-from .memory import default_budget, plan_windows, rss_bytes, space_bytes, trim
+from .memory import layer_bytes, one_layer_windows, plan_windows, rss_bytes, trim, window_costs
 from .plan import capture_points, slice_of
 from .stream import LayerStream
 
@@ -72,7 +72,7 @@ class FitOptions:
     seq_len: int = 128
     ridge: float = 1e-9
     batch: int = 8
-    budget: int | None = None  # peak-RSS bytes; None: memory.default_budget
+    budget: int | None = None  # peak-RSS bytes; None: one LLM layer a window (memory.one_layer_windows)
     dtype: str = "auto"  # the streamed layers' dtype (auto: each checkpoint's own)
 
 
@@ -111,8 +111,8 @@ def _vocab_pairs(tok_s, tok_l, why: str):
 
 
 def fit_projections(pair: Pair, needs: dict, opts: FitOptions, spill_dir: str, embed_needed: bool = False) -> Fits:
-    """needs: {slm layer: {key: {directions}}} (a kind's transfer_needs). Maps are spilled to `spill_dir`
-    window by window; opts.budget bounds the process's peak RSS."""
+    """needs: {slm layer: {key: {directions}}} (a kind's transfer_needs). Each map is spilled to `spill_dir`
+    as soon as it is fitted; opts.budget bounds the process's peak RSS (None: one LLM layer at a time)."""
     ck_s, ck_l, arch_s, arch_l, stack = pair.ck_s, pair.ck_l, pair.arch_s, pair.arch_l, pair.stack
     tok_s, tok_l = (load_tokenizer(ck.path, offsets=True, pad=True) for ck in (ck_s, ck_l))
     fits = Fits(MapStore(spill_dir, stack))
@@ -151,7 +151,7 @@ def fit_projections(pair: Pair, needs: dict, opts: FitOptions, spill_dir: str, e
     windows = _windows(streams, captured, slm_of, pts_s, pts_l, batches, opts.budget)
 
     def fit_window(a, b, moments):
-        fitted = {}
+        priors = {}  # the layer's residual-stream map, which its out.* fits lean on
         for key, dirs in sorted(((k, v) for k, v in captured.items() if a <= k.layer < b),
                                 key=lambda kv: (kv[0].layer, kv[0].space != "res", kv[0].space)):
             j, space = key
@@ -164,15 +164,18 @@ def fit_projections(pair: Pair, needs: dict, opts: FitOptions, spill_dir: str, e
                     continue
                 prior = None
                 if space.startswith("out.") and d == "to_llm":  # residual writes lean on the residual-stream (or embedding) map
-                    prior = fitted.get(MapKey(j, "res", "to_llm"), fits.embed.get("to_llm"))
+                    prior = priors.get(j, fits.embed.get("to_llm"))
                 fit = DIRECTIONS[d]
-                fitted[MapKey(j, space, d)], rel, rank = fit(m, opts.ridge, prior) if prior is not None else fit(m, opts.ridge)
+                M, rel, rank = fit(m, opts.ridge, prior) if prior is not None else fit(m, opts.ridge)
+                fits.maps.spill({MapKey(j, space, d): M})  # to disk now: a window holds one map at a time
+                if space == "res" and d == "to_llm":
+                    priors[j] = M
+                del M
                 rec = _record(j, slm_of[j], space, d, rel, rank, m, source, d == "to_llm")
                 fits.records.append(rec)
                 fits.warnings.extend(_warnings(rec, m, prior is not None))
             del m
-        fits.maps.spill(fitted)
-        del fitted
+        priors.clear()
         trim()
 
     accumulate(streams, stack, windows, batches, slm_of, (wanted_s, wanted_l), captured, fit_window)
@@ -210,26 +213,29 @@ def _warnings(rec: dict, m, has_prior: bool) -> list[str]:
 
 
 def _windows(streams, captured, slm_of, pts_s, pts_l, batches, budget) -> list[tuple[int, int]]:
-    """Windows of LLM layers [0, last captured layer] whose peak fits in what the budget leaves."""
+    """Windows of LLM layers [0, last captured layer]: one layer each, or (a --max-memory budget) as many
+    as its cost model (memory.py) fits in what the budget leaves."""
+    s_stream, l_stream = streams
+    weights, terms = _layer_terms(streams, captured, slm_of, pts_s, pts_l, batches)
+    costs = window_costs(weights, terms)
+    fixed = rss_bytes() + 64 * 2**20  # + allocator slack and the Python objects we do not count
+    if budget is None:
+        return one_layer_windows(costs, fixed)
+    return plan_windows(costs, budget - fixed - budget // 20, budget)
+
+
+def _layer_terms(streams, captured, slm_of, pts_s, pts_l, batches) -> tuple[list[int], list[dict]]:
+    """Per LLM layer up to the last captured: (its and its SLM layer's weight bytes, memory.layer_bytes terms)."""
     s_stream, l_stream = streams
     tokens = max(max(b[0].numel(), b[3].numel()) for b in batches)
     last = max(key.layer for key in captured)
-    costs = []
+    weights, terms = [], []
     for j in range(last + 1):
-        res = l_stream.layer_bytes(j) + (s_stream.layer_bytes(slm_of[j]) if j in slm_of else 0)
-        fit = 0
-        for key, dirs in captured.items():
-            if key.layer == j:
-                n_s = _width(s_stream.arch, pts_s[key.space])
-                n_l = _width(l_stream.arch, pts_l[key.space])
-                c = space_bytes(n_s, n_l, dirs.to_llm, dirs.to_slm, tokens)
-                res += c["resident"]
-                fit = max(fit, c["fit"])
-        costs.append((res, fit))
-    fixed = rss_bytes() + 64 * 2**20  # + allocator slack and the Python objects we do not count
-    if budget is None:
-        budget = default_budget(costs, fixed)
-    return plan_windows(costs, budget - fixed - budget // 20, budget)
+        weights.append(l_stream.layer_bytes(j) + (s_stream.layer_bytes(slm_of[j]) if j in slm_of else 0))
+        spaces = [(_width(s_stream.arch, pts_s[key.space]), _width(l_stream.arch, pts_l[key.space]), dirs.to_llm, dirs.to_slm)
+                  for key, dirs in captured.items() if key.layer == j]
+        terms.append(layer_bytes(spaces, tokens))
+    return weights, terms
 
 
 def _width(arch, cap) -> int:

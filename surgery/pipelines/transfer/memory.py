@@ -1,20 +1,26 @@
-"""transfer's memory budget (`--max-memory`): which LLM layers are captured and fitted together.
+"""transfer's memory: what one window of LLM layers holds, and which layers share a window.
 
 Peak RSS of a transfer (docs/transfer.md, "Memory"):
 
-    peak ≈ base + Σ_{j in window} (W_j + w_j + M_j + P_j + X_j) + max_{j in window} F_j
+    peak ≈ base + Σ_{j in window} (W_j + w_j + M_j + X_j) + max_{j in window} (F_j + P_j)
 
     base  libraries + the stored hidden states of both models (tokens × hidden × dtype) + the largest
           non-layer tensor (embeddings, read once for the priming pass and dropped)
     W_j   LLM layer j's weights in its own dtype; w_j the SLM layer it pairs with
     M_j   its float64 moments: per space 8·(n_s² + n_l² + n_l·n_s) (only the Grams a direction needs)
-    P_j   its fitted maps until they are spilled to disk (float64, 8·n_s·n_l per direction)
-    X_j   one batch's captured activations: tokens · (n_s + n_l) · 18 B (bf16/fp32 capture + float64 copies)
+    X_j   one batch's paired SLM activations, kept until the LLM has run that batch: tokens · n_s · 4 B per
+          space; the LLM's are folded into the moments inside the forward hook, CHUNK_TOKENS rows at a
+          time, so on top only the widest space's LLM rows (tokens · n_l · 4 B) and one chunk's float64
+          copies (CHUNK_TOKENS · (n_s + n_l) · 8 B)
+    P_j   the map being fitted (8·n_s·n_l; each map is spilled to disk as soon as it is fitted) and the
+          layer's residual-stream map, the prior of its out.* fits (8·n_s·n_l at the residual width)
     F_j   the transient of fitting one map: to the LLM 8·(3n_s² + 5·n_s·n_l) (eigendecomposition, per-row
           solves), to the SLM 8·(2n_l² + 3·n_s·n_l) (Cholesky)
 
-The window grows layer by layer while the sum stays under the budget; a layer that does not fit
-alone is an error naming --max-memory, before any work.
+Without --max-memory every window is one LLM layer: each layer runs every batch once whatever the
+window, so a bigger one buys no time (docs/transfer.md, measured) and only holds more layers'
+moments. With --max-memory the window grows layer by layer while the sum stays under the budget; a
+layer that does not fit alone is an error naming --max-memory, before any work.
 """
 
 from __future__ import annotations
@@ -48,7 +54,9 @@ def available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-DEFAULT = 4 * 10**9  # every layer runs once whatever the window, so a bigger one buys little time
+DEFAULT = 4 * 10**9  # no --max-memory: one layer a window, refused if it needs more than this and than the machine has
+CHUNK_TOKENS = 256  # rows of paired activations converted to float64 and added to the moments at once
+ACT_BYTES = 4  # captured activations, counted as float32 (a bf16 model's are half)
 
 
 def ceiling() -> int:
@@ -60,19 +68,30 @@ def gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def space_bytes(n_s: int, n_l: int, to_llm: bool, to_slm: bool, tokens: int) -> dict:
-    """The budget terms of one (LLM layer, space): moments, maps, activations, fit transient."""
-    moments = 8 * (n_s * n_s * to_llm + n_l * n_l * to_slm + n_l * n_s)
-    maps = 8 * n_s * n_l * (to_llm + to_slm)
-    acts = tokens * (n_s + n_l) * 18
-    fit = max(8 * (3 * n_s * n_s + 5 * n_s * n_l) if to_llm else 0, 8 * (2 * n_l * n_l + 3 * n_s * n_l) if to_slm else 0)
-    return {"resident": moments + maps + acts, "fit": fit}
+def layer_bytes(spaces, tokens: int) -> dict:
+    """The terms of one LLM layer (weights aside) for its spaces [(n_s, n_l, to_llm, to_slm)], `tokens` a batch:
+    moments M, SLM activations held per batch X, the largest map plus the residual prior P, fit transient F."""
+    moments = sum(8 * (n_s * n_s * a + n_l * n_l * b + n_l * n_s) for n_s, n_l, a, b in spaces)
+    acts = sum(tokens * n_s * ACT_BYTES for n_s, _, _, _ in spaces)
+    acts += max((tokens * n_l * ACT_BYTES + min(tokens, CHUNK_TOKENS) * (n_s + n_l) * 8 for n_s, n_l, _, _ in spaces),
+                default=0)
+    prior = max((8 * n_s * n_l for n_s, n_l, a, _ in spaces if a), default=0)  # the res map, at the residual width
+    maps = max((8 * n_s * n_l for n_s, n_l, _, _ in spaces), default=0) + prior
+    fit = max((max(8 * (3 * n_s * n_s + 5 * n_s * n_l) if a else 0, 8 * (2 * n_l * n_l + 3 * n_s * n_l) if b else 0)
+               for n_s, n_l, a, b in spaces), default=0)
+    return {"moments": moments, "acts": acts, "maps": maps, "fit": fit}
 
 
-def default_budget(costs: list[tuple[int, int]], fixed: int) -> int:
-    """No --max-memory: 4 GB, or what the widest layer needs if more, up to 80 % of free memory."""
-    need = fixed + max((r + f for r, f in costs), default=0)
-    return min(max(DEFAULT, int(need * 1.1)), max(ceiling(), DEFAULT))
+def window_costs(weights: list[int], terms: list[dict]) -> list[tuple[int, int]]:
+    """Per LLM layer (bytes held while its window runs, bytes of its largest fit): plan_windows' input."""
+    return [(w + t["moments"] + t["acts"], t["maps"] + t["fit"]) for w, t in zip(weights, terms)]
+
+
+def one_layer_windows(costs: list[tuple[int, int]], fixed: int) -> list[tuple[int, int]]:
+    """No --max-memory: a window per layer, after checking the widest fits in what the machine can give."""
+    budget = max(ceiling(), DEFAULT)
+    plan_windows(costs, budget - fixed - budget // 20, budget)  # raises, naming --max-memory, if one layer cannot fit
+    return [(j, j + 1) for j in range(len(costs))]
 
 
 def plan_windows(costs: list[tuple[int, int]], budget_left: int, budget: int) -> list[tuple[int, int]]:

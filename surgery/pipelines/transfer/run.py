@@ -96,8 +96,9 @@ def transfer(adapter: str, llm: str, out: str, cfg: TransferConfig | None = None
     with "output": OUT's path (and "plot": the --plot PNG, or None).
 
     cfg: the settings (TransferConfig, whose defaults these are); a keyword given (not None) overrides its field.
-    max_memory: peak-RSS budget ("3GB", bytes, or None: 4 GB, more if one layer needs it and the
-    machine has it); it decides how many LLM layers are captured and fitted at once (memory.py).
+    max_memory: peak-RSS budget ("3GB", bytes); it decides how many LLM layers are captured and fitted
+    at once (memory.py). None: one layer at a time (every layer runs once either way, so a bigger window
+    buys no time), refused before any work if one layer needs more than the machine has.
     plot: also draw each fit's relative residual per LLM layer and space to this PNG (surgery.plot.residuals).
     dtype: the dtype the streamed layers run in (auto: each checkpoint's own). The models are not loaded
     whole (stream.py reads each window's weights), so transfer takes no --device-map; the fits run in
