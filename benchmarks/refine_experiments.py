@@ -13,6 +13,8 @@ evaluated on dev every --eval-forwards, giving the accuracy-vs-forward-passes cu
 
 Variant keys (comma-separated, one variant per space-separated word):
   lr, eps, batch   RefineConfig's; k = directions per step (RefineConfig.directions)
+  forwards         this variant's forward passes (default --forwards); a run's directions and batches do
+                   not depend on its length, so a longer run passes through the shorter one's states
   backoff          < 1: keep the best dev state, and a worse evaluation restores it and scales lr
                    (refine's --keep-best --backoff); default 1 = the raw curve (--keep-last)
   only=REGEX       tune only the adapter tensors whose name matches (re.search), e.g. lora_B,
@@ -40,9 +42,9 @@ def parse_variant(word: str) -> dict:
     v = {}
     for kv in word.split(","):
         k, _, x = kv.partition("=")
-        if k not in ("lr", "eps", "batch", "k", "backoff", "only") or not x:
-            raise SystemExit(f"bad variant key {kv!r} in {word!r}: use lr=, eps=, batch=, k=, backoff=, only=")
-        v[k] = x if k == "only" else (int(x) if k in ("k", "batch") else float(x))
+        if k not in ("lr", "eps", "batch", "k", "backoff", "only", "forwards") or not x:
+            raise SystemExit(f"bad variant key {kv!r} in {word!r}: use lr=, eps=, batch=, k=, backoff=, only=, forwards=")
+        v[k] = x if k == "only" else (int(x) if k in ("k", "batch", "forwards") else float(x))
     return v
 
 
@@ -52,7 +54,7 @@ def main(argv=None) -> None:
     ap.add_argument("--pair", default=None, help="the pretrained pair (default: the evidence's)")
     ap.add_argument("--task", default="verb")
     ap.add_argument("--seeds", default="0")
-    ap.add_argument("--starts", default="zero-init", help="comma list of <task>/s<seed>/ adapters: zero-init, bridge")
+    ap.add_argument("--starts", default="zero-init", help="comma list of <task>/s<seed>/ adapters: zero-init, bridge-scaled, ...")
     ap.add_argument("--forwards", type=int, default=2000, help="forward passes per variant")
     ap.add_argument("--eval-forwards", type=int, default=500, help="forward passes between dev evaluations")
     ap.add_argument("--variants", default="lr=1e-4")
@@ -95,7 +97,7 @@ def main(argv=None) -> None:
                 sub = [p for p in params if re.search(v.get("only", ""), names[id(p)])]
                 k = v.get("k", 1)
                 backoff = v.get("backoff", 1.0)
-                cfg = RefineConfig(steps=a.forwards // (2 * k), eval_every=max(a.eval_forwards // (2 * k), 1),
+                cfg = RefineConfig(steps=v.get("forwards", a.forwards) // (2 * k), eval_every=max(a.eval_forwards // (2 * k), 1),
                                    lr=v.get("lr", 1e-4), eps=v.get("eps", 1e-3), batch_size=v.get("batch", 16),
                                    directions=k, seed=seed, keep_best=backoff < 1, backoff=backoff, progress=False)
                 t0 = time.time()

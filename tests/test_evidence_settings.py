@@ -1,0 +1,57 @@
+"""benchmarks/evidence/run.py --epochs: one epochs value for every backprop stage of the table (a fair
+table never trains the method's stages longer than the LoRA baselines), and compare.py's fairness check."""
+
+import threading
+
+import pytest
+
+from benchmarks.evidence import run
+from benchmarks.evidence.compare import compare
+
+
+def _commands(monkeypatch, epochs):
+    monkeypatch.setattr(run, "cli_has", lambda command, flag: True)
+    b = run.Bench.__new__(run.Bench)
+    b.slm, b.llm, b.work, b.s, b.log = "P/slm", "P/llm", "W", run.settings(False, epochs), print
+    b._guard, b._locks, b.tag, b.ttag = threading.Lock(), {}, "", "-scaled"
+    b.bridges = {"keep": ["--residual", "keep"], "narrow": ["--residual", "prune"]}
+    b.data = lambda task: ("train.jsonl", "dev.jsonl", "calib.jsonl")
+    seen = []
+
+    def stage(rec, args):
+        seen.append(args)
+        return {"out": {"after": {}, "before": {}}}
+
+    b.stage = stage
+    b.seed_chain("verb", 0)
+    return {(a[0], a[a.index("-o") + 1]): a[a.index("--epochs") + 1] for a in seen if "--epochs" in a}
+
+
+@pytest.mark.parametrize("epochs, expect", [(None, str(run.FULL["epochs"])), (7, "7")])
+def test_epochs_reaches_every_train_and_tune_bridge_stage_alike(monkeypatch, epochs, expect):
+    got = _commands(monkeypatch, epochs)
+    assert got.pop(("train", "W/verb/s0/fresh")) == "0"  # the zero-init adapter: no training
+    kinds = {k for k, _ in got}
+    assert kinds == {"train", "tune-bridge"} and len(got) == 5  # SLM, LLM, zero-init, bridge, narrow
+    assert set(got.values()) == {expect}
+
+
+def test_epochs_below_one_is_refused_and_defaults_stay():
+    with pytest.raises(SystemExit, match="--epochs 1 or more"):
+        run.settings(False, 0)
+    assert run.settings(False)["epochs"] == run.FULL["epochs"] and run.settings(True)["epochs"] == run.QUICK["epochs"]
+
+
+def _results(slm, llm):
+    def rec(a):
+        return {"out": {"accuracy": a, "loss": 1.0}}
+
+    seed = {"slm_lora": rec(slm), "llm_lora": rec(llm), "method": {"eval": rec(0.4)}}
+    return {"tasks": {"verb": {"zero_shot": rec(0.0), "seeds": [seed, seed]}}}
+
+
+def test_compare_flags_a_weaker_baseline():
+    text, v = compare(_results(0.3, 0.6), _results(0.3, 0.61), ("E=3", "E=10"))
+    assert v["fair"] and "method - SLM + LoRA at E=10: +10.0 / +10.0" in text
+    text, v = compare(_results(0.3, 0.6), _results(0.29, 0.7), ("E=3", "E=10"))
+    assert not v["fair"] and "WEAKER" in text
