@@ -13,7 +13,8 @@ Peak RSS of a transfer (docs/transfer.md, "Memory"):
           time, so on top only the widest space's LLM rows (tokens · n_l · 4 B) and one chunk's float64
           copies (CHUNK_TOKENS · (n_s + n_l) · 8 B)
     P_j   the map being fitted (8·n_s·n_l; each map is spilled to disk as soon as it is fitted) and the
-          layer's residual-stream map, the prior of its out.* fits (8·n_s·n_l at the residual width)
+          layer's residual-stream map, the prior of its out.* fits (counted as its largest to-LLM map:
+          an upper bound, since layer_bytes does not know which space is the residual)
     F_j   the transient of fitting one map: to the LLM 8·(3n_s² + 5·n_s·n_l) (eigendecomposition, per-row
           solves), to the SLM 8·(2n_l² + 3·n_s·n_l) (Cholesky)
 
@@ -75,7 +76,7 @@ def layer_bytes(spaces, tokens: int) -> dict:
     acts = sum(tokens * n_s * ACT_BYTES for n_s, _, _, _ in spaces)
     acts += max((tokens * n_l * ACT_BYTES + min(tokens, CHUNK_TOKENS) * (n_s + n_l) * 8 for n_s, n_l, _, _ in spaces),
                 default=0)
-    prior = max((8 * n_s * n_l for n_s, n_l, a, _ in spaces if a), default=0)  # the res map, at the residual width
+    prior = max((8 * n_s * n_l for n_s, n_l, a, _ in spaces if a), default=0)  # the res map: at most the widest to-LLM map
     maps = max((8 * n_s * n_l for n_s, n_l, _, _ in spaces), default=0) + prior
     fit = max((max(8 * (3 * n_s * n_s + 5 * n_s * n_l) if a else 0, 8 * (2 * n_l * n_l + 3 * n_s * n_l) if b else 0)
                for n_s, n_l, a, b in spaces), default=0)
