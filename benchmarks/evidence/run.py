@@ -48,7 +48,7 @@ from benchmarks.evidence.tasks import TASKS, write  # noqa: E402
 REDUCTION = 10
 # epochs: 10 for every backprop stage alike (SLM + LoRA, LLM + LoRA, every tune-bridge; `--epochs N`
 # changes all of them), not train's default 3: at 3 the baselines were under-trained too (at 10 SLM + LoRA
-# gained 10-19 points a task, LLM + LoRA about 1-3, by mean dev accuracy), so 3 flattered the method against
+# gained 10-19 points a task, LLM + LoRA 1-5, by mean dev accuracy), so 3 flattered the method against
 # SLM + LoRA; one value for all keeps the table fair, and 10 does not weaken a baseline.
 # docs/method-experiments.md, "One epochs value for every backprop stage".
 FULL = dict(epochs=10, lr=3e-3, batch=16, seeds=3, calib=128, refine_steps=1500, max_length=64,
