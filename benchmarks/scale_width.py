@@ -10,6 +10,10 @@ texts of 256, 200, 130 and 64 tokens):
 2. transfer --scale auto's probe (pipelines/transfer/scale.forward_pass): each LoRA module's relative
    effect ‖ΔW x‖/‖W x‖ and the loss on a bf16 model with peft's float32 adapter, against the same model
    and adapter in float64. The factors it chooses are ratios of these effects.
+3. transfer's chunked moments (ops.project.Moments.add(chunk=memory.CHUNK_TOKENS), the default since
+   one-layer windows): the float64 Gram and cross-Gram of paired bf16 activations at the MLP widths of
+   TinyLlama (5632) and its half-width 0.2B SLM (2816), 1024 tokens, added 256 rows at a time,
+   against the same sums in one float64 matmul (the exact answer for these bf16 inputs to ~1e-16).
 
     python benchmarks/scale_width.py
 """
@@ -84,6 +88,24 @@ def probe(torch, model, model64, ids, mask, labels):
     return loss, loss64, errs, eff64, adapter_dtype
 
 
+def moments(torch) -> dict[str, float]:
+    """Chunked vs one-shot Moments at MLP widths: the relative error of each accumulated sum."""
+    from surgery.ops.project import Moments
+    from surgery.pipelines.transfer.memory import CHUNK_TOKENS
+
+    g = torch.Generator().manual_seed(2)
+    n_s, n_l, tokens = SHAPE["intermediate_size"] // 2, SHAPE["intermediate_size"], 1024
+    xs = torch.randn(tokens, n_s, generator=g).to(torch.bfloat16)
+    proj = torch.randn(n_s, n_l, generator=g) / n_s ** 0.5
+    xl = (xs.float() @ proj + 0.1 * torch.randn(tokens, n_l, generator=g)).to(torch.bfloat16)
+    chunked, exact = Moments(n_s, n_l), Moments(n_s, n_l)
+    chunked.add(xs, xl, CHUNK_TOKENS)
+    exact.add(xs, xl)
+    out = {k: rel(getattr(chunked, k), getattr(exact, k)) for k in ("ss", "ll", "ls", "sq_l")}
+    out.update({k: abs(getattr(chunked, k) - getattr(exact, k)) / getattr(exact, k) for k in ("tr_ss", "tr_ll")})
+    return out
+
+
 def main() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -107,6 +129,9 @@ def main() -> None:
           f"against float64: loss {loss:.5f} vs {loss64:.5f} (rel. error {abs(loss - loss64) / loss64:.2e}); "
           f"relative effect of {len(errs)} modules ({min(eff64.values()):.3f}-{max(eff64.values()):.3f}): "
           f"max rel. error {errs[worst]:.2e} ({worst}), mean {sum(errs.values()) / len(errs):.2e}")
+    errs = moments(torch)
+    print("\n3. transfer's chunked moments (256 rows at a time) vs one float64 matmul, MLP widths 2816 x 5632, "
+          "1024 bf16 tokens: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
     print(f"\n{time.time() - t0:.0f} s")
 
 
