@@ -18,6 +18,7 @@ the caller runs `loss` without it (torch.inference_mode) and there is no optimiz
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -62,7 +63,7 @@ def spsa_step(params: Sequence[torch.Tensor], loss: Callable[[], float], seed: i
     lm = float(loss())
     add_direction_(params, seed, eps)
     g = (lp - lm) / (2.0 * eps)
-    if g == g and abs(g) != float("inf"):
+    if math.isfinite(g):
         add_direction_(params, seed, -lr * g)
     return lp, lm, g
 
@@ -83,7 +84,7 @@ def spsa_multi_step(params: Sequence[torch.Tensor], loss: Callable[[], float], s
         lms.append(lm)
         gs.append(g)
     k = len(seeds)
-    if all(g == g and abs(g) != float("inf") for g in gs):
+    if all(math.isfinite(g) for g in gs):
         for s, g in zip(seeds, gs):
             add_direction_(params, s, -lr * g / k)
         g_all = sum(gs) / k

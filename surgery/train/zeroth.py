@@ -8,6 +8,7 @@ inference on the model plus one parameter-sized direction tensor.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 
@@ -92,8 +93,8 @@ def mezo_loop(model, params, train_examples, cfg: RefineConfig, *, pad_id: int, 
     hist = History(device=str(device), mixed_precision="no")
     hist.lr = [(0, cfg.lr)]  # (step, lr from the next step on)
     lr = cfg.lr
-    k = cfg.directions
-    seeds = step_seeds(cfg.seed, cfg.steps * k)
+    per_step = cfg.directions
+    seeds = step_seeds(cfg.seed, cfg.steps * per_step)
     order = batches(len(train_examples), cfg.batch_size, cfg.seed)
 
     def run_eval(step):
@@ -114,9 +115,9 @@ def mezo_loop(model, params, train_examples, cfg: RefineConfig, *, pad_id: int, 
         for step in range(1, cfg.steps + 1):
             idx = next(order)
             batch = {k: v.to(device) for k, v in collate([train_examples[i] for i in idx], pad_id, seq2seq).items()}
-            lp, lm, g = spsa_multi_step(params, lambda: batch_loss(model, batch, seq2seq), seeds[(step - 1) * k:step * k],
+            lp, lm, g = spsa_multi_step(params, lambda: batch_loss(model, batch, seq2seq), seeds[(step - 1) * per_step:step * per_step],
                                          lr, cfg.eps)
-            if not (g == g and abs(g) != float("inf")):
+            if not math.isfinite(g):
                 raise NumericsError(f"the loss became non-finite at step {step} (L+ {lp}, L- {lm})",
                                     "lower --lr or --eps; nothing was written")
             running += (lp + lm) / 2
