@@ -1,6 +1,6 @@
 """Do the tasks need the larger model? LLM + LoRA minus SLM + LoRA, per task, over seeds.
 
-    python -m benchmarks.evidence.gaps [--tasks verb,arg] [--seeds 3] [--jobs 2] [--cloze] [--docs]
+    python -m benchmarks.evidence.gaps [--tasks verb,arg,sub] [--seeds 3] [--jobs 2] [--cloze] [--docs]
 
 Runs only the two LoRA baselines of benchmarks/evidence/run.py (same stages, same cache: a later
 `make evidence` reuses them) and prints the gap in accuracy points with its 95 % interval. Issue 16
@@ -26,7 +26,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks.evidence.report import ci, task_rule  # noqa: E402
-from benchmarks.evidence.run import FULL, QUICK, Bench, pretrain, work_dir  # noqa: E402
+from benchmarks.evidence.run import FULL, QUICK, TASKS_DEFAULT, Bench, pretrain, work_dir  # noqa: E402
 
 CANDIDATES = ("module", "sub", "tail")  # screened for a place in the evidence (the others are references)
 DOC = os.path.join(ROOT, "docs", "method-experiments.md")
@@ -76,7 +76,7 @@ def write_docs(lines: list[str], path: str = DOC) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tasks", default="verb,arg")
+    ap.add_argument("--tasks", default=TASKS_DEFAULT)
     ap.add_argument("--seeds", type=int, default=FULL["seeds"])
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="the tiny pair and settings of `run --quick` (smoke run)")
