@@ -100,18 +100,21 @@ def render(results: dict, sm: dict) -> str:
           "defaults otherwise",
           f"- bridges (`prune-bridge --reduction {s.get('reduction', 16):g}`, on the task's first "
           f"{s['calib']} training texts): " + "; ".join(_bridges(sm)), ""]
-    L += ["## Against the goal (issue 16)", ""]
+    L += ["## Against the goal (issue 16)", ""] + _rule_lines(sm)
     if g["gap"] is None and not any("method" in t["rows"] for t in sm["tasks"].values()):
         L.append("- the method's row is missing (no `surgery refine` in this checkout at run time): not measurable")
     elif g["gap"] is None:  # --quick: too few steps for LoRA on the LLM to move off zero-shot
         L.append("- gap closed: not measurable (on every task LLM + LoRA is within 5 points of LLM zero-shot, "
                  "so there is no gap to close)")
     else:
-        L += _rule_lines(sm)
         L += _goal_lines(g, f"over all tasks ({', '.join(sm['tasks'])})")
         rule_tasks = [n for n, t in sm["tasks"].items() if t["rule"]["holds"]]
-        L += (_goal_lines(sm["goal_rule"], f"over the tasks that meet the task rule ({', '.join(rule_tasks)})")
-              if sm["goal_rule"]["gap"] is not None else ["- over the tasks that meet the task rule: none does"])
+        if not rule_tasks:
+            L.append("- over the tasks that meet the task rule: none does")
+        elif sm["goal_rule"]["gap"] is None:
+            L.append(f"- over the tasks that meet the task rule ({', '.join(rule_tasks)}): gap closed not measurable")
+        else:
+            L += _goal_lines(sm["goal_rule"], f"over the tasks that meet the task rule ({', '.join(rule_tasks)})")
     readings = (("method", "the method's stages only (transfer, prune-bridge, tune-bridge, refine)"),
                 ("with_slm", "counting also the SLM adapter's training, the input Algorithm 1 starts from"))
     for key, what in readings:
