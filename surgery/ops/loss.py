@@ -19,7 +19,7 @@ the chunks when it is trainable.
 Evaluation (chunked_scores) runs the same chunks without autograd and also takes each labelled
 token's argmax, so loss and exact match never need the full logits either: at TinyLlama's vocabulary
 and a batch of 8 x 512 tokens those are 0.5 GB in float32 (2 GB at Llama 3's 128k), before
-cross-entropy's own float32 copy (docs/benchmarks.md, "Evaluation through the chunked head").
+cross-entropy's own float32 copy.
 """
 
 from __future__ import annotations
