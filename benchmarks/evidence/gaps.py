@@ -90,15 +90,10 @@ def main() -> None:
     for t in tasks:
         b.data(t)
 
-    def lora(t, sd, who):
-        train, dev, _ = b.data(t)
-        return b.stage(f"{t}/s{sd}/{who}", ["train", b.slm if who == "slm_lora" else b.llm, "--data", train, "--eval",
-                                            dev, "-o", b.p(t, f"s{sd}", who)] + b.train_args(sd))
-
     from benchmarks.evidence.report import acc
 
     with ThreadPoolExecutor(a.jobs) as pool:
-        futs = {(t, sd, who): pool.submit(lora, t, sd, who)
+        futs = {(t, sd, who): pool.submit(b.lora, t, sd, who)
                 for sd in range(a.seeds) for t in tasks for who in ("slm_lora", "llm_lora")}
         res = {k: acc(f.result()) for k, f in futs.items()}
     rows = {}

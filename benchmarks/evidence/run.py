@@ -174,13 +174,17 @@ class Bench:
                                                   "--samples", "64", "--seq-len", "32", "--force"])
         return {"dir": out, "transfer": t, "eval": self.evaluate(f"{task}/s{seed}/{name}-eval", task, self.llm, out)}
 
-    def seed_chain(self, task: str, seed: int) -> dict:
+    def lora(self, task: str, seed: int, who: str) -> dict:
+        """A LoRA baseline: `surgery train` on the SLM (WHO = "slm_lora") or on the LLM ("llm_lora")."""
         train, dev, _ = self.data(task)
+        return self.stage(f"{task}/s{seed}/{who}", ["train", self.slm if who == "slm_lora" else self.llm, "--data",
+                                                   train, "--eval", dev, "-o", self.p(task, f"s{seed}", who)]
+                          + self.train_args(seed))
+
+    def seed_chain(self, task: str, seed: int) -> dict:
+        train, _, _ = self.data(task)
         d = lambda n: self.p(task, f"s{seed}", n)  # noqa: E731
-        r = {}
-        for who, base in (("slm_lora", self.slm), ("llm_lora", self.llm)):
-            r[who] = self.stage(f"{task}/s{seed}/{who}", ["train", base, "--data", train, "--eval", dev, "-o", d(who)]
-                                + self.train_args(seed))
+        r = {who: self.lora(task, seed, who) for who in ("slm_lora", "llm_lora")}
         r["transfer"] = tr = self.transfer(task, seed, d("slm_lora"))
         # Table 8: the same LoRA shapes, zero-initialised (B = 0) instead of transferred, tuned on the same bridge
         r["fresh"] = self.stage(f"{task}/s{seed}/fresh", ["train", self.llm, "--data", train, "-o", d("fresh")]
