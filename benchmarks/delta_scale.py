@@ -1,4 +1,4 @@
-"""Dev accuracy of an adapter on the LLM with its delta scaled per layer group (docs/method-experiments.md §6).
+"""Dev accuracy of an adapter on the LLM with its delta scaled per layer group (docs/method-experiments.md §7).
 
     python -m benchmarks.delta_scale --evidence benchmarks/.work/evidence-<key> --task arg --seeds 0,1,2 \
         --stage bridge-scaled --kept 0 --scales 0.5,1,1.5 --others 0,0.5,1

@@ -1,4 +1,4 @@
-"""Where an adapter's exact-match errors come from, per dev record (docs/method-experiments.md §6).
+"""Where an adapter's exact-match errors come from, per dev record (docs/method-experiments.md §7).
 
     python -m benchmarks.label_diagnose --evidence benchmarks/.work/evidence-<key> --task arg --seeds 0,1,2 \
         --stages method-scaled,bridge-scaled,llm_lora,slm_lora

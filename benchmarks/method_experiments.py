@@ -17,7 +17,7 @@ Bridge specs: `r<R>` (reduction R), `-drop<N>` (--drop-layers N), `-fisher` (--d
 `-k<L..>` (keep exactly these LLM layers, e.g. k0 or k03: which layers a dropping plan keeps, in place
 of prune-bridge's ranking). Example: r8-drop2.
 
---prefix (docs/method-experiments.md §6): with a bridge whose first kept layer L is not 0 (r10-k3), the
+--prefix (docs/method-experiments.md §7): with a bridge whose first kept layer L is not 0 (r10-k3), the
 bridge's token embedding is replaced, for tune-bridge's training and evaluation, by the LLM's own hidden
 state at layer L's input, computed by the LLM's layers 0..L-1 with the start adapter on, frozen and without
 gradients; the kept layer then trains on what it reads inside the LLM. The record's memory adds those

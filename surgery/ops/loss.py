@@ -15,6 +15,11 @@ head, so prompt tokens cost no logits at all.
 The head is a callable (the LM head module's own forward), so bias, tied weights, LoRA on the head
 and accelerate's offload hooks all behave as in the model; its weight gets its gradient summed over
 the chunks when it is trainable.
+
+Evaluation (chunked_scores) runs the same chunks without autograd and also takes each labelled
+token's argmax, so loss and exact match never need the full logits either: at TinyLlama's vocabulary
+and a batch of 8 x 512 tokens those are 0.5 GB in float32 (2 GB at Llama 3's 128k), before
+cross-entropy's own float32 copy.
 """
 
 from __future__ import annotations
@@ -27,15 +32,42 @@ def chunk_tokens(vocab: int, elements: int | None = None) -> int:
     return max(1, (elements or CHUNK_ELEMENTS) // max(vocab, 1))
 
 
-def _chunk_nll(head, softcap, h, y):
+def _logits(head, softcap, h):
+    """One chunk's logits z = head(h), soft-capped as the model's forward does (Gemma 2: in the head's
+    dtype, before any upcast)."""
+    import torch
+
+    z = head(h)
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap
+    return z
+
+
+def _nll(z, y):
+    """Summed cross-entropy of one chunk, in float32 as transformers does (float64 stays float64: the
+    numerical checks run in it)."""
     import torch
     import torch.nn.functional as F
 
-    z = head(h)
-    if softcap:  # Gemma 2: in the head's dtype, before the upcast, as its forward does
-        z = torch.tanh(z / softcap) * softcap
-    # float32 as transformers does (float64 stays float64: the numerical checks run in it)
     return F.cross_entropy(z.to(torch.promote_types(z.dtype, torch.float32)), y, reduction="sum")
+
+
+def _chunk_nll(head, softcap, h, y):
+    return _nll(_logits(head, softcap, h), y)
+
+
+def _labelled(hidden, labels):
+    """(h [n, H], y [n] on h's device, keep, n): the labelled tokens only, in row-major order; keep is
+    the bool mask of labelled positions, shaped like labels and on the labels' device (hidden may live
+    on "meta" for memory counts, or on another device than the labels)."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    keep = labels != IGNORE
+    n = int(keep.sum())
+    if n < y.numel():
+        idx = keep.reshape(-1).nonzero().squeeze(1)
+        h, y = h.index_select(0, idx.to(h.device)), y[idx]
+    return h, y.to(h.device), keep, n
 
 
 def chunked_nll(hidden, labels, head, vocab: int, *, softcap: float | None = None, elements: int | None = None):
@@ -48,14 +80,7 @@ def chunked_nll(hidden, labels, head, vocab: int, *, softcap: float | None = Non
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    h = hidden.reshape(-1, hidden.shape[-1])
-    y = labels.reshape(-1)
-    keep = y != IGNORE  # on the labels' device: hidden may live on "meta" (memory counts) or elsewhere
-    n = int(keep.sum())
-    if n < y.numel():
-        idx = keep.nonzero().squeeze(1)
-        h, y = h.index_select(0, idx.to(h.device)), y[idx]
-    y = y.to(h.device)
+    h, y, _, n = _labelled(hidden, labels)
     total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
     if n == 0:
         return total + 0.0 * hidden.sum(), 0  # keeps the graph connected (a backward is still valid)
@@ -68,3 +93,32 @@ def chunked_nll(hidden, labels, head, vocab: int, *, softcap: float | None = Non
         else:
             total = total + _chunk_nll(head, softcap, hc, yc)
     return total, n
+
+
+def chunked_scores(hidden, labels, head, vocab: int, *, softcap: float | None = None, elements: int | None = None):
+    """Evaluation, without autograd: (sum of token NLL, labelled tokens, hits).
+
+    The NLL is chunked_nll's. hits is a bool tensor shaped like labels (on their device): True where the
+    label is IGNORE or where the argmax of the token's logits equals it, so a row is an exact match when
+    hits[row].all(). The argmax is taken on the logits in the head's dtype (after soft-capping), as
+    `logits.argmax(-1)` on the model's full output would be; torch returns the first index of a tied
+    maximum, on the full logits and here alike. Each token's logits are the same dot products as in the
+    full [batch, seq, vocab] matmul, only over fewer rows; a BLAS may block a matmul of fewer rows
+    differently, so in bf16/fp32 a logit could in principle round differently in the last bit and flip
+    an exact tie. tests/test_eval_scores.py checks the counts are identical on every fixture family.
+    """
+    import torch
+
+    with torch.no_grad():
+        h, y, keep, n = _labelled(hidden, labels)
+        total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+        right = torch.zeros(n, dtype=torch.bool, device=h.device)
+        step = chunk_tokens(vocab, elements)
+        for i in range(0, n, step):
+            z = _logits(head, softcap, h[i:i + step])
+            total += _nll(z, y[i:i + step])
+            right[i:i + step] = z.argmax(-1) == y[i:i + step]
+            del z  # the next chunk's logits replace these, never join them
+        hits = ~keep
+        hits[keep] = right.to(keep.device)
+    return total, n, hits

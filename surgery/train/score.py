@@ -80,6 +80,19 @@ def causal_mask(mask):
     return None if right_padded else mask
 
 
+def _at_head(model, batch: dict, unwrapped=None, **kwargs):
+    """Run a causal model up to its LM head: (final hidden states [b, L-1, H] lined up with the shifted
+    labels [b, L-1], the head's forward, its keyword arguments for ops.loss: vocab and softcap)."""
+    base = unwrapped if unwrapped is not None else model
+    config = base.config
+    with _head_inputs(base.get_output_embeddings()) as (seen, head):
+        model(input_ids=batch["input_ids"], attention_mask=causal_mask(batch.get("attention_mask")), **kwargs)
+    L = batch["input_ids"].shape[1]
+    h = seen[-1][:, -L:]  # prompt tuning prepends virtual tokens: the last L positions are the real ones
+    return h[:, :-1], batch["labels"][:, 1:], head, {"vocab": config.vocab_size,
+                                                     "softcap": getattr(config, "final_logit_softcapping", None)}
+
+
 def batch_nll(model, batch: dict, seq2seq: bool, unwrapped=None, **kwargs):
     """(sum of token NLL, labelled tokens) of one teacher-forced batch: token_loss(*aligned_logits(...))
     without ever holding the full logits. A causal model runs up to its LM head, whose input feeds
@@ -89,15 +102,25 @@ def batch_nll(model, batch: dict, seq2seq: bool, unwrapped=None, **kwargs):
         return token_loss(*aligned_logits(model, batch, seq2seq))
     from ..ops.loss import chunked_nll
 
-    base = unwrapped if unwrapped is not None else model
-    config = base.config
-    with _head_inputs(base.get_output_embeddings()) as (seen, head):
-        model(input_ids=batch["input_ids"], attention_mask=causal_mask(batch.get("attention_mask")), **kwargs)
-    L = batch["input_ids"].shape[1]
-    h = seen[-1][:, -L:]  # prompt tuning prepends virtual tokens: the last L positions are the real ones
-    nll, n = chunked_nll(h[:, :-1], batch["labels"][:, 1:], head, config.vocab_size,
-                         softcap=getattr(config, "final_logit_softcapping", None))
-    return nll, n
+    h, labels, head, kw = _at_head(model, batch, unwrapped, **kwargs)
+    return chunked_nll(h, labels, head, kw["vocab"], softcap=kw["softcap"])
+
+
+def batch_scores(model, batch: dict, seq2seq: bool) -> tuple:
+    """(sum of token NLL, labelled tokens, per-row exact match) of one teacher-forced batch, no autograd.
+
+    A causal model goes through ops.loss.chunked_scores as batch_nll goes through chunked_nll: loss and
+    argmax on the labelled positions only, a chunk at a time, never the [batch, seq, vocab] logits, and
+    no key/value cache (nothing is generated). T5's decoder logits are only as long as its targets: it
+    keeps the plain path."""
+    if seq2seq:
+        logits, labels = aligned_logits(model, batch, seq2seq)
+        return (*token_loss(logits, labels), exact_matches(logits, labels))
+    from ..ops.loss import chunked_scores
+
+    h, labels, head, kw = _at_head(model, batch, use_cache=False)
+    nll, n, hits = chunked_scores(h, labels, head, kw["vocab"], softcap=kw["softcap"])
+    return nll, n, [bool(r) for r in hits.all(-1)]
 
 
 def exact_matches(logits, labels) -> list[bool]:
@@ -125,11 +148,10 @@ def evaluate_examples(model, examples, *, batch_size: int, pad_id: int, seq2seq:
             advance(1)
             chunk = examples[i:i + batch_size]
             batch = {k: v.to(device) for k, v in collate(chunk, pad_id, seq2seq).items()}
-            logits, labels = aligned_logits(model, batch, seq2seq)
-            nll, n = token_loss(logits, labels)
+            nll, n, exact = batch_scores(model, batch, seq2seq)
             total += float(nll)
             tokens += n
-            for e, ok in zip(chunk, exact_matches(logits, labels)):
+            for e, ok in zip(chunk, exact):
                 if e.completion:
                     scored += 1
                     right += ok
