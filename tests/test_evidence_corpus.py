@@ -26,10 +26,11 @@ def test_corpus_is_fixed_and_held_out_entries_are_not_pretrained_on():
     assert render(e).startswith("ensure_future(coro_or_future, loop) in asyncio.tasks: ")
 
 
-@pytest.mark.parametrize("name", ["module", "verb", "arg"])
+@pytest.mark.parametrize("name", ["module", "verb", "arg", "sub", "tail"])
 def test_tasks_ask_dev_about_other_names_and_answer_as_the_corpus_does(name):
     from benchmarks.evidence.corpus import split
-    from benchmarks.evidence.tasks import _label, labels, make, question
+    from benchmarks.evidence.corpus import MAX_SUMMARY
+    from benchmarks.evidence.tasks import SUBS, _label, cloze_text, labels, make, question
 
     train, dev = make(name)
     assert (train, dev) == make(name)
@@ -38,8 +39,17 @@ def test_tasks_ask_dev_about_other_names_and_answer_as_the_corpus_does(name):
     by_qual = {e["qual"]: e for e in split()[0]}
     for r in train + dev:
         e = by_qual[q(r)]  # every question is about a pretrained entry
-        want = {"module": e["module"].split(".")[0], "verb": e["summary"].split()[0],
-                "arg": e["args"].split(",")[0].strip()}[name]
+        want = {"module": lambda: e["module"].split(".")[0], "verb": lambda: e["summary"].split()[0],
+                "arg": lambda: e["args"].split(",")[0].strip(), "sub": lambda: e["module"].split(".")[1],
+                "tail": lambda: e["summary"].rstrip(".").split()[-1]}[name]()
         assert r["completion"] == " " + want == " " + _label(name, e) and r["completion"] in labels(name)
+        if name == "sub":  # asked under its own package only (wsgiref.handlers is not logging.handlers)
+            assert e["module"].startswith(f"{SUBS[want]}.{want}")
+        if name == "tail":  # a whole first paragraph, not one corpus.py cut short
+            assert len(e["summary"]) < MAX_SUMMARY
+        # the cloze's true candidate is the corpus's own text, up to the asked-about word
+        from benchmarks.evidence.corpus import render
+
+        assert render(e).startswith(cloze_text(name, e, want))
     counts = [sum(r["completion"] == lab for r in dev) for lab in labels(name)]
-    assert min(counts) >= 15
+    assert min(counts) >= 12 and len(dev) >= 140 and len(train) >= 130

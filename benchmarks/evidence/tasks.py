@@ -1,11 +1,13 @@
 """Tasks that need what the pair memorised in pretraining (benchmarks/evidence/corpus.py).
 
-Both ask about standard-library entries the pretraining saw, in a question format it never saw (so
+Each asks about standard-library entries the pretraining saw, in a question format it never saw (so
 zero-shot is near 0 and LoRA has a format to learn), and their dev split asks about entries the
 task's train split never names: the answer must come from pretraining, not from the tuning data.
   module  "Q: which module defines ensure_future? A:"  -> " asyncio"   (8 top-level packages)
   verb    "Q: what does Element.get do? A:"            -> " Get"       (first word of its docstring)
   arg     "Q: what is the first argument of getLogger? A:" -> " name"  (first parameter, as the index lists it)
+  sub     "Q: which submodule defines SAXParseException? A:" -> " sax"  (second component of the module)
+  tail    "Q: what is the last word of the summary of BZ2File.readline? A:" -> " file"  (of its first paragraph)
 Labels are capped per class (near balance, so chance is about 1/8), and split about half/half per
 label with a fixed seed, by owner: all methods of a class fall on one side, whatever their labels, so
 a dev question's class never appears in the train split.
@@ -23,11 +25,33 @@ VERBS = ["Return", "Set", "Get", "Read", "Create", "Parse", "Add", "Send"]
 # the 8 first parameters with the most distinct owners (classes or functions) in the corpus, so the
 # split by owner leaves every label on both sides
 ARGS = ["name", "value", "a", "data", "object", "s", "path", "obj"]
-LABELS = {"module": MODULES, "verb": VERBS, "arg": ARGS}
-CAP = {"module": 110, "verb": 60, "arg": 50}
-TASKS = ("module", "verb", "arg")
+# sub and tail: candidates screened with module for issue 16's task rule (docs/method-experiments.md,
+# "Choosing tasks by the rule"), labels chosen by the same count as ARGS: the 8 with the most distinct owners.
+# sub: second components of a module name, by (package, component), each with its package (the label
+# stays one word; none of these eight names a component of another package)
+SUBS = {"_header_value_parser": "email", "resources": "importlib", "metadata": "importlib", "dom": "xml",
+        "errors": "email", "cookiejar": "http", "sax": "xml", "etree": "xml"}
+TAILS = ["object", "file", "string", "b", "type", "name", "class", "data"]
+LABELS = {"module": MODULES, "verb": VERBS, "arg": ARGS, "sub": list(SUBS), "tail": TAILS}
+# module: 50 since the screening (was 110): every candidate about arg's size, so a third task adds about
+# what arg costs to `make evidence`'s hour
+CAP = {"module": 50, "verb": 60, "arg": 50, "sub": 50, "tail": 50}
+TASKS = ("module", "verb", "arg", "sub", "tail")
 PROMPTS = {"module": "Q: which module defines {}? A:", "verb": "Q: what does {} do? A:",
-           "arg": "Q: what is the first argument of {}? A:"}
+           "arg": "Q: what is the first argument of {}? A:",
+           "sub": "Q: which submodule defines {}? A:", "tail": "Q: what is the last word of the summary of {}? A:"}
+
+
+def _tail(e: dict) -> tuple[str, str] | None:
+    """(the summary before its last word, that word), trailing full stops dropped; None for a summary
+    corpus.py cut at MAX_SUMMARY characters (its last word is not the docstring's)."""
+    from benchmarks.evidence.corpus import MAX_SUMMARY
+
+    text = e["summary"].rstrip(".")
+    if len(e["summary"]) >= MAX_SUMMARY or " " not in text:
+        return None
+    head, word = text.rsplit(" ", 1)
+    return head, word
 
 
 def _label(name: str, e: dict) -> str | None:
@@ -35,8 +59,13 @@ def _label(name: str, e: dict) -> str | None:
         v = e["module"].split(".")[0]
     elif name == "verb":
         v = e["summary"].split()[0]
-    else:
+    elif name == "arg":
         v = e["args"].split(",")[0].strip()
+    elif name == "sub":
+        parts = e["module"].split(".")
+        v = parts[1] if len(parts) > 1 and SUBS.get(parts[1]) == parts[0] else None
+    else:
+        v = (_tail(e) or (None, None))[1]
     return v if v in LABELS[name] else None
 
 
@@ -56,6 +85,10 @@ def cloze_text(name: str, e: dict, label: str) -> str:
         return f"{e['qual']}({label}"
     if name == "module":
         return f"{e['qual']}({e['args']}) in {label}"
+    if name == "sub":
+        return f"{e['qual']}({e['args']}) in {SUBS[label]}.{label}"
+    if name == "tail":
+        return f"{e['qual']}({e['args']}) in {e['module']}: {_tail(e)[0]} {label}"
     return f"{e['qual']}({e['args']}) in {e['module']}: {label}"
 
 
