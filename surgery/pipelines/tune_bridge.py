@@ -17,7 +17,7 @@ from ..errors import CheckpointError
 from ..io.jsonfile import load_json
 from ..io.writer import OutputDir
 from ..kinds import kind_of
-from ..train.data import load_examples
+from ..train.data import MAX_LENGTH, load_examples
 from ..train.loop import TrainConfig, fit, is_main_process, place
 from ..train.methods import load_base
 
@@ -47,7 +47,7 @@ def _llm_config(meta: dict, llm: str | None, where: str) -> dict:
 
 
 def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data: str | None = None,
-                llm: str | None = None, max_length: int = 512, force: bool = False,
+                llm: str | None = None, max_length: int = MAX_LENGTH, force: bool = False,
                 cfg: TrainConfig | None = None, placement=None, plot: str | None = None, prefix: bool = False) -> dict:
     """Tune `adapter_dir` (a LoRA or bottleneck adapter for the LLM) on the bridge; write the lifted LLM adapter to `out`.
     plot: also draw the loss curves (measured on the bridge) to this PNG (surgery.plot.loss).
