@@ -27,7 +27,7 @@ def prune_bridge_cmd(
     reduction: Annotated[float, typer.Option("--reduction", help="Keep about 1/R of the non-embedding parameters (the paper uses 16).")] = C.reduction,
     residual: Annotated[str, choice("--residual", RESIDUAL, "keep: every residual channel stays and heads, neurons and layers are cut (default); prune: cut the residual width too (the narrow LST bridge).")] = C.residual,
     drop_layers: Annotated[str, typer.Option("--drop-layers", help="Leave out N whole layers per stack (tune-bridge keeps their adapter as given); auto: depth shares the reduction with heads and neurons (about 1/sqrt(R) of the layers kept; with the residual kept and no explicit widths), 0: widths only.")] = str(C.drop_layers),
-    drop_by: Annotated[str, choice("--drop-by", DROP_BY, "Which layers --drop-layers leaves out: similarity (lowest block influence, 1 - cos(in, out)) or fisher (lowest Fisher of a per-layer mask).")] = C.drop_by,
+    drop_by: Annotated[str, choice("--drop-by", DROP_BY, "Which layers --drop-layers leaves out: similarity (lowest block influence, 1 - cos(in, out)) or fisher (lowest Fisher of a per-layer mask), or first (the first layers: the kept ones then read the LLM's own hidden state under tune-bridge --prefix).")] = C.drop_by,
     hidden_size: Size("--hidden-size", "Residual width (with --residual prune)") = C.hidden_size,
     intermediate_size: Size("--intermediate-size", "MLP width") = C.intermediate_size,
     num_attention_heads: Size("--num-attention-heads", "Attention heads") = C.num_attention_heads,

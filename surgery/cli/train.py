@@ -107,7 +107,8 @@ def tune_bridge_cmd(
     data: Data,
     output: Output,
     eval_data: EvalData = None,
-    llm: Annotated[str | None, typer.Option("--llm", help="The LLM directory, if it moved since prune-bridge (only config.json is read).")] = None,
+    llm: Annotated[str | None, typer.Option("--llm", help="The LLM directory, if it moved since prune-bridge (only config.json is read, and with --prefix its weights).")] = None,
+    prefix: Annotated[bool, typer.Option("--prefix", help="The bridge dropped the LLM's first layers (prune-bridge --drop-by first): feed its kept layers the LLM's own hidden state there, computed once by the LLM with the adapter on, forward only.")] = False,
     epochs: Epochs = T.epochs,
     lr: Lr = T.lr,
     batch_size: Batch = T.batch_size,
@@ -126,7 +127,7 @@ def tune_bridge_cmd(
     _quiet()
     s = tune_bridge(adapter, bridge, data, output, eval_data=eval_data, llm=llm, epochs=epochs, lr=lr,
                     batch_size=batch_size, max_length=max_length, eval_every=eval_every, log_every=log_every, seed=seed,
-                    force=force, placement=where, plot=plot)
+                    force=force, placement=where, plot=plot, prefix=prefix)
     if not s:
         return
     if json_out:
