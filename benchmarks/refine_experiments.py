@@ -19,6 +19,11 @@ Variant keys (comma-separated, one variant per space-separated word):
                    (refine's --keep-best --backoff); default 1 = the raw curve (--keep-last)
   only=REGEX       tune only the adapter tensors whose name matches (re.search), e.g. lora_B,
                    'layers\\.[123]\\.' (the layers the one-layer bridge dropped), mlp
+  loss             the scalar MeZO descends (default all = refine's: mean NLL over every completion token);
+                   first = NLL of the first completion token only (the one that decides exact match on
+                   single-token labels); labels = cross-entropy over the candidate first tokens only (the
+                   distinct first tokens of the training completions: MeZO's and LM-BFF's prompt-based
+                   classification loss over the label words); labels+all = the sum of the two
 One process, one thread; results are appended as JSON lines to --out.
 """
 
@@ -38,13 +43,45 @@ if ROOT not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+LOSSES = ("all", "first", "labels", "labels+all")
+
+
+def objective(name: str, candidates: list[int]):
+    """batch_loss(model, batch, seq2seq) -> float for refine's loop: `name` as in the docstring (causal models)."""
+    import torch
+    import torch.nn.functional as F
+
+    from surgery.train.data import IGNORE
+    from surgery.train.zeroth import batch_loss as all_tokens
+
+    cand = torch.tensor(candidates)
+
+    def loss(model, batch, seq2seq):
+        if name == "all":
+            return all_tokens(model, batch, seq2seq)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        first = (labels != IGNORE).int().argmax(-1)  # the first labelled position of each row
+        rows = torch.arange(labels.shape[0])
+        at, gold = logits[rows, first], labels[rows, first]
+        if name == "first":
+            return float(F.cross_entropy(at, gold))
+        target = (cand[None, :] == gold[:, None]).int().argmax(-1)  # gold's index among the candidates
+        out = float(F.cross_entropy(at[:, cand], target))
+        return out + all_tokens(model, batch, seq2seq) if name == "labels+all" else out
+
+    return loss
+
+
 def parse_variant(word: str) -> dict:
     v = {}
     for kv in word.split(","):
         k, _, x = kv.partition("=")
-        if k not in ("lr", "eps", "batch", "k", "backoff", "only", "forwards") or not x:
-            raise SystemExit(f"bad variant key {kv!r} in {word!r}: use lr=, eps=, batch=, k=, backoff=, only=, forwards=")
-        v[k] = x if k == "only" else (int(x) if k in ("k", "batch", "forwards") else float(x))
+        if k not in ("lr", "eps", "batch", "k", "backoff", "only", "forwards", "loss") or not x:
+            raise SystemExit(f"bad variant key {kv!r} in {word!r}: use lr=, eps=, batch=, k=, backoff=, only=, forwards=, loss=")
+        if k == "loss" and x not in LOSSES:
+            raise SystemExit(f"bad loss {x!r}: use one of {', '.join(LOSSES)}")
+        v[k] = x if k in ("only", "loss") else (int(x) if k in ("k", "batch", "forwards") else float(x))
     return v
 
 
@@ -54,7 +91,8 @@ def main(argv=None) -> None:
     ap.add_argument("--pair", default=None, help="the pretrained pair (default: the evidence's)")
     ap.add_argument("--task", default="verb")
     ap.add_argument("--seeds", default="0")
-    ap.add_argument("--starts", default="zero-init", help="comma list of <task>/s<seed>/ adapters: zero-init, bridge-scaled, ...")
+    ap.add_argument("--starts", default="zero-init",
+                    help="comma list of <task>/s<seed>/ adapters: zero-init, bridge-scaled, ... (or absolute paths, the same for every seed)")
     ap.add_argument("--forwards", type=int, default=2000, help="forward passes per variant")
     ap.add_argument("--eval-forwards", type=int, default=500, help="forward passes between dev evaluations")
     ap.add_argument("--variants", default="lr=1e-4")
@@ -69,7 +107,10 @@ def main(argv=None) -> None:
     from surgery.train.data import load_examples
     from surgery.train.loop import place
     from surgery.train.methods import load_base
+    from surgery.train import zeroth
     from surgery.train.zeroth import RefineConfig, mezo_fit
+
+    all_tokens = zeroth.batch_loss
 
     ev = a.evidence
     key = re.sub(r"-t[0-9a-f]{6}$", "", os.path.basename(ev.rstrip("/")).removeprefix("evidence-"))
@@ -85,6 +126,7 @@ def main(argv=None) -> None:
             seq2seq = bool(model.config.is_encoder_decoder)
             train_ex = load_examples(train, tok, seq2seq=seq2seq, max_length=64)
             dev_ex = load_examples(dev, tok, seq2seq=seq2seq, max_length=64)
+            candidates = sorted({next(t for t in e.labels if t != -100) for e in train_ex})
             model.requires_grad_(False)
             wrapped, params = kind.tunable(model, adapter, arch)
             wrapped = place(wrapped, None)
@@ -101,7 +143,11 @@ def main(argv=None) -> None:
                                    lr=v.get("lr", 1e-4), eps=v.get("eps", 1e-3), batch_size=v.get("batch", 16),
                                    directions=k, seed=seed, keep_best=backoff < 1, backoff=backoff, progress=False)
                 t0 = time.time()
-                before, hist, after, kept = mezo_fit(wrapped, sub, tok, train_ex, dev_ex, cfg, seq2seq=seq2seq)
+                zeroth.batch_loss = objective(v.get("loss", "all"), candidates)
+                try:
+                    before, hist, after, kept = mezo_fit(wrapped, sub, tok, train_ex, dev_ex, cfg, seq2seq=seq2seq)
+                finally:
+                    zeroth.batch_loss = all_tokens
                 sec = time.time() - t0
                 curve = [(0, round(100 * before["accuracy"], 1), round(before["loss"], 3))] + [
                     (st * 2 * k, round(100 * m["accuracy"], 1), round(m["loss"], 3)) for st, m in hist.evals]

@@ -154,7 +154,8 @@ def _flags(cmd: str) -> dict:
     return {k: v for k, v in zip(a, a[1:]) if k.startswith("--")}
 
 
-def memory_table(slm: str, llm: str, bridges: dict, batch: int, seq: int, transfer: dict | None = None) -> dict:
+def memory_table(slm: str, llm: str, bridges: dict, batch: int, seq: int, transfer: dict | None = None,
+                 prefix_tokens: int | None = None) -> dict:
     """Every stage's count, as results.json's "train_memory" holds it (run.py and main() below).
 
     bridges: prune-bridge's stage records by kind ({"dir", "cmd"}); transfer: a transfer stage record.
@@ -184,7 +185,20 @@ def memory_table(slm: str, llm: str, bridges: dict, batch: int, seq: int, transf
             table[f"prune-bridge ({k})"] = fisher_bytes(llm, rows, length)
     table.update({f"bridge ({k})": training_bytes(v["dir"], batch, seq) for k, v in bridges.items()})
     table["refine (LLM, forward only)"] = inference_bytes(llm, batch, seq)
+    if prefix_tokens:
+        # tune-bridge --prefix: the LLM forward only (as refine), holding every record's hidden state (float32)
+        # until it writes them; training then reads them a batch at a time (the bridge row)
+        import json
+        import os
+
+        with open(os.path.join(llm, "config.json")) as f:
+            held = prefix_tokens * json.load(f)["hidden_size"] * 4
+        r = inference_bytes(llm, batch, seq)
+        table[PREFIX_PASS] = {**r, "activations": r["activations"] + held, "total": r["total"] + held}
     return table
+
+
+PREFIX_PASS = "tune-bridge --prefix pass (LLM forward only)"
 
 
 def main() -> None:

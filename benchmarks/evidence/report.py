@@ -26,7 +26,8 @@ GAP_ROWS = ("slm_lora", "transfer", "zero_init", "bridge", "narrow", "method", "
 # the stages Algorithm 1 runs on the LLM's side (with refine as its last stage), for the memory goal, by
 # process RSS and in train_memory's tensor count; the SLM's own LoRA is the method's input, reported beside
 METHOD_STAGES = ("transfer", "prune-keep", "bridge", "method")
-METHOD_COUNTS = ("transfer", "prune-bridge (keep)", "bridge (keep)", "refine (LLM, forward only)")
+METHOD_COUNTS = ("transfer", "prune-bridge (keep)", "bridge (keep)", "refine (LLM, forward only)",
+                 "tune-bridge --prefix pass (LLM forward only)")
 SLM_STAGE, SLM_COUNT = "slm_lora", "slm"
 
 

@@ -75,6 +75,31 @@ def placement(dtype: str, device: str | None, device_map: str | None):
     return Placement(dtype, device, device_map).check()
 
 
+def places_model(command):
+    """--dtype, --device and --device-map, defined once for every command that runs a model.
+
+    The command declares `where: Placement = None` where the three flags belong (--help lists them
+    there, in this order, with Placement's defaults) and is called with their checked Placement, before
+    torch is imported. Typer reads the command's signature, so the wrapper shows it one with the flags
+    in place of `where`."""
+    import functools
+    import inspect
+
+    sig = inspect.signature(command, eval_str=True)
+    default = Placement()
+    flags = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=kind, default=getattr(default, name))
+             for name, kind in (("dtype", ModelDtype), ("device", Device), ("device_map", DeviceMap))]
+    params = [q for p in sig.parameters.values() for q in (flags if p.name == "where" else [p])]
+
+    @functools.wraps(command)
+    def run(*args, dtype, device, device_map, **kwargs):
+        return command(*args, where=placement(dtype, device, device_map), **kwargs)
+
+    run.__signature__ = sig.replace(parameters=params)
+    run.__annotations__ = {p.name: p.annotation for p in params}
+    return run
+
+
 def use_families(files: list[str] | None) -> None:
     """Register this command's --family files before it reads any model (pure Python: no torch)."""
     use_family_files(files or [])

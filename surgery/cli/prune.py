@@ -11,14 +11,15 @@ from ..pipelines.bridge_plan import RESIDUAL
 from ..pipelines.importance import METHODS as IMPORTANCE
 from ..pipelines.prune import DROP_BY, PruneConfig, prune_bridge
 from . import app
-from .common import (Device, DeviceMap, Force, JsonOut, MaxShard, ModelDtype, Output, Plot, Seed, choice, console,
-                     human_count, placement, print_json, say_plot, table)
+from .common import (Force, JsonOut, MaxShard, Output, Placement, Plot, Seed, choice, console, human_count, places_model,
+                     print_json, say_plot, table)
 
 C = PruneConfig()  # every default below is PruneConfig's
 Size = lambda flag, what: Annotated[Optional[int], typer.Option(flag, help=f"{what} of the bridge (overrides --reduction).")]  # noqa: E731
 
 
 @app.command("prune-bridge")
+@places_model
 def prune_bridge_cmd(
     llm: Annotated[str, typer.Argument(help="The LLM's model directory (config.json, weights, tokenizer).")],
     output: Output,
@@ -26,7 +27,7 @@ def prune_bridge_cmd(
     reduction: Annotated[float, typer.Option("--reduction", help="Keep about 1/R of the non-embedding parameters (the paper uses 16).")] = C.reduction,
     residual: Annotated[str, choice("--residual", RESIDUAL, "keep: every residual channel stays and heads, neurons and layers are cut (default); prune: cut the residual width too (the narrow LST bridge).")] = C.residual,
     drop_layers: Annotated[str, typer.Option("--drop-layers", help="Leave out N whole layers per stack (tune-bridge keeps their adapter as given); auto: depth shares the reduction with heads and neurons (about 1/sqrt(R) of the layers kept; with the residual kept and no explicit widths), 0: widths only.")] = str(C.drop_layers),
-    drop_by: Annotated[str, choice("--drop-by", DROP_BY, "Which layers --drop-layers leaves out: similarity (lowest block influence, 1 - cos(in, out)) or fisher (lowest Fisher of a per-layer mask).")] = C.drop_by,
+    drop_by: Annotated[str, choice("--drop-by", DROP_BY, "Which layers --drop-layers leaves out: similarity (lowest block influence, 1 - cos(in, out)) or fisher (lowest Fisher of a per-layer mask), or first (the first layers: the kept ones then read the LLM's own hidden state under tune-bridge --prefix).")] = C.drop_by,
     hidden_size: Size("--hidden-size", "Residual width (with --residual prune)") = C.hidden_size,
     intermediate_size: Size("--intermediate-size", "MLP width") = C.intermediate_size,
     num_attention_heads: Size("--num-attention-heads", "Attention heads") = C.num_attention_heads,
@@ -38,15 +39,12 @@ def prune_bridge_cmd(
     seed: Seed = C.seed,
     force: Force = False,
     max_shard_size: MaxShard = C.max_shard_size,
-    dtype: ModelDtype = "auto",
-    device: Device = None,
-    device_map: DeviceMap = None,
+    where: Placement = None,  # --dtype/--device/--device-map; default: device_map auto with a GPU, the CPU otherwise
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory budget per device for the calibration passes, e.g. cpu=8GiB or 0=70GiB,cpu=100GiB; accelerate offloads the rest to disk.")] = None,
     plot: Plot("each layer's head and neuron importance, kept and dropped,") = None,
     json_out: JsonOut = False,
 ):
     """Prune LLM into a smaller checkpoint of the same family, by Fisher information on calibration data."""
-    where = placement(dtype, device, device_map)  # default: device_map auto with a GPU, the CPU otherwise
     import transformers
 
     transformers.utils.logging.disable_progress_bar()

@@ -8,9 +8,10 @@ import typer
 
 from ..kinds import names as kind_names
 from ..pipelines.refine import refine
+from ..train.data import MAX_LENGTH
 from ..train.zeroth import RefineConfig
 from . import app
-from .common import Device, DeviceMap, Force, JsonOut, ModelDtype, Output, Seed, human_count, placement, print_json
+from .common import Force, JsonOut, Output, Placement, Seed, human_count, places_model, print_json
 from .train import Data, EvalData, MaxLen, _quiet, _render
 
 
@@ -18,6 +19,7 @@ _D = RefineConfig()
 
 
 @app.command("refine")
+@places_model
 def refine_cmd(
     adapter: Annotated[str, typer.Option("--adapter", help=f"The LLM's adapter, e.g. from `surgery tune-bridge` (kinds: {', '.join(kind_names('refine'))}).")],
     llm: Annotated[str, typer.Option("--llm", help="The LLM the adapter is for: a Hugging Face checkpoint directory (never modified).")],
@@ -28,20 +30,17 @@ def refine_cmd(
     lr: Annotated[float, typer.Option("--lr", help="Learning rate of the update lr*g*z.")] = _D.lr,
     eps: Annotated[float, typer.Option("--eps", help="Perturbation scale: the losses are taken at theta +- eps*z.")] = _D.eps,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step (both passes see the same batch).")] = _D.batch_size,
-    max_length: MaxLen = 512,
+    max_length: MaxLen = MAX_LENGTH,
     log_every: Annotated[int, typer.Option("--log-every", help="Steps per recorded training loss.")] = _D.log_every,
     eval_every: Annotated[int, typer.Option("--eval-every", help="Steps between evaluations on --eval (0: before and after only).")] = _D.eval_every,
     keep_best: Annotated[bool, typer.Option("--keep-best/--keep-last", help="Write the evaluated state (input, each --eval-every, last) with the lowest loss, or the last step's.")] = _D.keep_best,
     backoff: Annotated[float, typer.Option("--backoff", help="With --keep-best: an evaluation worse than the best restores the best state and multiplies lr by this (1: never).")] = _D.backoff,
     seed: Seed = _D.seed,
-    dtype: ModelDtype = "auto",
-    device: Device = None,
-    device_map: DeviceMap = None,
+    where: Placement = None,
     force: Force = False,
     json_out: JsonOut = False,
 ):
     """Tune an adapter on the LLM with forward passes only (MeZO): no gradients, no optimizer state, inference memory. OUT has the input's format and refine.json."""
-    where = placement(dtype, device, device_map)
     _quiet()
     cfg = RefineConfig(steps=steps, lr=lr, eps=eps, batch_size=batch_size, seed=seed, log_every=log_every,
                        eval_every=eval_every, keep_best=keep_best, backoff=backoff)

@@ -9,10 +9,11 @@ import typer
 from ..io.adapterhub import PRESETS
 from ..kinds import ALIASES, MethodOptions, get as get_kind, names as kind_names
 from ..pipelines.evaluate import evaluate
+from ..train.data import MAX_LENGTH
 from ..train.loop import TrainConfig
 from . import app
-from .common import (Device, DeviceMap, Force, JsonOut, ModelDtype, Output, Plot, Seed, choice, console, human_count,
-                     placement, print_json, say_plot, table)
+from .common import (Force, JsonOut, Output, Placement, Plot, Seed, choice, console, human_count, places_model, print_json,
+                     say_plot, table)
 
 Data = Annotated[str, typer.Option("--data", help="JSONL: {\"text\"} (LM loss); {\"prompt\",\"completion\"}, chat {\"messages\"} or Alpaca {\"instruction\",\"input\",\"output\"} (loss on the answer).")]
 EvalData = Annotated[str | None, typer.Option("--eval", help="JSONL evaluated periodically and at the end.")]
@@ -53,6 +54,7 @@ def _render(title: str, s: dict, extra: list[tuple[str, str]]) -> None:
 
 
 @app.command("train")
+@places_model
 def train_cmd(
     model: Annotated[str, typer.Argument(help="The (small) model to tune: a Hugging Face checkpoint directory.")],
     data: Data,
@@ -69,19 +71,16 @@ def train_cmd(
     virtual_tokens: Annotated[int, typer.Option("--virtual-tokens", help="Prompt/prefix length.")] = M.virtual_tokens,
     adapter_config: Annotated[str, choice("--adapter-config", PRESETS, "Bottleneck adapter preset: houlsby (attention + FFN), pfeiffer (FFN).")] = M.adapter_config,
     reduction_factor: Annotated[float | None, typer.Option("--reduction-factor", help="Bottleneck width = hidden // N (default 16).")] = M.reduction_factor,
-    max_length: MaxLen = 512,
+    max_length: MaxLen = MAX_LENGTH,
     eval_every: EvalEvery = T.eval_every,
     log_every: LogEvery = T.log_every,
     seed: Seed = T.seed,
-    dtype: ModelDtype = "auto",
-    device: Device = None,
-    device_map: DeviceMap = None,
+    where: Placement = None,
     plot: LossPlot = None,
     force: Force = False,
     json_out: JsonOut = False,
 ):
     """Parameter-efficient tuning of a model (step 1 of Algorithm 1); saves a PEFT adapter (BitFit: bitfit.safetensors; bottleneck: AdapterHub layout)."""
-    where = placement(dtype, device, device_map)
     from ..api import train
 
     _quiet()
@@ -101,35 +100,34 @@ def train_cmd(
 
 
 @app.command("tune-bridge")
+@places_model
 def tune_bridge_cmd(
     adapter: Annotated[str, typer.Option("--adapter", help=f"The LLM's adapter (from `surgery transfer`): {', '.join(kind_names('tune-bridge'))}.")],
     bridge: Annotated[str, typer.Option("--bridge", help="The bridge directory (from `surgery prune-bridge`, with bridge.json).")],
     data: Data,
     output: Output,
     eval_data: EvalData = None,
-    llm: Annotated[str | None, typer.Option("--llm", help="The LLM directory, if it moved since prune-bridge (only config.json is read).")] = None,
+    llm: Annotated[str | None, typer.Option("--llm", help="The LLM directory, if it moved since prune-bridge (only config.json is read, and with --prefix its weights).")] = None,
+    prefix: Annotated[bool, typer.Option("--prefix", help="The bridge dropped the LLM's first layers (prune-bridge --drop-by first): feed its kept layers the LLM's own hidden state there, computed once by the LLM with the adapter on, forward only.")] = False,
     epochs: Epochs = T.epochs,
     lr: Lr = T.lr,
     batch_size: Batch = T.batch_size,
-    max_length: MaxLen = 512,
+    max_length: MaxLen = MAX_LENGTH,
     eval_every: EvalEvery = T.eval_every,
     log_every: LogEvery = T.log_every,
     seed: Seed = T.seed,
-    dtype: ModelDtype = "auto",
-    device: Device = None,
-    device_map: DeviceMap = None,
+    where: Placement = None,
     plot: LossPlot = None,
     force: Force = False,
     json_out: JsonOut = False,
 ):
     """Tune an LLM's LoRA or bottleneck adapter through the bridge (W_down), then lift the update back: OUT is an adapter for the LLM."""
-    where = placement(dtype, device, device_map)
     from ..api import tune_bridge
 
     _quiet()
     s = tune_bridge(adapter, bridge, data, output, eval_data=eval_data, llm=llm, epochs=epochs, lr=lr,
                     batch_size=batch_size, max_length=max_length, eval_every=eval_every, log_every=log_every, seed=seed,
-                    force=force, placement=where, plot=plot)
+                    force=force, placement=where, plot=plot, prefix=prefix)
     if not s:
         return
     if json_out:
@@ -143,19 +141,17 @@ def tune_bridge_cmd(
 
 
 @app.command("eval")
+@places_model
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="A Hugging Face checkpoint directory.")],
     data: Data,
     adapter: Annotated[str | None, typer.Option("--adapter", help=f"An adapter to apply first: {', '.join(kind_names('eval'))}.")] = None,
     batch_size: Batch = 8,
-    max_length: MaxLen = 512,
-    dtype: ModelDtype = "auto",
-    device: Device = None,
-    device_map: DeviceMap = None,
+    max_length: MaxLen = MAX_LENGTH,
+    where: Placement = None,
     json_out: JsonOut = False,
 ):
     """Loss, perplexity and exact-match accuracy (teacher-forced argmax = greedy) of completions."""
-    where = placement(dtype, device, device_map)
 
     _quiet()
     s = evaluate(model, data, adapter=adapter, batch_size=batch_size, max_length=max_length, placement=where)

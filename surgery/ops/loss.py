@@ -96,29 +96,30 @@ def chunked_nll(hidden, labels, head, vocab: int, *, softcap: float | None = Non
 
 
 def chunked_scores(hidden, labels, head, vocab: int, *, softcap: float | None = None, elements: int | None = None):
-    """Evaluation, without autograd: (sum of token NLL, labelled tokens, hits).
+    """Evaluation, without autograd: (sum of token NLL, labelled tokens, pred).
 
-    The NLL is chunked_nll's. hits is a bool tensor shaped like labels (on their device): True where the
-    label is IGNORE or where the argmax of the token's logits equals it, so a row is an exact match when
-    hits[row].all(). The argmax is taken on the logits in the head's dtype (after soft-capping), as
-    `logits.argmax(-1)` on the model's full output would be; torch returns the first index of a tied
-    maximum, on the full logits and here alike. Each token's logits are the same dot products as in the
-    full [batch, seq, vocab] matmul, only over fewer rows; a BLAS may block a matmul of fewer rows
-    differently, so in bf16/fp32 a logit could in principle round differently in the last bit and flip
-    an exact tie. tests/test_eval_scores.py checks the counts are identical on every fixture family.
+    The NLL is chunked_nll's. pred is shaped like labels (on their device): the argmax of each labelled
+    token's logits, IGNORE where the label is IGNORE, so `pred == labels` holds at every position of a
+    row exactly when the row is an exact match. The argmax is taken on the logits in the head's dtype
+    (after soft-capping), as `logits.argmax(-1)` on the model's full output would be; torch returns the
+    first index of a tied maximum, on the full logits and here alike. Each token's logits are the same
+    dot products as in the full [batch, seq, vocab] matmul, only over fewer rows; a BLAS may block a
+    matmul of fewer rows differently, so in bf16/fp32 a logit could in principle round differently in
+    the last bit and break an exact tie the other way. tests/test_eval_scores.py checks the counts are
+    identical on every fixture family, benchmarks/eval_memory.py every argmax at TinyLlama widths.
     """
     import torch
 
     with torch.no_grad():
         h, y, keep, n = _labelled(hidden, labels)
         total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
-        right = torch.zeros(n, dtype=torch.bool, device=h.device)
+        top = torch.empty(n, dtype=torch.long, device=h.device)
         step = chunk_tokens(vocab, elements)
         for i in range(0, n, step):
             z = _logits(head, softcap, h[i:i + step])
             total += _nll(z, y[i:i + step])
-            right[i:i + step] = z.argmax(-1) == y[i:i + step]
+            top[i:i + step] = z.argmax(-1)
             del z  # the next chunk's logits replace these, never join them
-        hits = ~keep
-        hits[keep] = right.to(keep.device)
-    return total, n, hits
+        pred = torch.full(labels.shape, IGNORE, dtype=torch.long, device=keep.device)
+        pred[keep] = top.to(keep.device)
+    return total, n, pred

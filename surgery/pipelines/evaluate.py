@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 
 from ..kinds import kind_of
-from ..train.data import load_examples, pad_id_of
+from ..train.data import MAX_LENGTH, load_examples, pad_id_of
 from ..train.loop import place
 from ..train.methods import load_base
 from ..train.score import evaluate_examples
 
 
 def evaluate(model_dir: str, data: str, *, adapter: str | None = None, batch_size: int = 8,
-             max_length: int = 512, placement=None) -> dict:
+             max_length: int = MAX_LENGTH, placement=None) -> dict:
     """Loss, perplexity and exact-match accuracy of `model_dir` (with `adapter` applied, if given) on the
     JSONL `data`, as the dict `surgery eval --json` prints. placement: dtype and device (io.model)."""
     kind = kind_of(adapter, "eval") if adapter else None

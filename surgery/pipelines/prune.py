@@ -36,7 +36,7 @@ from .calibration import batch_loss, batches, mean_loss, token_blocks
 from .stream import write_checkpoint
 
 FORMAT = "surgery.bridge/1"
-DROP_BY = ("similarity", "fisher")
+DROP_BY = ("similarity", "fisher", "first")
 
 
 def _norm_modules(arch) -> dict[str, str]:
@@ -168,7 +168,7 @@ class PruneConfig:
     reduction: float = 16.0  # keep about 1/R of the non-embedding parameters (the paper uses 16)
     residual: str = "keep"  # keep every residual channel, or prune it too (the narrow LST bridge)
     drop_layers: int | str = "auto"  # whole layers left out per stack; "auto": depth shares the reduction (bridge_plan)
-    drop_by: str = "similarity"  # which: similarity (block influence) or fisher
+    drop_by: str = "similarity"  # which: similarity (block influence), fisher, or first (keep the last layers)
     hidden_size: int | None = None  # explicit bridge widths override the reduction
     intermediate_size: int | None = None
     num_attention_heads: int | None = None
@@ -267,6 +267,8 @@ def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, 
         if drop and cfg.drop_by == "fisher":
             layer_scores = imp.layer_fisher(scores if cfg.importance == "fisher-mask" else
                                             imp.fisher_mask(model, arch, blocks, cfg.batch_size), arch)
+        if drop and cfg.drop_by == "first":  # keep the last layers: tune-bridge --prefix feeds them the LLM's own states
+            layer_scores = {(st, i): float(i) for st, n in arch.stacks.items() for i in range(n)}
         dropped = choose_dropped(arch, layer_scores, drop)
         del model, scores
         gc.collect()

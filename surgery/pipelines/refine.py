@@ -16,7 +16,7 @@ import os
 
 from ..io.writer import OutputDir
 from ..kinds import kind_of
-from ..train.data import load_examples
+from ..train.data import MAX_LENGTH, load_examples
 from ..train.loop import place
 from ..train.methods import load_base
 from ..train.zeroth import RefineConfig, mezo_fit
@@ -25,7 +25,7 @@ __all__ = ["RefineConfig", "refine"]
 
 
 def refine(adapter_dir: str, llm_dir: str, data: str, out: str, *, eval_data: str | None = None,
-           max_length: int = 512, force: bool = False, cfg: RefineConfig | None = None, placement=None) -> dict:
+           max_length: int = MAX_LENGTH, force: bool = False, cfg: RefineConfig | None = None, placement=None) -> dict:
     """Tune `adapter_dir` on the LLM `llm_dir` with MeZO on `data` (JSONL); write the adapter to `out`.
 
     Returns a summary: before/after metrics (on eval_data, else the training data), the loss

@@ -12,13 +12,13 @@ from dataclasses import replace
 from ..io.writer import OutputDir
 from ..kinds import get
 from ..kinds.base import MethodOptions
-from ..train.data import load_examples
+from ..train.data import MAX_LENGTH, load_examples
 from ..train.loop import TrainConfig, fit, is_main_process, place
 from ..train.methods import load_base
 
 
 def train_adapter(model_dir: str, data: str, out: str, *, method: str = "lora", eval_data: str | None = None,
-                  max_length: int = 512, force: bool = False, cfg: TrainConfig | None = None,
+                  max_length: int = MAX_LENGTH, force: bool = False, cfg: TrainConfig | None = None,
                   opts: MethodOptions | None = None, placement=None, plot: str | None = None, **options) -> dict:
     """Train an adapter for `model_dir` on `data` (JSONL) and write it to `out`; returns a summary.
 

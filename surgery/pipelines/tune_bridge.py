@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 
 from ..arch import load_arch
+from . import bridge_prefix as bp
 from ..errors import CheckpointError
 from ..io.jsonfile import load_json
 from ..io.writer import OutputDir
 from ..kinds import kind_of
-from ..train.data import load_examples
+from ..train.data import MAX_LENGTH, load_examples
 from ..train.loop import TrainConfig, fit, is_main_process, place
 from ..train.methods import load_base
 
@@ -46,10 +47,12 @@ def _llm_config(meta: dict, llm: str | None, where: str) -> dict:
 
 
 def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data: str | None = None,
-                llm: str | None = None, max_length: int = 512, force: bool = False,
-                cfg: TrainConfig | None = None, placement=None, plot: str | None = None) -> dict:
+                llm: str | None = None, max_length: int = MAX_LENGTH, force: bool = False,
+                cfg: TrainConfig | None = None, placement=None, plot: str | None = None, prefix: bool = False) -> dict:
     """Tune `adapter_dir` (a LoRA or bottleneck adapter for the LLM) on the bridge; write the lifted LLM adapter to `out`.
-    plot: also draw the loss curves (measured on the bridge) to this PNG (surgery.plot.loss)."""
+    plot: also draw the loss curves (measured on the bridge) to this PNG (surgery.plot.loss).
+    prefix: the bridge dropped the LLM's first layers; its kept layers read the LLM's own hidden state
+    there (computed once, forward only, by the LLM with the adapter on: pipelines/bridge_prefix.py)."""
     cfg = cfg or TrainConfig()
     cfg.check()
     bdir, meta = read_bridge(bridge)
@@ -59,6 +62,7 @@ def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data
         raise CheckpointError(f"bridge.json says family {meta['family']} but the LLM is {arch.family}", "pass the matching --llm")
     kind = kind_of(adapter_dir, "tune-bridge")
     route = kind.bridge_route(adapter_dir, arch, meta["kept"])
+    n_prefix = bp.prefix_layers(meta) if prefix else 0
     inputs = [route.path, bdir, data] + ([eval_data] if eval_data else [])
     if plot:
         from .. import plot as plots
@@ -69,15 +73,24 @@ def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data
         seq2seq = bool(model.config.is_encoder_decoder)
         train_ex = load_examples(data, tok, seq2seq=seq2seq, max_length=max_length)
         eval_ex = load_examples(eval_data, tok, seq2seq=seq2seq, max_length=max_length) if eval_data else None
-        pm = place(route.wrap(model, bdir), placement)
-        before, hist, after = fit(pm, tok, train_ex, eval_ex, cfg, seq2seq=seq2seq)
+        states = bp.state_file(out) if n_prefix else None
+        try:
+            if n_prefix:  # the LLM's first layers, forward only, once; then only the bridge is held
+                index = bp.write_states(llm or meta["source"], adapter_dir, kind, [train_ex] + ([eval_ex] if eval_ex else []),
+                                        n_prefix, states, pad_id=0, batch_size=cfg.batch_size, placement=placement)
+                model.set_input_embeddings(bp.cached_prefix(states, index, model.get_input_embeddings().weight.dtype))
+            pm = place(route.wrap(model, bdir), placement)
+            before, hist, after = fit(pm, tok, train_ex, eval_ex, cfg, seq2seq=seq2seq)
+        finally:
+            if states and os.path.exists(states):
+                os.remove(states)
         if not is_main_process():  # data-parallel workers: the main process writes the one output
             od.abort()
             return {}
         route.write(od, pm, arch, llm_config)
         od.write_json("tune_bridge.json", {"adapter": route.path, "bridge": bdir, "data": os.path.abspath(data),
                                            "kind": kind.name, "seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr,
-                                           "batch_size": cfg.batch_size, "bridge_before": before,
+                                           "batch_size": cfg.batch_size, "prefix_layers": n_prefix, "bridge_before": before,
                                            "bridge_after": after, "history": hist.as_dict()})
         path = od.commit()
     if plot:

@@ -17,6 +17,7 @@ from ..io.data import Record, read_records
 from ..io.tokenizer import check_ids
 
 IGNORE = -100  # label value the loss skips (transformers' and torch's convention)
+MAX_LENGTH = 512  # tokens per example unless --max-length says otherwise (train, tune-bridge, refine, eval)
 
 
 @dataclass
@@ -57,7 +58,7 @@ def encode(records: list[Record], tokenizer, *, seq2seq: bool, max_length: int) 
     return out
 
 
-def load_examples(path: str, tokenizer, *, seq2seq: bool, max_length: int = 512) -> list[Example]:
+def load_examples(path: str, tokenizer, *, seq2seq: bool, max_length: int = MAX_LENGTH) -> list[Example]:
     """Training or evaluation examples of a data file (read by surgery.io.data, one kind per file)."""
     return encode(read_records(path), tokenizer, seq2seq=seq2seq, max_length=max_length)
 

@@ -119,8 +119,8 @@ def batch_scores(model, batch: dict, seq2seq: bool) -> tuple:
     from ..ops.loss import chunked_scores
 
     h, labels, head, kw = _at_head(model, batch, use_cache=False)
-    nll, n, hits = chunked_scores(h, labels, head, kw["vocab"], softcap=kw["softcap"])
-    return nll, n, [bool(r) for r in hits.all(-1)]
+    nll, n, pred = chunked_scores(h, labels, head, kw["vocab"], softcap=kw["softcap"])
+    return nll, n, [bool(r) for r in (pred == labels.to(pred.device)).all(-1)]
 
 
 def exact_matches(logits, labels) -> list[bool]:

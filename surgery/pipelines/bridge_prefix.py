@@ -1,0 +1,105 @@
+"""tune-bridge --prefix: the bridge's kept layers read the LLM's own hidden state.
+
+A bridge that drops the LLM's first L layers (`prune-bridge --drop-by first`) feeds its first kept
+layer the token embedding, not what the LLM's layers 0..L-1 write there, so what it learns lifts
+badly. With --prefix, tune-bridge first runs the LLM (the adapter as given on) over the training and
+evaluation records, forward only under torch.inference_mode, and stores each record's hidden state at
+layer L's input in a safetensors file beside the output; training then feeds the bridge those states in
+place of its token embedding (the prefix's layers are frozen: no gradient reaches them, nothing of
+them is tuned or lifted). The LLM is freed before training and the states are read from the
+memory-mapped file a batch at a time, so the training step holds what it holds without the prefix:
+the bridge, its saved activations and the adapter's state (docs/method-experiments.md §7).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+from ..errors import CheckpointError
+from ..train.data import collate
+
+
+def prefix_layers(meta: dict) -> int:
+    """L, the number of leading LLM layers the bridge dropped, when it dropped exactly layers 0..L-1 of one stack."""
+    stacks = meta["layers"]["llm"]
+    dropped = (meta["layers"].get("dropped") or {})
+    if len(stacks) != 1 or not any(dropped.values()):
+        raise CheckpointError("tune-bridge --prefix needs a decoder-only bridge that drops the LLM's first layers",
+                              "re-create it with `surgery prune-bridge --drop-layers N --drop-by first`")
+    sizes, llm_sizes = meta.get("sizes", {}), meta.get("llm_sizes", {})
+    if sizes.get("hidden") != llm_sizes.get("hidden"):
+        raise CheckpointError(f"tune-bridge --prefix: the bridge's residual is {sizes.get('hidden')} wide, the LLM's "
+                              f"{llm_sizes.get('hidden')}: the LLM's hidden state does not fit it",
+                              "use a bridge that keeps the residual (`prune-bridge --residual keep`, the default)")
+    (st, _), = stacks.items()
+    d = sorted(dropped.get(st, []))
+    if d != list(range(len(d))):
+        raise CheckpointError(f"tune-bridge --prefix: the bridge dropped layers {d}, not the LLM's first ones",
+                              "re-create it with `surgery prune-bridge --drop-layers N --drop-by first`")
+    return len(d)
+
+
+def write_states(llm_dir: str, adapter_dir: str, kind, example_sets, n_layers: int, path: str, *,
+                 pad_id: int, batch_size: int, placement=None) -> dict:
+    """Run the LLM with `adapter_dir` on over every example of `example_sets` (lists of Examples) and save
+    each one's hidden state at layer n_layers' input to `path` (one tensor [tokens, hidden] per distinct
+    input); returns {input ids tuple: tensor name}. The LLM is released before returning."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ..train.methods import load_base
+
+    model, _, arch = load_base(llm_dir, placement)
+    model.requires_grad_(False)
+    model, _ = kind.tunable(model, adapter_dir, arch)
+    model.eval()
+    device = next(model.parameters()).device
+    index, tensors = {}, {}
+    todo = list({tuple(e.input_ids): e for es in example_sets for e in es}.values())
+    with torch.inference_mode():
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i:i + batch_size]
+            batch = collate(chunk, pad_id, False)
+            out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                        output_hidden_states=True)
+            h = out.hidden_states[n_layers]
+            for r, e in enumerate(chunk):
+                name = str(len(index))
+                index[tuple(e.input_ids)] = name
+                tensors[name] = h[r, :len(e.input_ids)].to("cpu", copy=True).contiguous()
+    del model, out, h
+    gc.collect()
+    save_file(tensors, path)
+    return index
+
+
+def cached_prefix(path: str, index: dict, dtype):
+    """A module standing in for the bridge's token embedding: each row of input ids gets its stored hidden
+    state (the longest stored input the row starts with: padding follows the real tokens, and under causal
+    attention a prefix's states are the first positions of any longer input's), zeros on the padding."""
+    import torch
+    from safetensors import safe_open
+
+    handle = safe_open(path, "pt")
+    lengths = sorted({len(k) for k in index}, reverse=True)
+
+    class CachedPrefix(torch.nn.Module):
+        def forward(self, ids):
+            rows = []
+            for row in ids.tolist():
+                name = next((index[k] for n in lengths if n <= len(row) and (k := tuple(row[:n])) in index), None)
+                if name is None:
+                    raise CheckpointError("tune-bridge --prefix met an input it has no stored state for",
+                                          "this is a bug: report it with SURGERY_DEBUG=1")
+                h = handle.get_tensor(name)
+                rows.append(torch.cat([h, h.new_zeros(len(row) - h.shape[0], h.shape[1])]))
+            return torch.stack(rows).to(device=ids.device, dtype=dtype)
+
+    return CachedPrefix()
+
+
+def state_file(out: str) -> str:
+    """Where the states go: beside the output (not inside it, nor in /tmp, which may be small)."""
+    parent = os.path.dirname(os.path.abspath(out))
+    return os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.prefix-{os.getpid()}.safetensors")

@@ -1,0 +1,80 @@
+"""prune-bridge --drop-by first and tune-bridge --prefix: the kept layers read the LLM's own hidden state."""
+
+import json
+
+import pytest
+
+from .conftest import run_cli
+from .test_prune import FAST, calib  # noqa: F401 (calib: pytest fixture)
+from .test_prune_layers import noop  # noqa: F401 (pytest fixture)
+from .train_fixtures import one_thread, task  # noqa: F401 (pytest fixtures)
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def first_dropped(fx, calib, tmp_path_factory):  # noqa: F811
+    """Every width kept, LLM layer 0 of 2 dropped: the bridge is LLM layer 1 alone."""
+    from surgery.pipelines.prune import prune_bridge
+
+    out = tmp_path_factory.mktemp("prefix") / "bridge"
+    r = prune_bridge(fx.model("llama"), out, calib, reduction=1, drop_layers=1, drop_by="first", **FAST)
+    assert r["layers"]["dropped"] == {"layers": [0]} and r["layers"]["drop_by"] == "first"
+    return str(out)
+
+
+def test_prefix_reproduces_training_the_kept_layer_on_the_llm(fx, task, first_dropped, tmp_path):  # noqa: F811
+    """With every width kept, the bridge fed the LLM's layer-0 output is the LLM itself: tuning it must equal
+    LoRA training on the LLM with layer 0's adapter frozen, and the lift must leave layer 0's adapter as given."""
+    import torch
+    from peft import PeftModel
+
+    from surgery.io.adapter import Adapter
+    from surgery.pipelines.tune_bridge import tune_bridge
+    from surgery.train.data import load_examples
+    from surgery.train.loop import TrainConfig, train_loop
+    from surgery.train.methods import load_base
+
+    llm = fx.model("llama")
+    src = fx.lora("llama", targets=TARGETS, name="prefix")
+    cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=16, seed=7)
+    train, dev = task
+    s = tune_bridge(src, first_dropped, train, str(tmp_path / "tuned"), eval_data=dev, cfg=cfg, prefix=True)
+    assert json.loads((tmp_path / "tuned" / "tune_bridge.json").read_text())["prefix_layers"] == 1
+    assert not [p for p in tmp_path.iterdir() if "prefix" in p.name]  # the stored states are removed
+
+    model, tok, _ = load_base(llm)
+    pm = PeftModel.from_pretrained(model, src, is_trainable=True)
+    for n, p in pm.named_parameters():
+        p.requires_grad_("lora_" in n and ".layers.1." in n)
+    train_loop(pm, load_examples(train, tok, seq2seq=False), cfg, pad_id=0, seq2seq=False)
+    direct = {k.replace(".default", ""): v for k, v in pm.state_dict().items() if "lora_" in k}
+    given, tuned = Adapter.open(src).tensors, Adapter.open(str(tmp_path / "tuned")).tensors
+    assert set(tuned) == set(direct)
+    for k, v in tuned.items():
+        if ".layers.0." in k:
+            assert torch.equal(v, given[k]), k
+        else:
+            assert torch.allclose(v, direct[k], atol=1e-6), k
+            assert not torch.equal(v, given[k]) or "lora_B" in k
+    # on the bridge before tuning = the LLM with the adapter: the same dev loss
+    from surgery.train.score import evaluate_examples
+
+    base = PeftModel.from_pretrained(load_base(llm)[0], src)
+    ref = evaluate_examples(base, load_examples(dev, tok, seq2seq=False), batch_size=16, pad_id=0, seq2seq=False)
+    assert abs(s["before"]["loss"] - ref["loss"]) < 1e-5
+
+
+def test_prefix_needs_a_bridge_that_dropped_the_first_layers(fx, task, calib, noop, tmp_path):  # noqa: F811
+    from surgery.pipelines.prune import prune_bridge
+
+    train, _ = task
+    src = fx.lora("llama", targets=TARGETS, name="prefix-e")
+    last, whole = tmp_path / "last", tmp_path / "whole"
+    prune_bridge(noop, last, calib, reduction=1, drop_layers=1, **FAST)  # the identity layer 1 is the one dropped
+    prune_bridge(fx.model("llama"), whole, calib, reduction=2, drop_layers=0, **FAST)
+    for bridge, says in ((last, "dropped layers [1], not the LLM's first ones"), (whole, "drops the LLM's first layers")):
+        code, _, err = run_cli("tune-bridge", "--adapter", src, "--bridge", bridge, "--data", train, "-o", tmp_path / "o",
+                               "--prefix")
+        assert code == 2 and says in err and "--drop-by first" in err, err
+        assert not (tmp_path / "o").exists()
