@@ -58,7 +58,11 @@ def mark_after_load(loaded: dict) -> None:
             loaded["rss"] = rss_mb()
         return out
 
-    methods.load_base = load_base
+    # the pipelines bind load_base by name when imported (from ..train.methods import load_base): patch
+    # every module's binding, or a pipeline imported before this call would load through the original
+    for mod in list(sys.modules.values()):
+        if getattr(mod, "__name__", "").startswith("surgery.") and getattr(mod, "load_base", None) is real:
+            mod.load_base = load_base
 
 
 def setup(work: str, layers: int, n: int) -> str:

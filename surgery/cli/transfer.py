@@ -30,7 +30,7 @@ def transfer_cmd(
     samples: Annotated[int, typer.Option("--samples", help="Calibration texts to use.")] = C.samples,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per calibration text.")] = C.seq_len,
     ridge: Annotated[float, typer.Option("--ridge", help="Ridge strength, relative to the mean eigenvalue of each Gram.")] = C.ridge,
-    max_memory: Annotated[str, typer.Option("--max-memory", help="Peak memory budget, e.g. 3GB: LLM layers are then captured and fitted together while they fit in it (default: one layer at a time, the least memory; a bigger window buys no time).")] = None,
+    max_memory: Annotated[str, typer.Option("--max-memory", help="Peak memory budget, e.g. 3GB: LLM layers are then captured and fitted together while they fit in it (default: one layer at a time, the least memory; a bigger window buys no time). With a budget, freed memory is handed back to the OS at once, at some CPU cost.")] = None,
     dtype: Annotated[str, choice("--dtype", DTYPES, "Dtype the streamed layers run in: auto = each checkpoint's own (the fits are float64 regardless).")] = C.dtype,
     scale: Annotated[str, choice("--scale", SCALES, "auto: size a ported LoRA's deltas by forward passes on --data (each module's effect matched to the SLM's, then a factor chosen by the LLM's loss, 0 included: never worse than no adapter on that text); none: as ported.")] = C.scale,
     plot: Plot("each fitted projection's relative residual per LLM layer and space") = None,

@@ -18,7 +18,7 @@ from ...io.data import documents
 from ...io.tokenizer import load_tokenizer
 from .capture import accumulate, shared_vocab, text_batches, vocab_batches
 from .maps import MapStore
-from .memory import layer_bytes, one_layer_windows, plan_windows, rss_bytes, trim, window_costs
+from .memory import layer_bytes, map_large_allocations, one_layer_windows, plan_windows, rss_bytes, trim, window_costs
 from .plan import capture_points, slice_of
 from .stream import LayerStream
 
@@ -144,6 +144,8 @@ def fit_projections(pair: Pair, needs: dict, opts: FitOptions, spill_dir: str, e
     for key in captured:
         wanted_s.setdefault(slm_of[key.layer], set()).add(pts_s[key.space])
         wanted_l.setdefault(key.layer, set()).add(pts_l[key.space])
+    if opts.budget is not None:  # a budget is a promise: RSS must follow the live tensors the cost model counts
+        map_large_allocations()
     streams = (LayerStream(ck_s, arch_s, stack, dtype=opts.dtype), LayerStream(ck_l, arch_l, stack, dtype=opts.dtype))
     streams[0].prime([(b[0], b[1]) for b in batches])
     streams[1].prime([(b[3], b[4]) for b in batches])

@@ -143,3 +143,29 @@ def trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+MMAP_THRESHOLD = 1 << 20  # bytes: every tensor of 1 MiB or more gets its own mapping, returned to the OS on free
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def map_large_allocations() -> bool:
+    """Make glibc serve every allocation of MMAP_THRESHOLD bytes or more from its own mmap, for the rest
+    of the process; False where that is not glibc.
+
+    Why: glibc's default threshold is dynamic. Once a large block is freed it rises to that block's size,
+    so later tensors of up to 32 MB come from the heap, whose freed pages stay resident (trim() returns
+    only the top of the heap). transfer allocates and frees ~100 MB moments and fit temporaries window
+    after window, so RSS came to exceed the cost model above (the window's live tensors) by 40-80 %: on
+    the mid-sized pair of benchmarks/transfer_rss.py 1154 MB peak against 518 MB predicted above a 389 MB
+    start, so a tight --max-memory could be overrun. With large blocks mapped the peak is 805 MB (423 MB
+    above the start, under the model), and at 1.1B 0.65 GiB instead of 1.22 GiB, but CPU time grows by
+    15 % and ~55 % (every layer's activations over 1 MiB are mapped and faulted in afresh); docs/transfer.md,
+    "Memory". So transfer calls this only under --max-memory, where the budget is a promise. Process-wide
+    and not undone: glibc has no call that restores the dynamic threshold."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
