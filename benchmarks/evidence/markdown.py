@@ -96,10 +96,13 @@ def render(results: dict, sm: dict) -> str:
     L += [f"- tasks (benchmarks/evidence/tasks.py): " + "; ".join(
               f"`{n}` ({results['task_sizes'][n][0]} train / {results['task_sizes'][n][1]} dev)" for n in sm["tasks"])
           + f"; {s['seeds']} seeds; LoRA rank 8 on every linear layer, {s['epochs']} epochs, lr {s['lr']}, batch "
-          f"{s['batch']} (train and tune-bridge alike); refine {s['refine_steps']} MeZO steps at `surgery refine`'s "
-          "defaults otherwise",
+          f"{s['batch']} (train and tune-bridge alike); refine {s['refine_steps']} MeZO steps"
+          + (f", lr {s['refine_lr']:g}" if s.get("refine_lr") else "") + " at `surgery refine`'s defaults otherwise",
           f"- bridges (`prune-bridge --reduction {s.get('reduction', 16):g}`, on the task's first "
-          f"{s['calib']} training texts): " + "; ".join(_bridges(sm)), ""]
+          f"{s['calib']} training texts): " + "; ".join(_bridges(sm))
+          + "".join(f"; {k}: `{' '.join(a)}`" for k, a in (results.get("bridge_args") or {}).items())
+          + ("; the kept bridge is tuned with `tune-bridge --prefix`" if "--drop-by" in (results.get("bridge_args") or {}).get("keep", []) else ""),
+          ""]
     L += ["## Against the goal (issue 16)", ""] + _rule_lines(sm)
     if g["gap"] is None and not any("method" in t["rows"] for t in sm["tasks"].values()):
         L.append("- the method's row is missing (no `surgery refine` in this checkout at run time): not measurable")
