@@ -78,3 +78,28 @@ def test_prefix_needs_a_bridge_that_dropped_the_first_layers(fx, task, calib, no
                                "--prefix")
         assert code == 2 and says in err and "--drop-by first" in err, err
         assert not (tmp_path / "o").exists()
+
+
+def test_states_are_written_in_shards(fx, task, tmp_path, monkeypatch):  # noqa: F811
+    """The prefix pass writes a shard every SHARD_BYTES instead of holding every record's state until the
+    end; what the bridge reads back is the same whatever the shard size."""
+    import torch
+
+    import surgery.pipelines.bridge_prefix as bp
+    from surgery.kinds import kind_of
+    from surgery.train.data import collate, load_examples
+    from surgery.train.methods import load_base
+
+    llm, src = fx.model("llama"), fx.lora("llama", targets=TARGETS, name="prefix-s")
+    _, tok, _ = load_base(llm)
+    examples = load_examples(task[0], tok, seq2seq=False)[:12]
+    kind = kind_of(src, "tune-bridge")
+    read = {}
+    for shard_bytes in (bp.SHARD_BYTES, 1):
+        monkeypatch.setattr(bp, "SHARD_BYTES", shard_bytes)
+        path = str(tmp_path / f"states-{shard_bytes}")
+        index = bp.write_states(llm, src, kind, [examples], 1, path, pad_id=0, batch_size=5)
+        shards = sorted(p.name for p in (tmp_path / f"states-{shard_bytes}").iterdir())
+        assert len(shards) == (1 if shard_bytes > 1 else 3), shards  # 1 byte: a shard per batch of 5, 5, 2
+        read[shard_bytes] = bp.cached_prefix(path, index, torch.float32)(collate(examples, 0, False)["input_ids"])
+    assert torch.equal(read[1], read[max(read)])

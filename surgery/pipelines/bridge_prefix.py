@@ -4,7 +4,8 @@ A bridge that drops the LLM's first L layers (`prune-bridge --drop-by first`) fe
 layer the token embedding, not what the LLM's layers 0..L-1 write there, so what it learns lifts
 badly. With --prefix, tune-bridge first runs the LLM (the adapter as given on) over the training and
 evaluation records, forward only under torch.inference_mode, and stores each record's hidden state at
-layer L's input in a safetensors file beside the output; training then feeds the bridge those states in
+layer L's input in safetensors shards beside the output (a shard is written and dropped every SHARD_BYTES,
+so the pass holds the LLM and one shard, not every record's states); training then feeds the bridge those states in
 place of its token embedding (the prefix's layers are frozen: no gradient reaches them, nothing of
 them is tuned or lifted). The LLM is freed before training and the states are read from the
 memory-mapped file a batch at a time, so the training step holds what it holds without the prefix:
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import gc
 import os
+
+SHARD_BYTES = 256 * 2**20  # states held before a shard is written (at 2,048 wide, ~130k tokens in bf16)
 
 from ..errors import CheckpointError
 from ..train.data import collate
@@ -43,8 +46,9 @@ def prefix_layers(meta: dict) -> int:
 def write_states(llm_dir: str, adapter_dir: str, kind, example_sets, n_layers: int, path: str, *,
                  pad_id: int, batch_size: int, placement=None) -> dict:
     """Run the LLM with `adapter_dir` on over every example of `example_sets` (lists of Examples) and save
-    each one's hidden state at layer n_layers' input to `path` (one tensor [tokens, hidden] per distinct
-    input); returns {input ids tuple: tensor name}. The LLM is released before returning."""
+    each one's hidden state at layer n_layers' input under the directory `path`, in shards of about
+    SHARD_BYTES (one tensor [tokens, hidden] per distinct input); returns {input ids tuple: (shard, tensor
+    name)}. The LLM is released before returning."""
     import torch
     from safetensors.torch import save_file
 
@@ -55,7 +59,15 @@ def write_states(llm_dir: str, adapter_dir: str, kind, example_sets, n_layers: i
     model, _ = kind.tunable(model, adapter_dir, arch)
     model.eval()
     device = next(model.parameters()).device
-    index, tensors = {}, {}
+    os.makedirs(path, exist_ok=True)
+    index, tensors, held, shards = {}, {}, 0, 0
+
+    def flush():
+        nonlocal tensors, held, shards
+        if tensors:
+            save_file(tensors, shard_path(path, shards))
+            tensors, held, shards = {}, 0, shards + 1
+
     todo = list({tuple(e.input_ids): e for es in example_sets for e in es}.values())
     with torch.inference_mode():
         for i in range(0, len(todo), batch_size):
@@ -64,14 +76,23 @@ def write_states(llm_dir: str, adapter_dir: str, kind, example_sets, n_layers: i
             out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                         output_hidden_states=True)
             h = out.hidden_states[n_layers]
+            del out
             for r, e in enumerate(chunk):
                 name = str(len(index))
-                index[tuple(e.input_ids)] = name
+                index[tuple(e.input_ids)] = (shards, name)
                 tensors[name] = h[r, :len(e.input_ids)].to("cpu", copy=True).contiguous()
-    del model, out, h
+                held += tensors[name].nbytes
+            del h
+            if held >= SHARD_BYTES:
+                flush()
+    del model
     gc.collect()
-    save_file(tensors, path)
+    flush()
     return index
+
+
+def shard_path(path: str, k: int) -> str:
+    return os.path.join(path, f"{k:05d}.safetensors")
 
 
 def cached_prefix(path: str, index: dict, dtype):
@@ -81,18 +102,18 @@ def cached_prefix(path: str, index: dict, dtype):
     import torch
     from safetensors import safe_open
 
-    handle = safe_open(path, "pt")
+    handles = [safe_open(shard_path(path, k), "pt") for k in range(1 + max((k for k, _ in index.values()), default=-1))]
     lengths = sorted({len(k) for k in index}, reverse=True)
 
     class CachedPrefix(torch.nn.Module):
         def forward(self, ids):
             rows = []
             for row in ids.tolist():
-                name = next((index[k] for n in lengths if n <= len(row) and (k := tuple(row[:n])) in index), None)
-                if name is None:
+                at = next((index[k] for n in lengths if n <= len(row) and (k := tuple(row[:n])) in index), None)
+                if at is None:
                     raise CheckpointError("tune-bridge --prefix met an input it has no stored state for",
                                           "this is a bug: report it with SURGERY_DEBUG=1")
-                h = handle.get_tensor(name)
+                h = handles[at[0]].get_tensor(at[1])
                 rows.append(torch.cat([h, h.new_zeros(len(row) - h.shape[0], h.shape[1])]))
             return torch.stack(rows).to(device=ids.device, dtype=dtype)
 
@@ -100,6 +121,6 @@ def cached_prefix(path: str, index: dict, dtype):
 
 
 def state_file(out: str) -> str:
-    """Where the states go: beside the output (not inside it, nor in /tmp, which may be small)."""
+    """Where the state shards go: a directory beside the output (not inside it, nor in /tmp, which may be small)."""
     parent = os.path.dirname(os.path.abspath(out))
-    return os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.prefix-{os.getpid()}.safetensors")
+    return os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.prefix-{os.getpid()}")

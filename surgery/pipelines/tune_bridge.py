@@ -10,6 +10,7 @@ the sizes of its spaces.
 from __future__ import annotations
 
 import os
+import shutil
 
 from ..arch import load_arch
 from . import bridge_prefix as bp
@@ -82,8 +83,8 @@ def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data
             pm = place(route.wrap(model, bdir), placement)
             before, hist, after = fit(pm, tok, train_ex, eval_ex, cfg, seq2seq=seq2seq)
         finally:
-            if states and os.path.exists(states):
-                os.remove(states)
+            if states:
+                shutil.rmtree(states, ignore_errors=True)
         if not is_main_process():  # data-parallel workers: the main process writes the one output
             od.abort()
             return {}
