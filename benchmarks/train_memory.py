@@ -218,7 +218,9 @@ def method_counts(shape: dict, counts: dict, work: str) -> dict:
                   chunks), the map being fitted and the residual prior; throughout, both models' hidden
                   states; the LLM's embedding only in the priming pass, before any layer (the peak is the
                   larger phase). Its default (one layer a window), and as many layers as --max-memory 4GB takes.
-    refine        the LLM's weights with its LoRA and one regenerated direction tensor: no saved activations."""
+    refine        the LLM's weights with its LoRA and one regenerated direction tensor: no saved activations.
+    prefix pass   tune-bridge --prefix's forward-only pass: the LLM's weights with its LoRA and the hidden states
+                  it holds before writing a shard (at most bridge_prefix.SHARD_BYTES; fewer records hold less)."""
     from surgery.pipelines.importance import MICRO_TOKENS
     from surgery.pipelines.prune import PruneConfig
     from surgery.pipelines.transfer.memory import DEFAULT, layer_bytes
@@ -265,6 +267,11 @@ def method_counts(shape: dict, counts: dict, work: str) -> dict:
     out["refine (LLM, forward only)"] = {"weights": counts["llm"]["weights"], "saved": 0, "trainable": 0,
                                          "total": counts["llm"]["weights"], "params": counts["llm"]["params"],
                                          "z": lora}
+    from surgery.pipelines.bridge_prefix import SHARD_BYTES
+
+    out["tune-bridge --prefix pass (LLM forward only)"] = {"weights": counts["llm"]["weights"], "saved": SHARD_BYTES,
+                                                          "trainable": 0, "params": counts["llm"]["params"],
+                                                          "total": counts["llm"]["weights"] + SHARD_BYTES}
     return out
 
 
