@@ -67,3 +67,20 @@ def test_merge_and_unmerge_print_json_with_the_output(fx, tmp_path):
     assert code == 0 and json.loads(out)["output"] == str(tmp_path / "m"), err
     code, out, err = run_cli("unmerge-lora", tmp_path / "m", ad, "-o", tmp_path / "u", "--json")
     assert code == 0 and json.loads(out)["output"] == str(tmp_path / "u"), err
+
+
+def test_keyword_defaults_are_the_configs():
+    """api.train and api.tune_bridge spell TrainConfig's settings as keywords (so `import surgery` stays
+    cheap); their defaults must be the config's and the CLI's, or the API and the CLI train differently."""
+    import inspect
+
+    import surgery
+    from surgery.train.data import MAX_LENGTH
+    from surgery.train.loop import TrainConfig
+
+    cfg = TrainConfig()
+    for fn in (surgery.train, surgery.tune_bridge):
+        p = inspect.signature(fn).parameters
+        for name in ("epochs", "lr", "batch_size", "seed", "eval_every", "log_every"):
+            assert p[name].default == getattr(cfg, name), (fn.__name__, name)
+        assert p["max_length"].default == MAX_LENGTH, fn.__name__

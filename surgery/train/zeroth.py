@@ -64,8 +64,8 @@ def batch_loss(model, batch: dict, seq2seq: bool) -> float:
     """Token-weighted mean NLL of one batch, the loss `surgery eval` reports (surgery.train.score),
     through the trainer's batch_nll: the LM head runs a chunk of labelled tokens at a time, so a
     forward never holds [batch, seq, vocab] logits (at a 32k vocabulary and 4 x 256 tokens, 131 MB
-    in float32 on top of inference)."""
-    nll, n = batch_nll(model, batch, seq2seq)
+    in float32 on top of inference), and without a key/value cache (nothing is generated)."""
+    nll, n = batch_nll(model, batch, seq2seq, use_cache=False)
     return float(nll) / max(n, 1)
 
 
