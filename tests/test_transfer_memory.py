@@ -25,7 +25,7 @@ def test_one_layer_windows_give_the_same_adapter(fx, tmp_path, calib, expanded, 
     import torch
     from safetensors.torch import load_file
 
-    import surgery.pipelines.transfer.fit as tf
+    import surgery.pipelines.transfer.memory as tm
     from surgery.pipelines.transfer import transfer
 
     ad, llm = fx.lora("llama", targets=ALL, name="all"), expanded("llama", 2, 2)
@@ -37,7 +37,7 @@ def test_one_layer_windows_give_the_same_adapter(fx, tmp_path, calib, expanded, 
         seen.append(len(costs))
         return [(j, j + 1) for j in range(len(costs))]
 
-    monkeypatch.setattr(tf, "plan_windows", single)
+    monkeypatch.setattr(tm, "plan_windows", single)  # what budget_windows plans with
     transfer(ad, llm, str(tmp_path / "single"), max_memory="20GB", **kw)
     assert seen == [4]
     for f in ("adapter_model.safetensors", "projections.safetensors"):

@@ -93,6 +93,7 @@ def render(results: dict, sm: dict) -> str:
         L.append("- what each model memorised, before any tuning (8-way cloze on each task's dev entries in the "
                  "corpus's own wording, chance 12.5 %; benchmarks/evidence/knowledge.py): " + "; ".join(
                      f"`{t}` SLM {100 * c['slm']:.1f} %, LLM {100 * c['llm']:.1f} %" for t, c in results["cloze"].items()))
+    bridge_args = results.get("bridge_args") or {}
     L += [f"- tasks (benchmarks/evidence/tasks.py): " + "; ".join(
               f"`{n}` ({results['task_sizes'][n][0]} train / {results['task_sizes'][n][1]} dev)" for n in sm["tasks"])
           + f"; {s['seeds']} seeds; LoRA rank 8 on every linear layer, {s['epochs']} epochs, lr {s['lr']}, batch "
@@ -100,8 +101,8 @@ def render(results: dict, sm: dict) -> str:
           + (f", lr {s['refine_lr']:g}" if s.get("refine_lr") else "") + " at `surgery refine`'s defaults otherwise",
           f"- bridges (`prune-bridge --reduction {s.get('reduction', 16):g}`, on the task's first "
           f"{s['calib']} training texts): " + "; ".join(_bridges(sm))
-          + "".join(f"; {k}: `{' '.join(a)}`" for k, a in (results.get("bridge_args") or {}).items())
-          + ("; the kept bridge is tuned with `tune-bridge --prefix`" if "--drop-by" in (results.get("bridge_args") or {}).get("keep", []) else ""),
+          + "".join(f"; {k}: `{' '.join(a)}`" for k, a in bridge_args.items())
+          + ("; the kept bridge is tuned with `tune-bridge --prefix`" if "--drop-by" in bridge_args.get("keep", []) else ""),
           ""]
     L += ["## Against the goal (issue 16)", ""] + _rule_lines(sm)
     if g["gap"] is None and not any("method" in t["rows"] for t in sm["tasks"].values()):

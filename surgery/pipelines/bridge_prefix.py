@@ -120,7 +120,7 @@ def cached_prefix(path: str, index: dict, dtype):
     return CachedPrefix()
 
 
-def state_file(out: str) -> str:
+def state_dir(out: str) -> str:
     """Where the state shards go: a directory beside the output (not inside it, nor in /tmp, which may be small)."""
     parent = os.path.dirname(os.path.abspath(out))
     return os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.prefix-{os.getpid()}")

@@ -18,7 +18,7 @@ from ..errors import CheckpointError
 from ..io.jsonfile import load_json
 from ..io.writer import OutputDir
 from ..kinds import kind_of
-from ..train.data import MAX_LENGTH, load_examples
+from ..train.data import MAX_LENGTH, load_examples, pad_id_of
 from ..train.loop import TrainConfig, fit, is_main_process, place
 from ..train.methods import load_base
 
@@ -74,11 +74,11 @@ def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data
         seq2seq = bool(model.config.is_encoder_decoder)
         train_ex = load_examples(data, tok, seq2seq=seq2seq, max_length=max_length)
         eval_ex = load_examples(eval_data, tok, seq2seq=seq2seq, max_length=max_length) if eval_data else None
-        states = bp.state_file(out) if n_prefix else None
+        states = bp.state_dir(out) if n_prefix else None
         try:
             if n_prefix:  # the LLM's first layers, forward only, once; then only the bridge is held
                 index = bp.write_states(llm or meta["source"], adapter_dir, kind, [train_ex] + ([eval_ex] if eval_ex else []),
-                                        n_prefix, states, pad_id=0, batch_size=cfg.batch_size, placement=placement)
+                                        n_prefix, states, pad_id=pad_id_of(tok, model.config), batch_size=cfg.batch_size, placement=placement)
                 model.set_input_embeddings(bp.cached_prefix(states, index, model.get_input_embeddings().weight.dtype))
             pm = place(route.wrap(model, bdir), placement)
             before, hist, after = fit(pm, tok, train_ex, eval_ex, cfg, seq2seq=seq2seq)

@@ -18,7 +18,7 @@ from ...io.data import documents
 from ...io.tokenizer import load_tokenizer
 from .capture import accumulate, shared_vocab, text_batches, vocab_batches
 from .maps import MapStore
-from .memory import layer_bytes, map_large_allocations, one_layer_windows, plan_windows, rss_bytes, trim, window_costs
+from .memory import budget_windows, layer_bytes, map_large_allocations, one_layer_windows, rss_bytes, trim, window_costs
 from .plan import capture_points, slice_of
 from .stream import LayerStream
 
@@ -223,7 +223,7 @@ def _windows(streams, captured, slm_of, pts_s, pts_l, batches, budget) -> list[t
     fixed = rss_bytes() + 64 * 2**20  # + allocator slack and the Python objects we do not count
     if budget is None:
         return one_layer_windows(costs, fixed)
-    return plan_windows(costs, budget - fixed - budget // 20, budget)
+    return budget_windows(costs, fixed, budget)
 
 
 def _layer_terms(streams, captured, slm_of, pts_s, pts_l, batches) -> tuple[list[int], list[dict]]:

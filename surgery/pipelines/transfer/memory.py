@@ -90,9 +90,13 @@ def window_costs(weights: list[int], terms: list[dict]) -> list[tuple[int, int]]
 
 def one_layer_windows(costs: list[tuple[int, int]], fixed: int) -> list[tuple[int, int]]:
     """No --max-memory: a window per layer, after checking the widest fits in what the machine can give."""
-    budget = max(ceiling(), DEFAULT)
-    plan_windows(costs, budget - fixed - budget // 20, budget)  # raises, naming --max-memory, if one layer cannot fit
+    budget_windows(costs, fixed, max(ceiling(), DEFAULT))  # raises, naming --max-memory, if one layer cannot fit
     return [(j, j + 1) for j in range(len(costs))]
+
+
+def budget_windows(costs: list[tuple[int, int]], fixed: int, budget: int) -> list[tuple[int, int]]:
+    """plan_windows under `budget` bytes, after what the process already holds (`fixed`) and a 5 % margin."""
+    return plan_windows(costs, budget - fixed - budget // 20, budget)
 
 
 def plan_windows(costs: list[tuple[int, int]], budget_left: int, budget: int) -> list[tuple[int, int]]:
