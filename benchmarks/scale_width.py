@@ -14,6 +14,11 @@ texts of 256, 200, 130 and 64 tokens):
    one-layer windows): the float64 Gram and cross-Gram of paired bf16 activations at the MLP widths of
    TinyLlama (5632) and its half-width 0.2B SLM (2816), 1024 tokens, added 256 rows at a time,
    against the same sums in one float64 matmul (the exact answer for these bf16 inputs to ~1e-16).
+4. tune-bridge --prefix (pipelines/bridge_prefix.py): the bf16 LLM with a LoRA on runs the texts once,
+   its hidden states at layer 1's input are written in shards (the shard size cut so every batch is one)
+   and read back as the token embedding of a bridge that is LLM layer 1 alone, every width kept: the
+   bridge's loss against the LLM's own (bf16, the same computation: must agree to rounding) and against
+   the float64 LLM with the same adapter (the exact answer).
 
     python benchmarks/scale_width.py
 """
@@ -106,6 +111,44 @@ def moments(torch) -> dict[str, float]:
     return out
 
 
+def prefix(torch, model, model64, ids, mask, labels) -> dict[str, float]:
+    """The --prefix bridge's loss vs the bf16 LLM's and the float64 LLM's, all with the same LoRA."""
+    import copy
+    import tempfile
+
+    from peft import PeftModel
+
+    import surgery.pipelines.bridge_prefix as bp
+    from fixtures.build import build_lora, build_tokenizer
+    from surgery.kinds import kind_of
+    from surgery.train.data import Example
+    from surgery.train.score import batch_nll
+
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as d:
+        model.save_pretrained(f"{d}/llm")
+        build_tokenizer(f"{d}/llm")  # load_base wants one; the texts are token ids already
+        build_lora(f"{d}/llm", f"{d}/lora", targets=TARGETS, r=16, alpha=32)
+        examples = [Example(ids[r, :n].tolist(), labels[r, :n].tolist(), False) for r, n in enumerate(LENGTHS)]
+        bp.SHARD_BYTES = 1  # a shard per batch: the read-back crosses shards
+        index = bp.write_states(f"{d}/llm", f"{d}/lora", kind_of(f"{d}/lora", "tune-bridge"), [examples], 1,
+                                f"{d}/states", pad_id=0, batch_size=2)
+        losses = {}
+        with torch.no_grad():
+            for name, m in (("llm", model), ("llm64", model64)):
+                pm = PeftModel.from_pretrained(copy.deepcopy(m), f"{d}/lora").to(m.dtype)
+                nll, n = batch_nll(pm, {"input_ids": ids, "attention_mask": mask, "labels": labels}, False)
+                losses[name] = float(nll) / n
+            bridge = PeftModel.from_pretrained(copy.deepcopy(model), f"{d}/lora")
+            del bridge.base_model.model.model.layers[0]  # the bridge: LLM layer 1 alone, every width kept
+            bridge.base_model.model.model.layers[0].self_attn.layer_idx = 0
+            bridge.base_model.model.config.num_hidden_layers = 1
+            bridge.base_model.model.set_input_embeddings(bp.cached_prefix(f"{d}/states", index, torch.bfloat16))
+            nll, n = batch_nll(bridge, {"input_ids": ids, "attention_mask": mask, "labels": labels}, False)
+            losses["bridge"] = float(nll) / n
+            losses["shards"] = len(os.listdir(f"{d}/states"))
+    return losses
+
+
 def main() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -117,6 +160,7 @@ def main() -> None:
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.load_state_dict({k: v.to(torch.bfloat16) for k, v in model64.state_dict().items()})
     ids, mask, labels = batch(torch)
+    p = prefix(torch, model, model64, ids, mask, labels)  # first: check 2's probe wraps `model` in peft in place
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; shape {SHAPE}; "
           f"texts of {LENGTHS} tokens, right-padded")
     print("\n| 1. attention mask (bf16) | loss, rel. error vs float64 masked | dL/dW_q (layer 0), rel. error |")
@@ -132,6 +176,10 @@ def main() -> None:
     errs = moments(torch)
     print("\n3. transfer's chunked moments (256 rows at a time) vs one float64 matmul, MLP widths 2816 x 5632, "
           "1024 bf16 tokens: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+    print(f"\n4. tune-bridge --prefix, LoRA r 16 on {','.join(TARGETS)}, states read back from {p['shards']} shards: "
+          f"bridge loss {p['bridge']:.6f}, bf16 LLM {p['llm']:.6f} (rel. {abs(p['bridge'] - p['llm']) / p['llm']:.2e}), "
+          f"float64 LLM {p['llm64']:.6f} (rel. {abs(p['bridge'] - p['llm64']) / p['llm64']:.2e}; bf16 LLM's own "
+          f"{abs(p['llm'] - p['llm64']) / p['llm64']:.2e})")
     print(f"\n{time.time() - t0:.0f} s")
 
 
