@@ -14,7 +14,7 @@ tensor (benchmarks/evidence/memory.py) beside LoRA on the LLM. Everything runs i
 
 Bridge specs: `r<R>` (reduction R), `-drop<N>` (--drop-layers N), `-fisher` (--drop-by fisher),
 `-narrow` (--residual prune), `-i<N>` (explicit --intermediate-size N), `-h<N>` (--num-attention-heads N),
-`-k<L..>` (keep exactly these LLM layers, e.g. k0 or k03: which layers a dropping plan keeps, in place
+`-v<N>` (--num-key-value-heads N), `-k<L..>` (keep exactly these LLM layers, e.g. k0 or k03: which layers a dropping plan keeps, in place
 of prune-bridge's ranking). Example: r8-drop2.
 
 --prefix (docs/method-experiments.md §7): with a bridge whose first kept layer L is not 0 (r10-k3), the
@@ -44,7 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def bridge_kwargs(spec: str) -> dict:
-    m = re.fullmatch(r"r(\d+(?:\.\d+)?)((?:-(?:drop\d+|fisher|narrow|i\d+|h\d+|k\d+))*)", spec)
+    m = re.fullmatch(r"r(\d+(?:\.\d+)?)((?:-(?:drop\d+|fisher|narrow|i\d+|h\d+|v\d+|k\d+))*)", spec)
     if not m:
         raise SystemExit(f"bad bridge spec {spec!r}: use r16, r16-drop3, r8-drop2-fisher, r16-narrow, r16-i32")
     kw = {"reduction": float(m.group(1))}
@@ -59,6 +59,8 @@ def bridge_kwargs(spec: str) -> dict:
             kw["intermediate_size"] = int(part[1:])
         elif part.startswith("h"):
             kw["num_attention_heads"] = int(part[1:])
+        elif part.startswith("v"):
+            kw["num_key_value_heads"] = int(part[1:])
         elif part.startswith("k"):
             kw["keep_layers"] = sorted({int(c) for c in part[1:]})
     return kw
@@ -152,10 +154,15 @@ def main(argv=None) -> None:
         with open(os.path.join(bdir, "bridge.json")) as f:
             meta = json.load(f)
         mem = training_bytes(bdir, batch=16, seq=64)
+        # tune-bridge --prefix (the library) trains on stored states: it holds the bridge's count without the
+        # prefix's weights and, since it need not keep it, without the token embedding
+        no_embed = mem["total"] - embedding_bytes(bdir)
         if a.memory_only:
             print(json.dumps({"bridge": spec, "sizes": meta["sizes"], "kept_layers": kept_llm_layers(meta),
                               "non_embedding": meta["parameters"]["bridge_non_embedding"],
                               "bridge_mem_mb": round(mem["total"] / 2**20, 2), "mem_ratio": round(mem_llm / mem["total"], 2),
+                              "bridge_bytes": mem["total"], "no_embedding_bytes": no_embed,
+                              "no_embedding_ratio": round(mem_llm / no_embed, 3),
                               "calibration_loss": round(meta["calibration_loss"]["bridge"], 3)}), flush=True)
             continue
         for seed in map(int, a.seeds.split(",")):
@@ -196,6 +203,8 @@ def main(argv=None) -> None:
                      "prefix": a.prefix, "prefix_weights_mb": round(prefix_mb, 2),
                      "bridge_mem_mb": round(mem["total"] / 2**20 + prefix_mb, 2), "llm_lora_mem_mb": round(mem_llm / 2**20, 2),
                      "mem_ratio": round(mem_llm / (mem["total"] + prefix_mb * 2**20), 2),
+                     "bridge_bytes": mem["total"], "no_embedding_bytes": no_embed, "llm_lora_bytes": mem_llm,
+                     "no_embedding_ratio": round(mem_llm / no_embed, 3),
                      "on_bridge": round(100 * tb["after"]["accuracy"], 1),
                      "lifted": round(100 * rf["before"]["accuracy"], 1), "lifted_loss": round(rf["before"]["loss"], 3),
                      "refined": round(100 * rf["after"]["accuracy"], 1), "refined_loss": round(rf["after"]["loss"], 3),
@@ -250,6 +259,16 @@ def prefix_bytes(llm: str, n: int) -> int:
                 t = f.get_slice(k)
                 total += math.prod(t.get_shape()) * {"F32": 4, "BF16": 2, "F16": 2}[t.get_dtype()]
     return total
+
+
+def embedding_bytes(model_dir: str) -> int:
+    """The bytes of a checkpoint's token embedding (what a --prefix bridge need not hold while training)."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(model_dir, "model.safetensors"), "pt") as f:
+        k, = [k for k in f.keys() if k.endswith("embed_tokens.weight")]
+        t = f.get_slice(k)
+        return math.prod(t.get_shape()) * {"F32": 4, "BF16": 2, "F16": 2}[t.get_dtype()]
 
 
 def kept_llm_layers(meta: dict) -> list[int]:
