@@ -115,6 +115,10 @@ def main(argv=None) -> None:
     ap.add_argument("--prefix", action="store_true",
                     help="the bridge's first kept layer reads the LLM's own hidden state there: the LLM's earlier layers "
                          "(with the start adapter's delta) run frozen, without gradients, in place of the bridge's embedding")
+    ap.add_argument("--cascade", default=None,
+                    help="a one-layer bridge (a path, or a directory name in the evidence's task directory: bridge-keep) whose "
+                         "kept layer stands, frozen, in place of the same LLM layer of each --bridges bridge: that layer keeps "
+                         "the start adapter's change (start from its tune-bridge stage, --inits bridge-scaled), only the others train")
     ap.add_argument("--fisher-mass", action="store_true",
                     help="only print, per LLM layer, the fisher-mask scores prune-bridge ranks (kv groups, best neurons, layer)")
     ap.add_argument("--memory-only", action="store_true",
@@ -151,9 +155,14 @@ def main(argv=None) -> None:
         bdir = os.path.join(a.work, a.task, f"bridge-{spec}")
         if not os.path.exists(os.path.join(bdir, "bridge.json")):
             prune_keeping(llm, bdir, calib, **bridge_kwargs(spec))
+        frozen_dir, swap = None, {}
+        if a.cascade:
+            frozen_dir = a.cascade if os.path.isdir(a.cascade) else os.path.join(ev, a.task, a.cascade)
+            bdir, swap = cascade_bridge(bdir, frozen_dir, bdir + "-cascade")
+            spec += "-cascade"
         with open(os.path.join(bdir, "bridge.json")) as f:
             meta = json.load(f)
-        mem = training_bytes(bdir, batch=16, seq=64)
+        mem = training_bytes(bdir, batch=16, seq=64, **swap_kwargs(frozen_dir, swap))
         # tune-bridge --prefix (the library) trains on stored states: it holds the bridge's count without the
         # prefix's weights and, since it need not keep it, without the token embedding
         no_embed = mem["total"] - embedding_bytes(bdir)
@@ -181,7 +190,8 @@ def main(argv=None) -> None:
                 tuned = os.path.join(a.work, a.task, f"s{seed}", name)
                 t0 = time.time()
                 first = kept_llm_layers(meta)[0]
-                with frozen_prefix(llm, start, first) if a.prefix and first else contextlib.nullcontext():
+                with (frozen_layers(bdir, frozen_dir, swap) if swap else contextlib.nullcontext()), \
+                        (frozen_prefix(llm, start, first) if a.prefix and first else contextlib.nullcontext()):
                     tb = tune_bridge(start, bdir, train, tuned, eval_data=dev, max_length=64, force=True,
                                      cfg=TrainConfig(epochs=a.tune_epochs, lr=a.tune_lr, batch_size=16, seed=seed, progress=False))
                 t_tune = time.time() - t0
@@ -245,6 +255,79 @@ def frozen_prefix(llm: str, start: str, n: int):
         yield
     finally:
         tb.load_base = inner
+
+
+def cascade_bridge(bdir: str, frozen_dir: str, out: str) -> tuple[str, dict]:
+    """A copy of the bridge `bdir` for --cascade: where the one-layer bridge `frozen_dir` keeps an LLM layer that
+    bdir keeps too, bridge.json takes frozen_dir's kept coordinates for it (tune-bridge then restricts the start
+    adapter there as frozen_dir's tuning did). Returns (the copy, {position in bdir: position in frozen_dir})."""
+    import shutil
+
+    with open(os.path.join(bdir, "bridge.json")) as f:
+        meta = json.load(f)
+    with open(os.path.join(frozen_dir, "bridge.json")) as f:
+        fmeta = json.load(f)
+    mine, theirs = kept_llm_layers(meta), kept_llm_layers(fmeta)
+    if not set(theirs) <= set(mine) or len(theirs) == len(mine):
+        raise SystemExit(f"--cascade: {frozen_dir} keeps LLM layers {theirs}; {bdir} keeps {mine}: it must keep those and more")
+    (st, layers), = meta["kept"]["layers"].items()
+    for i in theirs:
+        layers[i] = fmeta["kept"]["layers"][st][i]
+    shutil.copytree(bdir, out, dirs_exist_ok=True)
+    with open(os.path.join(out, "bridge.json"), "w") as f:
+        json.dump(meta, f)
+    return out, {mine.index(i): theirs.index(i) for i in theirs}
+
+
+def swap_layers(model, frozen_model, swap: dict) -> None:
+    """Put frozen_model's decoder layers in place of model's (swap: {position in model: position in frozen_model})."""
+    for pos, fpos in swap.items():
+        layer = frozen_model.get_decoder().layers[fpos]
+        layer.self_attn.layer_idx = pos  # its slot in a key/value cache
+        model.get_decoder().layers[pos] = layer
+
+
+def swap_kwargs(frozen_dir, swap: dict) -> dict:
+    """training_bytes' arguments that count a --cascade step: the frozen layers swapped in, their LoRA not trained."""
+    if not swap:
+        return {}
+
+    def edit(model):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        swap_layers(model, AutoModelForCausalLM.from_pretrained(frozen_dir, dtype=torch.float32), swap)
+
+    return {"edit": edit, "frozen": tuple(f".layers.{p}." for p in swap)}
+
+
+@contextlib.contextmanager
+def frozen_layers(bdir: str, frozen_dir: str, swap: dict):
+    """While active, tune-bridge on the bridge `bdir` gets frozen_dir's layers in place of its own at the
+    positions of `swap`, and their LoRA (the start adapter restricted to frozen_dir's kept coordinates:
+    cascade_bridge) is not trained, so the lift leaves their change as the start had it."""
+    from surgery.pipelines import tune_bridge as tb
+
+    inner_load, inner_place = tb.load_base, tb.place
+    frozen = tuple(f".layers.{p}." for p in swap)
+
+    def load(path, placement=None):
+        model, tok, arch = inner_load(path, placement)
+        if os.path.abspath(path) == os.path.abspath(bdir):
+            swap_layers(model, inner_load(frozen_dir, placement)[0], swap)
+        return model, tok, arch
+
+    def place(pm, placement=None):
+        for n, p in pm.named_parameters():
+            if "lora_" in n and any(f in n for f in frozen):
+                p.requires_grad_(False)
+        return inner_place(pm, placement)
+
+    tb.load_base, tb.place = load, place
+    try:
+        yield
+    finally:
+        tb.load_base, tb.place = inner_load, inner_place
 
 
 def prefix_bytes(llm: str, n: int) -> int:
