@@ -66,8 +66,8 @@ def run(path: str, model, batch: dict):
 
     with torch.no_grad():
         if path == "chunked":  # score.batch_scores, less its per-row reduction of pred == labels
-            h, labels, head, kw = score._at_head(model, batch, use_cache=False)
-            return chunked_scores(h, labels, head, kw["vocab"], softcap=kw["softcap"])
+            h, labels, head, vocab = score._at_head(model, batch, use_cache=False)
+            return chunked_scores(h, labels, head, vocab, post=score.post_head_ops(model))
         logits, labels = score.aligned_logits(model, batch, False)  # what evaluate_examples ran before
         nll, n = score.token_loss(logits, labels)
         score.exact_matches(logits, labels)

@@ -51,19 +51,25 @@ def test_chunks_match_one_cross_entropy_and_keep_no_logits():
     assert k == 0 and float(nll) == 0.0
 
 
-def test_soft_capping_is_applied_before_the_loss():
+def test_post_head_ops_are_applied_in_order_before_the_loss():
     import torch
     import torch.nn.functional as F
 
-    from surgery.ops.loss import chunked_nll
+    from surgery.ops.loss import chunked_nll, chunked_scores
 
     g = torch.Generator().manual_seed(1)
     h = torch.randn(9, 8, generator=g) * 30
     head = torch.nn.Linear(8, 11, bias=False)
     y = torch.randint(0, 11, (9,), generator=g)
-    want = F.cross_entropy(torch.tanh(head(h) / 5.0) * 5.0, y, reduction="sum")
-    nll, _ = chunked_nll(h, y, head, 11, softcap=5.0, elements=22)
+    z = torch.tanh(head(h) * 0.25 / 5.0) * 5.0 / 2.0
+    post = (("scale", 0.25), ("softcap", 5.0), ("divide", 2.0))
+    want = F.cross_entropy(z, y, reduction="sum")
+    nll, _ = chunked_nll(h, y, head, 11, post=post, elements=22)
     assert torch.allclose(nll, want, rtol=1e-6)
+    with torch.no_grad():
+        nll, _, pred = chunked_scores(h, y, head, 11, post=post, elements=22)
+    assert torch.allclose(nll, want, rtol=1e-6) and torch.equal(pred, z.argmax(-1))
+    assert not torch.allclose(chunked_nll(h, y, head, 11, elements=22)[0], want, rtol=1e-3)  # the ops matter here
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "qwen3", "phi3"])

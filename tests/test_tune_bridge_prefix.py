@@ -65,7 +65,10 @@ def test_prefix_reproduces_training_the_kept_layer_on_the_llm(fx, task, first_dr
     assert abs(s["before"]["loss"] - ref["loss"]) < 1e-5
 
 
-def test_prefix_needs_a_bridge_that_dropped_the_first_layers(fx, task, calib, noop, tmp_path):  # noqa: F811
+def test_an_empty_prefix_is_a_plain_tune(fx, task, calib, noop, tmp_path):  # noqa: F811
+    """A bridge that keeps the LLM's layer 0 (nothing dropped, or a later layer dropped) computes the LLM's hidden
+    state there itself, the embedding output: --prefix is then a plain tune, byte for byte, said in one note."""
+    from surgery.io.adapter import Adapter
     from surgery.pipelines.prune import prune_bridge
 
     train, _ = task
@@ -73,10 +76,34 @@ def test_prefix_needs_a_bridge_that_dropped_the_first_layers(fx, task, calib, no
     last, whole = tmp_path / "last", tmp_path / "whole"
     prune_bridge(noop, last, calib, reduction=1, drop_layers=1, **FAST)  # the identity layer 1 is the one dropped
     prune_bridge(fx.model("llama"), whole, calib, reduction=2, drop_layers=0, **FAST)
-    for bridge, says in ((last, "dropped layers [1], not the LLM's first ones"), (whole, "drops the LLM's first layers")):
+    for bridge in (last, whole):
+        outs = {}
+        for flag in ("--prefix", None):
+            out = tmp_path / f"{bridge.name}-{flag}"
+            code, _, err = run_cli("tune-bridge", "--adapter", src, "--bridge", bridge, "--data", train, "-o", out,
+                                   "--epochs", "1", "--batch-size", "32", *([flag] if flag else []))
+            assert code == 0, err
+            assert ("the prefix is empty, this is a plain tune" in err) == bool(flag), err
+            outs[flag] = Adapter.open(str(out)).tensors
+            assert json.loads((out / "tune_bridge.json").read_text())["prefix_layers"] == 0
+        assert outs["--prefix"].keys() == outs[None].keys()
+        assert all(v.equal(outs[None][k]) for k, v in outs["--prefix"].items())
+
+
+def test_prefix_is_refused_where_it_cannot_be_honoured(fx, task, calib, tmp_path):  # noqa: F811
+    """A narrow residual cannot take the LLM's hidden state (even at layer 0: the bridge's embedding is a slice of
+    the LLM's), and GPT-2's stored state already holds the position embeddings the bridge would add again."""
+    from surgery.pipelines.prune import prune_bridge
+
+    train, _ = task
+    narrow, gpt2 = tmp_path / "narrow", tmp_path / "gpt2"
+    prune_bridge(fx.model("llama"), narrow, calib, reduction=2, residual="prune", drop_layers=0, **FAST)
+    prune_bridge(fx.model("gpt2"), gpt2, calib, reduction=1, drop_layers=1, drop_by="first", **FAST)
+    for bridge, src, says in ((narrow, fx.lora("llama", targets=TARGETS, name="prefix-n"), "residual is 48 wide, the LLM's 64"),
+                              (gpt2, fx.lora("gpt2", name="prefix-g"), "adds transformer.wpe.weight to the token embedding")):
         code, _, err = run_cli("tune-bridge", "--adapter", src, "--bridge", bridge, "--data", train, "-o", tmp_path / "o",
                                "--prefix")
-        assert code == 2 and says in err and "--drop-by first" in err, err
+        assert code == 2 and says in err, err
         assert not (tmp_path / "o").exists()
 
 

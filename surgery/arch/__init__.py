@@ -92,6 +92,32 @@ def family_for_model_type(model_type: str) -> dict:
                             f"add a family file with --family FILE.json or in a {ENV_DIRS} directory (docs/arch.md)")
 
 
+# config.json keys that transformers' models read to change the logits after the LM head (Gemma 2/3's
+# soft cap, Cohere's logit_scale, Granite's logits_scaling, Falcon-H1's lm_head_multiplier, MuseGlimmer's
+# output_multiplier). A config carrying one its family file does not declare has ops we do not know.
+POST_HEAD_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
+
+
+def logit_ops(config: dict) -> tuple | None:
+    """What the model does to its LM head's output before the loss, as (op, value) pairs in order, from its
+    family file's "logits" list ({"op": one of ops.loss.POST_OPS, "value": the config key holding its
+    parameter}; an op whose key is absent or null is off); () for none. None when that is not known: a
+    model_type without a family file, or a config carrying a POST_HEAD_KEYS entry its family does not
+    declare. The chunked LM head (ops/loss.py) applies these ops itself; a None sends the caller to the
+    model's own full logits, which cannot be wrong, only larger."""
+    spec = find_family(config.get("model_type") or "")
+    if spec is None:
+        return None
+    declared = spec.get("logits", [])
+    bad = [d for d in declared if not isinstance(d, dict) or not isinstance(d.get("op"), str) or not isinstance(d.get("value"), str)]
+    if bad:
+        raise ArchitectureError(f"family {spec['family']}: \"logits\" entry {bad[0]!r} is not {{\"op\": ..., \"value\": "
+                                "a config.json key}", "fix the family file (docs/arch.md)")
+    if any(config.get(k) is not None for k in POST_HEAD_KEYS if k not in {d["value"] for d in declared}):
+        return None
+    return tuple((d["op"], float(config[d["value"]])) for d in declared if config.get(d["value"]) is not None)
+
+
 # --- tiny arithmetic for dims like "hidden // heads" or "4 * hidden" ----------------------------
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
 

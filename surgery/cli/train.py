@@ -108,7 +108,7 @@ def tune_bridge_cmd(
     output: Output,
     eval_data: EvalData = None,
     llm: Annotated[str | None, typer.Option("--llm", help="The LLM directory, if it moved since prune-bridge (only config.json is read, and with --prefix its weights).")] = None,
-    prefix: Annotated[bool, typer.Option("--prefix", help="The bridge dropped the LLM's first layers (prune-bridge --drop-by first): feed its kept layers the LLM's own hidden state there, computed once by the LLM with the adapter on, forward only.")] = False,
+    prefix: Annotated[bool, typer.Option("--prefix", help="The bridge dropped the LLM's first layers (prune-bridge --drop-by first): feed its kept layers the LLM's own hidden state there, computed once by the LLM with the adapter on, forward only. A bridge that kept layer 0 has an empty prefix: a plain tune.")] = False,
     epochs: Epochs = T.epochs,
     lr: Lr = T.lr,
     batch_size: Batch = T.batch_size,

@@ -1,7 +1,10 @@
 """Token cross-entropy through the LM head, a chunk of tokens at a time.
 
     loss = (1/N) * sum over labelled tokens t of -log softmax(z_t)[y_t],   z_t = head(h_t)
-    (N = tokens whose label is not -100; with soft-capping z_t = c * tanh(head(h_t) / c))
+    (N = tokens whose label is not -100; z_t then goes through the model's post-head ops, `post`, in
+    order: softcap c -> c * tanh(z / c) (Gemma 2), scale s -> s * z (Cohere's logit_scale, Falcon-H1),
+    divide s -> z / s (Granite's logits_scaling); which ops a model applies is its family file's data,
+    arch.logit_ops, and a model whose ops are not known there takes the full-logits path instead)
 
 is what transformers computes from a model's logits (ForCausalLMLoss: logits upcast to float32,
 labels shifted by one, ignore_index -100, mean over the labelled tokens). The logits are the largest
@@ -32,14 +35,19 @@ def chunk_tokens(vocab: int, elements: int | None = None) -> int:
     return max(1, (elements or CHUNK_ELEMENTS) // max(vocab, 1))
 
 
-def _logits(head, softcap, h):
-    """One chunk's logits z = head(h), soft-capped as the model's forward does (Gemma 2: in the head's
-    dtype, before any upcast)."""
-    import torch
+POST_OPS = {  # what a model may do to its LM head's output, as its forward does it: in the head's dtype
+    "softcap": lambda z, c: (z / c).tanh() * c,
+    "scale": lambda z, s: z * s,
+    "divide": lambda z, s: z / s,
+}
 
+
+def _logits(head, post, h):
+    """One chunk's logits z = head(h), then the model's post-head ops `post` ((op, value) pairs of
+    POST_OPS, in order), in the head's dtype before any upcast, as the model's forward does."""
     z = head(h)
-    if softcap:
-        z = torch.tanh(z / softcap) * softcap
+    for op, value in post:
+        z = POST_OPS[op](z, value)
     return z
 
 
@@ -52,8 +60,8 @@ def _nll(z, y):
     return F.cross_entropy(z.to(torch.promote_types(z.dtype, torch.float32)), y, reduction="sum")
 
 
-def _chunk_nll(head, softcap, h, y):
-    return _nll(_logits(head, softcap, h), y)
+def _chunk_nll(head, post, h, y):
+    return _nll(_logits(head, post, h), y)
 
 
 def _labelled(hidden, labels):
@@ -70,11 +78,12 @@ def _labelled(hidden, labels):
     return h, y.to(h.device), keep, n
 
 
-def chunked_nll(hidden, labels, head, vocab: int, *, softcap: float | None = None, elements: int | None = None):
+def chunked_nll(hidden, labels, head, vocab: int, *, post: tuple = (), elements: int | None = None):
     """(sum of token NLL as a float32 scalar, number of labelled tokens).
 
     hidden [..., H] is lined up with labels [...] (shift them first for a causal model: hidden[:, :-1]
-    predicts labels[:, 1:]). head maps [n, H] -> [n, vocab]. With autograd on, the sum is
+    predicts labels[:, 1:]). head maps [n, H] -> [n, vocab]; post: the ops the model applies to its
+    output ((op, value) pairs of POST_OPS). With autograd on, the sum is
     differentiable in hidden and in the head's parameters; at most `elements` logits exist at a time.
     """
     import torch
@@ -89,19 +98,19 @@ def chunked_nll(hidden, labels, head, vocab: int, *, softcap: float | None = Non
     for i in range(0, n, step):
         hc, yc = h[i:i + step], y[i:i + step]
         if grad:
-            total = total + checkpoint(_chunk_nll, head, softcap, hc, yc, use_reentrant=False)
+            total = total + checkpoint(_chunk_nll, head, post, hc, yc, use_reentrant=False)
         else:
-            total = total + _chunk_nll(head, softcap, hc, yc)
+            total = total + _chunk_nll(head, post, hc, yc)
     return total, n
 
 
-def chunked_scores(hidden, labels, head, vocab: int, *, softcap: float | None = None, elements: int | None = None):
+def chunked_scores(hidden, labels, head, vocab: int, *, post: tuple = (), elements: int | None = None):
     """Evaluation, without autograd: (sum of token NLL, labelled tokens, pred).
 
     The NLL is chunked_nll's. pred is shaped like labels (on their device): the argmax of each labelled
     token's logits, IGNORE where the label is IGNORE, so `pred == labels` holds at every position of a
     row exactly when the row is an exact match. The argmax is taken on the logits in the head's dtype
-    (after soft-capping), as `logits.argmax(-1)` on the model's full output would be; torch returns the
+    (after the post-head ops), as `logits.argmax(-1)` on the model's full output would be; torch returns the
     first index of a tied maximum, on the full logits and here alike. Each token's logits are the same
     dot products as in the full [batch, seq, vocab] matmul, only over fewer rows; a BLAS may block a
     matmul of fewer rows differently, so in bf16/fp32 a logit could in principle round differently in
@@ -116,7 +125,7 @@ def chunked_scores(hidden, labels, head, vocab: int, *, softcap: float | None = 
         top = torch.empty(n, dtype=torch.long, device=h.device)
         step = chunk_tokens(vocab, elements)
         for i in range(0, n, step):
-            z = _logits(head, softcap, h[i:i + step])
+            z = _logits(head, post, h[i:i + step])
             total += _nll(z, y[i:i + step])
             top[i:i + step] = z.argmax(-1)
             del z  # the next chunk's logits replace these, never join them

@@ -25,24 +25,35 @@ from ..errors import CheckpointError
 from ..train.data import collate
 
 
-def prefix_layers(meta: dict) -> int:
-    """L, the number of leading LLM layers the bridge dropped, when it dropped exactly layers 0..L-1 of one stack."""
+def prefix_layers(meta: dict, arch=None) -> int:
+    """L, the LLM layer the bridge's first kept layer is (the prefix is the LLM's layers 0..L-1, which the
+    bridge dropped); 0 when the bridge kept layer 0: the LLM's hidden state there is the embedding output,
+    which a bridge with the LLM's whole residual computes with the LLM's own weights, so the prefix is empty
+    and the tune is a plain one. `arch` (the LLM's map) lets a family whose embedding output is more than
+    the token embedding (GPT-2's learned positions) be refused when L > 0."""
     stacks = meta["layers"]["llm"]
     dropped = (meta["layers"].get("dropped") or {})
-    if len(stacks) != 1 or not any(dropped.values()):
-        raise CheckpointError("tune-bridge --prefix needs a decoder-only bridge that drops the LLM's first layers",
-                              "re-create it with `surgery prune-bridge --drop-layers N --drop-by first`")
+    if len(stacks) != 1:
+        raise CheckpointError("tune-bridge --prefix needs a decoder-only bridge (one stack of layers), this one has "
+                              f"{len(stacks)}: {', '.join(stacks)}", "drop --prefix")
     sizes, llm_sizes = meta.get("sizes", {}), meta.get("llm_sizes", {})
     if sizes.get("hidden") != llm_sizes.get("hidden"):
         raise CheckpointError(f"tune-bridge --prefix: the bridge's residual is {sizes.get('hidden')} wide, the LLM's "
                               f"{llm_sizes.get('hidden')}: the LLM's hidden state does not fit it",
                               "use a bridge that keeps the residual (`prune-bridge --residual keep`, the default)")
-    (st, _), = stacks.items()
-    d = sorted(dropped.get(st, []))
-    if d != list(range(len(d))):
-        raise CheckpointError(f"tune-bridge --prefix: the bridge dropped layers {d}, not the LLM's first ones",
-                              "re-create it with `surgery prune-bridge --drop-layers N --drop-by first`")
-    return len(d)
+    (st, n), = stacks.items()
+    gone = set(dropped.get(st, []))
+    first = next((i for i in range(n) if i not in gone), n)
+    if first == n:
+        raise CheckpointError(f"tune-bridge --prefix: the bridge dropped every layer of the LLM's {n}",
+                              "re-create it with fewer `prune-bridge --drop-layers`")
+    if first and arch is not None:
+        extra = [t.name for t in arch.tensors() if t.role == "embedding" and t.dims[0] != ("vocab",)]
+        if extra:  # the stored state already holds them; the bridge would add them a second time
+            raise CheckpointError(f"tune-bridge --prefix: {arch.family} adds {extra[0]} to the token embedding, and "
+                                  "the bridge would add it again to the LLM's stored hidden state",
+                                  "drop --prefix, or use a bridge that keeps the LLM's layer 0")
+    return first
 
 
 def write_states(llm_dir: str, adapter_dir: str, kind, example_sets, n_layers: int, path: str, *,

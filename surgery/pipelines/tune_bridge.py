@@ -19,6 +19,7 @@ from ..io.jsonfile import load_json
 from ..io.tokenizer import load_tokenizer
 from ..io.writer import OutputDir
 from ..kinds import kind_of
+from ..log import note
 from ..train.data import MAX_LENGTH, load_examples, pad_id_of
 from ..train.loop import TrainConfig, fit, is_main_process, place
 from ..train.methods import load_base
@@ -58,8 +59,8 @@ def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data
                 cfg: TrainConfig | None = None, placement=None, plot: str | None = None, prefix: bool = False) -> dict:
     """Tune `adapter_dir` (a LoRA or bottleneck adapter for the LLM) on the bridge; write the lifted LLM adapter to `out`.
     plot: also draw the loss curves (measured on the bridge) to this PNG (surgery.plot.loss).
-    prefix: the bridge dropped the LLM's first layers; its kept layers read the LLM's own hidden state
-    there (computed once, forward only, by the LLM with the adapter on: pipelines/bridge_prefix.py)."""
+    prefix: the bridge's first kept layer reads the LLM's own hidden state there (computed once, forward
+    only, by the LLM with the adapter on: pipelines/bridge_prefix.py); empty, a plain tune, when it is layer 0."""
     cfg = cfg or TrainConfig()
     cfg.check()
     bdir, meta = read_bridge(bridge)
@@ -69,7 +70,10 @@ def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data
         raise CheckpointError(f"bridge.json says family {meta['family']} but the LLM is {arch.family}", "pass the matching --llm")
     kind = kind_of(adapter_dir, "tune-bridge")
     route = kind.bridge_route(adapter_dir, arch, meta["kept"])
-    n_prefix = bp.prefix_layers(meta) if prefix else 0
+    n_prefix = bp.prefix_layers(meta, arch) if prefix else 0
+    if prefix and not n_prefix:
+        note("tune-bridge --prefix: the bridge keeps the LLM's layer 0, whose input (the embedding output) it computes "
+             "with the LLM's own weights: the prefix is empty, this is a plain tune")
     inputs = [route.path, bdir, data] + ([eval_data] if eval_data else [])
     if plot:
         from .. import plot as plots

@@ -16,13 +16,13 @@ from ..io.progress import progress
 from .data import IGNORE, collate
 
 
-def aligned_logits(model, batch: dict, seq2seq: bool):
-    """Logits [b, L, V] lined up with batch["labels"] (shifted for causal models).
+def aligned_logits(model, batch: dict, seq2seq: bool, **kwargs):
+    """Logits [b, L, V] lined up with batch["labels"] (shifted for causal models); kwargs go to the model.
 
     Prompt tuning prepends virtual tokens to a causal model's input, so its logits are longer
     than the input; the last L positions are the ones that belong to the real tokens.
     """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], **kwargs)
     logits = out.logits
     labels = batch["labels"].to(logits.device)  # a dispatched model's logits leave on its last device
     if seq2seq:
@@ -80,30 +80,55 @@ def causal_mask(mask):
     return None if right_padded else mask
 
 
+def post_head_ops(model) -> tuple | None:
+    """The ops `model` applies to its LM head's output (arch.logit_ops, from its family file), or None when
+    they are not known: the caller then takes the model's own full logits (said once per model type)."""
+    from ..arch import logit_ops
+    from ..errors import ArchitectureError
+    from ..log import note
+    from ..ops.loss import POST_OPS
+
+    config = model.config.to_dict()
+    ops = logit_ops(config)
+    unknown = [op for op, _ in ops or () if op not in POST_OPS]
+    if unknown:
+        raise ArchitectureError(f"model_type {config.get('model_type')!r}: its family file's \"logits\" names op "
+                                f"{unknown[0]!r}, not one of {', '.join(POST_OPS)}", "fix the family file (docs/arch.md)")
+    if ops is None and config.get("model_type") not in _FULL_LOGITS_NOTED:
+        _FULL_LOGITS_NOTED.add(config.get("model_type"))
+        note(f"model_type {config.get('model_type')!r}: what it does to the logits after its LM head is not in a "
+             "family file, so its losses use its full logits (more memory; see docs/arch.md, \"logits\")")
+    return ops
+
+
+_FULL_LOGITS_NOTED: set = set()
+
+
 def _at_head(model, batch: dict, unwrapped=None, **kwargs):
     """Run a causal model up to its LM head: (final hidden states [b, L-1, H] lined up with the shifted
-    labels [b, L-1], the head's forward, its keyword arguments for ops.loss: vocab and softcap)."""
+    labels [b, L-1], the head's forward, the vocabulary size)."""
     base = unwrapped if unwrapped is not None else model
     config = base.config
     with _head_inputs(base.get_output_embeddings()) as (seen, head):
         model(input_ids=batch["input_ids"], attention_mask=causal_mask(batch.get("attention_mask")), **kwargs)
     L = batch["input_ids"].shape[1]
     h = seen[-1][:, -L:]  # prompt tuning prepends virtual tokens: the last L positions are the real ones
-    return h[:, :-1], batch["labels"][:, 1:], head, {"vocab": config.vocab_size,
-                                                     "softcap": getattr(config, "final_logit_softcapping", None)}
+    return h[:, :-1], batch["labels"][:, 1:], head, config.vocab_size
 
 
 def batch_nll(model, batch: dict, seq2seq: bool, unwrapped=None, **kwargs):
     """(sum of token NLL, labelled tokens) of one teacher-forced batch: token_loss(*aligned_logits(...))
     without ever holding the full logits. A causal model runs up to its LM head, whose input feeds
-    ops.loss.chunked_nll (a chunk of tokens at a time; prompt and padding tokens skip the head). T5 takes
-    the plain path. `unwrapped`: the model itself when `model` is a distributed wrapper around it."""
-    if seq2seq:
-        return token_loss(*aligned_logits(model, batch, seq2seq))
+    ops.loss.chunked_nll (a chunk of tokens at a time; prompt and padding tokens skip the head). T5, and a
+    model whose post-head ops are not known (post_head_ops), take the plain path. `unwrapped`: the model
+    itself when `model` is a distributed wrapper around it."""
+    post = None if seq2seq else post_head_ops(unwrapped if unwrapped is not None else model)
+    if post is None:
+        return token_loss(*aligned_logits(model, batch, seq2seq, **kwargs))
     from ..ops.loss import chunked_nll
 
-    h, labels, head, kw = _at_head(model, batch, unwrapped, **kwargs)
-    return chunked_nll(h, labels, head, kw["vocab"], softcap=kw["softcap"])
+    h, labels, head, vocab = _at_head(model, batch, unwrapped, **kwargs)
+    return chunked_nll(h, labels, head, vocab, post=post)
 
 
 def batch_scores(model, batch: dict, seq2seq: bool) -> tuple:
@@ -112,14 +137,15 @@ def batch_scores(model, batch: dict, seq2seq: bool) -> tuple:
     A causal model goes through ops.loss.chunked_scores as batch_nll goes through chunked_nll: loss and
     argmax on the labelled positions only, a chunk at a time, never the [batch, seq, vocab] logits, and
     no key/value cache (nothing is generated). T5's decoder logits are only as long as its targets: it
-    keeps the plain path."""
-    if seq2seq:
-        logits, labels = aligned_logits(model, batch, seq2seq)
+    keeps the plain path, as does a model whose post-head ops are not known (post_head_ops)."""
+    post = None if seq2seq else post_head_ops(model)
+    if post is None:
+        logits, labels = aligned_logits(model, batch, seq2seq, **({} if seq2seq else {"use_cache": False}))
         return (*token_loss(logits, labels), exact_matches(logits, labels))
     from ..ops.loss import chunked_scores
 
-    h, labels, head, kw = _at_head(model, batch, use_cache=False)
-    nll, n, pred = chunked_scores(h, labels, head, kw["vocab"], softcap=kw["softcap"])
+    h, labels, head, vocab = _at_head(model, batch, use_cache=False)
+    nll, n, pred = chunked_scores(h, labels, head, vocab, post=post)
     return nll, n, [bool(r) for r in (pred == labels.to(pred.device)).all(-1)]
 
 
