@@ -17,20 +17,18 @@ Bridge specs: `r<R>` (reduction R), `-drop<N>` (--drop-layers N), `-fisher` (--d
 `-k<L..>` (keep exactly these LLM layers, e.g. k0 or k03: which layers a dropping plan keeps, in place
 of prune-bridge's ranking). Example: r8-drop2.
 
---prefix (docs/method-experiments.md §7): with a bridge whose first kept layer L is not 0 (r10-k3), the
-bridge's token embedding is replaced, for tune-bridge's training and evaluation, by the LLM's own hidden
-state at layer L's input, computed by the LLM's layers 0..L-1 with the start adapter on, frozen and without
-gradients; the kept layer then trains on what it reads inside the LLM. The record's memory adds those
-layers' weights to the bridge's count (an implementation that caches the prefix's hidden states once
-would not hold them while training).
+--prefix (docs/method-experiments.md §7, §8): with a bridge whose first kept layer L is not 0 (r10-k3), tune-bridge
+runs as `surgery tune-bridge --prefix` (the library call): the LLM's layers 0..L-1, with the start adapter on,
+run once forward only over the training and dev records, and the kept layers train on those hidden states
+in place of the bridge's token embedding, which is not held. The record's memory is what that training
+step holds (benchmarks/evidence/memory.training_bytes(prefix=True)); the forward-only pass before it is
+the evidence's `tune-bridge --prefix pass` row, the same for every bridge of a pair and task.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
 import os
 import re
 import sys
@@ -111,8 +109,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tag", default="", help="suffix for output names (variants of the same bridge/init)")
     ap.add_argument("--out", default=None, help="JSON lines file (default: WORK/results.jsonl)")
     ap.add_argument("--prefix", action="store_true",
-                    help="the bridge's first kept layer reads the LLM's own hidden state there: the LLM's earlier layers "
-                         "(with the start adapter's delta) run frozen, without gradients, in place of the bridge's embedding")
+                    help="tune-bridge --prefix: the bridge's first kept layer reads the LLM's own hidden state there (the LLM's "
+                         "earlier layers with the start adapter on, run once forward only), its token embedding not held")
     ap.add_argument("--fisher-mass", action="store_true",
                     help="only print, per LLM layer, the fisher-mask scores prune-bridge ranks (kv groups, best neurons, layer)")
     ap.add_argument("--memory-only", action="store_true",
@@ -151,10 +149,11 @@ def main(argv=None) -> None:
             prune_keeping(llm, bdir, calib, **bridge_kwargs(spec))
         with open(os.path.join(bdir, "bridge.json")) as f:
             meta = json.load(f)
-        mem = training_bytes(bdir, batch=16, seq=64)
+        mem = training_bytes(bdir, batch=16, seq=64, prefix=a.prefix)
         if a.memory_only:
             print(json.dumps({"bridge": spec, "sizes": meta["sizes"], "kept_layers": kept_llm_layers(meta),
-                              "non_embedding": meta["parameters"]["bridge_non_embedding"],
+                              "non_embedding": meta["parameters"]["bridge_non_embedding"], "prefix": a.prefix,
+                              "bridge_mem_bytes": mem["total"], "cap_bytes": mem_llm // 5,
                               "bridge_mem_mb": round(mem["total"] / 2**20, 2), "mem_ratio": round(mem_llm / mem["total"], 2),
                               "calibration_loss": round(meta["calibration_loss"]["bridge"], 3)}), flush=True)
             continue
@@ -173,12 +172,9 @@ def main(argv=None) -> None:
                 name = f"{spec}-{os.path.basename(init)}{'-bal' if a.balance_init else ''}{a.tag}"
                 tuned = os.path.join(a.work, a.task, f"s{seed}", name)
                 t0 = time.time()
-                first = kept_llm_layers(meta)[0]
-                with frozen_prefix(llm, start, first) if a.prefix and first else contextlib.nullcontext():
-                    tb = tune_bridge(start, bdir, train, tuned, eval_data=dev, max_length=64, force=True,
-                                     cfg=TrainConfig(epochs=a.tune_epochs, lr=a.tune_lr, batch_size=16, seed=seed, progress=False))
+                tb = tune_bridge(start, bdir, train, tuned, eval_data=dev, llm=llm, max_length=64, force=True, prefix=a.prefix,
+                                 cfg=TrainConfig(epochs=a.tune_epochs, lr=a.tune_lr, batch_size=16, seed=seed, progress=False))
                 t_tune = time.time() - t0
-                prefix_mb = prefix_bytes(llm, first) / 2**20 if a.prefix else 0.0
                 rcfg = RefineConfig(steps=max(a.refine_steps, 1), batch_size=a.refine_batch, seed=seed,
                                     eval_every=a.eval_every, keep_best=False, progress=False,
                                     **({"lr": a.refine_lr} if a.refine_lr else {}),
@@ -193,63 +189,14 @@ def main(argv=None) -> None:
                      "tune": {"epochs": a.tune_epochs, "lr": a.tune_lr},
                      "non_embedding": meta["parameters"]["bridge_non_embedding"],
                      "llm_non_embedding": meta["parameters"]["llm_non_embedding"],
-                     "prefix": a.prefix, "prefix_weights_mb": round(prefix_mb, 2),
-                     "bridge_mem_mb": round(mem["total"] / 2**20 + prefix_mb, 2), "llm_lora_mem_mb": round(mem_llm / 2**20, 2),
-                     "mem_ratio": round(mem_llm / (mem["total"] + prefix_mb * 2**20), 2),
+                     "prefix": a.prefix, "bridge_mem_bytes": mem["total"],
+                     "bridge_mem_mb": round(mem["total"] / 2**20, 2), "llm_lora_mem_mb": round(mem_llm / 2**20, 2),
+                     "mem_ratio": round(mem_llm / mem["total"], 2),
                      "on_bridge": round(100 * tb["after"]["accuracy"], 1),
                      "lifted": round(100 * rf["before"]["accuracy"], 1), "lifted_loss": round(rf["before"]["loss"], 3),
                      "refined": round(100 * rf["after"]["accuracy"], 1), "refined_loss": round(rf["after"]["loss"], 3),
                      "refine": {"steps": rcfg.steps, "lr": rcfg.lr, "eps": rcfg.eps, "batch": rcfg.batch_size},
                      "curve": curve, "seconds": {"tune": round(t_tune), "refine": round(time.time() - t0)}})
-
-
-@contextlib.contextmanager
-def frozen_prefix(llm: str, start: str, n: int):
-    """While active, tune-bridge's bridge replaces its token embedding by the LLM's own hidden state after
-    its first n layers, computed with the start adapter on and without gradients: the kept layer then reads
-    what it reads in the LLM (an experiment: inference memory for the prefix, its weights counted apart)."""
-    import torch
-
-    from surgery.kinds import kind_of
-    from surgery.pipelines import tune_bridge as tb
-    from surgery.train.methods import load_base
-
-    base, _, arch = load_base(llm, None)
-    base.requires_grad_(False)
-    peft_llm, _ = kind_of(start, "refine").tunable(base, start, arch)
-    peft_llm.eval()
-
-    class Prefix(torch.nn.Module):
-        def forward(self, ids):
-            with torch.no_grad():  # right-padded batches: causal attention needs no mask for the real tokens
-                return peft_llm(input_ids=ids, output_hidden_states=True).hidden_states[n].detach()
-
-    inner = tb.load_base
-
-    def load_with_prefix(path, placement=None):
-        model, tok, a = inner(path, placement)
-        model.get_decoder().embed_tokens = Prefix()
-        return model, tok, a
-
-    tb.load_base = load_with_prefix
-    try:
-        yield
-    finally:
-        tb.load_base = inner
-
-
-def prefix_bytes(llm: str, n: int) -> int:
-    """The weights of the LLM's first n layers (what --prefix adds to the bridge stage's memory)."""
-    from safetensors import safe_open
-
-    total = 0
-    with safe_open(os.path.join(llm, "model.safetensors"), "pt") as f:
-        for k in f.keys():
-            m = re.search(r"\.layers\.(\d+)\.", k)
-            if m and int(m.group(1)) < n:
-                t = f.get_slice(k)
-                total += math.prod(t.get_shape()) * {"F32": 4, "BF16": 2, "F16": 2}[t.get_dtype()]
-    return total
 
 
 def kept_llm_layers(meta: dict) -> list[int]:
