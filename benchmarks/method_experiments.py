@@ -17,12 +17,12 @@ Bridge specs: `r<R>` (reduction R), `-drop<N>` (--drop-layers N), `-fisher` (--d
 `-v<N>` (--num-key-value-heads N), `-k<L..>` (keep exactly these LLM layers, e.g. k0 or k03: which layers a dropping plan keeps, in place
 of prune-bridge's ranking). Example: r8-drop2.
 
---prefix (docs/method-experiments.md §7): with a bridge whose first kept layer L is not 0 (r10-k3), the
-bridge's token embedding is replaced, for tune-bridge's training and evaluation, by the LLM's own hidden
-state at layer L's input, computed by the LLM's layers 0..L-1 with the start adapter on, frozen and without
-gradients; the kept layer then trains on what it reads inside the LLM. The record's memory adds those
-layers' weights to the bridge's count (an implementation that caches the prefix's hidden states once
-would not hold them while training).
+--prefix (docs/method-experiments.md §7, §8): with a bridge whose first kept layer L is not 0 (r10-k3), tune-bridge
+runs as `surgery tune-bridge --prefix` (the library call): the LLM's layers 0..L-1, with the start adapter on,
+run once forward only over the training and dev records, and the kept layers train on those hidden states
+in place of the bridge's token embedding, which is not held. The record's memory is what that training
+step holds (benchmarks/evidence/memory.training_bytes(prefix=True)); the forward-only pass before it is
+the evidence's `tune-bridge --prefix pass` row, the same for every bridge of a pair and task.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import re
 import sys
@@ -113,8 +112,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tag", default="", help="suffix for output names (variants of the same bridge/init)")
     ap.add_argument("--out", default=None, help="JSON lines file (default: WORK/results.jsonl)")
     ap.add_argument("--prefix", action="store_true",
-                    help="the bridge's first kept layer reads the LLM's own hidden state there: the LLM's earlier layers "
-                         "(with the start adapter's delta) run frozen, without gradients, in place of the bridge's embedding")
+                    help="tune-bridge --prefix: the bridge's first kept layer reads the LLM's own hidden state there (the LLM's "
+                         "earlier layers with the start adapter on, run once forward only), its token embedding not held")
     ap.add_argument("--cascade", default=None,
                     help="a one-layer bridge (a path, or a directory name in the evidence's task directory: bridge-keep) whose "
                          "kept layer stands, frozen, in place of the same LLM layer of each --bridges bridge: that layer keeps "
@@ -162,16 +161,12 @@ def main(argv=None) -> None:
             spec += "-cascade"
         with open(os.path.join(bdir, "bridge.json")) as f:
             meta = json.load(f)
-        mem = training_bytes(bdir, batch=16, seq=64, **swap_kwargs(frozen_dir, swap))
-        # tune-bridge --prefix (the library) trains on stored states: it holds the bridge's count without the
-        # prefix's weights and, since it need not keep it, without the token embedding
-        no_embed = mem["total"] - embedding_bytes(bdir)
+        mem = training_bytes(bdir, batch=16, seq=64, prefix=a.prefix, **swap_kwargs(frozen_dir, swap))
         if a.memory_only:
             print(json.dumps({"bridge": spec, "sizes": meta["sizes"], "kept_layers": kept_llm_layers(meta),
-                              "non_embedding": meta["parameters"]["bridge_non_embedding"],
+                              "non_embedding": meta["parameters"]["bridge_non_embedding"], "prefix": a.prefix,
+                              "bridge_mem_bytes": mem["total"], "cap_bytes": mem_llm // 5,
                               "bridge_mem_mb": round(mem["total"] / 2**20, 2), "mem_ratio": round(mem_llm / mem["total"], 2),
-                              "bridge_bytes": mem["total"], "no_embedding_bytes": no_embed,
-                              "no_embedding_ratio": round(mem_llm / no_embed, 3),
                               "calibration_loss": round(meta["calibration_loss"]["bridge"], 3)}), flush=True)
             continue
         for seed in map(int, a.seeds.split(",")):
@@ -189,13 +184,10 @@ def main(argv=None) -> None:
                 name = f"{spec}-{os.path.basename(init)}{'-bal' if a.balance_init else ''}{a.tag}"
                 tuned = os.path.join(a.work, a.task, f"s{seed}", name)
                 t0 = time.time()
-                first = kept_llm_layers(meta)[0]
-                with (frozen_layers(bdir, frozen_dir, swap) if swap else contextlib.nullcontext()), \
-                        (frozen_prefix(llm, start, first) if a.prefix and first else contextlib.nullcontext()):
-                    tb = tune_bridge(start, bdir, train, tuned, eval_data=dev, max_length=64, force=True,
+                with frozen_layers(bdir, frozen_dir, swap) if swap else contextlib.nullcontext():
+                    tb = tune_bridge(start, bdir, train, tuned, eval_data=dev, llm=llm, max_length=64, force=True, prefix=a.prefix,
                                      cfg=TrainConfig(epochs=a.tune_epochs, lr=a.tune_lr, batch_size=16, seed=seed, progress=False))
                 t_tune = time.time() - t0
-                prefix_mb = prefix_bytes(llm, first) / 2**20 if a.prefix else 0.0
                 rcfg = RefineConfig(steps=max(a.refine_steps, 1), batch_size=a.refine_batch, seed=seed,
                                     eval_every=a.eval_every, keep_best=False, progress=False,
                                     **({"lr": a.refine_lr} if a.refine_lr else {}),
@@ -210,51 +202,14 @@ def main(argv=None) -> None:
                      "tune": {"epochs": a.tune_epochs, "lr": a.tune_lr},
                      "non_embedding": meta["parameters"]["bridge_non_embedding"],
                      "llm_non_embedding": meta["parameters"]["llm_non_embedding"],
-                     "prefix": a.prefix, "prefix_weights_mb": round(prefix_mb, 2),
-                     "bridge_mem_mb": round(mem["total"] / 2**20 + prefix_mb, 2), "llm_lora_mem_mb": round(mem_llm / 2**20, 2),
-                     "mem_ratio": round(mem_llm / (mem["total"] + prefix_mb * 2**20), 2),
-                     "bridge_bytes": mem["total"], "no_embedding_bytes": no_embed, "llm_lora_bytes": mem_llm,
-                     "no_embedding_ratio": round(mem_llm / no_embed, 3),
+                     "prefix": a.prefix, "bridge_mem_bytes": mem["total"],
+                     "bridge_mem_mb": round(mem["total"] / 2**20, 2), "llm_lora_mem_mb": round(mem_llm / 2**20, 2),
+                     "mem_ratio": round(mem_llm / mem["total"], 2),
                      "on_bridge": round(100 * tb["after"]["accuracy"], 1),
                      "lifted": round(100 * rf["before"]["accuracy"], 1), "lifted_loss": round(rf["before"]["loss"], 3),
                      "refined": round(100 * rf["after"]["accuracy"], 1), "refined_loss": round(rf["after"]["loss"], 3),
                      "refine": {"steps": rcfg.steps, "lr": rcfg.lr, "eps": rcfg.eps, "batch": rcfg.batch_size},
                      "curve": curve, "seconds": {"tune": round(t_tune), "refine": round(time.time() - t0)}})
-
-
-@contextlib.contextmanager
-def frozen_prefix(llm: str, start: str, n: int):
-    """While active, tune-bridge's bridge replaces its token embedding by the LLM's own hidden state after
-    its first n layers, computed with the start adapter on and without gradients: the kept layer then reads
-    what it reads in the LLM (an experiment: inference memory for the prefix, its weights counted apart)."""
-    import torch
-
-    from surgery.kinds import kind_of
-    from surgery.pipelines import tune_bridge as tb
-    from surgery.train.methods import load_base
-
-    base, _, arch = load_base(llm, None)
-    base.requires_grad_(False)
-    peft_llm, _ = kind_of(start, "refine").tunable(base, start, arch)
-    peft_llm.eval()
-
-    class Prefix(torch.nn.Module):
-        def forward(self, ids):
-            with torch.no_grad():  # right-padded batches: causal attention needs no mask for the real tokens
-                return peft_llm(input_ids=ids, output_hidden_states=True).hidden_states[n].detach()
-
-    inner = tb.load_base
-
-    def load_with_prefix(path, placement=None):
-        model, tok, a = inner(path, placement)
-        model.get_decoder().embed_tokens = Prefix()
-        return model, tok, a
-
-    tb.load_base = load_with_prefix
-    try:
-        yield
-    finally:
-        tb.load_base = inner
 
 
 def cascade_bridge(bdir: str, frozen_dir: str, out: str) -> tuple[str, dict]:
@@ -304,18 +259,27 @@ def swap_kwargs(frozen_dir, swap: dict) -> dict:
 @contextlib.contextmanager
 def frozen_layers(bdir: str, frozen_dir: str, swap: dict):
     """While active, tune-bridge on the bridge `bdir` gets frozen_dir's layers in place of its own at the
-    positions of `swap`, and their LoRA (the start adapter restricted to frozen_dir's kept coordinates:
-    cascade_bridge) is not trained, so the lift leaves their change as the start had it."""
+    positions of `swap` (however it loads it: plainly or, under --prefix, without its embedding), and their
+    LoRA (the start adapter restricted to frozen_dir's kept coordinates: cascade_bridge) is not trained, so
+    the lift leaves their change as the start had it."""
+    from surgery.pipelines import bridge_prefix as bp
     from surgery.pipelines import tune_bridge as tb
+    from surgery.train.methods import load_base
 
-    inner_load, inner_place = tb.load_base, tb.place
+    inner_load, inner_load_prefix, inner_place = tb.load_base, bp.load_without_embedding, tb.place
     frozen = tuple(f".layers.{p}." for p in swap)
+
+    def swapped(model, path):
+        if os.path.abspath(path) == os.path.abspath(bdir):
+            swap_layers(model, load_base(frozen_dir)[0], swap)
+        return model
 
     def load(path, placement=None):
         model, tok, arch = inner_load(path, placement)
-        if os.path.abspath(path) == os.path.abspath(bdir):
-            swap_layers(model, inner_load(frozen_dir, placement)[0], swap)
-        return model, tok, arch
+        return swapped(model, path), tok, arch
+
+    def load_prefix(path, placement, states, index):
+        return swapped(inner_load_prefix(path, placement, states, index), path)
 
     def place(pm, placement=None):
         for n, p in pm.named_parameters():
@@ -323,35 +287,11 @@ def frozen_layers(bdir: str, frozen_dir: str, swap: dict):
                 p.requires_grad_(False)
         return inner_place(pm, placement)
 
-    tb.load_base, tb.place = load, place
+    tb.load_base, bp.load_without_embedding, tb.place = load, load_prefix, place
     try:
         yield
     finally:
-        tb.load_base, tb.place = inner_load, inner_place
-
-
-def prefix_bytes(llm: str, n: int) -> int:
-    """The weights of the LLM's first n layers (what --prefix adds to the bridge stage's memory)."""
-    from safetensors import safe_open
-
-    total = 0
-    with safe_open(os.path.join(llm, "model.safetensors"), "pt") as f:
-        for k in f.keys():
-            m = re.search(r"\.layers\.(\d+)\.", k)
-            if m and int(m.group(1)) < n:
-                t = f.get_slice(k)
-                total += math.prod(t.get_shape()) * {"F32": 4, "BF16": 2, "F16": 2}[t.get_dtype()]
-    return total
-
-
-def embedding_bytes(model_dir: str) -> int:
-    """The bytes of a checkpoint's token embedding (what a --prefix bridge need not hold while training)."""
-    from safetensors import safe_open
-
-    with safe_open(os.path.join(model_dir, "model.safetensors"), "pt") as f:
-        k, = [k for k in f.keys() if k.endswith("embed_tokens.weight")]
-        t = f.get_slice(k)
-        return math.prod(t.get_shape()) * {"F32": 4, "BF16": 2, "F16": 2}[t.get_dtype()]
+        tb.load_base, bp.load_without_embedding, tb.place = inner_load, inner_load_prefix, inner_place
 
 
 def kept_llm_layers(meta: dict) -> list[int]:

@@ -7,6 +7,9 @@ Stages, at the same batch and sequence length, LoRA r=8 (alpha 16) on the same m
                  itself is never loaded)                                      (steps 4-7)
   bridge-drop    the same with `--drop-layers L/2` (half the layers, wider MLPs for the same budget)
   bridge-narrow  the same with `--residual prune` (the paper's narrow bridge, for comparison)
+  bridge-prefix  the evidence's bridge: `--reduction 10 --drop-by first`, tuned by `tune-bridge --prefix`,
+                 which feeds it the LLM's stored hidden states and does not hold its token embedding
+                 (tensor count only; the forward-only pass before it is its own row, below)
   llm            `surgery train` LoRA directly on the LLM                     (the PEFT baseline)
 
 Two measures per stage:
@@ -52,7 +55,10 @@ SHAPES = {
                               num_attention_heads=16),
                   "llm": TINYLLAMA},
 }
-BRIDGES = {"bridge": [], "bridge-drop": ["--drop-layers", "HALF"], "bridge-narrow": ["--residual", "prune"]}
+BRIDGES = {"bridge": [], "bridge-drop": ["--drop-layers", "HALF"], "bridge-narrow": ["--residual", "prune"],
+           "bridge-prefix": ["--reduction", "10", "--drop-by", "first"]}
+# tuned with `tune-bridge --prefix` (the evidence's bridge): its token embedding is not held (without_embedding)
+PREFIX = ("bridge-prefix",)
 STAGES = ("slm", *BRIDGES, "llm")
 
 
@@ -66,13 +72,15 @@ def rss_mb() -> float:
 
 def _bridge_args(shape: dict, stage: str) -> list[str]:
     half = str(shape["llm"].get("num_hidden_layers", shape["llm"].get("n_layer")) // 2)
-    return ["--reduction", "16", *[half if a == "HALF" else a for a in BRIDGES[stage]]]
+    args = [half if a == "HALF" else a for a in BRIDGES[stage]]
+    return args if "--reduction" in args else ["--reduction", "16", *args]
 
 
 def rss_stages(shape: dict) -> tuple:
     """Stages run for real: at the 1.1B shape the narrow bridge is only counted (it costs a 1.1B
-    prune and a training run on a 2-core machine, and the tensor count already compares it)."""
-    return tuple(s for s in STAGES if not (shape is SHAPES["tinyllama"] and s == "bridge-narrow"))
+    prune and a training run on a 2-core machine, and the tensor count already compares it); the
+    --prefix bridge only counted at both (its real run adds the LLM's forward pass, counted as its own row)."""
+    return tuple(s for s in STAGES if s not in PREFIX and not (shape is SHAPES["tinyllama"] and s == "bridge-narrow"))
 
 
 def config_of(shape: dict, stage: str, work: str) -> dict:
@@ -88,7 +96,7 @@ def config_of(shape: dict, stage: str, work: str) -> dict:
     a = _bridge_args(shape, stage)
     drop = int(a[a.index("--drop-layers") + 1]) if "--drop-layers" in a else None  # None: prune-bridge's auto depth
     residual = "prune" if "prune" in a else "keep"
-    sizes, drop = plan_bridge(arch, 16, {}, residual=residual, drop_layers=drop)
+    sizes, drop = plan_bridge(arch, float(a[a.index("--reduction") + 1]), {}, residual=residual, drop_layers=drop)
     return bridge_config(arch, sizes, {st: list(range(n - drop)) for st, n in arch.stacks.items()})
 
 
@@ -127,9 +135,26 @@ def fused_attention():
         F.scaled_dot_product_attention = real
 
 
-def tensor_count(config: dict, targets: list[str], batch: int, seq: int, device: str = "meta") -> dict:
+def without_embedding(model) -> None:
+    """`tune-bridge --prefix`'s bridge: its token embedding replaced by the stored hidden states of the batch
+    (bridge_prefix.cached_prefix), the embedding itself released: a stand-in module giving one fresh
+    [batch, seq, hidden] tensor without gradient, as the stored states arrive. A tied head keeps the weight."""
+    import torch
+
+    emb = model.get_input_embeddings()
+    hidden, dtype = emb.weight.shape[1], emb.weight.dtype
+
+    class States(torch.nn.Module):
+        def forward(self, ids):
+            return torch.zeros(*ids.shape, hidden, dtype=dtype, device=ids.device)
+
+    model.set_input_embeddings(States())
+
+
+def tensor_count(config: dict, targets: list[str], batch: int, seq: int, device: str = "meta", prefix: bool = False) -> dict:
     """Bytes a LoRA training step holds at the end of its forward pass, on the meta device (see top;
-    device="cpu" runs the same step for real, which the tests compare it with)."""
+    device="cpu" runs the same step for real, which the tests compare it with). prefix: the model is a
+    `tune-bridge --prefix` bridge, fed stored hidden states without holding its token embedding."""
     import peft
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -139,6 +164,8 @@ def tensor_count(config: dict, targets: list[str], batch: int, seq: int, device:
     cfg.pad_token_id = None  # GPT-2 looks for padding in the ids, which meta tensors do not hold
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if prefix:
+        without_embedding(model)
     pm = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
     pm.train()
     weights = {p.untyped_storage()._cdata: p.numel() * p.element_size() for p in pm.parameters()}
@@ -358,7 +385,8 @@ def main() -> None:
     if a.setup:
         setup(shape, a.work, a.seq, train_docs=a.batch * a.steps)
         return
-    counts = {s: tensor_count(config_of(shape, s, a.work), shape["targets"], a.batch, a.seq) for s in STAGES}
+    counts = {s: tensor_count(config_of(shape, s, a.work), shape["targets"], a.batch, a.seq, prefix=s in PREFIX)
+              for s in STAGES}
     counts.update(method_counts(shape, counts, a.work))
     rows = {}
     if not a.no_rss:

@@ -31,6 +31,29 @@ def test_meta_count_equals_a_real_cpu_step(kv, monkeypatch):
     assert tensor_count(cfg, LLAMA, batch, seq)["saved"] - real["saved"] >= probs - out
 
 
+def test_a_prefix_bridge_is_counted_without_its_token_embedding(fx):
+    """tune-bridge --prefix does not hold the bridge's token embedding: both counts (the evidence's
+    training_bytes on a checkpoint, train_memory's on the meta device) drop exactly its bytes, and the saved
+    activations stay (the first norm saves the stored state as it saved the embedding's output)."""
+    import json
+    import os
+
+    from benchmarks.evidence.memory import training_bytes
+
+    model = fx.model("llama")
+    with open(os.path.join(model, "config.json")) as f:
+        cfg = json.load(f)
+    emb = cfg["vocab_size"] * cfg["hidden_size"] * 4
+    full, prefix = (training_bytes(model, 2, 16, prefix=p) for p in (False, True))
+    assert full["weights"] - prefix["weights"] == emb
+    assert (full["activations"], full["lora_state"]) == (prefix["activations"], prefix["lora_state"])
+    small = _config("llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=384, tie_word_embeddings=False).to_dict()
+    full, prefix, real = (tensor_count(small, LLAMA, 2, 16, device=d, prefix=p)
+                          for d, p in (("meta", False), ("meta", True), ("cpu", True)))
+    assert full["weights"] - prefix["weights"] == 384 * 64 * 4 and full["saved"] == prefix["saved"] and prefix == real
+
+
 def test_training_bytes_with_a_frozen_layer(tmp_path):
     """benchmarks/evidence/memory.training_bytes(frozen=...): a layer whose LoRA is not trained holds its
     LoRA as weights (no gradient, no AdamW moments) and saves no LoRA inputs for a backward, while the

@@ -130,3 +130,50 @@ def test_states_are_written_in_shards(fx, task, tmp_path, monkeypatch):  # noqa:
         assert len(shards) == (1 if shard_bytes > 1 else 3), shards  # 1 byte: a shard per batch of 5, 5, 2
         read[shard_bytes] = bp.cached_prefix(path, index, torch.float32)(collate(examples, 0, False)["input_ids"])
     assert torch.equal(read[1], read[max(read)])
+
+
+def test_prefix_holds_neither_the_bridge_during_the_pass_nor_its_embedding_while_training(fx, task, first_dropped,
+                                                                                          tmp_path, monkeypatch):  # noqa: F811
+    """The prefix pass runs before the bridge is loaded (it holds the LLM and a shard), and the bridge trains
+    without its token embedding, which nothing reads under --prefix; the result is unchanged by either."""
+    import gc
+    import os
+    import weakref
+    from pathlib import Path
+
+    import surgery.pipelines.bridge_prefix as bp
+    import surgery.pipelines.tune_bridge as tb
+    import surgery.train.methods as methods
+    from surgery.train.loop import TrainConfig
+
+    src = fx.lora("llama", targets=TARGETS, name="prefix-h")
+    train, dev = task
+    embeddings, seen = [], {}
+    load, write, fit = methods.load_base, bp.write_states, tb.fit
+
+    def loading(path, placement=None):
+        model, tok, arch = load(path, placement)
+        if os.path.samefile(path, first_dropped):
+            embeddings.append(weakref.ref(model.get_input_embeddings().weight))
+        return model, tok, arch
+
+    def writing(*a, **k):
+        seen["bridge loaded at the pass"] = bool(embeddings)
+        return write(*a, **k)
+
+    def fitting(pm, *a, **k):
+        gc.collect()
+        seen["embedding alive at fit"] = any(r() is not None for r in embeddings)
+        seen["embedding parameters"] = sum(p.numel() for p in pm.get_input_embeddings().parameters())
+        return fit(pm, *a, **k)
+
+    monkeypatch.setattr(methods, "load_base", loading)
+    monkeypatch.setattr(tb, "load_base", loading)
+    monkeypatch.setattr(bp, "write_states", writing)
+    monkeypatch.setattr(tb, "fit", fitting)
+    s = tb.tune_bridge(src, first_dropped, train, str(tmp_path / "tuned"), eval_data=dev, prefix=True,
+                       cfg=TrainConfig(epochs=1, lr=1e-2, batch_size=16, seed=3))
+    assert embeddings and seen == {"bridge loaded at the pass": False, "embedding alive at fit": False,
+                                   "embedding parameters": 0}
+    vocab, hidden = (json.loads((Path(first_dropped) / "config.json").read_text())[k] for k in ("vocab_size", "hidden_size"))
+    assert s["bridge_parameters"] == json.loads((Path(first_dropped) / "bridge.json").read_text())["parameters"]["bridge"] - vocab * hidden

@@ -35,13 +35,19 @@ def _lora_model(model_dir: str, batch: int, seq: int, rank: int, seed: int, edit
     return model, ids
 
 
-def training_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: int = 0, edit=None, frozen=()) -> dict:
+def training_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: int = 0, prefix: bool = False,
+                   edit=None, frozen=()) -> dict:
     """One LoRA step: weights, saved activations (and what they are: benchmarks/train_memory.KINDS), state.
+    prefix: the step of `tune-bridge --prefix`, whose bridge reads stored hidden states in place of its token
+    embedding and does not hold the embedding (bridge_prefix.load_without_embedding): counted with a stand-in
+    that gives each batch its states, as the stored ones are given (one [batch, seq, hidden] tensor, no gradient).
     edit, frozen: see _lora_model (benchmarks/method_experiments.py --cascade counts a bridge with a frozen layer)."""
-    from benchmarks.train_memory import by_kind, saved_tensors
+    from benchmarks.train_memory import by_kind, saved_tensors, without_embedding
     from surgery.train.score import batch_nll
 
     model, ids = _lora_model(model_dir, batch, seq, rank, seed, edit, frozen)
+    if prefix:
+        without_embedding(model.get_base_model())
     model.train()
     with saved_tensors(model) as seen:
         nll, n = batch_nll(model, {"input_ids": ids, "labels": ids}, seq2seq=False)
@@ -161,6 +167,21 @@ def _flags(cmd: str) -> dict:
     return {k: v for k, v in zip(a, a[1:]) if k.startswith("--")}
 
 
+def _prefix_tuned(bridge: dict) -> bool:
+    """Whether the evidence tunes this bridge (a prune-bridge stage record) with a non-empty --prefix, so that
+    its training step holds no token embedding: run.py passes --prefix to a `--drop-by first` bridge, and the
+    prefix is empty when the bridge kept the LLM's layer 0 (bridge_prefix.prefix_layers)."""
+    import json
+    import os
+
+    from surgery.pipelines.bridge_prefix import prefix_layers
+
+    if "--drop-by first" not in bridge.get("cmd", ""):
+        return False
+    with open(os.path.join(bridge["dir"], "bridge.json")) as f:
+        return prefix_layers(json.load(f)) > 0
+
+
 def memory_table(slm: str, llm: str, bridges: dict, batch: int, seq: int, transfer: dict | None = None,
                  prefix_tokens: int | None = None) -> dict:
     """Every stage's count, as results.json's "train_memory" holds it (run.py and main() below).
@@ -190,7 +211,7 @@ def memory_table(slm: str, llm: str, bridges: dict, batch: int, seq: int, transf
             length = int(f.get("--seq-len", d.seq_len))
             rows = min(int(f.get("--batch-size", d.batch_size)), max(1, MICRO_TOKENS // length))
             table[f"prune-bridge ({k})"] = fisher_bytes(llm, rows, length)
-    table.update({f"bridge ({k})": training_bytes(v["dir"], batch, seq) for k, v in bridges.items()})
+    table.update({f"bridge ({k})": training_bytes(v["dir"], batch, seq, prefix=_prefix_tuned(v)) for k, v in bridges.items()})
     table["refine (LLM, forward only)"] = inference_bytes(llm, batch, seq)
     if prefix_tokens:
         # tune-bridge --prefix: the LLM forward only (as refine), holding every record's hidden state (float32)

@@ -9,7 +9,9 @@ so the pass holds the LLM and one shard, not every record's states); training th
 place of its token embedding (the prefix's layers are frozen: no gradient reaches them, nothing of
 them is tuned or lifted). The LLM is freed before training and the states are read from the
 memory-mapped file a batch at a time, so the training step holds what it holds without the prefix:
-the bridge, its saved activations and the adapter's state (docs/method-experiments.md §7).
+the bridge without its token embedding (released as soon as the bridge is loaded: nothing reads it), its
+saved activations and the adapter's state (docs/method-experiments.md §7, §8). The bridge is loaded only
+after the pass, so the pass holds the LLM and one shard, not the bridge too.
 """
 
 from __future__ import annotations
@@ -129,6 +131,19 @@ def cached_prefix(path: str, index: dict, dtype):
             return torch.stack(rows).to(device=ids.device, dtype=dtype)
 
     return CachedPrefix()
+
+
+def load_without_embedding(bdir: str, placement, path: str, index: dict):
+    """The bridge, its token embedding replaced by the stored states (cached_prefix) as soon as it is loaded, and
+    released: under --prefix the bridge never reads its embedding, so training does not hold it (vocab x hidden,
+    often the bridge's largest tensor). A head tied to the embedding keeps the shared weight (the head reads it)."""
+    from ..train.methods import load_base
+
+    model, _, _ = load_base(bdir, placement)
+    dtype = model.get_input_embeddings().weight.dtype
+    model.set_input_embeddings(cached_prefix(path, index, dtype))
+    gc.collect()
+    return model
 
 
 def state_dir(out: str) -> str:

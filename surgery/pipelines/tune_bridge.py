@@ -16,6 +16,7 @@ from ..arch import load_arch
 from . import bridge_prefix as bp
 from ..errors import CheckpointError
 from ..io.jsonfile import load_json
+from ..io.tokenizer import load_tokenizer
 from ..io.writer import OutputDir
 from ..kinds import kind_of
 from ..log import note
@@ -48,6 +49,11 @@ def _llm_config(meta: dict, llm: str | None, where: str) -> dict:
     return load_json(cfg, CheckpointError, "restore the LLM's config.json from the original model")
 
 
+def _examples(tok, data: str, eval_data: str | None, seq2seq: bool, max_length: int):
+    return (load_examples(data, tok, seq2seq=seq2seq, max_length=max_length),
+            load_examples(eval_data, tok, seq2seq=seq2seq, max_length=max_length) if eval_data else None)
+
+
 def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data: str | None = None,
                 llm: str | None = None, max_length: int = MAX_LENGTH, force: bool = False,
                 cfg: TrainConfig | None = None, placement=None, plot: str | None = None, prefix: bool = False) -> dict:
@@ -74,16 +80,22 @@ def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data
 
         plots.check(plot, force, inputs=inputs, output=out)
     with OutputDir(out, inputs=inputs, force=force) as od:
-        model, tok, _ = load_base(bdir, placement)
-        seq2seq = bool(model.config.is_encoder_decoder)
-        train_ex = load_examples(data, tok, seq2seq=seq2seq, max_length=max_length)
-        eval_ex = load_examples(eval_data, tok, seq2seq=seq2seq, max_length=max_length) if eval_data else None
         states = bp.state_dir(out) if n_prefix else None
         try:
-            if n_prefix:  # the LLM's first layers, forward only, once; then only the bridge is held
+            if n_prefix:
+                # the LLM's first layers, forward only, once, before the bridge is loaded: the pass holds the
+                # LLM and one shard; then the bridge loads without its token embedding (the states replace it)
+                from transformers import AutoConfig
+
+                tok, config = load_tokenizer(bdir), AutoConfig.from_pretrained(bdir)
+                train_ex, eval_ex = _examples(tok, data, eval_data, False, max_length)
                 index = bp.write_states(llm or meta["source"], adapter_dir, kind, [train_ex] + ([eval_ex] if eval_ex else []),
-                                        n_prefix, states, pad_id=pad_id_of(tok, model.config), batch_size=cfg.batch_size, placement=placement)
-                model.set_input_embeddings(bp.cached_prefix(states, index, model.get_input_embeddings().weight.dtype))
+                                        n_prefix, states, pad_id=pad_id_of(tok, config), batch_size=cfg.batch_size, placement=placement)
+                model = bp.load_without_embedding(bdir, placement, states, index)
+            else:
+                model, tok, _ = load_base(bdir, placement)
+                train_ex, eval_ex = _examples(tok, data, eval_data, bool(model.config.is_encoder_decoder), max_length)
+            seq2seq = bool(model.config.is_encoder_decoder)
             pm = place(route.wrap(model, bdir), placement)
             before, hist, after = fit(pm, tok, train_ex, eval_ex, cfg, seq2seq=seq2seq)
         finally:
