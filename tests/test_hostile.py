@@ -456,58 +456,125 @@ def test_a_250_character_output_name_works(fx, tmp_path):
 
 
 # ---- signals and temps left by killed runs ------------------------------------------------------
-SLOW_MERGE = """
-import sys, time
+# Real `surgery merge-lora` runs, each its own process with its own pid, forked from one parent that has
+# imported torch and surgery once (four fresh interpreters cost ~2 s of CPU each just for that). A run is
+# held once its first tensor is in the output's temp: its main thread waits, before reading the next
+# tensor, for the test's signal, whose handler raises out of the wait, so the signal lands mid-write
+# every time, with no race against the merge finishing. (Holding the helper thread that writes would
+# hold the exit too: the unwinding waits for the write in flight.) The parent reports each run's pid,
+# "writing PID" once it is held, and "exit PID CODE" when it ends; a run's stderr goes to its own file.
+HELD_MERGES = """
+import os, sys, threading, time
+import safetensors.torch, torch
+import surgery.cli, surgery.pipelines.merge
+import surgery.io.checkpoint as c
 import surgery.io.writer as w
-real = w.ShardedWriter.write
-def slow(self, name, t):
-    real(self, name, t)
-    if not getattr(self, "told", False):
-        self.told = True
-        print("writing", flush=True)
-    time.sleep(0.2)
-w.ShardedWriter.write = slow
-sys.argv = ["surgery", *sys.argv[1:]]
-from surgery.cli import main
-main()
+first = threading.Event()
+write, read = w.ShardedWriter.write, c.Checkpoint.read
+def wrote(self, *a, **k):
+    write(self, *a, **k)
+    if not first.is_set():
+        first.set()
+        os.write(1, f"writing {os.getpid()}\\n".encode())  # one write: the runs share this pipe
+def held(self, *a, **k):
+    if first.is_set():
+        time.sleep(120)
+    return read(self, *a, **k)
+w.ShardedWriter.write, c.Checkpoint.read = wrote, held
+for line in sys.stdin:
+    if line.strip() == "wait":
+        pid, status = os.wait()
+        print("exit", pid, os.waitstatus_to_exitcode(status), flush=True)
+        continue
+    err, *args = line.split()
+    pid = os.fork()
+    if pid:
+        print("run", pid, flush=True)
+        continue
+    os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+    sys.argv, code = ["surgery", *args], 0
+    try:
+        surgery.cli.main()
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(code)
 """
+HELD = ("SIGINT", "SIGTERM", "SIGHUP", "SIGKILL")
 
 
-def _start_slow_merge(fx, out):
+class HeldRuns:
+    def __init__(self, proc):
+        self.proc = proc
+
+    def say(self, line: str) -> list[str]:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().split()
+
+    def end(self, pid: int, sig) -> int:
+        """Send `sig` to run `pid` and return its exit code (-N when killed by signal N)."""
+        os.kill(pid, sig)
+        _, got, code = self.say("wait")
+        assert int(got) == pid
+        return int(code)
+
+
+@pytest.fixture(scope="module")
+def held_merges(fx, tmp_path_factory):
+    """{signal name: (pid of a held merge-lora run writing DIR/out, DIR, its stderr file)}, one per test."""
     import subprocess
     import sys
 
-    p = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, "merge-lora", fx.model("llama"), fx.lora("llama"),
-                          "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "SURGERY_DEBUG": "0"})
-    assert p.stdout.readline().strip() == "writing", p.stderr.read()
-    assert [n for n in os.listdir(out.parent) if n.startswith(f".out.tmp-{p.pid}-")]  # the temp names its owner
-    return p
+    logs = tmp_path_factory.mktemp("stderr")
+    proc = subprocess.Popen([sys.executable, "-c", HELD_MERGES], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "SURGERY_DEBUG": "0"})
+    runs, held = HeldRuns(proc), {}
+    try:
+        for sig in HELD:
+            d = tmp_path_factory.mktemp(sig.lower())
+            word, pid = runs.say(f"{logs / sig} merge-lora {fx.model('llama')} {fx.lora('llama')} -o {d / 'out'}")
+            assert word == "run", word
+            held[int(pid)] = (sig, d)
+        for _ in HELD:
+            word, pid = proc.stdout.readline().split()
+            assert word == "writing" and int(pid) in held, (word, pid, [p.read_text() for p in logs.iterdir()])
+            sig, d = held[int(pid)]
+            assert [n for n in os.listdir(d) if n.startswith(f".out.tmp-{pid}-")]  # the temp names its owner
+        yield runs, {sig: (pid, d, logs / sig) for pid, (sig, d) in held.items()}
+    finally:
+        for pid in held:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        proc.kill()
+        proc.wait()
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])
-def test_signals_all_take_the_abort_path(fx, tmp_path, sig):
+def test_signals_all_take_the_abort_path(held_merges, sig):
     import signal
 
-    p = _start_slow_merge(fx, tmp_path / "out")
-    p.send_signal(getattr(signal, sig))
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == 128 + getattr(signal, sig)
-    assert err == f"surgery: interrupted ({sig}); no output was written\n"
-    assert os.listdir(tmp_path) == []
+    runs, held = held_merges
+    pid, d, err = held[sig]
+    assert runs.end(pid, getattr(signal, sig)) == 128 + getattr(signal, sig)
+    assert err.read_text() == f"surgery: interrupted ({sig}); no output was written\n"
+    assert os.listdir(d) == []
 
 
-def test_a_killed_runs_temp_is_removed_by_the_next_run(fx, tmp_path):
+def test_a_killed_runs_temp_is_removed_by_the_next_run(fx, held_merges):
     import signal
 
-    p = _start_slow_merge(fx, tmp_path / "out")
-    p.send_signal(signal.SIGKILL)
-    p.wait(timeout=60)
-    (left,) = os.listdir(tmp_path)
-    assert left.startswith(f".out.tmp-{p.pid}-")
-    code, _, err = run_cli("merge-lora", fx.model("llama"), fx.lora("llama"), "-o", tmp_path / "out")
-    assert code == 0 and f"removed {tmp_path / left}, left by an interrupted run (process {p.pid})" in err
-    assert os.listdir(tmp_path) == ["out"]
+    runs, held = held_merges
+    pid, d, _ = held["SIGKILL"]
+    assert runs.end(pid, signal.SIGKILL) == -signal.SIGKILL
+    (left,) = os.listdir(d)
+    assert left.startswith(f".out.tmp-{pid}-")
+    code, _, err = run_cli("merge-lora", fx.model("llama"), fx.lora("llama"), "-o", d / "out")
+    assert code == 0 and f"removed {d / left}, left by an interrupted run (process {pid})" in err
+    assert os.listdir(d) == ["out"]
 
 
 # ---- one line instead of "internal error" --------------------------------------------------------

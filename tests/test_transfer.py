@@ -352,6 +352,9 @@ def test_scale_auto_is_never_worse_than_no_adapter_on_its_text(fx, tmp_path, cal
     s = auto["scale"]
     by = {(c["start"], c["alpha"]): c["loss"] for c in s["candidates"]}
     assert s["chosen"]["loss"] == min(by.values()) <= min(by[("zero", 0.0)], by[("raw", 1.0)])
+    # the rescaled weights are rewritten inside the output's temporary directory: nothing else is left
+    assert sorted(p.name for p in (tmp_path / "auto").iterdir()) == sorted(p.name for p in (tmp_path / "raw").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auto", "raw"]
     a, r = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("auto", "raw"))
     for k in a:
         if ".lora_B." in k:

@@ -8,13 +8,13 @@ import typer
 
 from ..pipelines.bitfit import apply_bitfit, extract_bitfit
 from . import app
-from .common import Force, JsonOut, MaxShard, Output, console, human_bytes, print_json, table
+from .common import BaseModel, Force, JsonOut, MaxShard, Output, TunedModel, console, human_bytes, print_json, table
 
 
 @app.command("extract-bitfit")
 def extract_bitfit_cmd(
-    base: Annotated[str, typer.Argument(help="The base model directory.")],
-    tuned: Annotated[str, typer.Argument(help="The fine-tuned model directory.")],
+    base: BaseModel,
+    tuned: TunedModel,
     output: Output,
     force: Force = False,
     json_out: JsonOut = False,

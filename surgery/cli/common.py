@@ -50,6 +50,24 @@ Family = Annotated[Optional[list[str]], typer.Option(
     "--family", metavar="FILE.json",
     help="A family map for a model type surgery lacks (repeatable; also SURGERY_FAMILIES=DIR; docs/arch.md).")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed (same inputs and seed give identical output).")]
+# The models a delta is taken between (extract-lora, extract-krona, extract-bitfit, merge-lora)
+BaseModel = Annotated[str, typer.Argument(help="The base model directory.")]
+TunedModel = Annotated[str, typer.Argument(help="The fine-tuned model directory (same architecture and sizes as BASE).")]
+
+
+def Targets(what: str, default: str):
+    """--targets: one syntax and one matching rule in every command (io.adapter.split_targets, peft's
+    target_modules); `what` the modules are for, `default` what is taken without the flag."""
+    return Annotated[Optional[list[str]], typer.Option(
+        "--targets", help=f"Modules {what}, by peft's target_modules rule (a name matches that module in every layer: "
+                          f"q_proj, attn.c_attn), repeatable or comma-separated. Default: {default}.")]
+
+
+def CalibData(extra: str = ""):
+    """--data for calibration (prune-bridge, transfer): read by io.data.documents, each record's whole text."""
+    return Annotated[Optional[str], typer.Option(
+        "--data", help="Calibration data: one text per line, or JSONL records (each record's whole text, any kind "
+                       f"train reads: docs/train.md){extra}.")]
 # How a command that runs a model loads it (surgery/io/model.py owns what they mean)
 ModelDtype = Annotated[str, choice("--dtype", DTYPES, "Model dtype: auto = the checkpoint's on a GPU, float32 on the CPU.")]
 Device = Annotated[Optional[str], typer.Option("--device", help="Put the whole model on one device: cpu, cuda, cuda:N, mps.")]

@@ -9,18 +9,18 @@ import typer
 from ..pipelines.extract import extract_lora
 from . import app
 from ..io.model import DTYPES
-from .common import (Family, Force, JsonOut, Output, Plot, Seed, choice, console, human_bytes, print_json, table,
-                     use_families)
+from .common import (BaseModel, Family, Force, JsonOut, Output, Plot, Seed, Targets, TunedModel, choice, console, human_bytes,
+                     print_json, table, use_families)
 
 
 @app.command("extract-lora")
 def extract_cmd(
-    base: Annotated[str, typer.Argument(help="Base model directory.")],
-    tuned: Annotated[str, typer.Argument(help="Fine-tuned model directory (same architecture and sizes).")],
+    base: BaseModel,
+    tuned: TunedModel,
     output: Output = ...,
     rank: Annotated[Optional[int], typer.Option("--rank", help="Rank of every module's LoRA.")] = None,
     energy: Annotated[Optional[float], typer.Option("--energy", help="Per module, the smallest rank keeping this share of the delta's energy (0-1].")] = None,
-    targets: Annotated[Optional[list[str]], typer.Option("--targets", help="Module-name suffixes to extract, repeatable or comma-separated (default: every linear layer but the LM head).")] = None,
+    targets: Targets("to extract", "every linear layer but the LM head") = None,
     dtype: Annotated[str, choice("--dtype", DTYPES, "Adapter dtype (auto: the base's).")] = "auto",
     seed: Seed = 0,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check each module's error against the Eckart-Young optimum from its spectrum (exact SVD fallback); --no-verify is ~2.5x faster at 1B widths.")] = True,

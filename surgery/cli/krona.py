@@ -8,16 +8,16 @@ import typer
 
 from ..pipelines.krona import extract_krona
 from . import app
-from .common import Force, JsonOut, Output, console, human_count, print_json, table
+from .common import BaseModel, Force, JsonOut, Output, Targets, console, human_count, print_json, table
 
 
 @app.command("extract-krona")
 def extract_krona_cmd(
-    base: Annotated[str, typer.Argument(help="The base model directory.")],
+    base: BaseModel,
     tuned: Annotated[str, typer.Argument(help="A fine-tuned model directory, or a LoRA adapter directory, holding the delta.")],
     output: Output,
     factor: Annotated[int, typer.Option("--factor", help="PEFT LoKr decompose_factor: -1 = factors near the square root.")] = -1,
-    targets: Annotated[Optional[list[str]], typer.Option("--targets", help="Module names to extract (peft target_modules rules), repeatable or comma-separated. Default: every linear layer.")] = None,
+    targets: Targets("to extract", "every linear layer") = None,
     force: Force = False,
     json_out: JsonOut = False,
 ):

@@ -10,7 +10,7 @@ from ..kinds import names as kind_names
 from ..pipelines.merge import merge_lora, unmerge_lora
 from . import app
 from ..io.model import DTYPES
-from .common import (Family, Force, JsonOut, MaxShard, Output, choice, console, human_bytes, print_json, table,
+from .common import (BaseModel, Family, Force, JsonOut, MaxShard, Output, choice, console, human_bytes, print_json, table,
                     use_families)
 
 Dtype = Annotated[str, choice("--dtype", DTYPES, "Output dtype of floating tensors (auto: keep each tensor's).")]
@@ -42,7 +42,7 @@ def _report(info: dict, title: str, json_out: bool) -> None:
 
 @app.command("merge-lora")
 def merge_cmd(
-    base: Annotated[str, typer.Argument(help="Base model directory.")],
+    base: BaseModel,
     adapters: Annotated[list[str], typer.Argument(help=f"One or more PEFT adapter directories ({', '.join(kind_names('merge-lora'))}).")],
     output: Output = ...,
     weight: Annotated[Optional[list[float]], typer.Option("--weight", help="Weight per adapter, in order (default 1).")] = None,

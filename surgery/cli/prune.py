@@ -11,7 +11,7 @@ from ..pipelines.bridge_plan import RESIDUAL
 from ..pipelines.importance import METHODS as IMPORTANCE
 from ..pipelines.prune import DROP_BY, PruneConfig, prune_bridge
 from . import app
-from .common import (Force, JsonOut, MaxShard, Output, Placement, Plot, Seed, choice, console, human_count, places_model,
+from .common import (CalibData, Force, JsonOut, MaxShard, Output, Placement, Plot, Seed, choice, console, human_count, places_model,
                      print_json, say_plot, table)
 
 C = PruneConfig()  # every default below is PruneConfig's
@@ -23,7 +23,7 @@ Size = lambda flag, what: Annotated[Optional[int], typer.Option(flag, help=f"{wh
 def prune_bridge_cmd(
     llm: Annotated[str, typer.Argument(help="The LLM's model directory (config.json, weights, tokenizer).")],
     output: Output,
-    data: Annotated[str, typer.Option("--data", help="Calibration text: one document a line, or .jsonl with a \"text\" field.")],
+    data: CalibData(),
     reduction: Annotated[float, typer.Option("--reduction", help="Keep about 1/R of the non-embedding parameters (the paper uses 16).")] = C.reduction,
     residual: Annotated[str, choice("--residual", RESIDUAL, "keep: every residual channel stays and heads, neurons and layers are cut (default); prune: cut the residual width too (the narrow LST bridge).")] = C.residual,
     drop_layers: Annotated[str, typer.Option("--drop-layers", help="Leave out N whole layers per stack (tune-bridge keeps their adapter as given); auto: depth shares the reduction with heads and neurons (about 1/sqrt(R) of the layers kept; with the residual kept and no explicit widths), 0: widths only.")] = str(C.drop_layers),

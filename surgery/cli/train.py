@@ -12,7 +12,7 @@ from ..pipelines.evaluate import evaluate
 from ..train.data import MAX_LENGTH
 from ..train.loop import TrainConfig
 from . import app
-from .common import (Force, JsonOut, Output, Placement, Plot, Seed, choice, console, human_count, places_model, print_json,
+from .common import (Force, JsonOut, Output, Placement, Plot, Seed, Targets, choice, console, human_count, places_model, print_json,
                      say_plot, table)
 
 Data = Annotated[str, typer.Option("--data", help="JSONL: {\"text\"} (LM loss); {\"prompt\",\"completion\"}, chat {\"messages\"} or Alpaca {\"instruction\",\"input\",\"output\"} (loss on the answer).")]
@@ -67,7 +67,7 @@ def train_cmd(
     batch_size: Batch = T.batch_size,
     rank: Annotated[int, typer.Option("--rank", help="LoRA/LoKr rank.")] = M.rank,
     alpha: Annotated[float | None, typer.Option("--alpha", help="LoRA/LoKr alpha (default 2 x rank).")] = M.alpha,
-    targets: Annotated[list[str] | None, typer.Option("--targets", help="Module names, repeatable or comma-separated (default: every linear layer in the blocks).")] = None,
+    targets: Targets("to tune", "every linear layer in the blocks") = None,
     virtual_tokens: Annotated[int, typer.Option("--virtual-tokens", help="Prompt/prefix length.")] = M.virtual_tokens,
     adapter_config: Annotated[str, choice("--adapter-config", PRESETS, "Bottleneck adapter preset: houlsby (attention + FFN), pfeiffer (FFN).")] = M.adapter_config,
     reduction_factor: Annotated[float | None, typer.Option("--reduction-factor", help="Bottleneck width = hidden // N (default 16).")] = M.reduction_factor,

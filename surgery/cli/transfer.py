@@ -13,7 +13,7 @@ from ..pipelines.transfer.scale import SCALES
 from . import app
 from ..io.model import DTYPES
 from .train import _quiet
-from .common import Force, JsonOut, Output, Plot, choice, console, print_json, say_plot, table
+from .common import CalibData, Force, JsonOut, Output, Plot, choice, console, print_json, say_plot, table
 
 C = TransferConfig()  # every default below is TransferConfig's
 
@@ -24,7 +24,7 @@ def transfer_cmd(
     llm: Annotated[str, typer.Option("--llm", help="The large model directory (same family as the SLM).")],
     output: Output,
     slm_base: Annotated[str, typer.Option("--slm-base", help="The SLM directory (default: the adapter config's base).")] = None,
-    data: Annotated[str, typer.Option("--data", help="Calibration data: one text per line, or JSONL records (their whole text is fitted on; --scale auto scores them as training does: a prompt/completion record by its completion).")] = None,
+    data: CalibData("; --scale auto scores them as training does: a prompt/completion record by its completion") = None,
     map_kind: Annotated[str, choice("--map", MAPS, "activations: fit on calibration text; embeddings: data-free.")] = C.map_kind,
     depth: Annotated[str, choice("--depth", DEPTHS, "block: every LLM layer of an SLM layer's block; first; best: the best-fitting layer.")] = C.depth,
     samples: Annotated[int, typer.Option("--samples", help="Calibration texts to use.")] = C.samples,

@@ -184,6 +184,14 @@ def saved_module_key(module: str, param: str) -> str:
 
 def write_adapter(outdir, config: dict, tensors: dict) -> None:
     """Write adapter_config.json and adapter_model.safetensors into an OutputDir (keys already full)."""
+    write_weights(outdir, tensors)
+    outdir.write_json(CONFIG, config)
+
+
+def write_weights(outdir, tensors: dict) -> None:
+    """Write adapter_model.safetensors into an OutputDir, NaN/inf refused by name; also over the file already
+    there (transfer --scale rewrites the ported weights): the OutputDir's temporary directory is what makes
+    the output atomic, and safetensors' load_file copies, so nothing still reads the old file."""
     from safetensors.torch import save_file
 
     clean = {}
@@ -191,7 +199,6 @@ def write_adapter(outdir, config: dict, tensors: dict) -> None:
         check_finite(k, tensors[k])
         clean[k] = tensors[k].detach().contiguous().cpu()
     save_file(clean, outdir.path(WEIGHTS), metadata={"format": "pt"})
-    outdir.write_json(CONFIG, config)
 
 
 def lora_config(base: str | None, r: int, alpha: float, target_modules, **extra) -> dict:

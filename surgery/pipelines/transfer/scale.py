@@ -21,7 +21,6 @@ transfer's streamed, one-window memory.
 
 from __future__ import annotations
 
-import os
 import re
 
 SCALES = ("auto", "none")
@@ -111,10 +110,9 @@ def choose_scale(od, *, slm_adapter: str, slm_base: str, llm: str, data: str, sa
     transfer.json. slm_module_of(llm module) -> the SLM module it was ported from; copies_of(llm module) ->
     how many LLM layers that SLM module went into."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    from ...io.adapter import WEIGHTS
-    from ...io.writer import check_finite
+    from ...io.adapter import WEIGHTS, write_weights
 
     l_batches = _batches(llm, data, samples, seq_len, batch)
     if not l_batches:
@@ -145,16 +143,12 @@ def choose_scale(od, *, slm_adapter: str, slm_base: str, llm: str, data: str, sa
     best = min(losses, key=lambda r: (r["loss"], r["start"] != "zero"))  # a tie goes to doing nothing
     factors = {n: best["alpha"] * (norm[n] if best["start"] == "normalised" else 1.0) for n in l_layers}
     del l_model, l_layers
-    path = od.path(WEIGHTS)
-    tensors = load_file(path)
+    tensors = load_file(od.path(WEIGHTS))
     for key in list(tensors):
         m = re.match(r"^base_model\.model\.(.+)\.lora_B\.(weight|bias)$", key)
         if m:
-            tensors[key] = (tensors[key].to(torch.float32) * factors[m.group(1)]).to(tensors[key].dtype).contiguous()
-            check_finite(key, tensors[key])
-    tmp = path + ".scaled"
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
+            tensors[key] = (tensors[key].to(torch.float32) * factors[m.group(1)]).to(tensors[key].dtype)
+    write_weights(od, tensors)  # inside od's temporary directory: atomic with the rest of the output
     return {"mode": "auto", "chosen": best, "candidates": losses, "examples": sum(len(b[0]) for b in l_batches),
             "tokens": sum(int((b[2][:, 1:] != -100).sum()) for b in l_batches),
             "relative_effect": {n: {"slm": round(e_slm.get(slm_module_of(n), 0.0), 6), "llm": round(e_llm[n], 6),
