@@ -14,7 +14,7 @@ tensor (benchmarks/evidence/memory.py) beside LoRA on the LLM. Everything runs i
 
 Bridge specs: `r<R>` (reduction R), `-drop<N>` (--drop-layers N), `-fisher` (--drop-by fisher),
 `-narrow` (--residual prune), `-i<N>` (explicit --intermediate-size N), `-h<N>` (--num-attention-heads N),
-`-k<L..>` (keep exactly these LLM layers, e.g. k0 or k03: which layers a dropping plan keeps, in place
+`-v<N>` (--num-key-value-heads N), `-k<L..>` (keep exactly these LLM layers, e.g. k0 or k03: which layers a dropping plan keeps, in place
 of prune-bridge's ranking). Example: r8-drop2.
 
 --prefix (docs/method-experiments.md §7, §8): with a bridge whose first kept layer L is not 0 (r10-k3), tune-bridge
@@ -28,6 +28,7 @@ the evidence's `tune-bridge --prefix pass` row, the same for every bridge of a p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -42,7 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def bridge_kwargs(spec: str) -> dict:
-    m = re.fullmatch(r"r(\d+(?:\.\d+)?)((?:-(?:drop\d+|fisher|narrow|i\d+|h\d+|k\d+))*)", spec)
+    m = re.fullmatch(r"r(\d+(?:\.\d+)?)((?:-(?:drop\d+|fisher|narrow|i\d+|h\d+|v\d+|k\d+))*)", spec)
     if not m:
         raise SystemExit(f"bad bridge spec {spec!r}: use r16, r16-drop3, r8-drop2-fisher, r16-narrow, r16-i32")
     kw = {"reduction": float(m.group(1))}
@@ -57,6 +58,8 @@ def bridge_kwargs(spec: str) -> dict:
             kw["intermediate_size"] = int(part[1:])
         elif part.startswith("h"):
             kw["num_attention_heads"] = int(part[1:])
+        elif part.startswith("v"):
+            kw["num_key_value_heads"] = int(part[1:])
         elif part.startswith("k"):
             kw["keep_layers"] = sorted({int(c) for c in part[1:]})
     return kw
@@ -111,6 +114,10 @@ def main(argv=None) -> None:
     ap.add_argument("--prefix", action="store_true",
                     help="tune-bridge --prefix: the bridge's first kept layer reads the LLM's own hidden state there (the LLM's "
                          "earlier layers with the start adapter on, run once forward only), its token embedding not held")
+    ap.add_argument("--cascade", default=None,
+                    help="a one-layer bridge (a path, or a directory name in the evidence's task directory: bridge-keep) whose "
+                         "kept layer stands, frozen, in place of the same LLM layer of each --bridges bridge: that layer keeps "
+                         "the start adapter's change (start from its tune-bridge stage, --inits bridge-scaled), only the others train")
     ap.add_argument("--fisher-mass", action="store_true",
                     help="only print, per LLM layer, the fisher-mask scores prune-bridge ranks (kv groups, best neurons, layer)")
     ap.add_argument("--memory-only", action="store_true",
@@ -147,9 +154,14 @@ def main(argv=None) -> None:
         bdir = os.path.join(a.work, a.task, f"bridge-{spec}")
         if not os.path.exists(os.path.join(bdir, "bridge.json")):
             prune_keeping(llm, bdir, calib, **bridge_kwargs(spec))
+        frozen_dir, swap = None, {}
+        if a.cascade:
+            frozen_dir = a.cascade if os.path.isdir(a.cascade) else os.path.join(ev, a.task, a.cascade)
+            bdir, swap = cascade_bridge(bdir, frozen_dir, bdir + "-cascade")
+            spec += "-cascade"
         with open(os.path.join(bdir, "bridge.json")) as f:
             meta = json.load(f)
-        mem = training_bytes(bdir, batch=16, seq=64, prefix=a.prefix)
+        mem = training_bytes(bdir, batch=16, seq=64, prefix=a.prefix, **swap_kwargs(frozen_dir, swap))
         if a.memory_only:
             print(json.dumps({"bridge": spec, "sizes": meta["sizes"], "kept_layers": kept_llm_layers(meta),
                               "non_embedding": meta["parameters"]["bridge_non_embedding"], "prefix": a.prefix,
@@ -172,8 +184,9 @@ def main(argv=None) -> None:
                 name = f"{spec}-{os.path.basename(init)}{'-bal' if a.balance_init else ''}{a.tag}"
                 tuned = os.path.join(a.work, a.task, f"s{seed}", name)
                 t0 = time.time()
-                tb = tune_bridge(start, bdir, train, tuned, eval_data=dev, llm=llm, max_length=64, force=True, prefix=a.prefix,
-                                 cfg=TrainConfig(epochs=a.tune_epochs, lr=a.tune_lr, batch_size=16, seed=seed, progress=False))
+                with frozen_layers(bdir, frozen_dir, swap) if swap else contextlib.nullcontext():
+                    tb = tune_bridge(start, bdir, train, tuned, eval_data=dev, llm=llm, max_length=64, force=True, prefix=a.prefix,
+                                     cfg=TrainConfig(epochs=a.tune_epochs, lr=a.tune_lr, batch_size=16, seed=seed, progress=False))
                 t_tune = time.time() - t0
                 rcfg = RefineConfig(steps=max(a.refine_steps, 1), batch_size=a.refine_batch, seed=seed,
                                     eval_every=a.eval_every, keep_best=False, progress=False,
@@ -197,6 +210,88 @@ def main(argv=None) -> None:
                      "refined": round(100 * rf["after"]["accuracy"], 1), "refined_loss": round(rf["after"]["loss"], 3),
                      "refine": {"steps": rcfg.steps, "lr": rcfg.lr, "eps": rcfg.eps, "batch": rcfg.batch_size},
                      "curve": curve, "seconds": {"tune": round(t_tune), "refine": round(time.time() - t0)}})
+
+
+def cascade_bridge(bdir: str, frozen_dir: str, out: str) -> tuple[str, dict]:
+    """A copy of the bridge `bdir` for --cascade: where the one-layer bridge `frozen_dir` keeps an LLM layer that
+    bdir keeps too, bridge.json takes frozen_dir's kept coordinates for it (tune-bridge then restricts the start
+    adapter there as frozen_dir's tuning did). Returns (the copy, {position in bdir: position in frozen_dir})."""
+    import shutil
+
+    with open(os.path.join(bdir, "bridge.json")) as f:
+        meta = json.load(f)
+    with open(os.path.join(frozen_dir, "bridge.json")) as f:
+        fmeta = json.load(f)
+    mine, theirs = kept_llm_layers(meta), kept_llm_layers(fmeta)
+    if not set(theirs) <= set(mine) or len(theirs) == len(mine):
+        raise SystemExit(f"--cascade: {frozen_dir} keeps LLM layers {theirs}; {bdir} keeps {mine}: it must keep those and more")
+    (st, layers), = meta["kept"]["layers"].items()
+    for i in theirs:
+        layers[i] = fmeta["kept"]["layers"][st][i]
+    shutil.copytree(bdir, out, dirs_exist_ok=True)
+    with open(os.path.join(out, "bridge.json"), "w") as f:
+        json.dump(meta, f)
+    return out, {mine.index(i): theirs.index(i) for i in theirs}
+
+
+def swap_layers(model, frozen_model, swap: dict) -> None:
+    """Put frozen_model's decoder layers in place of model's (swap: {position in model: position in frozen_model})."""
+    for pos, fpos in swap.items():
+        layer = frozen_model.get_decoder().layers[fpos]
+        layer.self_attn.layer_idx = pos  # its slot in a key/value cache
+        model.get_decoder().layers[pos] = layer
+
+
+def swap_kwargs(frozen_dir, swap: dict) -> dict:
+    """training_bytes' arguments that count a --cascade step: the frozen layers swapped in, their LoRA not trained."""
+    if not swap:
+        return {}
+
+    def edit(model):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        swap_layers(model, AutoModelForCausalLM.from_pretrained(frozen_dir, dtype=torch.float32), swap)
+
+    return {"edit": edit, "frozen": tuple(f".layers.{p}." for p in swap)}
+
+
+@contextlib.contextmanager
+def frozen_layers(bdir: str, frozen_dir: str, swap: dict):
+    """While active, tune-bridge on the bridge `bdir` gets frozen_dir's layers in place of its own at the
+    positions of `swap` (however it loads it: plainly or, under --prefix, without its embedding), and their
+    LoRA (the start adapter restricted to frozen_dir's kept coordinates: cascade_bridge) is not trained, so
+    the lift leaves their change as the start had it."""
+    from surgery.pipelines import bridge_prefix as bp
+    from surgery.pipelines import tune_bridge as tb
+    from surgery.train.methods import load_base
+
+    inner_load, inner_load_prefix, inner_place = tb.load_base, bp.load_without_embedding, tb.place
+    frozen = tuple(f".layers.{p}." for p in swap)
+
+    def swapped(model, path):
+        if os.path.abspath(path) == os.path.abspath(bdir):
+            swap_layers(model, load_base(frozen_dir)[0], swap)
+        return model
+
+    def load(path, placement=None):
+        model, tok, arch = inner_load(path, placement)
+        return swapped(model, path), tok, arch
+
+    def load_prefix(path, placement, states, index):
+        return swapped(inner_load_prefix(path, placement, states, index), path)
+
+    def place(pm, placement=None):
+        for n, p in pm.named_parameters():
+            if "lora_" in n and any(f in n for f in frozen):
+                p.requires_grad_(False)
+        return inner_place(pm, placement)
+
+    tb.load_base, bp.load_without_embedding, tb.place = load, load_prefix, place
+    try:
+        yield
+    finally:
+        tb.load_base, bp.load_without_embedding, tb.place = inner_load, inner_load_prefix, inner_place
 
 
 def kept_llm_layers(meta: dict) -> list[int]:

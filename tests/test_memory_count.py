@@ -52,3 +52,29 @@ def test_a_prefix_bridge_is_counted_without_its_token_embedding(fx):
     full, prefix, real = (tensor_count(small, LLAMA, 2, 16, device=d, prefix=p)
                           for d, p in (("meta", False), ("meta", True), ("cpu", True)))
     assert full["weights"] - prefix["weights"] == 384 * 64 * 4 and full["saved"] == prefix["saved"] and prefix == real
+
+
+def test_training_bytes_with_a_frozen_layer(tmp_path):
+    """benchmarks/evidence/memory.training_bytes(frozen=...): a layer whose LoRA is not trained holds its
+    LoRA as weights (no gradient, no AdamW moments) and saves no LoRA inputs for a backward, while the
+    layers before it still get their gradient through it (method_experiments --cascade counts this)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.evidence.memory import training_bytes
+
+    torch.manual_seed(0)
+    cfg = _config("llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=384, tie_word_embeddings=False)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    both = training_bytes(str(tmp_path), 2, 16)
+    first = training_bytes(str(tmp_path), 2, 16, frozen=(".layers.1.",))
+    lora_1 = both["lora_state"] // 3 // 2  # the two layers' LoRA are the same size
+    assert first["lora_state"] == both["lora_state"] - 3 * lora_1
+    assert first["weights"] == both["weights"]  # held either way, counted once
+    assert 0 < first["kinds"]["lora"] < both["kinds"]["lora"]
+    assert first["total"] < both["total"]
+    # edit runs before the LoRA goes on: a layer swapped in gets LoRA like any other
+    seen = []
+    training_bytes(str(tmp_path), 2, 16, edit=lambda m: seen.append(type(m.model.layers[1]).__name__))
+    assert seen == ["LlamaDecoderLayer"]

@@ -16,28 +16,36 @@ report GPU memory, which is the same quantity plus the CUDA context.
 from __future__ import annotations
 
 
-def _lora_model(model_dir: str, batch: int, seq: int, rank: int, seed: int):
-    """The model with `surgery train`'s LoRA and a seeded batch."""
+def _lora_model(model_dir: str, batch: int, seq: int, rank: int, seed: int, edit=None, frozen=()):
+    """The model with `surgery train`'s LoRA and a seeded batch; edit(model) runs before the LoRA goes
+    on, and the LoRA parameters whose names contain one of `frozen` are not trained."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if edit is not None:
+        edit(model)
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
+    for n, p in model.named_parameters():
+        if "lora_" in n and any(f in n for f in frozen):
+            p.requires_grad_(False)
     ids = torch.randint(4, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
     return model, ids
 
 
-def training_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: int = 0, prefix: bool = False) -> dict:
+def training_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: int = 0, prefix: bool = False,
+                   edit=None, frozen=()) -> dict:
     """One LoRA step: weights, saved activations (and what they are: benchmarks/train_memory.KINDS), state.
     prefix: the step of `tune-bridge --prefix`, whose bridge reads stored hidden states in place of its token
     embedding and does not hold the embedding (bridge_prefix.load_without_embedding): counted with a stand-in
-    that gives each batch its states, as the stored ones are given (one [batch, seq, hidden] tensor, no gradient)."""
+    that gives each batch its states, as the stored ones are given (one [batch, seq, hidden] tensor, no gradient).
+    edit, frozen: see _lora_model (benchmarks/method_experiments.py --cascade counts a bridge with a frozen layer)."""
     from benchmarks.train_memory import by_kind, saved_tensors, without_embedding
     from surgery.train.score import batch_nll
 
-    model, ids = _lora_model(model_dir, batch, seq, rank, seed)
+    model, ids = _lora_model(model_dir, batch, seq, rank, seed, edit, frozen)
     if prefix:
         without_embedding(model.get_base_model())
     model.train()

@@ -1,0 +1,76 @@
+"""Side by side: bridges measured by benchmarks/method_experiments against the committed evidence run.
+
+    python -m benchmarks.candidate_table --evidence $E benchmarks/.work/depth/results.jsonl \
+        [--bridges r10-k23-h2-i34,r1-k23] [--tag=-e10-prefix] [--refined]
+
+For each bridge (and tag) in the JSON lines files, one row per task (verb, arg, sub, whichever were run):
+per seed the dev accuracy after the lift (or after refine, --refined) beside the committed method's
+(results.json of the evidence work directory: its `bridge` stage lifted = refine's `before`, its
+`method` stage = refine's `after`), the mean over the task's seeds, and at the end the mean over every
+task-seed the bridge has, beside the committed method's mean over the same task-seeds. A later record
+of the same task, seed, bridge, init and tag replaces an earlier one. Markdown on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+TASKS = ("verb", "arg", "sub")
+
+
+def committed(results: str) -> dict:
+    """{(task, seed): (lifted, refined)} in %, from the evidence's results.json."""
+    with open(results) as f:
+        r = json.load(f)
+    out = {}
+    for task, t in r["tasks"].items():
+        for seed, s in enumerate(t["seeds"]):
+            m = s["method"]["train"]["out"]
+            out[(task, seed)] = (round(100 * m["before"]["accuracy"], 1), round(100 * m["after"]["accuracy"], 1))
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("files", nargs="+", help="method_experiments results.jsonl files")
+    ap.add_argument("--evidence", required=True, help="the evidence work directory (its results.json)")
+    ap.add_argument("--bridges", default=None, help="comma list (default: every bridge in the files)")
+    ap.add_argument("--tag", default=None, help="only records with this tag")
+    ap.add_argument("--refined", action="store_true", help="compare after refine instead of after the lift")
+    a = ap.parse_args(argv)
+
+    base = committed(f"{a.evidence}/results.json")
+    recs = {}
+    for path in a.files:
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                if a.tag is not None and r.get("tag") != a.tag:
+                    continue
+                recs[(r["bridge"], r["init"], r.get("tag", ""), r["task"], r["seed"])] = r
+    wanted = a.bridges.split(",") if a.bridges else sorted({k[0] for k in recs})
+    col = 1 if a.refined else 0
+    what = "refined" if a.refined else "lifted"
+    print(f"| bridge | task | {what} per seed | committed method ({what}) | mean - committed |")
+    print("|---|---|---|---|---:|")
+    for b in wanted:
+        mine, theirs = [], []
+        for task in TASKS:
+            rows = sorted((k[4], r) for k, r in recs.items() if k[0] == b and k[3] == task)
+            if not rows:
+                continue
+            v = [r[what] for _, r in rows]
+            c = [base[(task, s)][col] for s, _ in rows]
+            mine += v
+            theirs += c
+            mv, mc = sum(v) / len(v), sum(c) / len(c)
+            print(f"| {b} | {task} | {' / '.join(f'{x:.1f}' for x in v)} (mean {mv:.1f}) "
+                  f"| {' / '.join(f'{x:.1f}' for x in c)} (mean {mc:.1f}) | {mv - mc:+.1f} |")
+        if mine:
+            mm, mc = sum(mine) / len(mine), sum(theirs) / len(theirs)
+            print(f"| {b} | all {len(mine)} | mean {mm:.2f} | mean {mc:.2f} | {mm - mc:+.2f} |")
+
+
+if __name__ == "__main__":
+    main()
