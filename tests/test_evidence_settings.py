@@ -55,3 +55,15 @@ def test_compare_flags_a_weaker_baseline():
     assert v["fair"] and "method - SLM + LoRA at E=10: +10.0 / +10.0" in text
     text, v = compare(_results(0.3, 0.6), _results(0.29, 0.7), ("E=3", "E=10"))
     assert not v["fair"] and "WEAKER" in text
+
+
+def test_keep_bridge_is_the_llms_last_layer_sized_by_keep_mlp(monkeypatch):
+    monkeypatch.setattr(run, "cli_has", lambda command, flag: True)
+    pair = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 384,
+            "hidden_size": 128}
+    keep = run.bridge_kinds(pair)["keep"]
+    assert keep[:4] == ["--residual", "keep", "--drop-by", "first"]
+    flags = dict(zip(keep[4::2], keep[5::2]))
+    assert flags == {"--drop-layers": "3", "--num-attention-heads": "4", "--intermediate-size": "202"}
+    small = dict(pair, num_hidden_layers=2, intermediate_size=8)
+    assert dict(zip(run.bridge_kinds(small)["keep"][4::2], run.bridge_kinds(small)["keep"][5::2]))["--intermediate-size"] == "4"
