@@ -10,6 +10,10 @@ Stages, at the same batch and sequence length, LoRA r=8 (alpha 16) on the same m
   bridge-prefix  the evidence's bridge: `--reduction 10 --drop-by first`, tuned by `tune-bridge --prefix`,
                  which feeds it the LLM's stored hidden states and does not hold its token embedding
                  (tensor count only; the forward-only pass before it is its own row, below)
+  bridge-prefix-wide  the same plan with the evidence's wider kept layers (benchmarks/evidence/run.py
+                 last_layer_widths: on the pair every head, 2 kv groups instead of 1, and 202 instead of 139
+                 neurons): the r10 plan's depth with its heads and kv groups x2 and its neurons x 202/139
+                 (only at --shape tinyllama, where that plan keeps 7 of 22 layers, 8 heads / 1 kv / 1875)
   llm            `surgery train` LoRA directly on the LLM                     (the PEFT baseline)
 
 Two measures per stage:
@@ -57,9 +61,14 @@ SHAPES = {
 }
 BRIDGES = {"bridge": [], "bridge-drop": ["--drop-layers", "HALF"], "bridge-narrow": ["--residual", "prune"],
            "bridge-prefix": ["--reduction", "10", "--drop-by", "first"]}
+# the evidence's bridge's widths carried to TinyLlama's shape (the r10 plan there, scaled as on the pair;
+# docs/method-experiments.md section 8): explicit sizes, so only for that shape
+WIDE = {"tinyllama": ["--reduction", "10", "--drop-by", "first", "--drop-layers", "15", "--num-attention-heads", "16",
+                      "--num-key-value-heads", "2", "--intermediate-size", str(round(1875 * 202 / 139))]}
 # tuned with `tune-bridge --prefix` (the evidence's bridge): its token embedding is not held (without_embedding)
-PREFIX = ("bridge-prefix",)
-STAGES = ("slm", *BRIDGES, "llm")
+PREFIX = ("bridge-prefix", "bridge-prefix-wide")
+FIXED = {"--num-attention-heads": "heads", "--num-key-value-heads": "kv_heads", "--intermediate-size": "intermediate"}
+STAGES = ("slm", *BRIDGES, "bridge-prefix-wide", "llm")
 
 
 def rss_mb() -> float:
@@ -70,7 +79,14 @@ def rss_mb() -> float:
     return float("nan")
 
 
+def counted_stages(shape: dict) -> tuple:
+    """Stages with a tensor count at this shape (the wide --prefix bridge's sizes are TinyLlama's)."""
+    return tuple(s for s in STAGES if s != "bridge-prefix-wide" or shape is SHAPES["tinyllama"])
+
+
 def _bridge_args(shape: dict, stage: str) -> list[str]:
+    if stage == "bridge-prefix-wide":
+        return WIDE["tinyllama"]
     half = str(shape["llm"].get("num_hidden_layers", shape["llm"].get("n_layer")) // 2)
     args = [half if a == "HALF" else a for a in BRIDGES[stage]]
     return args if "--reduction" in args else ["--reduction", "16", *args]
@@ -80,7 +96,7 @@ def rss_stages(shape: dict) -> tuple:
     """Stages run for real: at the 1.1B shape the narrow bridge is only counted (it costs a 1.1B
     prune and a training run on a 2-core machine, and the tensor count already compares it); the
     --prefix bridge only counted at both (its real run adds the LLM's forward pass, counted as its own row)."""
-    return tuple(s for s in STAGES if s not in PREFIX and not (shape is SHAPES["tinyllama"] and s == "bridge-narrow"))
+    return tuple(s for s in counted_stages(shape) if s not in PREFIX and not (shape is SHAPES["tinyllama"] and s == "bridge-narrow"))
 
 
 def config_of(shape: dict, stage: str, work: str) -> dict:
@@ -96,7 +112,8 @@ def config_of(shape: dict, stage: str, work: str) -> dict:
     a = _bridge_args(shape, stage)
     drop = int(a[a.index("--drop-layers") + 1]) if "--drop-layers" in a else None  # None: prune-bridge's auto depth
     residual = "prune" if "prune" in a else "keep"
-    sizes, drop = plan_bridge(arch, float(a[a.index("--reduction") + 1]), {}, residual=residual, drop_layers=drop)
+    fixed = {k: int(a[a.index(flag) + 1]) for flag, k in FIXED.items() if flag in a}
+    sizes, drop = plan_bridge(arch, float(a[a.index("--reduction") + 1]), fixed, residual=residual, drop_layers=drop)
     return bridge_config(arch, sizes, {st: list(range(n - drop)) for st, n in arch.stacks.items()})
 
 
@@ -386,7 +403,7 @@ def main() -> None:
         setup(shape, a.work, a.seq, train_docs=a.batch * a.steps)
         return
     counts = {s: tensor_count(config_of(shape, s, a.work), shape["targets"], a.batch, a.seq, prefix=s in PREFIX)
-              for s in STAGES}
+              for s in counted_stages(shape)}
     counts.update(method_counts(shape, counts, a.work))
     rows = {}
     if not a.no_rss:
