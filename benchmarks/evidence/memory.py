@@ -244,8 +244,16 @@ def main() -> None:
         results = json.load(f)
     s, first = results["settings"], next(iter(results["tasks"].values()))
     pair = results["pair"]
+    prefix_tokens = None
+    if "--drop-by" in results.get("bridge_args", {}).get("keep", []):  # the run tuned its bridge with --prefix
+        from benchmarks.evidence.run import prefix_tokens_of
+
+        data = os.path.join(results["work"], "data")
+        prefix_tokens = prefix_tokens_of(os.path.join(pair, "llm"), [[os.path.join(data, f"{t}-{split}.jsonl")
+                                         for split in ("train", "dev")] for t in results["tasks"]], s["max_length"])
     results["train_memory"] = memory_table(os.path.join(pair, "slm"), os.path.join(pair, "llm"), first["bridges"],
-                                           s["batch"], s["max_length"], first["seeds"][0]["transfer"]["transfer"])
+                                           s["batch"], s["max_length"], first["seeds"][0]["transfer"]["transfer"],
+                                           prefix_tokens=prefix_tokens)
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
     write_docs(path, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs"))

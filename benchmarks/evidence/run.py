@@ -91,6 +91,17 @@ def last_layer_widths(llm_config: dict) -> list[str]:
             "--intermediate-size", str(max(1, round(llm_config["intermediate_size"] * KEEP_MLP)))]
 
 
+def prefix_tokens_of(llm: str, task_files: list, max_length: int) -> int:
+    """Tokens whose hidden states tune-bridge --prefix holds for one task (its train and dev records), the
+    largest over the tasks: what the prefix pass's memory row counts (memory.memory_table)."""
+    from surgery.train.data import load_examples
+    from surgery.train.methods import load_tokenizer
+
+    tok = load_tokenizer(llm)
+    return max(sum(len(e.input_ids) for f in files for e in load_examples(f, tok, seq2seq=False, max_length=max_length))
+               for files in task_files)
+
+
 def bridge_kinds(llm_config: dict) -> dict[str, list[str]]:
     """prune-bridge arguments of the two bridges: the residual-keeping one (the default once `--residual`
     exists) and the narrow LST one. Before `--residual` landed, the narrow bridge was the default and the
@@ -278,14 +289,8 @@ def run(quick: bool, jobs: int, tasks: list[str], log=print, epochs: int | None 
     from benchmarks.evidence.memory import memory_table
 
     first = results["tasks"][tasks[0]]
-    prefix_tokens = None
-    if b.prefix("keep"):  # tune-bridge --prefix holds the LLM's states of the train and dev records of a task
-        from surgery.train.data import load_examples
-        from surgery.train.methods import load_tokenizer
-
-        tok = load_tokenizer(b.llm)
-        prefix_tokens = max(sum(len(e.input_ids) for f in b.data(t)[:2] for e in load_examples(f, tok, seq2seq=False,
-                                max_length=s["max_length"])) for t in tasks)
+    prefix_tokens = (prefix_tokens_of(b.llm, [b.data(t)[:2] for t in tasks], s["max_length"])
+                     if b.prefix("keep") else None)
     results["train_memory"] = memory_table(b.slm, b.llm, first["bridges"], s["batch"], s["max_length"],
                                            first["seeds"][0]["transfer"]["transfer"], prefix_tokens=prefix_tokens)
     results["cloze"] = {t: {m: cloze(t, d, b.data(t)[1]) for m, d in (("slm", b.slm), ("llm", b.llm))} for t in tasks}
