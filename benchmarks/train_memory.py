@@ -80,8 +80,10 @@ def rss_mb() -> float:
 
 
 def counted_stages(shape: dict) -> tuple:
-    """Stages with a tensor count at this shape (the wide --prefix bridge's sizes are TinyLlama's)."""
-    return tuple(s for s in STAGES if s != "bridge-prefix-wide" or shape is SHAPES["tinyllama"])
+    """Stages with a tensor count at this shape: the wide --prefix bridge's sizes are TinyLlama's, and GPT-2
+    has no --prefix bridge (tune-bridge refuses it: the stored state already holds the position embeddings)."""
+    return tuple(s for s in STAGES if (s != "bridge-prefix-wide" or shape is SHAPES["tinyllama"])
+                 and (s not in PREFIX or shape["family"] != "gpt2"))
 
 
 def _bridge_args(shape: dict, stage: str) -> list[str]:
@@ -311,6 +313,8 @@ def method_counts(shape: dict, counts: dict, work: str) -> dict:
     out["refine (LLM, forward only)"] = {"weights": counts["llm"]["weights"], "saved": 0, "trainable": 0,
                                          "total": counts["llm"]["weights"], "params": counts["llm"]["params"],
                                          "z": lora}
+    if not any(st in PREFIX for st in counts):  # a family without a --prefix bridge (counted_stages)
+        return out
     from surgery.pipelines.bridge_prefix import SHARD_BYTES
 
     out["tune-bridge --prefix pass (LLM forward only)"] = {"weights": counts["llm"]["weights"], "saved": SHARD_BYTES,
