@@ -214,13 +214,16 @@ def memory_table(slm: str, llm: str, bridges: dict, batch: int, seq: int, transf
     table.update({f"bridge ({k})": training_bytes(v["dir"], batch, seq, prefix=_prefix_tuned(v)) for k, v in bridges.items()})
     table["refine (LLM, forward only)"] = inference_bytes(llm, batch, seq)
     if prefix_tokens:
-        # tune-bridge --prefix: the LLM forward only (as refine), holding every record's hidden state (float32)
-        # until it writes them; training then reads them a batch at a time (the bridge row)
+        # tune-bridge --prefix: the LLM forward only (as refine), holding the records' hidden states (float32)
+        # until a shard is written, at most bridge_prefix.SHARD_BYTES; training then reads them a batch at a
+        # time (the bridge row)
         import json
         import os
 
+        from surgery.pipelines.bridge_prefix import SHARD_BYTES
+
         with open(os.path.join(llm, "config.json")) as f:
-            held = prefix_tokens * json.load(f)["hidden_size"] * 4
+            held = min(prefix_tokens * json.load(f)["hidden_size"] * 4, SHARD_BYTES)
         r = inference_bytes(llm, batch, seq)
         table[PREFIX_PASS] = {**r, "activations": r["activations"] + held, "total": r["total"] + held}
     return table
@@ -245,8 +248,9 @@ def main() -> None:
     s, first = results["settings"], next(iter(results["tasks"].values()))
     pair = results["pair"]
     prefix_tokens = None
-    if "--drop-by" in results.get("bridge_args", {}).get("keep", []):  # the run tuned its bridge with --prefix
-        from benchmarks.evidence.run import prefix_tokens_of
+    from benchmarks.evidence.run import prefix_tokens_of, tunes_with_prefix
+
+    if tunes_with_prefix(results.get("bridge_args", {}).get("keep", [])):
 
         data = os.path.join(results["work"], "data")
         prefix_tokens = prefix_tokens_of(os.path.join(pair, "llm"), [[os.path.join(data, f"{t}-{split}.jsonl")

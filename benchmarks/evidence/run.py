@@ -91,6 +91,12 @@ def last_layer_widths(llm_config: dict) -> list[str]:
             "--intermediate-size", str(max(1, round(llm_config["intermediate_size"] * KEEP_MLP)))]
 
 
+def tunes_with_prefix(bridge_args: list[str]) -> bool:
+    """Whether the evidence tunes a bridge built with these prune-bridge arguments with `tune-bridge --prefix`:
+    the one that keeps the LLM's last layers (`--drop-by first`, bridge_kinds)."""
+    return "--drop-by" in bridge_args
+
+
 def prefix_tokens_of(llm: str, task_files: list, max_length: int) -> int:
     """Tokens whose hidden states tune-bridge --prefix holds for one task (its train and dev records), the
     largest over the tasks: what the prefix pass's memory row counts (memory.memory_table)."""
@@ -187,7 +193,7 @@ class Bench:
 
     def prefix(self, kind: str) -> list[str]:
         """tune-bridge's --prefix for the bridge that keeps the LLM's last layers (bridge_kinds)."""
-        return ["--prefix"] if "--drop-by" in self.bridges[kind] else []
+        return ["--prefix"] if tunes_with_prefix(self.bridges[kind]) else []
 
     def refined(self, task: str, seed: int, adapter: str, name: str) -> dict:
         """`surgery refine` ADAPTER on the LLM (forward-only). Its --eval on dev before and after the steps

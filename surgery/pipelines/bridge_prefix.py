@@ -11,7 +11,7 @@ them is tuned or lifted). The LLM is freed before training and the states are re
 memory-mapped file a batch at a time, so the training step holds what it holds without the prefix:
 the bridge without its token embedding (released as soon as the bridge is loaded: nothing reads it), its
 saved activations and the adapter's state (docs/method-experiments.md §7, §8). The bridge is loaded only
-after the pass, so the pass holds the LLM and one shard, not the bridge too.
+after the pass, so the pass does not hold it too.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from __future__ import annotations
 import gc
 import os
 
-SHARD_BYTES = 256 * 2**20  # states held before a shard is written (at 2,048 wide, ~130k tokens in bf16)
-
 from ..errors import CheckpointError
 from ..train.data import collate
+
+SHARD_BYTES = 256 * 2**20  # states held before a shard is written (at 2,048 wide, ~130k tokens in bf16)
 
 
 def prefix_layers(meta: dict, arch=None) -> int:
