@@ -56,11 +56,14 @@ def _examples(tok, data: str, eval_data: str | None, seq2seq: bool, max_length: 
 
 def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data: str | None = None,
                 llm: str | None = None, max_length: int = MAX_LENGTH, force: bool = False,
-                cfg: TrainConfig | None = None, placement=None, plot: str | None = None, prefix: bool = False) -> dict:
+                cfg: TrainConfig | None = None, placement=None, plot: str | None = None, prefix: bool = False,
+                rank: int | None = None) -> dict:
     """Tune `adapter_dir` (a LoRA or bottleneck adapter for the LLM) on the bridge; write the lifted LLM adapter to `out`.
     plot: also draw the loss curves (measured on the bridge) to this PNG (surgery.plot.loss).
     prefix: the bridge's first kept layer reads the LLM's own hidden state there (computed once, forward
-    only, by the LLM with the adapter on: pipelines/bridge_prefix.py); empty, a plain tune, when it is layer 0."""
+    only, by the LLM with the adapter on: pipelines/bridge_prefix.py); empty, a plain tune, when it is layer 0.
+    rank: LoRA only: the modules of the bridge's kept layers grow to this rank before tuning, their start's
+    delta and scaling unchanged (kinds/lora.py LoraRoute); None keeps the adapter's rank."""
     cfg = cfg or TrainConfig()
     cfg.check()
     bdir, meta = read_bridge(bridge)
@@ -69,7 +72,7 @@ def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data
     if arch.family != meta.get("family", arch.family):
         raise CheckpointError(f"bridge.json says family {meta['family']} but the LLM is {arch.family}", "pass the matching --llm")
     kind = kind_of(adapter_dir, "tune-bridge")
-    route = kind.bridge_route(adapter_dir, arch, meta["kept"])
+    route = kind.bridge_route(adapter_dir, arch, meta["kept"], rank=rank, seed=cfg.seed)
     n_prefix = bp.prefix_layers(meta, arch) if prefix else 0
     if prefix and not n_prefix:
         note("tune-bridge --prefix: the bridge keeps the LLM's layer 0, whose input (the embedding output) it computes "
@@ -107,14 +110,15 @@ def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data
         route.write(od, pm, arch, llm_config)
         od.write_json("tune_bridge.json", {"adapter": route.path, "bridge": bdir, "data": os.path.abspath(data),
                                            "kind": kind.name, "seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr,
-                                           "batch_size": cfg.batch_size, "prefix_layers": n_prefix, "bridge_before": before,
+                                           "batch_size": cfg.batch_size, "rank": rank, "prefix_layers": n_prefix, "bridge_before": before,
                                            "bridge_after": after, "history": hist.as_dict()})
         path = od.commit()
     if plot:
         plots.loss_curves(plot, hist.as_dict(), before, "eval" if eval_ex else "train",
                           f"tune-bridge {kind.name} ({arch.family}, on the bridge): {os.path.basename(path)}")
     bridge_params = sum(p.numel() for p in pm.parameters() if not p.requires_grad)
-    return {"output": path, "plot": plot, "family": arch.family, "kind": kind.name, "modules": route.modules, "steps": hist.steps,
+    return {"output": path, "plot": plot, "family": arch.family, "kind": kind.name, "modules": route.modules, "rank": rank,
+            "steps": hist.steps,
             "bridge_parameters": bridge_params, "llm_parameters": arch.num_parameters(),
             "trainable": sum(p.numel() for p in pm.parameters() if p.requires_grad),
             "device": hist.device, "mixed_precision": hist.mixed_precision,
