@@ -170,10 +170,12 @@ def without_embedding(model) -> None:
     model.set_input_embeddings(States())
 
 
-def tensor_count(config: dict, targets: list[str], batch: int, seq: int, device: str = "meta", prefix: bool = False) -> dict:
+def tensor_count(config: dict, targets: list[str], batch: int, seq: int, device: str = "meta", prefix: bool = False,
+                 rank: int = 8) -> dict:
     """Bytes a LoRA training step holds at the end of its forward pass, on the meta device (see top;
     device="cpu" runs the same step for real, which the tests compare it with). prefix: the model is a
-    `tune-bridge --prefix` bridge, fed stored hidden states without holding its token embedding."""
+    `tune-bridge --prefix` bridge, fed stored hidden states without holding its token embedding. rank: the
+    LoRA's (alpha 2 x rank), e.g. a bridge tuned with `tune-bridge --rank`, whose kept layers are all at it."""
     import peft
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -185,7 +187,7 @@ def tensor_count(config: dict, targets: list[str], batch: int, seq: int, device:
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     if prefix:
         without_embedding(model)
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0))
     pm.train()
     weights = {p.untyped_storage()._cdata: p.numel() * p.element_size() for p in pm.parameters()}
     trainable = sum(p.numel() * 4 for p in pm.parameters() if p.requires_grad)
