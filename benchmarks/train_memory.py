@@ -14,6 +14,8 @@ Stages, at the same batch and sequence length, LoRA r=8 (alpha 16) on the same m
                  last_layer_widths: on the pair every head, 2 kv groups instead of 1, and 202 instead of 139
                  neurons): the r10 plan's depth with its heads and kv groups x2 and its neurons x 202/139
                  (only at --shape tinyllama, where that plan keeps 7 of 22 layers, 8 heads / 1 kv / 1875)
+  bridge-prefix-rank64  docs/method-experiments.md section 10's bridge: the same plan with the pair's 45 instead of
+                 202 neurons (x 1875/139: 607) and its LoRA at rank 64 (`tune-bridge --rank 64`; only at tinyllama)
   llm            `surgery train` LoRA directly on the LLM                     (the PEFT baseline)
 
 Two measures per stage:
@@ -65,10 +67,14 @@ BRIDGES = {"bridge": [], "bridge-drop": ["--drop-layers", "HALF"], "bridge-narro
 # docs/method-experiments.md section 8): explicit sizes, so only for that shape
 WIDE = {"tinyllama": ["--reduction", "10", "--drop-by", "first", "--drop-layers", "15", "--num-attention-heads", "16",
                       "--num-key-value-heads", "2", "--intermediate-size", str(round(1875 * 202 / 139))]}
+# section 10's bridge at this shape: WIDE with 45 neurons on the pair instead of 202, its LoRA at rank 64
+RANK64 = {"tinyllama": WIDE["tinyllama"][:-1] + [str(round(1875 * 45 / 139))]}
+RANKS = {"bridge-prefix-rank64": 64}  # a stage's LoRA rank (tune-bridge --rank) where it is not 8
 # tuned with `tune-bridge --prefix` (the evidence's bridge): its token embedding is not held (without_embedding)
-PREFIX = ("bridge-prefix", "bridge-prefix-wide")
+PREFIX = ("bridge-prefix", "bridge-prefix-wide", "bridge-prefix-rank64")
+TINY_ONLY = ("bridge-prefix-wide", "bridge-prefix-rank64")  # absolute widths carried to TinyLlama's shape
 FIXED = {"--num-attention-heads": "heads", "--num-key-value-heads": "kv_heads", "--intermediate-size": "intermediate"}
-STAGES = ("slm", *BRIDGES, "bridge-prefix-wide", "llm")
+STAGES = ("slm", *BRIDGES, *TINY_ONLY, "llm")
 
 
 def rss_mb() -> float:
@@ -82,13 +88,15 @@ def rss_mb() -> float:
 def counted_stages(shape: dict) -> tuple:
     """Stages with a tensor count at this shape: the wide --prefix bridge's sizes are TinyLlama's, and GPT-2
     has no --prefix bridge (tune-bridge refuses it: the stored state already holds the position embeddings)."""
-    return tuple(s for s in STAGES if (s != "bridge-prefix-wide" or shape is SHAPES["tinyllama"])
+    return tuple(s for s in STAGES if (s not in TINY_ONLY or shape is SHAPES["tinyllama"])
                  and (s not in PREFIX or shape["family"] != "gpt2"))
 
 
 def _bridge_args(shape: dict, stage: str) -> list[str]:
     if stage == "bridge-prefix-wide":
         return WIDE["tinyllama"]
+    if stage == "bridge-prefix-rank64":
+        return RANK64["tinyllama"]
     half = str(shape["llm"].get("num_hidden_layers", shape["llm"].get("n_layer")) // 2)
     args = [half if a == "HALF" else a for a in BRIDGES[stage]]
     return args if "--reduction" in args else ["--reduction", "16", *args]
@@ -408,8 +416,8 @@ def main() -> None:
     if a.setup:
         setup(shape, a.work, a.seq, train_docs=a.batch * a.steps)
         return
-    counts = {s: tensor_count(config_of(shape, s, a.work), shape["targets"], a.batch, a.seq, prefix=s in PREFIX)
-              for s in counted_stages(shape)}
+    counts = {s: tensor_count(config_of(shape, s, a.work), shape["targets"], a.batch, a.seq, prefix=s in PREFIX,
+                              rank=RANKS.get(s, 8)) for s in counted_stages(shape)}
     counts.update(method_counts(shape, counts, a.work))
     rows = {}
     if not a.no_rss:
@@ -425,7 +433,8 @@ def main() -> None:
                 sys.exit(f"{stage} failed:\n{r.stderr[-3000:]}")
             rows[stage] = json.loads(r.stdout.rsplit("RESULT ", 1)[1])
     gb = 1e9
-    print(f"shape {a.shape}, batch {a.batch} x {a.seq} tokens, LoRA r=8 on {', '.join(shape['targets'])}, fp32\n")
+    other = "".join(f" ({st}: r={r})" for st, r in RANKS.items() if st in counts)
+    print(f"shape {a.shape}, batch {a.batch} x {a.seq} tokens, LoRA r=8{other} on {', '.join(shape['targets'])}, fp32\n")
     print("Tensor count (meta device: weights + saved activations + trainable param/grad/AdamW):\n")
     print("| stage | params | weights GB | saved activations GB | trainable state GB | total GB | LLM / this |")
     print("|---|---:|---:|---:|---:|---:|---:|")
