@@ -17,8 +17,9 @@ partly kept second layer would narrow the first: depth therefore grows by whole 
 only when d + 1 whole layers fit, and widths are cut only in a one-layer bridge. Which heads and
 neurons are kept is still prune-bridge's Fisher selection; only the sizes come from here.
 
-Each candidate is counted on the meta device (no arithmetic): the count is monotone in kv groups and
-neurons, so the neurons are found by bisection, a few dozen counts of a one-layer model in all.
+Each candidate is counted on the meta device (no arithmetic): the count grows with depth, kv groups and
+neurons, so each is found by bisection, a dozen or two counts in all (about a second at TinyLlama-1.1B's
+shape, most of it the LLM's own count).
 """
 
 from __future__ import annotations
@@ -79,11 +80,23 @@ def plan_by_memory(arch, memory_reduction: float, batch: int, seq: int, lora_ran
     def fits(depth, kv, inter):
         return count(depth, kv, inter) <= budget
 
-    depth = 0
-    while depth < n_layers and fits(depth + 1, d["kv_heads"], d["intermediate"]):
-        depth += 1
+    def most(lo: int, hi: int, ok) -> int:
+        """The largest n in lo..hi with ok(n), given ok(lo) and ok monotone (true, then false)."""
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+        return lo
+
+    full = d["kv_heads"], d["intermediate"]
+    depth = 0  # whole layers that fit: doubling, then bisection (deep candidates cost the most to count)
+    if fits(1, *full):
+        depth = 1
+        while depth < n_layers and fits(min(2 * depth, n_layers), *full):
+            depth = min(2 * depth, n_layers)
+        if depth < n_layers:
+            depth = most(depth, min(2 * depth, n_layers) - 1, lambda n: fits(n, *full))
     if depth:
-        kv, inter = d["kv_heads"], d["intermediate"]
+        kv, inter = full
     else:
         depth = 1
         if not fits(1, 1, 1):
@@ -92,12 +105,8 @@ def plan_by_memory(arch, memory_reduction: float, batch: int, seq: int, lora_ran
                              f"kv group and 1 neuron) holds {count(1, 1, 1):,} bytes at {batch} x {seq} tokens against "
                              f"LoRA on the LLM's {llm['total']:,}, at most {best:.2f}x less",
                              f"use --memory-reduction {best:.2f} or less")
-        kv = max(k for k in range(1, d["kv_heads"] + 1) if fits(1, k, 1))  # monotone: the largest that fits
-        lo, hi = 1, d["intermediate"]  # fits(lo), and the answer is <= hi
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if fits(1, kv, mid) else (lo, mid - 1)
-        inter = lo
+        kv = most(1, d["kv_heads"], lambda k: fits(1, k, 1))  # kv groups first, beside a single neuron
+        inter = most(1, d["intermediate"], lambda i: fits(1, kv, i))  # then neurons
     sizes = {"hidden": d["hidden"], "heads": kv * rep, "kv_heads": kv, "intermediate": inter}
     bridge = count(depth, kv, inter)
     record = {"memory_reduction": float(memory_reduction), "batch": batch, "seq_len": seq, "lora_rank": lora_rank,
