@@ -143,7 +143,8 @@ def tune_bridge_cmd(
 
 def prefix_line(p: dict) -> str:
     """Whether tune-bridge fed the bridge the LLM's own states, and why (auto: bridge_prefix.prefix_default)."""
-    state = f"on: the LLM's layers 0-{p['layers'] - 1} ran forward only" if p["on"] else "off"
+    span = "layer 0" if p["layers"] == 1 else f"layers 0-{p['layers'] - 1}"
+    state = f"on: the LLM's {span} ran forward only" if p["on"] else "off"
     why = p["set_by"] + ("" if p["why"] == "asked" else ": " + p["why"])
     return f"{state} ({why})"
 

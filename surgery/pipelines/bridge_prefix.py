@@ -75,11 +75,12 @@ def prefix_default(meta: dict, arch) -> tuple[bool, str]:
         return False, "the bridge keeps the LLM's layer 0"
     if dropped != list(range(len(dropped))):
         return False, f"the bridge dropped layers {', '.join(map(str, dropped))}, not only the LLM's first ones"
+    first = f"the bridge dropped the LLM's first {len(dropped)} layer{'s' if len(dropped) > 1 else ''}"
     try:
         prefix_layers(meta, arch)
     except CheckpointError as e:
-        return False, f"the bridge dropped the LLM's first {len(dropped)} layer(s), but {e.what.removeprefix('tune-bridge --prefix: ')}"
-    return True, f"the bridge dropped the LLM's first {len(dropped)} layer(s) (layers {dropped[0]}-{dropped[-1]})"
+        return False, f"{first}, but {e.what.removeprefix('tune-bridge --prefix: ')}"
+    return True, first
 
 
 def write_states(llm_dir: str, adapter_dir: str, kind, example_sets, n_layers: int, path: str, *,
