@@ -109,6 +109,7 @@ def tune_bridge_cmd(
     eval_data: EvalData = None,
     llm: Annotated[str | None, typer.Option("--llm", help="The LLM directory, if it moved since prune-bridge (only config.json is read, and with --prefix its weights).")] = None,
     prefix: Annotated[bool | None, typer.Option("--prefix/--no-prefix", help="Feed the bridge's kept layers the LLM's own hidden state where the bridge starts, computed once by the LLM with the adapter on, forward only (a bridge that dropped the LLM's first layers: prune-bridge --drop-by first or --memory-reduction). Default: on exactly when the bridge dropped a leading run of the LLM's layers; the output says which. A bridge that kept layer 0 has an empty prefix: a plain tune.")] = None,
+    rank: Annotated[int | None, typer.Option("--rank", help="LoRA only: grow the modules of the bridge's kept layers to this rank before tuning (new A rows drawn as peft draws lora_A, seeded by --seed; new B columns zero; each module's scaling kept, written as rank_pattern/alpha_pattern), so the start is unchanged and the tune has more directions. Modules of dropped layers keep their rank. Default: the adapter's rank.")] = None,
     epochs: Epochs = T.epochs,
     lr: Lr = T.lr,
     batch_size: Batch = T.batch_size,
@@ -127,7 +128,7 @@ def tune_bridge_cmd(
     _quiet()
     s = tune_bridge(adapter, bridge, data, output, eval_data=eval_data, llm=llm, epochs=epochs, lr=lr,
                     batch_size=batch_size, max_length=max_length, eval_every=eval_every, log_every=log_every, seed=seed,
-                    force=force, placement=where, plot=plot, prefix=prefix)
+                    force=force, placement=where, plot=plot, prefix=prefix, rank=rank)
     if not s:
         return
     if json_out:

@@ -11,7 +11,7 @@ Operations, by command:
   read(path)                                  every command: the opened adapter
   merge_steps(ad, target, weight, sign)       merge-lora / unmerge-lora: the delta of each module
   transfer_needs(ad, port) / port(ad, port)   transfer: which spaces to fit; carry the weights over
-  bridge_route(path, arch, kept)              tune-bridge: restrict to the bridge, lift back
+  bridge_route(path, arch, kept, rank, seed)  tune-bridge: restrict to the bridge, lift back (rank: LoRA's --rank)
   wrap(model, arch, opts) / save(...)         train: put fresh trainable weights on a model; write them
   attach(model, path, arch)                   eval: put saved weights on a loaded model
   tunable(model, path, arch) / save_tuned(...) refine: saved weights on the frozen LLM, as tensors to
@@ -146,7 +146,7 @@ class Kind:
         """A function writing the ported adapter into an OutputDir."""
         return self._refuse("transfer")
 
-    def bridge_route(self, path: str, arch, kept: dict):
+    def bridge_route(self, path: str, arch, kept: dict, rank: int | None = None, seed: int = 0):
         return self._refuse("tune-bridge")
 
     def wrap(self, model, arch, opts: MethodOptions):

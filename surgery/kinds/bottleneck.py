@@ -300,7 +300,10 @@ class Bottleneck(Kind):
         return lambda od: write_bottleneck(od, ad.name, dict(ad.bn, leave_out=leave_out), modules, port.llm_config,
                                            arch_l.dims["hidden"], base=port.llm_path)
 
-    def bridge_route(self, path: str, arch, kept: dict):
+    def bridge_route(self, path: str, arch, kept: dict, rank: int | None = None, seed: int = 0):
+        if rank is not None:
+            raise AdapterError(f"tune-bridge --rank grows a LoRA adapter's rank; {path} is a bottleneck adapter, which has none",
+                               "leave out --rank (a bottleneck's width is set by --reduction-factor when it is trained)")
         return BottleneckRoute(self, path, arch, kept)
 
     def wrap(self, model, arch, opts):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from ..errors import AdapterError, ShapeError
 from ..io.adapter import Adapter, lora_config, lora_key, scaling, write_adapter
 from ..ops.bridge import lift, restrict
-from ..ops.lora import LowRankDelta, fold, lora_bias_delta
+from ..ops.lora import LowRankDelta, fold, grow_rank, lora_bias_delta
 from ..ops.project import port_lora
 from ..ops.slice import axis_indices, bridge_name
 from .base import Kind, MergeTarget, PeftRefine, PortContext, Step, checked
@@ -191,8 +191,8 @@ class Lora(PeftRefine, Kind):
         return lambda od: write_adapter(od, config, tensors)
 
     # ---- tune-bridge --------------------------------------------------------------------------
-    def bridge_route(self, path: str, arch, kept: dict):
-        return LoraRoute(self, path, arch, kept)
+    def bridge_route(self, path: str, arch, kept: dict, rank: int | None = None, seed: int = 0):
+        return LoraRoute(self, path, arch, kept, rank, seed)
 
     # ---- train --------------------------------------------------------------------------------
     def peft_config(self, model, arch, opts, **extra):
@@ -239,9 +239,13 @@ class LoraRoute:
     map gives the module's input and output axes; the bridge's kept coordinates become positions
     along them (ops.slice.axis_indices; fused q|k|v axes included), A and B are restricted to them
     (W_down), and after training the learned change is lifted back (ops.bridge.lift).
+
+    rank (tune-bridge --rank): the modules of the bridge's kept layers first grow to this rank
+    (ops.lora.grow_rank, seeded: the start's B A unchanged) and keep their scaling, written as
+    per-module rank_pattern / alpha_pattern entries; modules of dropped layers keep theirs.
     """
 
-    def __init__(self, kind: Lora, path: str, arch, kept: dict):
+    def __init__(self, kind: Lora, path: str, arch, kept: dict, rank: int | None = None, seed: int = 0):
         self.kind = kind
         self.ad = Adapter.open(path)
         self.path = self.ad.path
@@ -250,6 +254,24 @@ class LoraRoute:
         if self.ad.modules_to_save():
             raise AdapterError(f"{self.path} saves whole modules (modules_to_save)", "use a LoRA adapter without modules_to_save")
         self.steps = self._plan(arch, kept)
+        if rank is not None:
+            self._grow(rank, seed)
+
+    def _grow(self, rank: int, seed: int) -> None:
+        """Every kept module at `rank` (module doc), drawn in module order from one seeded generator."""
+        import torch
+
+        low = min(self.steps, key=lambda s: s["A"].shape[0])
+        if rank < low["A"].shape[0]:
+            raise AdapterError(f"--rank {rank} is below the rank {low['A'].shape[0]} of {self.path}'s {low['module']}",
+                               f"pass --rank >= {max(s['A'].shape[0] for s in self.steps)}, or leave it out to keep "
+                               "the adapter's rank")
+        g = torch.Generator().manual_seed(seed)
+        for s in self.steps:
+            if s["A"].shape[0] < rank:
+                s["A"], s["B"] = grow_rank(s["A"], s["B"], rank, g)
+                s["A_b"], s["B_b"] = restrict(s["A"], s["B"], s["in_idx"], s["out_idx"])
+                s["grown"] = True
 
     def _plan(self, arch, kept: dict) -> list[dict]:
         """Per module the bridge keeps: its bridge name (layers renumber when the bridge dropped some),
@@ -305,11 +327,28 @@ class LoraRoute:
             ba, bb = lora_key(s["bridge_module"], "lora_A.weight"), lora_key(s["bridge_module"], "lora_B.weight")
             tensors[ka], tensors[kb] = lift(s["A"], s["B"], s["in_idx"], s["out_idx"],
                                             s["A_b"], new[ba].cpu(), s["B_b"], new[bb].cpu())
-        write_adapter(od, self.ad.config, tensors)
+        write_adapter(od, grown_config(self.ad.config, self.steps), tensors)
 
     @property
     def modules(self) -> int:
         return len(self.steps)
+
+
+def grown_config(cfg: dict, steps: list[dict]) -> dict:
+    """The adapter's config with an exact rank_pattern / alpha_pattern entry for every module whose rank
+    tune-bridge --rank grew: its new rank, and the alpha that keeps its scaling (alpha/r, alpha/√r with
+    rsLoRA). The entries go first: peft and io.adapter take the first pattern that matches."""
+    import math
+    import re
+
+    grown = [s for s in steps if s.get("grown")]
+    if not grown:
+        return cfg
+    root = math.sqrt if cfg.get("use_rslora") else float
+    rp = {re.escape(s["module"]): int(s["A"].shape[0]) for s in grown}
+    ap = {re.escape(s["module"]): s["scaling"] * root(int(s["A"].shape[0])) for s in grown}
+    return {**cfg, "rank_pattern": {**rp, **(cfg.get("rank_pattern") or {})},
+            "alpha_pattern": {**ap, **(cfg.get("alpha_pattern") or {})}}
 
 
 def bridge_lora_config(lcfg, steps: list[dict]):
@@ -320,7 +359,8 @@ def bridge_lora_config(lcfg, steps: list[dict]):
     import math
     import re
 
-    if all(s["module"] == s["bridge_module"] for s in steps) and not (lcfg.rank_pattern or lcfg.alpha_pattern):
+    if (all(s["module"] == s["bridge_module"] and s["A"].shape[0] == lcfg.r for s in steps)
+            and not (lcfg.rank_pattern or lcfg.alpha_pattern)):  # (a module tune-bridge --rank grew differs from r)
         return lcfg
     r = {re.escape(s["bridge_module"]): int(s["A"].shape[0]) for s in steps}
     alpha = {k: s["scaling"] * (math.sqrt(r[k]) if lcfg.use_rslora else r[k]) for s, k in zip(steps, r)}

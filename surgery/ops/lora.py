@@ -23,6 +23,19 @@ def lora_delta(A, B, scaling: float, fan_in_fan_out: bool = False):
     return d.T if fan_in_fan_out else d
 
 
+def grow_rank(A, B, rank: int, generator):
+    """(A, B) at a higher `rank` with the same B A: the new rows of A [r, in] drawn as peft draws a fresh
+    lora_A (kaiming_uniform_ with a=√5 on an [r, in] weight: U(±1/√in)), the new columns of B [out, r]
+    zero. Training then moves the new directions from zero, as a fresh LoRA's do. In A's and B's dtypes
+    (the old entries unchanged), so the lift rounds to the adapter's own dtype."""
+    import torch
+
+    extra = rank - A.shape[0]
+    bound = 1.0 / A.shape[1] ** 0.5
+    new_a = torch.empty(extra, A.shape[1]).uniform_(-bound, bound, generator=generator)
+    return torch.cat([A, new_a.to(A.dtype)]), torch.cat([B, torch.zeros(B.shape[0], extra, dtype=B.dtype)], dim=1)
+
+
 def lora_bias_delta(bias, scaling: float):
     """peft's lora_bias: lora_B carries a bias that the base bias absorbs as scaling · b."""
     return bias.float() * float(scaling)
