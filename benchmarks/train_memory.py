@@ -14,6 +14,10 @@ Stages, at the same batch and sequence length, LoRA r=8 (alpha 16) on the same m
                  last_layer_widths: on the pair every head, 2 kv groups instead of 1, and 202 instead of 139
                  neurons): the r10 plan's depth with its heads and kv groups x2 and its neurons x 202/139
                  (only at --shape tinyllama, where that plan keeps 7 of 22 layers, 8 heads / 1 kv / 1875)
+  bridge-memory  `prune-bridge --memory-reduction 5 --train-shape BATCHxSEQ` (this run's shape): the bridge
+                 planned so its tune-bridge --prefix step holds <= 1/5 of LoRA on the LLM's (on the evidence
+                 pair it is exactly the evidence's bridge, 4 heads / 202 neurons; here its own plan, by the
+                 same rule: docs/prune-bridge.md)
   llm            `surgery train` LoRA directly on the LLM                     (the PEFT baseline)
 
 Two measures per stage:
@@ -68,9 +72,10 @@ BRIDGES = {"bridge": [], "bridge-drop": ["--drop-layers", "HALF"], "bridge-narro
 WIDE = {"tinyllama": ["--reduction", "10", "--drop-by", "first", "--drop-layers", "15", "--num-attention-heads", "16",
                       "--num-key-value-heads", "2", "--intermediate-size", str(round(1875 * 202 / 139))]}
 # tuned with `tune-bridge --prefix` (the evidence's bridge): its token embedding is not held (without_embedding)
-PREFIX = ("bridge-prefix", "bridge-prefix-wide")
+PREFIX = ("bridge-prefix", "bridge-prefix-wide", "bridge-memory")
 FIXED = {"--num-attention-heads": "heads", "--num-key-value-heads": "kv_heads", "--intermediate-size": "intermediate"}
-STAGES = ("slm", *BRIDGES, "bridge-prefix-wide", "llm")
+MEMORY_REDUCTION = 5.0  # bridge-memory's M: issue 16's line
+STAGES = ("slm", *BRIDGES, "bridge-prefix-wide", "bridge-memory", "llm")
 
 
 def rss_mb() -> float:
@@ -103,16 +108,21 @@ def rss_stages(shape: dict) -> tuple:
     return tuple(s for s in counted_stages(shape) if s not in PREFIX and not (shape is SHAPES["tinyllama"] and s == "bridge-narrow"))
 
 
-def config_of(shape: dict, stage: str, work: str) -> dict:
-    """The config.json of the model a stage trains (a bridge's comes from prune-bridge's plan)."""
+def config_of(shape: dict, stage: str, work: str, batch: int = 4, seq: int = 256) -> dict:
+    """The config.json of the model a stage trains (a bridge's comes from prune-bridge's plan; bridge-memory's
+    from the --memory-reduction plan at batch x seq tokens)."""
     sys.path.insert(0, ROOT)
     from fixtures.build import _config
     from surgery.arch import load_arch
+    from surgery.pipelines.bridge_memory import plan_by_memory
     from surgery.pipelines.bridge_plan import bridge_config, plan_bridge
 
     if stage in ("slm", "llm"):
         return _config(shape["family"], **shape[stage]).to_dict()
     arch = load_arch(_config(shape["family"], **shape["llm"]).to_dict())
+    if stage == "bridge-memory":  # the last layers: bridge_config's layer lists follow the LLM's kept ones
+        p = plan_by_memory(arch, MEMORY_REDUCTION, batch, seq)
+        return bridge_config(arch, p["sizes"], {st: list(range(p["drop"], n)) for st, n in arch.stacks.items()})
     a = _bridge_args(shape, stage)
     drop = int(a[a.index("--drop-layers") + 1]) if "--drop-layers" in a else None  # None: prune-bridge's auto depth
     residual = "prune" if "prune" in a else "keep"
@@ -286,7 +296,7 @@ def main() -> None:
     if a.setup:
         setup(shape, a.work, a.seq, train_docs=a.batch * a.steps)
         return
-    counts = {s: tensor_count(config_of(shape, s, a.work), shape["targets"], a.batch, a.seq, prefix=s in PREFIX)
+    counts = {s: tensor_count(config_of(shape, s, a.work, a.batch, a.seq), shape["targets"], a.batch, a.seq, prefix=s in PREFIX)
               for s in counted_stages(shape)}
     counts.update(method_counts(shape, counts, a.work))
     rows = {}
