@@ -102,6 +102,8 @@ def test_bridge_rank_is_counted(fx):
     (["--memory-reduction", "0.5"], "--memory-reduction 0.5 is not a number >= 1"),
     (["--train-shape", "4x32"], "--train-shape only applies with --memory-reduction"),
     (["--memory-reduction", "2", "--train-shape", "4by32"], "--train-shape '4by32' is not BATCHxTOKENS"),
+    (["--memory-reduction", "2", "--bridge-rank", "0"], "--bridge-rank 0 must be at least 1"),
+    (["--memory-reduction", "nan"], "--memory-reduction nan is not a number >= 1"),
 ])
 def test_errors_are_one_line_and_write_nothing(fx, calib, tmp_path, args, message):  # noqa: F811
     out = tmp_path / "b"

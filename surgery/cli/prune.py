@@ -62,7 +62,8 @@ def prune_bridge_cmd(
                       num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
                       samples=samples, seq_len=seq_len, batch_size=batch_size, importance=importance, seed=seed,
                       max_shard_size=max_shard_size, memory_reduction=memory_reduction, train_batch=batch,
-                      train_length=length, lora_rank=lora_rank or C.lora_rank, bridge_rank=bridge_rank)
+                      train_length=length, lora_rank=C.lora_rank if lora_rank is None else lora_rank,
+                      bridge_rank=bridge_rank)
     r = prune_bridge(llm, output, data, cfg, force=force, placement=where, max_memory=parse_max_memory(max_memory),
                      plot=plot)
     if json_out:

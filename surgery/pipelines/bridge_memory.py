@@ -54,7 +54,7 @@ def plan_by_memory(arch, memory_reduction: float, batch: int, seq: int, lora_ran
 
     from ..train.memory import step_bytes
 
-    bridge_rank = bridge_rank or lora_rank
+    bridge_rank = lora_rank if bridge_rank is None else bridge_rank
     for name, v in (("--memory-reduction", memory_reduction),):
         if not (math.isfinite(v) and v >= 1):
             raise ShapeError(f"{name} {v} is not a number >= 1", "the bridge's step holds 1/M of LoRA on the LLM's; use M >= 1")
