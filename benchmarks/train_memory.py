@@ -14,14 +14,21 @@ Stages, at the same batch and sequence length, LoRA r=8 (alpha 16) on the same m
                  last_layer_widths: on the pair every head, 2 kv groups instead of 1, and 202 instead of 139
                  neurons): the r10 plan's depth with its heads and kv groups x2 and its neurons x 202/139
                  (only at --shape tinyllama, where that plan keeps 7 of 22 layers, 8 heads / 1 kv / 1875)
-  bridge-prefix-rank64  docs/method-experiments.md section 10's bridge: the same plan with the pair's 45 instead of
-                 202 neurons (x 1875/139: 607) and its LoRA at rank 64 (`tune-bridge --rank 64`; only at tinyllama)
+  bridge-prefix-rank64  docs/method-experiments.md section 10's bridge: bridge-prefix-wide's plan with the pair's 45
+                 instead of 202 neurons (x 1875/139: 607) and its LoRA at rank 64 (`tune-bridge --rank 64`; only at tinyllama)
+  bridge-memory  `prune-bridge --memory-reduction 5 --train-shape BATCHxSEQ` (this run's shape): the bridge
+                 planned so its tune-bridge --prefix step holds <= 1/5 of LoRA on the LLM's (on the evidence
+                 pair it is exactly the evidence's bridge, 4 heads / 202 neurons; here its own plan, by the
+                 same rule: docs/prune-bridge.md)
   llm            `surgery train` LoRA directly on the LLM                     (the PEFT baseline)
 
 Two measures per stage:
 * tensor count: the bytes of every tensor a training step holds at the end of its forward pass --
   the model's weights, the tensors autograd saved for the backward (unique storages, weights not
-  counted twice), and the trainable parameters with their gradient and two AdamW moments (fp32).
+  counted twice), and the trainable parameters' gradient and two AdamW moments (fp32; the parameters
+  themselves are weights). The counter is the library's, surgery/train/memory.py (prune-bridge
+  --memory-reduction plans with it); until 2026-11-30 12:00 this script counted the LoRA parameters a
+  fifth time (param + grad + 2 moments on top of the weights), which cost every ratio below ~0.5 %.
   Computed exactly on the meta device (no arithmetic, so the 1.1B shape takes seconds); this is what
   GPU memory would hold, the paper's measure, without allocator slack or the backward's transients.
 * peak RSS: one real process per stage (`surgery train` / `tune-bridge`, 1 step at --shape tinyllama),
@@ -45,7 +52,6 @@ import resource
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -70,11 +76,12 @@ WIDE = {"tinyllama": ["--reduction", "10", "--drop-by", "first", "--drop-layers"
 # section 10's bridge at this shape: WIDE with 45 neurons on the pair instead of 202, its LoRA at rank 64
 RANK64 = {"tinyllama": WIDE["tinyllama"][:-1] + [str(round(1875 * 45 / 139))]}
 RANKS = {"bridge-prefix-rank64": 64}  # a stage's LoRA rank (tune-bridge --rank) where it is not 8
-# tuned with `tune-bridge --prefix` (the evidence's bridge): its token embedding is not held (without_embedding)
-PREFIX = ("bridge-prefix", "bridge-prefix-wide", "bridge-prefix-rank64")
 TINY_ONLY = ("bridge-prefix-wide", "bridge-prefix-rank64")  # absolute widths carried to TinyLlama's shape
+# tuned with `tune-bridge --prefix` (the evidence's bridge): its token embedding is not held (without_embedding)
+PREFIX = ("bridge-prefix", *TINY_ONLY, "bridge-memory")
 FIXED = {"--num-attention-heads": "heads", "--num-key-value-heads": "kv_heads", "--intermediate-size": "intermediate"}
-STAGES = ("slm", *BRIDGES, *TINY_ONLY, "llm")
+MEMORY_REDUCTION = 5.0  # bridge-memory's M: issue 16's line
+STAGES = ("slm", *BRIDGES, *TINY_ONLY, "bridge-memory", "llm")
 
 
 def rss_mb() -> float:
@@ -109,16 +116,21 @@ def rss_stages(shape: dict) -> tuple:
     return tuple(s for s in counted_stages(shape) if s not in PREFIX and not (shape is SHAPES["tinyllama"] and s == "bridge-narrow"))
 
 
-def config_of(shape: dict, stage: str, work: str) -> dict:
-    """The config.json of the model a stage trains (a bridge's comes from prune-bridge's plan)."""
+def config_of(shape: dict, stage: str, work: str, batch: int = 4, seq: int = 256) -> dict:
+    """The config.json of the model a stage trains (a bridge's comes from prune-bridge's plan; bridge-memory's
+    from the --memory-reduction plan at batch x seq tokens)."""
     sys.path.insert(0, ROOT)
     from fixtures.build import _config
     from surgery.arch import load_arch
+    from surgery.pipelines.bridge_memory import plan_by_memory
     from surgery.pipelines.bridge_plan import bridge_config, plan_bridge
 
     if stage in ("slm", "llm"):
         return _config(shape["family"], **shape[stage]).to_dict()
     arch = load_arch(_config(shape["family"], **shape["llm"]).to_dict())
+    if stage == "bridge-memory":  # the last layers: bridge_config's layer lists follow the LLM's kept ones
+        p = plan_by_memory(arch, MEMORY_REDUCTION, batch, seq)
+        return bridge_config(arch, p["sizes"], {st: list(range(p["drop"], n)) for st, n in arch.stacks.items()})
     a = _bridge_args(shape, stage)
     drop = int(a[a.index("--drop-layers") + 1]) if "--drop-layers" in a else None  # None: prune-bridge's auto depth
     residual = "prune" if "prune" in a else "keep"
@@ -127,137 +139,15 @@ def config_of(shape: dict, stage: str, work: str) -> dict:
     return bridge_config(arch, sizes, {st: list(range(n - drop)) for st, n in arch.stacks.items()})
 
 
-@contextmanager
-def fused_attention():
-    """On the meta device, scaled_dot_product_attention saves what the fused kernels save.
-
-    torch has no fused attention kernel for "meta", so there sdpa falls back to its math path, which
-    saves the [batch, heads, seq, seq] probabilities and copies of q and k: an eager-attention count.
-    On a real device the trainer gets a fused kernel (CPU flash attention, CUDA flash/efficient), which
-    saves q, k and v (k and v with their own kv heads under grouped-query attention), the output and
-    one log-sum-exp per query, and recomputes the probabilities in the backward. This stands in for
-    it on meta tensors only (tests/test_memory_count.py: the meta count equals a real CPU step's)."""
-    import torch
-
-    F = torch.nn.functional
-    real = F.scaled_dot_product_attention
-
-    class Fused(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q, k, v):
-            b, h, t, d = q.shape
-            out = q.new_empty(b, t, h, v.shape[-1]).transpose(1, 2)  # [b, t, h, d] storage, as the kernels write it
-            ctx.save_for_backward(q, k, v, out, q.new_empty(b, h, t))
-            return out
-
-    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-        if q.device.type == "meta" and attn_mask is None and not dropout_p:
-            return Fused.apply(q, k, v)
-        return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
-
-    F.scaled_dot_product_attention = sdpa
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = real
-
-
-def without_embedding(model) -> None:
-    """`tune-bridge --prefix`'s bridge: its token embedding replaced by the stored hidden states of the batch
-    (bridge_prefix.cached_prefix), the embedding itself released: a stand-in module giving one fresh
-    [batch, seq, hidden] tensor without gradient, as the stored states arrive. A tied head keeps the weight."""
-    import torch
-
-    emb = model.get_input_embeddings()
-    hidden, dtype = emb.weight.shape[1], emb.weight.dtype
-
-    class States(torch.nn.Module):
-        def forward(self, ids):
-            return torch.zeros(*ids.shape, hidden, dtype=dtype, device=ids.device)
-
-    model.set_input_embeddings(States())
-
-
 def tensor_count(config: dict, targets: list[str], batch: int, seq: int, device: str = "meta", prefix: bool = False,
                  rank: int = 8) -> dict:
-    """Bytes a LoRA training step holds at the end of its forward pass, on the meta device (see top;
-    device="cpu" runs the same step for real, which the tests compare it with). prefix: the model is a
-    `tune-bridge --prefix` bridge, fed stored hidden states without holding its token embedding. rank: the
-    LoRA's (alpha 2 x rank), e.g. a bridge tuned with `tune-bridge --rank`, whose kept layers are all at it."""
-    import peft
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Bytes a LoRA training step holds at the end of its forward pass (surgery.train.memory.step_bytes,
+    on the meta device; device="cpu" runs the same step for real, which the tests compare it with). prefix:
+    the model is a `tune-bridge --prefix` bridge, fed stored hidden states without holding its token embedding.
+    rank: the LoRA's (8 unless a bridge is tuned with `tune-bridge --rank`, which puts its kept layers at it)."""
+    from surgery.train.memory import step_bytes
 
-    cfg = dict(config)
-    cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    cfg.pad_token_id = None  # GPT-2 looks for padding in the ids, which meta tensors do not hold
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    if prefix:
-        without_embedding(model)
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0))
-    pm.train()
-    weights = {p.untyped_storage()._cdata: p.numel() * p.element_size() for p in pm.parameters()}
-    trainable = sum(p.numel() * 4 for p in pm.parameters() if p.requires_grad)
-    from surgery.train.score import batch_nll
-
-    ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
-    labels = torch.zeros(batch, seq, dtype=torch.long)  # real: the loss selects labelled tokens by value
-    with fused_attention(), saved_tensors(pm) as saved:
-        batch_nll(pm, {"input_ids": ids, "labels": labels}, False)  # the trainer's loss (chunked LM head)
-    w, s, t = sum(weights.values()), sum(b for _, b in saved.values()), 4 * trainable  # param + grad + 2 AdamW moments
-    n = sum(p.numel() for p in pm.parameters())
-    return {"weights": w, "saved": s, "trainable": t, "total": w + s + t, "params": n, "kinds": by_kind(saved)}
-
-
-# What each saved tensor is, from the innermost module running when autograd saved it (first match wins).
-KINDS = (("lora", "linear inputs kept for LoRA (x for A, A·x for B)", lambda p: ".lora_" in p),
-         ("norms", "norms (their input, 1/rms)", lambda p: "norm" in p.rsplit(".", 1)[-1] or p.rsplit(".", 1)[-1].startswith("ln")),
-         ("attention", "attention (fused kernel: q, k, v, output, log-sum-exp; rotary tables)",
-          lambda p: "attn" in p or "attention" in p),
-         ("mlp", "MLP intermediates (gate, activation, up)", lambda p: "mlp" in p),
-         ("loss", "loss (LM head input, labels)", lambda p: p == ""),
-         ("other", "other", lambda p: True))
-
-
-def kind_of(path: str) -> str:
-    return next(k for k, _, match in KINDS if match(path))
-
-
-@contextmanager
-def saved_tensors(model):
-    """Yields {storage: (kind, bytes)} of every tensor autograd saves while the block runs, each storage
-    once and the model's parameters not at all (they are counted as weights)."""
-    import torch
-
-    params = {p.untyped_storage()._cdata for p in model.parameters()}
-    saved: dict = {}
-    stack = [""]
-    handles = []
-    for name, mod in model.named_modules():
-        name = name.removeprefix("base_model.model.")
-        handles.append(mod.register_forward_pre_hook(lambda m, a, n=name: (stack.append(n), None)[1]))
-        handles.append(mod.register_forward_hook(lambda m, a, o, n=name: (stack.pop(), None)[1]))
-
-    def pack(x):
-        key = x.untyped_storage()._cdata
-        if key not in params and key not in saved:
-            saved[key] = (kind_of(stack[-1] if len(stack) > 1 else ""), x.untyped_storage().nbytes())
-        return x
-
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            yield saved
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def by_kind(saved: dict) -> dict:
-    out = {k: 0 for k, _, _ in KINDS}
-    for kind, b in saved.values():
-        out[kind] += b
-    return {k: v for k, v in out.items() if v}
+    return step_bytes(config, batch, seq, rank=rank, targets=targets, prefix=prefix, device=device)
 
 
 def method_counts(shape: dict, counts: dict, work: str) -> dict:
@@ -290,7 +180,7 @@ def method_counts(shape: dict, counts: dict, work: str) -> dict:
     layers, hidden = llm.get("num_hidden_layers", llm.get("n_layer")), llm.get("hidden_size", llm.get("n_embd"))
     loss = step["kinds"].get("loss", 0)
     held = int((step["saved"] - loss) / layers + layers * rows * pc.seq_len * hidden * 4 + loss)
-    w = counts["llm"]["weights"] - counts["llm"]["trainable"] // 4  # the LLM without its LoRA
+    w = counts["llm"]["weights"] - counts["llm"]["trainable"] // 3  # the LLM without its LoRA
     out["prune-bridge (Fisher)"] = {"weights": w, "saved": held, "trainable": 0, "total": w + held,
                                     "params": counts["llm"]["params"]}
     if shape["family"] == "llama" and len(shape["targets"]) == 7:
@@ -319,7 +209,7 @@ def method_counts(shape: dict, counts: dict, work: str) -> dict:
             w, h = max((n * lw, n * (terms["moments"] + terms["acts"]) + terms["maps"] + hidden), (embedding, hidden),
                        key=sum)
             out[name] = {"weights": w, "saved": h, "trainable": 0, "params": 0, "total": w + h}
-    lora = counts["llm"]["trainable"] // 4
+    lora = counts["llm"]["trainable"] // 3
     out["refine (LLM, forward only)"] = {"weights": counts["llm"]["weights"], "saved": 0, "trainable": 0,
                                          "total": counts["llm"]["weights"], "params": counts["llm"]["params"],
                                          "z": lora}
@@ -382,7 +272,7 @@ def child(stage: str, shape: dict, work: str, steps: int, batch: int, seq: int) 
     t = time.time()
     if stage.startswith("bridge"):
         s = tune_bridge(os.path.join(work, "llm-lora"), os.path.join(work, stage), data, out, eval_data=dev,
-                        max_length=seq, force=True, cfg=cfg)
+                        max_length=seq, force=True, cfg=cfg, prefix=False)  # the --prefix stages are only counted
         params = s["bridge_parameters"]
     else:
         s = train_adapter(os.path.join(work, stage), data, out, method="lora", rank=8, alpha=16, targets=shape["targets"],
@@ -416,8 +306,9 @@ def main() -> None:
     if a.setup:
         setup(shape, a.work, a.seq, train_docs=a.batch * a.steps)
         return
-    counts = {s: tensor_count(config_of(shape, s, a.work), shape["targets"], a.batch, a.seq, prefix=s in PREFIX,
-                              rank=RANKS.get(s, 8)) for s in counted_stages(shape)}
+    counts = {s: tensor_count(config_of(shape, s, a.work, a.batch, a.seq), shape["targets"], a.batch, a.seq, prefix=s in PREFIX,
+                              rank=RANKS.get(s, 8))
+              for s in counted_stages(shape)}
     counts.update(method_counts(shape, counts, a.work))
     rows = {}
     if not a.no_rss:
@@ -435,7 +326,7 @@ def main() -> None:
     gb = 1e9
     other = "".join(f" ({st}: r={r})" for st, r in RANKS.items() if st in counts)
     print(f"shape {a.shape}, batch {a.batch} x {a.seq} tokens, LoRA r=8{other} on {', '.join(shape['targets'])}, fp32\n")
-    print("Tensor count (meta device: weights + saved activations + trainable param/grad/AdamW):\n")
+    print("Tensor count (meta device: weights + saved activations + the LoRA's gradient and AdamW moments):\n")
     print("| stage | params | weights GB | saved activations GB | trainable state GB | total GB | LLM / this |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     llm = counts["llm"]["total"]
@@ -447,6 +338,8 @@ def main() -> None:
     print("\nSaved activations by kind (GB; the module that saved each tensor; `lora`: the adapted linear layers' "
           "inputs, which LoRA's A needs for its gradient, and the rank-8 A x for B):\n")
     print("| kind | " + " | ".join(kinds) + " |\n|---|" + "---:|" * len(kinds))
+    from surgery.train.memory import KINDS
+
     for k, label, _ in KINDS:
         if any(k in v for v in kinds.values()):
             print(f"| {label} | " + " | ".join(f"{v.get(k, 0) / gb:.3f}" for v in kinds.values()) + " |")

@@ -42,12 +42,13 @@ def train(model: str, data: str, output: str, *, method: str = "lora", eval_data
 def tune_bridge(adapter: str, bridge: str, data: str, output: str, *, eval_data: str | None = None,
                 llm: str | None = None, epochs: float = 3.0, lr: float = 1e-3, batch_size: int = 8,
                 max_length: int = 512, eval_every: int = 0, log_every: int = 10, seed: int = 0, force: bool = False,
-                placement=None, plot: str | None = None, prefix: bool = False, rank: int | None = None) -> dict:
+                placement=None, plot: str | None = None, prefix: bool | None = None, rank: int | None = None) -> dict:
     """Tune the LLM's `adapter` through `bridge` (from prune_bridge) on `data`, lift the update back and
     write an adapter for the LLM to `output`; returns the summary measured on the bridge. prefix: the
     bridge dropped the LLM's first layers (prune_bridge drop_by="first") and its kept layers read the
-    LLM's own hidden state there, computed once, forward only. rank: a LoRA adapter's modules in the bridge's
-    kept layers grow to this rank first (the start's delta unchanged); None keeps its rank."""
+    LLM's own hidden state there, computed once, forward only; None: on when the bridge dropped exactly the
+    LLM's first layers. rank: a LoRA adapter's modules in the bridge's kept layers grow to this rank first
+    (the start's delta unchanged); None keeps its rank."""
     from .pipelines.tune_bridge import tune_bridge as run
 
     return run(adapter, bridge, data, output, eval_data=eval_data, llm=llm, max_length=max_length, force=force,

@@ -1,4 +1,4 @@
-"""benchmarks/train_memory.py's tensor count: on the meta device (how the 1.1B shapes are counted) it
+"""The tensor count (surgery.train.memory, which benchmarks/train_memory.py uses): on the meta device (how the 1.1B shapes are counted) it
 must equal what a real CPU training step saves, attention included (torch's meta sdpa would otherwise
 count the eager math path's [batch, heads, seq, seq] probabilities, which the fused kernels never keep)."""
 
@@ -16,7 +16,7 @@ def test_meta_count_equals_a_real_cpu_step(kv, monkeypatch):
 
     import torch
 
-    import benchmarks.train_memory as tm
+    import surgery.train.memory as tm
 
     torch.manual_seed(0)
     cfg = _config("llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -104,7 +104,7 @@ def test_tune_bridge_leaves_a_dropped_layers_adapter_as_given(fx, calib, task, t
     train, dev = task
     with warnings.catch_warnings(record=True) as caught:  # a pattern for a dropped layer: peft must not warn
         warnings.simplefilter("always")
-        s = tune_bridge(src, str(tmp_path / "b"), train, str(tmp_path / "tuned"), eval_data=dev,
+        s = tune_bridge(src, str(tmp_path / "b"), train, str(tmp_path / "tuned"), eval_data=dev, prefix=False,
                         cfg=TrainConfig(epochs=1, lr=1e-2, batch_size=16, seed=0))
     assert not [str(w.message) for w in caught if "peft" in w.filename], [str(w.message) for w in caught]
     assert s["modules"] == 3 and s["after"]["loss"] < s["before"]["loss"]

@@ -34,8 +34,8 @@ def _bridges(sm: dict) -> list[str]:
 
 
 def _kinds(tm: dict) -> list[str]:
-    """The training rows' saved activations by what they are (benchmarks/train_memory.KINDS)."""
-    from benchmarks.train_memory import KINDS
+    """The training rows' saved activations by what they are (surgery.train.memory.KINDS)."""
+    from surgery.train.memory import KINDS
 
     rows = {k: v["kinds"] for k, v in tm.items() if "kinds" in v}
     if not rows:

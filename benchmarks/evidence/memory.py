@@ -37,12 +37,12 @@ def _lora_model(model_dir: str, batch: int, seq: int, rank: int, seed: int, edit
 
 def training_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: int = 0, prefix: bool = False,
                    edit=None, frozen=()) -> dict:
-    """One LoRA step: weights, saved activations (and what they are: benchmarks/train_memory.KINDS), state.
+    """One LoRA step: weights, saved activations (and what they are: surgery.train.memory.KINDS), state.
     prefix: the step of `tune-bridge --prefix`, whose bridge reads stored hidden states in place of its token
     embedding and does not hold the embedding (bridge_prefix.load_without_embedding): counted with a stand-in
     that gives each batch its states, as the stored ones are given (one [batch, seq, hidden] tensor, no gradient).
     edit, frozen: see _lora_model (benchmarks/method_experiments.py --cascade counts a bridge with a frozen layer)."""
-    from benchmarks.train_memory import by_kind, saved_tensors, without_embedding
+    from surgery.train.memory import by_kind, saved_tensors, without_embedding
     from surgery.train.score import batch_nll
 
     model, ids = _lora_model(model_dir, batch, seq, rank, seed, edit, frozen)
@@ -69,7 +69,7 @@ def inference_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: i
     """
     import torch
 
-    from benchmarks.train_memory import saved_tensors
+    from surgery.train.memory import saved_tensors
 
     model, ids = _lora_model(model_dir, batch, seq, rank, seed)
     model.eval()

@@ -9,7 +9,7 @@ import typer
 from ..errors import SurgeryError
 from ..pipelines.bridge_plan import RESIDUAL
 from ..pipelines.importance import METHODS as IMPORTANCE
-from ..pipelines.prune import DROP_BY, PruneConfig, prune_bridge
+from ..pipelines.prune import DEFAULT_REDUCTION, DROP_BY, PruneConfig, prune_bridge
 from . import app
 from .common import (CalibData, Force, JsonOut, MaxShard, Output, Placement, Plot, Seed, choice, console, human_count, places_model,
                      print_json, say_plot, table)
@@ -24,10 +24,14 @@ def prune_bridge_cmd(
     llm: Annotated[str, typer.Argument(help="The LLM's model directory (config.json, weights, tokenizer).")],
     output: Output,
     data: CalibData(),
-    reduction: Annotated[float, typer.Option("--reduction", help="Keep about 1/R of the non-embedding parameters (the paper uses 16).")] = C.reduction,
+    reduction: Annotated[Optional[float], typer.Option("--reduction", help=f"Keep about 1/R of the non-embedding parameters (default {DEFAULT_REDUCTION:g}, as the paper).")] = C.reduction,
+    memory_reduction: Annotated[Optional[float], typer.Option("--memory-reduction", help="Instead of --reduction: size the bridge so that its `tune-bridge --prefix` training step holds at most 1/M of what LoRA on the whole LLM holds at --train-shape (tensor count: weights, saved activations, LoRA gradient and AdamW state). Keeps the LLM's last layers: as many kv groups as fit, then MLP neurons; a previous layer only when the whole last one fits.")] = C.memory_reduction,
+    train_shape: Annotated[Optional[str], typer.Option("--train-shape", help=f"With --memory-reduction: the training step both are counted at, BATCHxTOKENS (tune-bridge's --batch-size x --max-length; default {C.train_batch}x{C.train_length}).")] = None,
+    lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help=f"With --memory-reduction: the rank of the LoRA on every linear layer of the LLM it is measured against (default {C.lora_rank}).")] = None,
+    bridge_rank: Annotated[Optional[int], typer.Option("--bridge-rank", help="With --memory-reduction: the rank the bridge's layers are tuned at (tune-bridge --rank; default --lora-rank).")] = None,
     residual: Annotated[str, choice("--residual", RESIDUAL, "keep: every residual channel stays and heads, neurons and layers are cut (default); prune: cut the residual width too (the narrow LST bridge).")] = C.residual,
-    drop_layers: Annotated[str, typer.Option("--drop-layers", help="Leave out N whole layers per stack (tune-bridge keeps their adapter as given); auto: depth shares the reduction with heads and neurons (about 1/sqrt(R) of the layers kept; with the residual kept and no explicit widths), 0: widths only.")] = str(C.drop_layers),
-    drop_by: Annotated[str, choice("--drop-by", DROP_BY, "Which layers --drop-layers leaves out: similarity (lowest block influence, 1 - cos(in, out)) or fisher (lowest Fisher of a per-layer mask), or first (the first layers: the kept ones then read the LLM's own hidden state under tune-bridge --prefix).")] = C.drop_by,
+    drop_layers: Annotated[Optional[str], typer.Option("--drop-layers", help="Leave out N whole layers per stack (tune-bridge keeps their adapter as given); auto (default): depth shares the reduction with heads and neurons (about 1/sqrt(R) of the layers kept; with the residual kept and no explicit widths), 0: widths only.")] = C.drop_layers,
+    drop_by: Annotated[Optional[str], choice("--drop-by", DROP_BY, "Which layers --drop-layers leaves out: similarity (default; lowest block influence, 1 - cos(in, out)) or fisher (lowest Fisher of a per-layer mask), or first (the first layers: the kept ones then read the LLM's own hidden state under tune-bridge --prefix; --memory-reduction's).")] = C.drop_by,
     hidden_size: Size("--hidden-size", "Residual width (with --residual prune)") = C.hidden_size,
     intermediate_size: Size("--intermediate-size", "MLP width") = C.intermediate_size,
     num_attention_heads: Size("--num-attention-heads", "Attention heads") = C.num_attention_heads,
@@ -49,11 +53,17 @@ def prune_bridge_cmd(
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    planned = {"--train-shape": train_shape, "--lora-rank": lora_rank, "--bridge-rank": bridge_rank}
+    if memory_reduction is None and (alone := [k for k, v in planned.items() if v is not None]):
+        raise SurgeryError(f"{alone[0]} only applies with --memory-reduction", f"add --memory-reduction M, or leave out {alone[0]}")
+    batch, length = parse_shape(train_shape) if train_shape else (C.train_batch, C.train_length)
     cfg = PruneConfig(reduction=reduction, residual=residual, drop_layers=drop_layers, drop_by=drop_by,
                       hidden_size=hidden_size, intermediate_size=intermediate_size,
                       num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
                       samples=samples, seq_len=seq_len, batch_size=batch_size, importance=importance, seed=seed,
-                      max_shard_size=max_shard_size)
+                      max_shard_size=max_shard_size, memory_reduction=memory_reduction, train_batch=batch,
+                      train_length=length, lora_rank=C.lora_rank if lora_rank is None else lora_rank,
+                      bridge_rank=bridge_rank)
     r = prune_bridge(llm, output, data, cfg, force=force, placement=where, max_memory=parse_max_memory(max_memory),
                      plot=plot)
     if json_out:
@@ -61,6 +71,14 @@ def prune_bridge_cmd(
         return
     render(r)
     say_plot(r["plot"])
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """"16x64" -> (16, 64): --train-shape's batch x tokens."""
+    b, sep, t = text.lower().replace("×", "x").partition("x")
+    if not (sep and b.strip().isdigit() and t.strip().isdigit() and int(b) > 0 and int(t) > 0):
+        raise SurgeryError(f"--train-shape {text!r} is not BATCHxTOKENS", "write e.g. --train-shape 16x64 (tune-bridge's --batch-size x --max-length)")
+    return int(b), int(t)
 
 
 def parse_max_memory(text: str | None) -> dict | None:
@@ -90,6 +108,11 @@ def render(r: dict) -> None:
     head.add_row("parameters", f"{human_count(p['llm'])} -> {human_count(p['bridge'])} ({p['bridge'] / p['llm']:.1%})")
     head.add_row("non-embedding", f"{human_count(p['llm_non_embedding'])} -> {human_count(p['bridge_non_embedding'])} "
                  f"({p['bridge_non_embedding'] / max(p['llm_non_embedding'], 1):.1%})")
+    if r.get("memory"):
+        m = r["memory"]
+        head.add_row("training memory", f"tune-bridge --prefix step {m['bridge_bytes'] / 1e6:,.2f} MB vs LoRA on the LLM "
+                     f"{m['llm_lora_bytes'] / 1e6:,.2f} MB: {m['ratio']:.3f}x (asked >= {m['memory_reduction']:g}x; "
+                     f"{m['batch']} x {m['seq_len']} tokens, LoRA rank {m['lora_rank']}, bridge rank {m['bridge_rank']})")
     head.add_row("calibration loss", f"LLM {loss['llm']:.4f}, bridge {loss['bridge']:.4f} ({loss['bridge'] - loss['llm']:+.4f})")
     head.add_row("residual", "every channel kept" if r["residual"] == "keep" else
                  f"{r['sizes']['hidden']} of {r['llm_sizes']['hidden']} channels, {r['retained']['residual']:.1%} of the mass")

@@ -108,7 +108,7 @@ def tune_bridge_cmd(
     output: Output,
     eval_data: EvalData = None,
     llm: Annotated[str | None, typer.Option("--llm", help="The LLM directory, if it moved since prune-bridge (only config.json is read, and with --prefix its weights).")] = None,
-    prefix: Annotated[bool, typer.Option("--prefix", help="The bridge dropped the LLM's first layers (prune-bridge --drop-by first): feed its kept layers the LLM's own hidden state there, computed once by the LLM with the adapter on, forward only. A bridge that kept layer 0 has an empty prefix: a plain tune.")] = False,
+    prefix: Annotated[bool | None, typer.Option("--prefix/--no-prefix", help="Feed the bridge's kept layers the LLM's own hidden state where the bridge starts, computed once by the LLM with the adapter on, forward only (a bridge that dropped the LLM's first layers: prune-bridge --drop-by first or --memory-reduction). Default: on exactly when the bridge dropped a leading run of the LLM's layers; the output says which. A bridge that kept layer 0 has an empty prefix: a plain tune.")] = None,
     rank: Annotated[int | None, typer.Option("--rank", help="LoRA only: grow the modules of the bridge's kept layers to this rank before tuning (new A rows drawn as peft draws lora_A, seeded by --seed; new B columns zero; each module's scaling kept, written as rank_pattern/alpha_pattern), so the start is unchanged and the tune has more directions. Modules of dropped layers keep their rank. Default: the adapter's rank.")] = None,
     epochs: Epochs = T.epochs,
     lr: Lr = T.lr,
@@ -137,8 +137,17 @@ def tune_bridge_cmd(
     _render(f"tune-bridge ({s['family']}, {s['modules']} {s['kind']} modules, measured on the bridge): {s['output']}", s,
             [("bridge", f"{human_count(s['bridge_parameters'])} parameters (LLM {human_count(s['llm_parameters'])}); "
                         f"{human_count(s['trainable'])} trainable"),
+             ("prefix", prefix_line(s["prefix"])),
              ("steps", f"{s['steps']} on {s['device']} (mixed precision: {s['mixed_precision']})")])
     say_plot(s["plot"])
+
+
+def prefix_line(p: dict) -> str:
+    """Whether tune-bridge fed the bridge the LLM's own states, and why (auto: bridge_prefix.prefix_default)."""
+    span = "layer 0" if p["layers"] == 1 else f"layers 0-{p['layers'] - 1}"
+    state = f"on: the LLM's {span} ran forward only" if p["on"] else "off"
+    why = p["set_by"] + ("" if p["why"] == "asked" else ": " + p["why"])
+    return f"{state} ({why})"
 
 
 @app.command("eval")

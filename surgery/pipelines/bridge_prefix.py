@@ -47,13 +47,40 @@ def prefix_layers(meta: dict, arch=None) -> int:
     if first == n:
         raise CheckpointError(f"tune-bridge --prefix: the bridge dropped every layer of the LLM's {n}",
                               "re-create it with fewer `prune-bridge --drop-layers`")
-    if first and arch is not None:
-        extra = [t.name for t in arch.tensors() if t.role == "embedding" and t.dims[0] != ("vocab",)]
-        if extra:  # the stored state already holds them; the bridge would add them a second time
-            raise CheckpointError(f"tune-bridge --prefix: {arch.family} adds {extra[0]} to the token embedding, and "
-                                  "the bridge would add it again to the LLM's stored hidden state",
-                                  "drop --prefix, or use a bridge that keeps the LLM's layer 0")
+    if first and arch is not None and (extra := extra_embedding(arch)):
+        # the stored state already holds it; the bridge would add it a second time
+        raise CheckpointError(f"tune-bridge --prefix: {arch.family} adds {extra} to the token embedding, and "
+                              "the bridge would add it again to the LLM's stored hidden state",
+                              "drop --prefix, or use a bridge that keeps the LLM's layer 0")
     return first
+
+
+def extra_embedding(arch) -> str | None:
+    """An embedding the family adds to the token embedding (GPT-2's learned positions, wpe), if any: its
+    hidden state at a layer's input then already holds it, so a bridge fed that state would add it twice."""
+    return next((t.name for t in arch.tensors() if t.role == "embedding" and t.dims[0] != ("vocab",)), None)
+
+
+def prefix_default(meta: dict, arch) -> tuple[bool, str]:
+    """tune-bridge without --prefix / --no-prefix: (on, why). On when the bridge dropped exactly a leading run
+    of the LLM's layers, 0..L-1 (what prune-bridge --drop-by first makes, --memory-reduction's bridges
+    included): its first kept layer then expects the LLM's state after layer L-1, not the embedding output.
+    Off otherwise, and off, with the reason, for a bridge that tune-bridge --prefix would refuse."""
+    layers = meta.get("layers") or {}  # a bridge.json without "layers" dropped none
+    stacks = layers.get("llm", {})
+    if len(stacks) > 1:
+        return False, "the bridge has more than one stack of layers"
+    dropped = sorted(next(iter((layers.get("dropped") or {}).values()), []))
+    if not dropped:
+        return False, "the bridge keeps the LLM's layer 0"
+    if dropped != list(range(len(dropped))):
+        return False, f"the bridge dropped layers {', '.join(map(str, dropped))}, not only the LLM's first ones"
+    first = f"the bridge dropped the LLM's first {len(dropped)} layer{'s' if len(dropped) > 1 else ''}"
+    try:
+        prefix_layers(meta, arch)
+    except CheckpointError as e:
+        return False, f"{first}, but {e.what.removeprefix('tune-bridge --prefix: ')}"
+    return True, first
 
 
 def write_states(llm_dir: str, adapter_dir: str, kind, example_sets, n_layers: int, path: str, *,

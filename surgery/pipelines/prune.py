@@ -29,6 +29,7 @@ from ..ops.slice import select as slice_select
 from . import importance as imp
 from ..io.hashing import file_sha256
 from ..ops.fisher import block_influence, top_k
+from .bridge_memory import plan_by_memory
 from .bridge_plan import (bridge_config, check_drop_layers, kept_layers, layer_kept, parameter_counts, plan_bridge,
                           select, unit_maps)
 from ..io.model import Placement, load_model
@@ -165,10 +166,14 @@ def _tensor_producer(ck, arch, barch, kept: dict, corr: dict, sizes: dict):
 class PruneConfig:
     """prune-bridge's settings. The CLI's flags take their defaults from here, so each is defined once."""
 
-    reduction: float = 16.0  # keep about 1/R of the non-embedding parameters (the paper uses 16)
+    # None: not given; then 16 (keep about 1/R of the non-embedding parameters; the paper uses 16), unless
+    # memory_reduction plans the bridge instead (the two are exclusive, so "not given" must be visible)
+    reduction: float | None = None
     residual: str = "keep"  # keep every residual channel, or prune it too (the narrow LST bridge)
-    drop_layers: int | str = "auto"  # whole layers left out per stack; "auto": depth shares the reduction (bridge_plan)
-    drop_by: str = "similarity"  # which: similarity (block influence), fisher, or first (keep the last layers)
+    # whole layers left out per stack; None or "auto": depth shares the reduction (bridge_plan)
+    drop_layers: int | str | None = None
+    # which: similarity (block influence; the default), fisher, or first (keep the last layers: memory_reduction's)
+    drop_by: str | None = None
     hidden_size: int | None = None  # explicit bridge widths override the reduction
     intermediate_size: int | None = None
     num_attention_heads: int | None = None
@@ -179,6 +184,35 @@ class PruneConfig:
     importance: str = "fisher-mask"
     seed: int = 0
     max_shard_size: str = "5GB"
+    # plan the sizes by training memory instead (pipelines/bridge_memory.py): tune-bridge --prefix's step holds at
+    # most 1/memory_reduction of LoRA (rank lora_rank, every linear layer) on the LLM, both at train_batch x
+    # train_length tokens; bridge_rank: the rank the bridge's layers train with (default lora_rank)
+    memory_reduction: float | None = None
+    train_batch: int = 8  # tune-bridge's --batch-size default
+    train_length: int = 512  # tune-bridge's --max-length default (train.data.MAX_LENGTH)
+    lora_rank: int = 8
+    bridge_rank: int | None = None
+
+
+DEFAULT_REDUCTION = 16.0
+WIDTH_FLAGS = {"hidden_size": "--hidden-size", "intermediate_size": "--intermediate-size",
+               "num_attention_heads": "--num-attention-heads", "num_key_value_heads": "--num-key-value-heads"}
+
+
+def memory_conflict(cfg: PruneConfig) -> str | None:
+    """The first flag that contradicts --memory-reduction (which sets every size, the depth and the ranking)."""
+    if cfg.reduction is not None:
+        return "--reduction (it plans by parameter count; --memory-reduction by training memory)"
+    given = [flag for k, flag in WIDTH_FLAGS.items() if getattr(cfg, k) is not None]
+    if given:
+        return f"{given[0]} (the plan sets every width)"
+    if cfg.residual != "keep":
+        return f"--residual {cfg.residual} (the plan keeps the residual: tune-bridge --prefix feeds it the LLM's own state)"
+    if parse_drop_layers(cfg.drop_layers) is not None:
+        return f"--drop-layers {cfg.drop_layers} (the plan sets the depth)"
+    if cfg.drop_by not in (None, "first"):
+        return f"--drop-by {cfg.drop_by} (the plan keeps the last layers: --drop-by first)"
+    return None
 
 
 def parse_drop_layers(v) -> int | None:
@@ -201,7 +235,8 @@ def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, 
                  num_attention_heads: int | None = None, num_key_value_heads: int | None = None,
                  samples: int | None = None, seq_len: int | None = None, batch_size: int | None = None,
                  importance: str | None = None, seed: int | None = None, max_shard_size: str | None = None,
-                 force: bool = False, placement: Placement | None = None, max_memory: dict | None = None,
+                 memory_reduction: float | None = None, train_batch: int | None = None, train_length: int | None = None,
+                 lora_rank: int | None = None, bridge_rank: int | None = None, force: bool = False, placement: Placement | None = None, max_memory: dict | None = None,
                  progress: bool | None = None, plot: str | None = None) -> dict:
     """Write a bridge of `llm` to `out`; returns the report (also the content of bridge.json).
 
@@ -216,12 +251,18 @@ def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, 
     given = dict(reduction=reduction, residual=residual, drop_layers=drop_layers, drop_by=drop_by, hidden_size=hidden_size,
                  intermediate_size=intermediate_size, num_attention_heads=num_attention_heads,
                  num_key_value_heads=num_key_value_heads, samples=samples, seq_len=seq_len, batch_size=batch_size,
-                 importance=importance, seed=seed, max_shard_size=max_shard_size)
+                 importance=importance, seed=seed, max_shard_size=max_shard_size, memory_reduction=memory_reduction,
+                 train_batch=train_batch, train_length=train_length, lora_rank=lora_rank, bridge_rank=bridge_rank)
     cfg = replace(cfg or PruneConfig(), **{k: v for k, v in given.items() if v is not None})
     if cfg.importance not in imp.METHODS:
         raise DataError(f"unknown importance {cfg.importance!r}", f"choose one of {', '.join(imp.METHODS)}")
-    if cfg.drop_by not in DROP_BY:
+    if cfg.drop_by not in (None, *DROP_BY):
         raise DataError(f"unknown --drop-by {cfg.drop_by!r}", f"choose one of {', '.join(DROP_BY)}")
+    by_memory = cfg.memory_reduction is not None
+    if by_memory and (clash := memory_conflict(cfg)):
+        raise ShapeError(f"--memory-reduction cannot be combined with {clash}", "leave out one of the two")
+    drop_by = cfg.drop_by or ("first" if by_memory else "similarity")
+    reduction = DEFAULT_REDUCTION if cfg.reduction is None else cfg.reduction
     ck = Checkpoint.open(llm)
     arch = arch_of(ck)
     if arch.prune.get("unsupported"):
@@ -232,9 +273,15 @@ def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, 
     asked = parse_drop_layers(cfg.drop_layers)
     if asked is not None:
         check_drop_layers(arch, asked)
-    sizes, drop = plan_bridge(arch, cfg.reduction, {"hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size,
+    memory = None
+    if by_memory:  # sizes and depth from the training-memory plan; the Fisher scores still choose which units
+        plan = plan_by_memory(arch, cfg.memory_reduction, cfg.train_batch, cfg.train_length, cfg.lora_rank,
+                              cfg.bridge_rank)
+        sizes, drop, memory = plan["sizes"], plan["drop"], plan["record"]
+    else:
+        sizes, drop = plan_bridge(arch, reduction, {"hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size,
                                                     "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads},
-                              residual=cfg.residual, drop_layers=asked)
+                                  residual=cfg.residual, drop_layers=asked)
     missing = [t.name for t in arch.stored_tensors() if t.name not in ck]
     if missing:
         raise ArchitectureError(f"{ck.path} lacks {missing[0]} (and {len(missing) - 1} more) that its family map lists",
@@ -264,10 +311,10 @@ def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, 
         corr, similarity, llm_loss = calibration_stats(model, arch, blocks, cfg.batch_size,
                                                        top_k(u["residual"], sizes["hidden"]))
         layer_scores = similarity
-        if drop and cfg.drop_by == "fisher":
+        if drop and drop_by == "fisher":
             layer_scores = imp.layer_fisher(scores if cfg.importance == "fisher-mask" else
                                             imp.fisher_mask(model, arch, blocks, cfg.batch_size), arch)
-        if drop and cfg.drop_by == "first":  # keep the last layers: tune-bridge --prefix feeds them the LLM's own states
+        if drop and drop_by == "first":  # keep the last layers: tune-bridge --prefix feeds them the LLM's own states
             layer_scores = {(st, i): float(i) for st, n in arch.stacks.items() for i in range(n)}
         dropped = choose_dropped(arch, layer_scores, drop)
         del model, scores
@@ -291,10 +338,11 @@ def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, 
         manifest = {
             "format": FORMAT, "source": ck.path, "family": arch.family, "importance": cfg.importance,
             "seed": cfg.seed, "samples": int(blocks.shape[0]), "seq_len": L, "data_sha256": file_sha256(data),
-            "reduction": float(cfg.reduction), "residual": cfg.residual,
+            # the parameter reduction asked; null when the sizes came from the memory plan ("memory")
+            "reduction": None if by_memory else float(reduction), "residual": cfg.residual,
             "sizes": sizes, "llm_sizes": {k: arch.dims[k] for k in sizes},
             "layers": {"llm": dict(arch.stacks), "bridge": dict(barch.stacks),
-                       "drop_by": cfg.drop_by if drop else None, "drop_planned": asked is None,
+                       "drop_by": drop_by if drop else None, "drop_planned": asked is None,
                        "dropped": dropped, "scores": {st: [layer_scores[(st, i)] for i in range(n)]
                                                       for st, n in arch.stacks.items()}},
             "parameters": {"llm": pl["total"], "bridge": pb["total"],
@@ -303,13 +351,16 @@ def prune_bridge(llm: str, out: str, data: str, cfg: PruneConfig | None = None, 
             "norms": corr if len(kept["residual"]) < arch.dims["hidden"] else {},
             "kept": kept, "retained": ret,
         }
+        if memory:
+            manifest["memory"] = memory
         share = pb["non_embedding"] / max(pl["non_embedding"], 1)
-        if share > 1.25 / cfg.reduction:  # e.g. GPT-2 keeps every head with its residual, T5/llama at least one kv group
-            manifest["note"] = (f"kept {share:.1%} of the non-embedding parameters, more than 1/{cfg.reduction:g}: the widths "
+        if not by_memory and share > 1.25 / reduction:  # e.g. GPT-2 keeps every head with its residual, T5/llama at least one kv group
+            manifest["note"] = (f"kept {share:.1%} of the non-embedding parameters, more than 1/{reduction:g}: the widths "
                                 "cannot shrink further; add --drop-layers N (or --residual prune) to go lower")
         od.write_json("bridge.json", manifest)
         path = od.commit()
     if plot:  # from the scores the selection used, not recomputed
         plots.importance(plot, unit_maps(arch, u, kept),
-                         f"prune-bridge {arch.family}: {cfg.importance} importance, kept for a 1/{cfg.reduction:g} bridge")
+                         f"prune-bridge {arch.family}: {cfg.importance} importance, kept for a " +
+                         (f"1/{cfg.memory_reduction:g}-memory bridge" if by_memory else f"1/{reduction:g} bridge"))
     return {"output": path, "plot": plot, **manifest}

@@ -56,12 +56,13 @@ def _examples(tok, data: str, eval_data: str | None, seq2seq: bool, max_length: 
 
 def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data: str | None = None,
                 llm: str | None = None, max_length: int = MAX_LENGTH, force: bool = False,
-                cfg: TrainConfig | None = None, placement=None, plot: str | None = None, prefix: bool = False,
+                cfg: TrainConfig | None = None, placement=None, plot: str | None = None, prefix: bool | None = None,
                 rank: int | None = None) -> dict:
     """Tune `adapter_dir` (a LoRA or bottleneck adapter for the LLM) on the bridge; write the lifted LLM adapter to `out`.
     plot: also draw the loss curves (measured on the bridge) to this PNG (surgery.plot.loss).
     prefix: the bridge's first kept layer reads the LLM's own hidden state there (computed once, forward
     only, by the LLM with the adapter on: pipelines/bridge_prefix.py); empty, a plain tune, when it is layer 0.
+    None (the default): on when the bridge dropped exactly the LLM's first layers (bridge_prefix.prefix_default).
     rank: LoRA only: the modules of the bridge's kept layers grow to this rank before tuning, their start's
     delta and scaling unchanged (kinds/lora.py LoraRoute); None keeps the adapter's rank."""
     cfg = cfg or TrainConfig()
@@ -73,8 +74,14 @@ def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data
         raise CheckpointError(f"bridge.json says family {meta['family']} but the LLM is {arch.family}", "pass the matching --llm")
     kind = kind_of(adapter_dir, "tune-bridge")
     route = kind.bridge_route(adapter_dir, arch, meta["kept"], rank=rank, seed=cfg.seed)
+    if prefix is None:
+        prefix, why = bp.prefix_default(meta, arch)
+        set_by = "auto"
+    else:
+        why, set_by = "asked", "--prefix" if prefix else "--no-prefix"
     n_prefix = bp.prefix_layers(meta, arch) if prefix else 0
     if prefix and not n_prefix:
+        why = "the bridge keeps the LLM's layer 0: the prefix is empty"
         note("tune-bridge --prefix: the bridge keeps the LLM's layer 0, whose input (the embedding output) it computes "
              "with the LLM's own weights: the prefix is empty, this is a plain tune")
     inputs = [route.path, bdir, data] + ([eval_data] if eval_data else [])
@@ -110,7 +117,8 @@ def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data
         route.write(od, pm, arch, llm_config)
         od.write_json("tune_bridge.json", {"adapter": route.path, "bridge": bdir, "data": os.path.abspath(data),
                                            "kind": kind.name, "seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr,
-                                           "batch_size": cfg.batch_size, "rank": rank, "prefix_layers": n_prefix, "bridge_before": before,
+                                           "batch_size": cfg.batch_size, "rank": rank, "prefix_layers": n_prefix,
+                                           "prefix_set_by": set_by, "bridge_before": before,
                                            "bridge_after": after, "history": hist.as_dict()})
         path = od.commit()
     if plot:
@@ -122,4 +130,5 @@ def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data
             "bridge_parameters": bridge_params, "llm_parameters": arch.num_parameters(),
             "trainable": sum(p.numel() for p in pm.parameters() if p.requires_grad),
             "device": hist.device, "mixed_precision": hist.mixed_precision,
-            "evaluated_on": "eval" if eval_ex else "train", "before": before, "after": after}
+            "evaluated_on": "eval" if eval_ex else "train", "before": before, "after": after,
+            "prefix": {"on": bool(n_prefix), "layers": n_prefix, "set_by": set_by, "why": why}}
