@@ -8,7 +8,8 @@ per seed the dev accuracy after the lift (or after refine, --refined) beside the
 (results.json of the evidence work directory: its `bridge` stage lifted = refine's `before`, its
 `method` stage = refine's `after`), the mean over the task's seeds, and at the end the mean over every
 task-seed the bridge has, beside the committed method's mean over the same task-seeds. A later record
-of the same task, seed, bridge, init and tag replaces an earlier one. Markdown on stdout.
+of the same task, seed, bridge (and --rank), init and tag replaces an earlier one. Markdown on stdout; the
+last column is the mean of tune-bridge's last training-loss records (how well the bridge fits its data).
 """
 
 from __future__ import annotations
@@ -48,14 +49,15 @@ def main(argv=None) -> None:
                 r = json.loads(line)
                 if a.tag is not None and r.get("tag") != a.tag:
                     continue
-                recs[(r["bridge"], r["init"], r.get("tag", ""), r["task"], r["seed"])] = r
+                label = r["bridge"] + (f" rank {r['rank']}" if r.get("rank") else "")  # tune-bridge --rank (section 10)
+                recs[(label, r["init"], r.get("tag", ""), r["task"], r["seed"])] = r
     wanted = a.bridges.split(",") if a.bridges else sorted({k[0] for k in recs})
     col = 1 if a.refined else 0
     what = "refined" if a.refined else "lifted"
-    print(f"| bridge | task | {what} per seed | committed method ({what}) | mean - committed |")
-    print("|---|---|---|---|---:|")
+    print(f"| bridge | task | {what} per seed | committed method ({what}) | mean - committed | tune-bridge's last train loss |")
+    print("|---|---|---|---|---:|---:|")
     for b in wanted:
-        mine, theirs = [], []
+        mine, theirs, losses = [], [], []
         for task in TASKS:
             rows = sorted((k[4], r) for k, r in recs.items() if k[0] == b and k[3] == task)
             if not rows:
@@ -64,12 +66,18 @@ def main(argv=None) -> None:
             c = [base[(task, s)][col] for s, _ in rows]
             mine += v
             theirs += c
+            loss = [r["bridge_train_loss"] for _, r in rows if "bridge_train_loss" in r]  # (harness runs since section 10)
+            losses += loss
             mv, mc = sum(v) / len(v), sum(c) / len(c)
             print(f"| {b} | {task} | {' / '.join(f'{x:.1f}' for x in v)} (mean {mv:.1f}) "
-                  f"| {' / '.join(f'{x:.1f}' for x in c)} (mean {mc:.1f}) | {mv - mc:+.1f} |")
+                  f"| {' / '.join(f'{x:.1f}' for x in c)} (mean {mc:.1f}) | {mv - mc:+.1f} | {mean_or_dash(loss)} |")
         if mine:
             mm, mc = sum(mine) / len(mine), sum(theirs) / len(theirs)
-            print(f"| {b} | all {len(mine)} | mean {mm:.2f} | mean {mc:.2f} | {mm - mc:+.2f} |")
+            print(f"| {b} | all {len(mine)} | mean {mm:.2f} | mean {mc:.2f} | {mm - mc:+.2f} | {mean_or_dash(losses)} |")
+
+
+def mean_or_dash(xs: list) -> str:
+    return f"{sum(xs) / len(xs):.3f}" if xs else "-"
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ Bridge specs: `r<R>` (reduction R), `-drop<N>` (--drop-layers N), `-fisher` (--d
 `-v<N>` (--num-key-value-heads N), `-k<L..>` (keep exactly these LLM layers, e.g. k0 or k03: which layers a dropping plan keeps, in place
 of prune-bridge's ranking). Example: r8-drop2.
 
+--rank R (docs/method-experiments.md §10): tune-bridge --rank R, the start's kept-layer LoRA grown to rank R first;
+the memory count trains the bridge's LoRA (its kept layers' only) at rank R.
+
 --prefix (docs/method-experiments.md §7, §8): with a bridge whose first kept layer L is not 0 (r10-k3), tune-bridge
 runs as `surgery tune-bridge --prefix` (the library call): the LLM's layers 0..L-1, with the start adapter on,
 run once forward only over the training and dev records, and the kept layers train on those hidden states
@@ -118,6 +121,10 @@ def main(argv=None) -> None:
                     help="a one-layer bridge (a path, or a directory name in the evidence's task directory: bridge-keep) whose "
                          "kept layer stands, frozen, in place of the same LLM layer of each --bridges bridge: that layer keeps "
                          "the start adapter's change (start from its tune-bridge stage, --inits bridge-scaled), only the others train")
+    ap.add_argument("--rank", type=int, default=None,
+                    help="tune-bridge --rank: the start's LoRA modules on the bridge's kept layers grow to this rank before "
+                         "tuning (the start unchanged); the memory count trains the bridge's LoRA at this rank. Output "
+                         "names get -rank<R>")
     ap.add_argument("--fisher-mass", action="store_true",
                     help="only print, per LLM layer, the fisher-mask scores prune-bridge ranks (kv groups, best neurons, layer)")
     ap.add_argument("--memory-only", action="store_true",
@@ -161,9 +168,10 @@ def main(argv=None) -> None:
             spec += "-cascade"
         with open(os.path.join(bdir, "bridge.json")) as f:
             meta = json.load(f)
-        mem = training_bytes(bdir, batch=16, seq=64, prefix=a.prefix, **swap_kwargs(frozen_dir, swap))
+        # the bridge holds only its kept layers, and tune-bridge --rank grows exactly their LoRA: rank R on every module
+        mem = training_bytes(bdir, batch=16, seq=64, prefix=a.prefix, rank=a.rank or 8, **swap_kwargs(frozen_dir, swap))
         if a.memory_only:
-            print(json.dumps({"bridge": spec, "sizes": meta["sizes"], "kept_layers": kept_llm_layers(meta),
+            print(json.dumps({"bridge": spec, "rank": a.rank, "sizes": meta["sizes"], "kept_layers": kept_llm_layers(meta),
                               "non_embedding": meta["parameters"]["bridge_non_embedding"], "prefix": a.prefix,
                               "bridge_mem_bytes": mem["total"], "cap_bytes": mem_llm // 5,
                               "bridge_mem_mb": round(mem["total"] / 2**20, 2), "mem_ratio": round(mem_llm / mem["total"], 2),
@@ -181,13 +189,17 @@ def main(argv=None) -> None:
                                              {int(c) for c in only})
                 if a.balance_init:
                     start = balanced_copy(start, os.path.join(a.work, a.task, f"s{seed}", "inits", os.path.basename(start) + "-bal"))
-                name = f"{spec}-{os.path.basename(init)}{'-bal' if a.balance_init else ''}{a.tag}"
+                name = (f"{spec}-{os.path.basename(init)}{'-bal' if a.balance_init else ''}"
+                        f"{f'-rank{a.rank}' if a.rank else ''}{a.tag}")
                 tuned = os.path.join(a.work, a.task, f"s{seed}", name)
                 t0 = time.time()
                 with frozen_layers(bdir, frozen_dir, swap) if swap else contextlib.nullcontext():
                     tb = tune_bridge(start, bdir, train, tuned, eval_data=dev, llm=llm, max_length=64, force=True, prefix=a.prefix,
-                                     cfg=TrainConfig(epochs=a.tune_epochs, lr=a.tune_lr, batch_size=16, seed=seed, progress=False))
+                                     rank=a.rank, cfg=TrainConfig(epochs=a.tune_epochs, lr=a.tune_lr, batch_size=16, seed=seed, progress=False))
                 t_tune = time.time() - t0
+                if 12 * tb["trainable"] != mem["lora_state"]:  # the count must train what tune-bridge trained
+                    raise SystemExit(f"{name}: tune-bridge trained {tb['trainable']} parameters, the memory count "
+                                     f"{mem['lora_state'] // 12}")
                 rcfg = RefineConfig(steps=max(a.refine_steps, 1), batch_size=a.refine_batch, seed=seed,
                                     eval_every=a.eval_every, keep_best=False, progress=False,
                                     **({"lr": a.refine_lr} if a.refine_lr else {}),
@@ -197,7 +209,7 @@ def main(argv=None) -> None:
                 with open(os.path.join(tuned + "-refined", "refine.json")) as f:
                     curve = [(e["step"], round(100 * e["accuracy"], 1), round(e["loss"], 3))
                              for e in json.load(f)["history"]["evals"]]
-                log({"task": a.task, "seed": seed, "bridge": spec, "init": init, "tag": a.tag,
+                log({"task": a.task, "seed": seed, "bridge": spec, "init": init, "tag": a.tag, "rank": a.rank,
                      "sizes": meta["sizes"], "layers": meta["layers"]["bridge"], "kept_layers": kept_llm_layers(meta),
                      "tune": {"epochs": a.tune_epochs, "lr": a.tune_lr},
                      "non_embedding": meta["parameters"]["bridge_non_embedding"],
@@ -205,11 +217,17 @@ def main(argv=None) -> None:
                      "prefix": a.prefix, "bridge_mem_bytes": mem["total"],
                      "bridge_mem_mb": round(mem["total"] / 2**20, 2), "llm_lora_mem_mb": round(mem_llm / 2**20, 2),
                      "mem_ratio": round(mem_llm / mem["total"], 2),
-                     "on_bridge": round(100 * tb["after"]["accuracy"], 1),
+                     "on_bridge": round(100 * tb["after"]["accuracy"], 1), "bridge_train_loss": final_train_loss(tuned),
                      "lifted": round(100 * rf["before"]["accuracy"], 1), "lifted_loss": round(rf["before"]["loss"], 3),
                      "refined": round(100 * rf["after"]["accuracy"], 1), "refined_loss": round(rf["after"]["loss"], 3),
                      "refine": {"steps": rcfg.steps, "lr": rcfg.lr, "eps": rcfg.eps, "batch": rcfg.batch_size},
                      "curve": curve, "seconds": {"tune": round(t_tune), "refine": round(time.time() - t0)}})
+
+
+def final_train_loss(tuned: str) -> float:
+    """tune-bridge's last recorded training loss (tune_bridge.json history): how well the bridge fits."""
+    with open(os.path.join(tuned, "tune_bridge.json")) as f:
+        return round(json.load(f)["history"]["train_loss"][-1][1], 3)
 
 
 def cascade_bridge(bdir: str, frozen_dir: str, out: str) -> tuple[str, dict]:

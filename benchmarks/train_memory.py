@@ -14,6 +14,8 @@ Stages, at the same batch and sequence length, LoRA r=8 (alpha 16) on the same m
                  last_layer_widths: on the pair every head, 2 kv groups instead of 1, and 202 instead of 139
                  neurons): the r10 plan's depth with its heads and kv groups x2 and its neurons x 202/139
                  (only at --shape tinyllama, where that plan keeps 7 of 22 layers, 8 heads / 1 kv / 1875)
+  bridge-prefix-rank64  docs/method-experiments.md section 10's bridge: bridge-prefix-wide's plan with the pair's 45
+                 instead of 202 neurons (x 1875/139: 607) and its LoRA at rank 64 (`tune-bridge --rank 64`; only at tinyllama)
   bridge-memory  `prune-bridge --memory-reduction 5 --train-shape BATCHxSEQ` (this run's shape): the bridge
                  planned so its tune-bridge --prefix step holds <= 1/5 of LoRA on the LLM's (on the evidence
                  pair it is exactly the evidence's bridge, 4 heads / 202 neurons; here its own plan, by the
@@ -71,11 +73,15 @@ BRIDGES = {"bridge": [], "bridge-drop": ["--drop-layers", "HALF"], "bridge-narro
 # docs/method-experiments.md section 8): explicit sizes, so only for that shape
 WIDE = {"tinyllama": ["--reduction", "10", "--drop-by", "first", "--drop-layers", "15", "--num-attention-heads", "16",
                       "--num-key-value-heads", "2", "--intermediate-size", str(round(1875 * 202 / 139))]}
+# section 10's bridge at this shape: WIDE with 45 neurons on the pair instead of 202, its LoRA at rank 64
+RANK64 = {"tinyllama": WIDE["tinyllama"][:-1] + [str(round(1875 * 45 / 139))]}
+RANKS = {"bridge-prefix-rank64": 64}  # a stage's LoRA rank (tune-bridge --rank) where it is not 8
+TINY_ONLY = ("bridge-prefix-wide", "bridge-prefix-rank64")  # absolute widths carried to TinyLlama's shape
 # tuned with `tune-bridge --prefix` (the evidence's bridge): its token embedding is not held (without_embedding)
-PREFIX = ("bridge-prefix", "bridge-prefix-wide", "bridge-memory")
+PREFIX = ("bridge-prefix", *TINY_ONLY, "bridge-memory")
 FIXED = {"--num-attention-heads": "heads", "--num-key-value-heads": "kv_heads", "--intermediate-size": "intermediate"}
 MEMORY_REDUCTION = 5.0  # bridge-memory's M: issue 16's line
-STAGES = ("slm", *BRIDGES, "bridge-prefix-wide", "bridge-memory", "llm")
+STAGES = ("slm", *BRIDGES, *TINY_ONLY, "bridge-memory", "llm")
 
 
 def rss_mb() -> float:
@@ -89,13 +95,15 @@ def rss_mb() -> float:
 def counted_stages(shape: dict) -> tuple:
     """Stages with a tensor count at this shape: the wide --prefix bridge's sizes are TinyLlama's, and GPT-2
     has no --prefix bridge (tune-bridge refuses it: the stored state already holds the position embeddings)."""
-    return tuple(s for s in STAGES if (s != "bridge-prefix-wide" or shape is SHAPES["tinyllama"])
+    return tuple(s for s in STAGES if (s not in TINY_ONLY or shape is SHAPES["tinyllama"])
                  and (s not in PREFIX or shape["family"] != "gpt2"))
 
 
 def _bridge_args(shape: dict, stage: str) -> list[str]:
     if stage == "bridge-prefix-wide":
         return WIDE["tinyllama"]
+    if stage == "bridge-prefix-rank64":
+        return RANK64["tinyllama"]
     half = str(shape["llm"].get("num_hidden_layers", shape["llm"].get("n_layer")) // 2)
     args = [half if a == "HALF" else a for a in BRIDGES[stage]]
     return args if "--reduction" in args else ["--reduction", "16", *args]
@@ -131,13 +139,15 @@ def config_of(shape: dict, stage: str, work: str, batch: int = 4, seq: int = 256
     return bridge_config(arch, sizes, {st: list(range(n - drop)) for st, n in arch.stacks.items()})
 
 
-def tensor_count(config: dict, targets: list[str], batch: int, seq: int, device: str = "meta", prefix: bool = False) -> dict:
-    """Bytes a LoRA r=8 training step holds at the end of its forward pass (surgery.train.memory.step_bytes,
+def tensor_count(config: dict, targets: list[str], batch: int, seq: int, device: str = "meta", prefix: bool = False,
+                 rank: int = 8) -> dict:
+    """Bytes a LoRA training step holds at the end of its forward pass (surgery.train.memory.step_bytes,
     on the meta device; device="cpu" runs the same step for real, which the tests compare it with). prefix:
-    the model is a `tune-bridge --prefix` bridge, fed stored hidden states without holding its token embedding."""
+    the model is a `tune-bridge --prefix` bridge, fed stored hidden states without holding its token embedding.
+    rank: the LoRA's (8 unless a bridge is tuned with `tune-bridge --rank`, which puts its kept layers at it)."""
     from surgery.train.memory import step_bytes
 
-    return step_bytes(config, batch, seq, rank=8, targets=targets, prefix=prefix, device=device)
+    return step_bytes(config, batch, seq, rank=rank, targets=targets, prefix=prefix, device=device)
 
 
 def method_counts(shape: dict, counts: dict, work: str) -> dict:
@@ -296,7 +306,8 @@ def main() -> None:
     if a.setup:
         setup(shape, a.work, a.seq, train_docs=a.batch * a.steps)
         return
-    counts = {s: tensor_count(config_of(shape, s, a.work, a.batch, a.seq), shape["targets"], a.batch, a.seq, prefix=s in PREFIX)
+    counts = {s: tensor_count(config_of(shape, s, a.work, a.batch, a.seq), shape["targets"], a.batch, a.seq, prefix=s in PREFIX,
+                              rank=RANKS.get(s, 8))
               for s in counted_stages(shape)}
     counts.update(method_counts(shape, counts, a.work))
     rows = {}
@@ -313,7 +324,8 @@ def main() -> None:
                 sys.exit(f"{stage} failed:\n{r.stderr[-3000:]}")
             rows[stage] = json.loads(r.stdout.rsplit("RESULT ", 1)[1])
     gb = 1e9
-    print(f"shape {a.shape}, batch {a.batch} x {a.seq} tokens, LoRA r=8 on {', '.join(shape['targets'])}, fp32\n")
+    other = "".join(f" ({st}: r={r})" for st, r in RANKS.items() if st in counts)
+    print(f"shape {a.shape}, batch {a.batch} x {a.seq} tokens, LoRA r=8{other} on {', '.join(shape['targets'])}, fp32\n")
     print("Tensor count (meta device: weights + saved activations + the LoRA's gradient and AdamW moments):\n")
     print("| stage | params | weights GB | saved activations GB | trainable state GB | total GB | LLM / this |")
     print("|---|---:|---:|---:|---:|---:|---:|")
