@@ -12,7 +12,7 @@ Two shapes:
              shape by hand (train_memory.py's bridge-prefix-wide: 7 layers, 16 heads / 2 kv, 2725 neurons)
              is counted beside it.
 
-    python benchmarks/memory_plan.py [--pair benchmarks/.work/pairs/4394e841445a] [--m 5] [--more 3,8,10]
+    python benchmarks/memory_plan.py [--pair benchmarks/.work/pairs/4394e841445a] [--m 5] [--more 3,8,10,20]
 
 Prints markdown (docs/benchmarks.md, "prune-bridge --memory-reduction"). Planning time is wall time after
 torch, transformers and peft are imported (a first plan in a fresh process adds their ~3 s import).
@@ -53,7 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pair", default=os.path.join(ROOT, "benchmarks", ".work", "pairs", "4394e841445a"))
     ap.add_argument("--m", type=float, default=5.0)
-    ap.add_argument("--more", default="3,8,10", help="other M values to plan at both shapes")
+    ap.add_argument("--more", default="3,8,10,20", help="other M values to plan at both shapes")
     a = ap.parse_args()
     import torch  # noqa: F401  (imported before timing: planning time excludes the libraries' import)
     import peft  # noqa: F401

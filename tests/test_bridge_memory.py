@@ -181,3 +181,23 @@ def test_prefix_default_rule():
     on, why = prefix_default({**meta([0]), "layers": {"llm": {"h": 4}, "dropped": {"h": [0]}}}, gpt2)
     assert not on and "wpe" in why
     assert prefix_default({}, arch)[0] is False  # a bridge.json without layer records dropped none
+
+
+def test_kv_counts_the_config_refuses_are_skipped():
+    """llama's config refuses a hidden size that is not whole heads: 64 wide with 4 heads a group takes 1, 2 or
+    4 kv groups, not 3 (12 heads). The plan only counts accepted ones (before, its bisection tried 3 and failed
+    inside transformers), and the next accepted count beyond its choice does not fit."""
+    from fixtures.build import _config
+    from surgery.arch import load_arch
+    from surgery.pipelines.bridge_memory import plan_by_memory
+    from surgery.pipelines.bridge_plan import kv_choices
+    from surgery.train.memory import step_bytes
+
+    arch = load_arch(_config("llama", hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=16,
+                             num_key_value_heads=4, head_dim=4, vocab_size=384, tie_word_embeddings=False).to_dict())
+    assert kv_choices(arch, 64) == [1, 2, 4]
+    p = plan_by_memory(arch, 3, SHAPE["batch"], SHAPE["seq"])
+    budget = step_bytes(arch.config, SHAPE["batch"], SHAPE["seq"], 8)["total"] / 3
+    assert (p["drop"], p["sizes"]["kv_heads"], p["sizes"]["heads"]) == (1, 2, 8)
+    assert p["record"]["bridge_bytes"] == _count(arch, 1, 2, p["sizes"]["intermediate"]) <= budget
+    assert _count(arch, 1, 4, 1) > budget and _count(arch, 1, 2, p["sizes"]["intermediate"] + 1) > budget

@@ -25,7 +25,7 @@ shape, most of it the LLM's own count).
 from __future__ import annotations
 
 from ..errors import ShapeError
-from .bridge_plan import bridge_config
+from .bridge_plan import bridge_config, kv_choices
 from .bridge_prefix import extra_embedding
 
 TARGETS = "all-linear"  # LoRA on every linear layer (peft's all-linear: the LM head excluded), the LLM's and the bridge's
@@ -105,7 +105,10 @@ def plan_by_memory(arch, memory_reduction: float, batch: int, seq: int, lora_ran
                              f"kv group and 1 neuron) holds {count(1, 1, 1):,} bytes at {batch} x {seq} tokens against "
                              f"LoRA on the LLM's {llm['total']:,}, at most {best:.2f}x less",
                              f"use --memory-reduction {best:.2f} or less")
-        kv = most(1, d["kv_heads"], lambda k: fits(1, k, 1))  # kv groups first, beside a single neuron
+        # kv groups first, beside a single neuron: among the counts the config accepts (fits(1, 1, 1) above, and
+        # 1 is always one: a group's heads divide the width whenever all the LLM's heads do)
+        kvs = kv_choices(arch, d["hidden"])
+        kv = kvs[most(0, len(kvs) - 1, lambda j: fits(1, kvs[j], 1))]
         inter = most(1, d["intermediate"], lambda i: fits(1, kv, i))  # then neurons
     sizes = {"hidden": d["hidden"], "heads": kv * rep, "kv_heads": kv, "intermediate": inter}
     bridge = count(depth, kv, inter)

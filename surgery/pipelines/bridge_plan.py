@@ -45,12 +45,18 @@ def parameter_counts(arch) -> dict:
     return {"total": total, "non_embedding": total - emb}
 
 
+def kv_choices(arch, hidden: int) -> list[int]:
+    """The kv-head counts (1..the LLM's) the family's config accepts at this residual width: all of them,
+    unless it refuses a hidden size that is not whole heads (llama: 2048 wide with 8 heads a group takes
+    1, 2 or 4 groups, not 3)."""
+    d, rep = arch.dims, arch.dims["heads"] // arch.dims["kv_heads"]
+    every = list(range(1, d["kv_heads"] + 1))
+    return [k for k in every if hidden % (k * rep) == 0] if arch.prune.get("hidden_multiple_of_heads") else every
+
+
 def _valid_kv(arch, kv: int, hidden: int) -> int:
     """The nearest kv-head count (ties: fewer) the family's config accepts at this residual width."""
-    d, rep = arch.dims, arch.dims["heads"] // arch.dims["kv_heads"]
-    if not arch.prune.get("hidden_multiple_of_heads"):
-        return kv
-    ok = [k for k in range(1, d["kv_heads"] + 1) if hidden % (k * rep) == 0]
+    ok = kv_choices(arch, hidden)
     return min(ok, key=lambda k: (abs(k - kv), k)) if ok else kv
 
 
