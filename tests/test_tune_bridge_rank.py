@@ -132,3 +132,24 @@ def test_rank_errors(fx, task, last_layer, tmp_path):
                            "-o", tmp_path / "o")
     assert code == 2 and "bottleneck adapter" in err and "leave out --rank" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_evidence_counts_refine_on_the_grown_adapter(fx, task, last_layer, one_thread, tmp_path):  # noqa: F811
+    """benchmarks/evidence/memory.py with tune-bridge --rank (run.KEEP_RANK): refine's row holds the LLM with the
+    adapter tune-bridge --rank writes (rank R on the layers the bridge kept, the adapter's rank elsewhere)."""
+    from benchmarks.evidence.memory import _kept_pattern, _rank_of, inference_bytes
+    from surgery.io.adapter import Adapter
+    from surgery.io.checkpoint import Checkpoint
+    from surgery.pipelines.tune_bridge import tune_bridge
+    from surgery.train.loop import TrainConfig
+
+    assert _rank_of(["--rank", "12"]) == 12 and _rank_of([]) is None
+    llm, src = fx.model("llama"), fx.lora("llama", name="all")  # every linear layer, rank 4
+    train, _ = task
+    tune_bridge(src, last_layer, train, str(tmp_path / "g"), cfg=TrainConfig(epochs=1, lr=0.0, batch_size=16), prefix=True, rank=12)
+    grown = sum(t.numel() * t.element_size() for t in Adapter.open(str(tmp_path / "g")).tensors.values())
+    ck = Checkpoint.open(llm)
+    base = sum(ck.nbytes(k) for k in ck.keys())
+    count = inference_bytes(llm, 4, 8, rank=4, rank_pattern=_kept_pattern(llm, last_layer, 12))
+    assert _kept_pattern(llm, last_layer, 12) == {r"model\.layers\.1\..*": 12}
+    assert count["weights"] == base + grown

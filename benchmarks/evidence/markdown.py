@@ -102,7 +102,9 @@ def render(results: dict, sm: dict) -> str:
           f"- bridges (`prune-bridge --reduction {s.get('reduction', 16):g}`, on the task's first "
           f"{s['calib']} training texts): " + "; ".join(_bridges(sm))
           + "".join(f"; {k}: `{' '.join(a)}`" for k, a in bridge_args.items())
-          + ("; the kept bridge is tuned with `tune-bridge --prefix`" if "--drop-by" in bridge_args.get("keep", []) else ""),
+          + ("; the kept bridge is tuned with `tune-bridge --prefix`" if "--drop-by" in bridge_args.get("keep", []) else "")
+          + "".join(f"; the {k} bridge's tune adds `{' '.join(a)}` (its kept layer's LoRA grows to that rank first)"
+                    for k, a in (results.get("tune_args") or {}).items() if a),
           ""]
     L += ["## Against the goal (issue 16)", ""] + _rule_lines(sm)
     if g["gap"] is None and not any("method" in t["rows"] for t in sm["tasks"].values()):

@@ -16,9 +16,10 @@ report GPU memory, which is the same quantity plus the CUDA context.
 from __future__ import annotations
 
 
-def _lora_model(model_dir: str, batch: int, seq: int, rank: int, seed: int, edit=None, frozen=()):
+def _lora_model(model_dir: str, batch: int, seq: int, rank: int, seed: int, edit=None, frozen=(), rank_pattern=None):
     """The model with `surgery train`'s LoRA and a seeded batch; edit(model) runs before the LoRA goes
-    on, and the LoRA parameters whose names contain one of `frozen` are not trained."""
+    on, and the LoRA parameters whose names contain one of `frozen` are not trained. rank_pattern: peft's,
+    other ranks for some modules (alpha 2 x rank throughout: the count does not depend on alpha)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -27,7 +28,8 @@ def _lora_model(model_dir: str, batch: int, seq: int, rank: int, seed: int, edit
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if edit is not None:
         edit(model)
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
+                                             rank_pattern=rank_pattern or {}))
     for n, p in model.named_parameters():
         if "lora_" in n and any(f in n for f in frozen):
             p.requires_grad_(False)
@@ -59,7 +61,7 @@ def training_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: in
             "total": weights + acts + 3 * trainable, "batch": batch, "seq": seq, "kinds": by_kind(seen)}
 
 
-def inference_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: int = 0) -> dict:
+def inference_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: int = 0, rank_pattern=None) -> dict:
     """The same count for `surgery refine` (MeZO): the LLM's weights and its LoRA, run in inference mode.
 
     Nothing is saved for a backward pass and there is no gradient or optimizer state; the direction z
@@ -71,7 +73,7 @@ def inference_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: i
 
     from surgery.train.memory import saved_tensors
 
-    model, ids = _lora_model(model_dir, batch, seq, rank, seed)
+    model, ids = _lora_model(model_dir, batch, seq, rank, seed, rank_pattern=rank_pattern)
     model.eval()
     with saved_tensors(model) as seen, torch.inference_mode():
         model(input_ids=ids, labels=ids)
@@ -183,11 +185,13 @@ def _prefix_tuned(bridge: dict) -> bool:
 
 
 def memory_table(slm: str, llm: str, bridges: dict, batch: int, seq: int, transfer: dict | None = None,
-                 prefix_tokens: int | None = None) -> dict:
+                 prefix_tokens: int | None = None, tune_args: dict | None = None) -> dict:
     """Every stage's count, as results.json's "train_memory" holds it (run.py and main() below).
 
     bridges: prune-bridge's stage records by kind ({"dir", "cmd"}); transfer: a transfer stage record.
-    The Fisher pass and transfer are counted at the settings their command lines used."""
+    The Fisher pass and transfer are counted at the settings their command lines used. tune_args: tune-bridge's
+    extra arguments by kind (run.tune_args): with `--rank R` the bridge's LoRA is counted at rank R, and refine's
+    (on the keep bridge's lifted adapter) at rank R on the LLM layers that bridge kept, 8 elsewhere."""
     from surgery.pipelines.importance import MICRO_TOKENS
     from surgery.pipelines.prune import PruneConfig
     from surgery.pipelines.transfer.run import TransferConfig
@@ -211,8 +215,11 @@ def memory_table(slm: str, llm: str, bridges: dict, batch: int, seq: int, transf
             length = int(f.get("--seq-len", d.seq_len))
             rows = min(int(f.get("--batch-size", d.batch_size)), max(1, MICRO_TOKENS // length))
             table[f"prune-bridge ({k})"] = fisher_bytes(llm, rows, length)
-    table.update({f"bridge ({k})": training_bytes(v["dir"], batch, seq, prefix=_prefix_tuned(v)) for k, v in bridges.items()})
-    table["refine (LLM, forward only)"] = inference_bytes(llm, batch, seq)
+    ranks = {k: _rank_of((tune_args or {}).get(k) or []) for k in bridges}
+    table.update({f"bridge ({k})": training_bytes(v["dir"], batch, seq, rank=ranks[k] or 8, prefix=_prefix_tuned(v))
+                  for k, v in bridges.items()})
+    grown = _kept_pattern(llm, bridges["keep"]["dir"], ranks["keep"]) if ranks.get("keep") else None
+    table["refine (LLM, forward only)"] = inference_bytes(llm, batch, seq, rank_pattern=grown)
     if prefix_tokens:
         # tune-bridge --prefix: the LLM forward only (as refine), holding the records' hidden states (float32)
         # until a shard is written, at most bridge_prefix.SHARD_BYTES; training then reads them a batch at a
@@ -229,7 +236,28 @@ def memory_table(slm: str, llm: str, bridges: dict, batch: int, seq: int, transf
     return table
 
 
-PREFIX_PASS = "tune-bridge --prefix pass (LLM forward only)"
+PREFIX_PASS = "tune-bridge --prefix pass (LLM forward only)"  # (it runs the start adapter: rank 8 throughout)
+
+
+def _rank_of(args: list[str]) -> int | None:
+    """--rank R in tune-bridge's arguments, or None."""
+    return int(args[args.index("--rank") + 1]) if "--rank" in args else None
+
+
+def _kept_pattern(llm: str, bridge_dir: str, rank: int) -> dict:
+    """peft rank_pattern giving `rank` to every module of the LLM layers the bridge kept (bridge.json)."""
+    import json
+    import os
+    import re
+
+    from surgery.arch import load_arch
+
+    with open(os.path.join(llm, "config.json")) as f:
+        arch = load_arch(json.load(f))
+    with open(os.path.join(bridge_dir, "bridge.json")) as f:
+        dropped = json.load(f)["layers"].get("dropped") or {}
+    return {re.escape(arch.spec["stacks"][st]["prefix"].format(i=i)) + ".*": rank
+            for st, n in arch.stacks.items() for i in range(n) if i not in dropped.get(st, [])}
 
 
 def main() -> None:
@@ -257,7 +285,7 @@ def main() -> None:
                                          for split in ("train", "dev")] for t in results["tasks"]], s["max_length"])
     results["train_memory"] = memory_table(os.path.join(pair, "slm"), os.path.join(pair, "llm"), first["bridges"],
                                            s["batch"], s["max_length"], first["seeds"][0]["transfer"]["transfer"],
-                                           prefix_tokens=prefix_tokens)
+                                           prefix_tokens=prefix_tokens, tune_args=results.get("tune_args"))
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
     write_docs(path, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs"))

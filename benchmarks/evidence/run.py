@@ -82,6 +82,11 @@ def cli_has(command: str, flag: str) -> bool:
 # prune-bridge's own --reduction 10 plan (2 heads, 139 neurons) on 3 tasks x 3 seeds: the method 67.0 / 38.7 /
 # 45.1 vs 62.0 / 36.5 / 40.8 (docs/method-experiments.md section 8).
 KEEP_MLP = 202 / 384
+# the LoRA rank tune-bridge gives that bridge's kept layer (`tune-bridge --rank`: the transferred rank-8 adapter
+# grows there before tuning, its start unchanged); None: the adapter's own rank. Section 10 of
+# docs/method-experiments.md measured rank 64 on 45/384 neurons under the same cap (the method 51.02 over 3 tasks x
+# 3 seeds against 50.27 for 202 neurons at rank 8); changing it also changes the memory table's keep rows.
+KEEP_RANK = None
 
 
 def last_layer_widths(llm_config: dict) -> list[str]:
@@ -89,6 +94,11 @@ def last_layer_widths(llm_config: dict) -> list[str]:
     return ["--drop-layers", str(llm_config["num_hidden_layers"] - 1),
             "--num-attention-heads", str(llm_config["num_attention_heads"]),
             "--intermediate-size", str(max(1, round(llm_config["intermediate_size"] * KEEP_MLP)))]
+
+
+def tune_args(kind: str) -> list[str]:
+    """tune-bridge's extra arguments for the KIND bridge: --rank KEEP_RANK for the residual-keeping one."""
+    return ["--rank", str(KEEP_RANK)] if kind == "keep" and KEEP_RANK and cli_has("tune-bridge", "--rank") else []
 
 
 def tunes_with_prefix(bridge_args: list[str]) -> bool:
@@ -185,7 +195,7 @@ class Bench:
         out = self.p(task, f"s{seed}", name)
         t = self.stage(f"{task}/s{seed}/{name}", ["tune-bridge", "--adapter", adapter, "--bridge",
                                                  self.bridge(task, kind)["dir"], "--data", train, "--eval", dev,
-                                                 "-o", out] + self.prefix(kind) + self.train_args(seed))
+                                                 "-o", out] + self.prefix(kind) + tune_args(kind) + self.train_args(seed))
         r = {"dir": out, "train": t}
         if evaluate:
             r["eval"] = self.evaluate(f"{task}/s{seed}/{name}-eval", task, self.llm, out)
@@ -298,12 +308,14 @@ def run(quick: bool, jobs: int, tasks: list[str], log=print, epochs: int | None 
     prefix_tokens = (prefix_tokens_of(b.llm, [b.data(t)[:2] for t in tasks], s["max_length"])
                      if b.prefix("keep") else None)
     results["train_memory"] = memory_table(b.slm, b.llm, first["bridges"], s["batch"], s["max_length"],
-                                           first["seeds"][0]["transfer"]["transfer"], prefix_tokens=prefix_tokens)
+                                           first["seeds"][0]["transfer"]["transfer"], prefix_tokens=prefix_tokens,
+                                           tune_args={k: tune_args(k) for k in b.bridges})
     results["cloze"] = {t: {m: cloze(t, d, b.data(t)[1]) for m, d in (("slm", b.slm), ("llm", b.llm))} for t in tasks}
     results["task_sizes"] = {t: [sum(1 for _ in open(f)) for f in b.data(t)[:2]] for t in tasks}
     results.update(settings=s, quick=quick, jobs=jobs, work=work, pair=pair, seconds=time.time() - t0,
                    machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), bridge_args=b.bridges,
+                   tune_args={k: tune_args(k) for k in b.bridges},
                    command="python -m benchmarks.evidence.run" + (" --quick" if quick else "")
                    + (f" --epochs {epochs}" if epochs is not None else ""))
     out = os.path.join(work, "results.json")
