@@ -153,3 +153,33 @@ def test_evidence_counts_refine_on_the_grown_adapter(fx, task, last_layer, one_t
     count = inference_bytes(llm, 4, 8, rank=4, rank_pattern=_kept_pattern(llm, last_layer, 12))
     assert _kept_pattern(llm, last_layer, 12) == {r"model\.layers\.1\..*": 12}
     assert count["weights"] == base + grown
+
+
+def test_grows_an_adapter_with_rank_and_alpha_patterns(fx, task, last_layer, one_thread, tmp_path):  # noqa: F811
+    """The input's own patterns (q_proj rank 8, v_proj alpha 3) stay for the dropped layer; the grown modules'
+    exact entries come first, so peft and surgery give them rank R with their old scaling. --rank below the
+    largest kept rank (q_proj's 8) is refused."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from surgery.io.adapter import Adapter
+    from surgery.kinds.lora import modules as lora_modules
+    from surgery.pipelines.tune_bridge import tune_bridge
+    from surgery.train.loop import TrainConfig
+
+    src = fx.lora("llama", targets=TARGETS, name="pat", rank_pattern={"q_proj": 8}, alpha_pattern={"v_proj": 3})
+    train, _ = task
+    code, _, err = run_cli("tune-bridge", "--adapter", src, "--bridge", last_layer, "--data", train, "--rank", "6",
+                           "-o", tmp_path / "o")
+    assert code == 2 and "--rank 6 is below the rank 8" in err and "q_proj" in err
+    out = tmp_path / "grown"
+    tune_bridge(src, last_layer, train, str(out), cfg=TrainConfig(epochs=1, lr=0.0, batch_size=16), prefix=True, rank=12)
+    before, after = lora_modules(Adapter.open(src)), lora_modules(Adapter.open(str(out)))
+    for a, b in zip(before, after):
+        assert b.rank == (12 if ".layers.1." in a.module else a.rank) and b.scaling == pytest.approx(a.scaling), a.module
+    assert {m.module.rsplit(".", 1)[1]: m.rank for m in before if ".layers.0." in m.module} == {"q_proj": 8, "v_proj": 4, "down_proj": 4}
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    logits = [PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(fx.model("llama"), dtype=torch.float32), p)(ids).logits
+              for p in (src, str(out))]
+    assert torch.allclose(logits[0], logits[1], atol=1e-5)

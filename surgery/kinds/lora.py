@@ -261,11 +261,10 @@ class LoraRoute:
         """Every kept module at `rank` (module doc), drawn in module order from one seeded generator."""
         import torch
 
-        low = min(self.steps, key=lambda s: s["A"].shape[0])
-        if rank < low["A"].shape[0]:
-            raise AdapterError(f"--rank {rank} is below the rank {low['A'].shape[0]} of {self.path}'s {low['module']}",
-                               f"pass --rank >= {max(s['A'].shape[0] for s in self.steps)}, or leave it out to keep "
-                               "the adapter's rank")
+        top = max(self.steps, key=lambda s: s["A"].shape[0])  # a rank cannot shrink: every kept module must reach it
+        if rank < top["A"].shape[0]:
+            raise AdapterError(f"--rank {rank} is below the rank {top['A'].shape[0]} of {self.path}'s {top['module']}",
+                               f"pass --rank >= {top['A'].shape[0]}, or leave it out to keep the adapter's rank")
         g = torch.Generator().manual_seed(seed)
         for s in self.steps:
             if s["A"].shape[0] < rank:
