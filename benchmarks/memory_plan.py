@@ -13,6 +13,11 @@ Two shapes:
              is counted beside it.
 
     python benchmarks/memory_plan.py [--pair benchmarks/.work/pairs/4394e841445a] [--m 5] [--more 3,8,10,20]
+        [--ranks 16,32,64]
+
+--ranks plans at --m with the bridge's layers tuned at a higher LoRA rank (prune-bridge --bridge-rank R, for
+tune-bridge --rank R); the LLM's LoRA stays rank 8. On the pair these are docs/method-experiments.md §10's
+hand-sized rank candidates.
 
 Prints markdown (docs/benchmarks.md, "prune-bridge --memory-reduction"). Planning time is wall time after
 torch, transformers and peft are imported (a first plan in a fresh process adds their ~3 s import).
@@ -30,12 +35,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def plan(cfg: dict, m: float, batch: int, seq: int) -> tuple[dict, float]:
+def plan(cfg: dict, m: float, batch: int, seq: int, bridge_rank: int | None = None) -> tuple[dict, float]:
     from surgery.arch import load_arch
     from surgery.pipelines.bridge_memory import plan_by_memory
 
     t = time.time()
-    p = plan_by_memory(load_arch(cfg), m, batch, seq)
+    p = plan_by_memory(load_arch(cfg), m, batch, seq, bridge_rank=bridge_rank)
     return p, time.time() - t
 
 
@@ -43,7 +48,7 @@ def row(name: str, cfg: dict, p: dict, secs: float | None) -> str:
     s, r = p["sizes"], p["record"]
     kept = cfg["num_hidden_layers"] - p["drop"]
     t = "-" if secs is None else f"{secs:.2f}"
-    return (f"| {name} | {r['memory_reduction']:g} | {kept} of {cfg['num_hidden_layers']} (the last) | "
+    return (f"| {name} | {r['memory_reduction']:g} | {r['bridge_rank']} | {kept} of {cfg['num_hidden_layers']} (the last) | "
             f"{s['heads']} / {s['kv_heads']} of {cfg['num_attention_heads']} / {cfg['num_key_value_heads']} | "
             f"{s['intermediate']} of {cfg['intermediate_size']} | {r['bridge_bytes']:,} | {r['llm_lora_bytes']:,} | "
             f"{r['ratio']:.3f}x | {r['counts']} | {t} |")
@@ -54,6 +59,7 @@ def main() -> None:
     ap.add_argument("--pair", default=os.path.join(ROOT, "benchmarks", ".work", "pairs", "4394e841445a"))
     ap.add_argument("--m", type=float, default=5.0)
     ap.add_argument("--more", default="3,8,10,20", help="other M values to plan at both shapes")
+    ap.add_argument("--ranks", default="16,32,64", help="bridge ranks (--bridge-rank, tune-bridge --rank) to plan at --m")
     a = ap.parse_args()
     import torch  # noqa: F401  (imported before timing: planning time excludes the libraries' import)
     import peft  # noqa: F401
@@ -71,18 +77,21 @@ def main() -> None:
     else:
         print(f"(no pair at {a.pair}: its rows are skipped)")
     shapes.append(("TinyLlama-1.1B, 4 x 256", _config("llama", **TINYLLAMA).to_dict(), 4, 256))
-    print("| shape | M | layers kept | heads / kv groups | MLP neurons | bridge step bytes | LoRA on the LLM bytes | "
-          "LLM / bridge | counts | plan s |")
-    print("|---|---:|---|---|---|---:|---:|---:|---:|---:|")
+    print("| shape | M | bridge rank | layers kept | heads / kv groups | MLP neurons | bridge step bytes | "
+          "LoRA on the LLM bytes | LLM / bridge | counts | plan s |")
+    print("|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|")
     plans = {}
+    runs = [(m, None) for m in [a.m] + [float(x) for x in a.more.split(",") if x]]
+    runs += [(a.m, int(r)) for r in a.ranks.split(",") if r]
     for name, cfg, b, s in shapes:
-        for m in [a.m] + [float(x) for x in a.more.split(",") if x]:
+        for m, rank in runs:
             try:
-                p, secs = plan(cfg, m, b, s)
+                p, secs = plan(cfg, m, b, s, rank)
             except SurgeryError as e:
-                print(f"| {name} | {m:g} | {e.what} | | | | | | | |")
+                print(f"| {name} | {m:g} | {rank or 8} | {e.what} | | | | | | | |")
                 continue
-            plans[(name, m)] = p
+            if rank is None:
+                plans[(name, m)] = p
             print(row(name, cfg, p, secs))
     print()
     if shapes[0][0].startswith("evidence"):
