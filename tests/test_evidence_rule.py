@@ -48,7 +48,7 @@ def test_report_gives_the_rule_per_task_and_the_goal_over_both_sets():
     every = "\n".join(_goal_lines(sm["goal"], "over all tasks"))
     ruled = "\n".join(_goal_lines(sm["goal_rule"], "over the rule's tasks"))
     assert "arg -2.5 ± 31.8" in every and "(goal > 0: **not met**)" in every  # arg is never dropped from the verdict
-    assert "arg" not in ruled and "verb 14.5 ± 19.1 (goal > 0: **met**)" in ruled and "**95 %**" in ruled
+    assert "arg" not in ruled and "verb 14.5 ± 19.1 (goal > 0: **met**)" in ruled and "**94.9 %**" in ruled
 
 
 def test_screening_selects_the_eligible_candidate_with_the_largest_gap():
@@ -61,3 +61,9 @@ def test_screening_selects_the_eligible_candidate_with_the_largest_gap():
     rows["tail"] = row([12.5, 12.5, 12.5], 0.3)  # within 1 point of module: the larger cloze gap decides
     assert select(rows) == "tail"
     assert select({"module": row([5, 5, 5])}) is None
+
+
+def test_a_gap_just_under_the_goal_does_not_print_as_the_goal():
+    """89.5 % rounded to a whole number reads "90 %" beside "not met": the line keeps one decimal."""
+    line = _goal_lines({"tasks": ["verb"], "gap": 0.895, "beats_slm": {}}, "over all tasks")[1]
+    assert "**89.5 %**" in line and "**not met**" in line

@@ -49,7 +49,7 @@ def _kinds(tm: dict) -> list[str]:
     kinds = [(k, label) for k, label, _ in KINDS if any(k in r for r in rows.values())]
     out = ["", "The training rows' saved activations by kind (MB; the kind is the module that saved the tensor; "
            "`lora` holds the inputs of the adapted linear layers: the normed hidden states, the attention output and "
-           "the MLP's gate x up product, which LoRA's A needs for its gradient, and the rank-8 A x for B):", "",
+           "the MLP's gate x up product, which LoRA's A needs for its gradient, and A x, of the LoRA's rank, for B):", "",
            "| kind | " + " | ".join(rows) + " |", "|---|" + "---:|" * len(rows)]
     for k, label in kinds:
         out.append(f"| {label} | " + " | ".join(f"{r.get(k, 0) / 2**20:.2f}" for r in rows.values()) + " |")
@@ -70,10 +70,16 @@ def _rule_lines(sm: dict) -> list[str]:
             "docs/method-experiments.md section 6): " + "; ".join(one(n, t["rule"]) for n, t in sm["tasks"].items())]
 
 
+def _pct(x: float) -> str:
+    """A fraction as a percentage to one decimal: whole numbers would show 89.5 % as a "90 %" that misses
+    a 90 % goal."""
+    return f"{100 * x:.1f}"
+
+
 def _goal_lines(g: dict, scope: str) -> list[str]:
     """The method's two accuracy goals over one set of tasks (report._goal)."""
     return [f"- {scope}:",
-            f"  - the method (transfer + tune-bridge + refine) closes **{100 * g['gap']:.0f} %** of the "
+            f"  - the method (transfer + tune-bridge + refine) closes **{_pct(g['gap'])} %** of the "
             f"(LLM+LoRA - LLM zero-shot) accuracy gap, averaged over {', '.join(g['tasks'])} "
             f"(goal ≥ 90 %: **{'met' if g['gap'] >= 0.9 else 'not met'}**)",
             "  - method minus SLM + LoRA, accuracy points per task (mean ± 95 %): " + "; ".join(
@@ -102,7 +108,7 @@ def render(results: dict, sm: dict) -> str:
     bridge_args = results.get("bridge_args") or {}
     L += [f"- tasks (benchmarks/evidence/tasks.py): " + "; ".join(
               f"`{n}` ({results['task_sizes'][n][0]} train / {results['task_sizes'][n][1]} dev)" for n in sm["tasks"])
-          + f"; {s['seeds']} seeds; LoRA rank 8 on every linear layer, {s['epochs']} epochs, lr {s['lr']}, batch "
+          + f"; {s['seeds']} seeds; LoRA rank 8 on every linear layer (SLM + LoRA, LLM + LoRA, the transfer; a bridge's tune may grow it: below), {s['epochs']} epochs, lr {s['lr']}, batch "
           f"{s['batch']} (train and tune-bridge alike); refine {s['refine_steps']} MeZO steps"
           + (f", lr {s['refine_lr']:g}" if s.get("refine_lr") else "") + " at `surgery refine`'s defaults otherwise",
           f"- bridges (`prune-bridge`, on the task's first {s['calib']} training texts): " + "; ".join(_bridges(sm))
