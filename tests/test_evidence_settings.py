@@ -57,13 +57,22 @@ def test_compare_flags_a_weaker_baseline():
     assert not v["fair"] and "WEAKER" in text
 
 
-def test_keep_bridge_is_the_llms_last_layer_sized_by_keep_mlp(monkeypatch):
+def test_keep_bridge_is_planned_by_memory_at_the_runs_shape(monkeypatch):
+    """The residual-keeping bridge is prune-bridge's own --memory-reduction plan at the run's tune-bridge shape
+    and rank (no --reduction: the two are exclusive), tuned with --prefix and --rank; the narrow one keeps
+    --reduction and neither."""
     monkeypatch.setattr(run, "cli_has", lambda command, flag: True)
     pair = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 384,
             "hidden_size": 128}
-    keep = run.bridge_kinds(pair)["keep"]
+    s = dict(run.FULL)
+    kinds = run.bridge_kinds(pair, s)
+    keep = kinds["keep"]
     assert keep[:4] == ["--residual", "keep", "--drop-by", "first"]
     flags = dict(zip(keep[4::2], keep[5::2]))
-    assert flags == {"--drop-layers": "3", "--num-attention-heads": "4", "--intermediate-size": "202"}
-    small = dict(pair, num_hidden_layers=2, intermediate_size=8)
-    assert dict(zip(run.bridge_kinds(small)["keep"][4::2], run.bridge_kinds(small)["keep"][5::2]))["--intermediate-size"] == "4"
+    assert flags == {"--memory-reduction": "5", "--train-shape": f"{s['batch']}x{s['max_length']}",
+                     "--bridge-rank": str(run.KEEP_RANK)}
+    assert run.tune_args("keep") == ["--rank", str(run.KEEP_RANK)] and run.tune_args("narrow") == []
+    assert run.tunes_with_prefix(keep) and not run.tunes_with_prefix(kinds["narrow"])
+    bench = run.Bench.__new__(run.Bench)
+    bench.bridges, bench.s = kinds, s
+    assert bench.reduction("keep") == [] and bench.reduction("narrow") == ["--reduction", str(s["reduction"])]

@@ -11,6 +11,12 @@ from benchmarks.evidence.report import GAP_ROWS, ROWS, fmt
 LABEL = dict(ROWS)
 
 
+def _with_reduction(args: list[str], s: dict) -> list[str]:
+    """A bridge's prune-bridge arguments as the run passed them: --reduction unless it was planned by memory
+    (run.Bench.reduction; runs from before --memory-reduction passed --reduction to every bridge)."""
+    return args if "--memory-reduction" in args else ["--reduction", f"{s.get('reduction', 16):g}", *args]
+
+
 def _table(sm: dict, key: str, metric: str, gap_key: str, label_prefix: str, **kw) -> list[str]:
     tasks = list(sm["tasks"])
     out = ["| | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
@@ -99,9 +105,8 @@ def render(results: dict, sm: dict) -> str:
           + f"; {s['seeds']} seeds; LoRA rank 8 on every linear layer, {s['epochs']} epochs, lr {s['lr']}, batch "
           f"{s['batch']} (train and tune-bridge alike); refine {s['refine_steps']} MeZO steps"
           + (f", lr {s['refine_lr']:g}" if s.get("refine_lr") else "") + " at `surgery refine`'s defaults otherwise",
-          f"- bridges (`prune-bridge --reduction {s.get('reduction', 16):g}`, on the task's first "
-          f"{s['calib']} training texts): " + "; ".join(_bridges(sm))
-          + "".join(f"; {k}: `{' '.join(a)}`" for k, a in bridge_args.items())
+          f"- bridges (`prune-bridge`, on the task's first {s['calib']} training texts): " + "; ".join(_bridges(sm))
+          + "".join(f"; {k}: `{' '.join(_with_reduction(a, s))}`" for k, a in bridge_args.items())
           + ("; the kept bridge is tuned with `tune-bridge --prefix`" if "--drop-by" in bridge_args.get("keep", []) else "")
           + "".join(f"; the {k} bridge's tune adds `{' '.join(a)}` (its kept layer's LoRA grows to that rank first)"
                     for k, a in (results.get("tune_args") or {}).items() if a),

@@ -37,15 +37,10 @@ from benchmarks.evidence.pretrain import pretrain  # noqa: E402
 from benchmarks.evidence.stage import ENV, run_stage  # noqa: E402
 from benchmarks.evidence.tasks import TASKS, write  # noqa: E402
 
-# prune-bridge --reduction of both bridges: 10, not prune-bridge's default 16 (the residual-keeping bridge's
-# widths are now set by last_layer_widths, below; bridge.json still records the reduction asked). On this pair --drop-layers
-# auto keeps one of the LLM's four layers either way, with 139 instead of 63 of its 384 MLP neurons;
-# from the transferred start (--scale auto) the method (transfer + tune-bridge + refine) scored higher
-# in 4 of 4 one-seed runs (verb/arg x seeds 0/1, 500 refine steps: 34.1 vs 30.0 mean; lifted 28.6 vs
-# 22.4), while the
-# bridge's training memory stays >= 5x below LoRA on the LLM (5.6x here, 5.40x at TinyLlama-1.1B's
-# shape; 6.7x / 6.52x at 16; benchmarks/train_memory.py's tensor count at batch 4 x 256).
-# docs/method-experiments.md, "The bridge's trade-off" (both shapes), docs/benchmarks.md (6.52x).
+# prune-bridge --reduction of the narrow bridge: 10, not prune-bridge's default 16 (the residual-keeping bridge is
+# planned by memory instead: keep_bridge, below). 10 was chosen when both bridges were planned by parameter count:
+# from the transferred start the method scored higher in 4 of 4 one-seed runs than at 16, its bridge still >= 5x
+# below LoRA on the LLM (docs/method-experiments.md, "The bridge's trade-off").
 REDUCTION = 10
 # epochs: 10 for every backprop stage alike (SLM + LoRA, LLM + LoRA, every tune-bridge; `--epochs N`
 # changes all of them), not train's default 3: at 3 the baselines were under-trained too (at 10 SLM + LoRA
@@ -75,25 +70,26 @@ def cli_has(command: str, flag: str) -> bool:
     return p.returncode == 0 and flag in p.stdout
 
 
-# the residual-keeping bridge's widths: the LLM's last layer alone, with all its heads and KEEP_MLP of its MLP
-# neurons. Under tune-bridge --prefix the bridge holds no token embedding, and these are the widest that keep
-# its training step 5x below LoRA on the LLM on the evidence pair (4/4 heads, 202/384 neurons: 9,572,480 bytes,
-# 5.003x; 5.10x at TinyLlama-1.1B's shape with the same factors); pre-registered and measured against
-# prune-bridge's own --reduction 10 plan (2 heads, 139 neurons) on 3 tasks x 3 seeds: the method 67.0 / 38.7 /
-# 45.1 vs 62.0 / 36.5 / 40.8 (docs/method-experiments.md section 8).
-KEEP_MLP = 202 / 384
+# the residual-keeping bridge: planned by prune-bridge itself, `--memory-reduction MEMORY_REDUCTION` at the run's
+# own tune-bridge shape (--train-shape batch x max_length) for a bridge tuned at KEEP_RANK (--bridge-rank): the
+# LLM's last layers, kv groups first, then MLP neurons, the widest whose `tune-bridge --prefix` step holds at
+# most 1/5 of LoRA on the LLM (issue 16's line), counted tensor by tensor. On the evidence pair it keeps the last
+# layer with all 4 heads and 45 of 384 neurons (9,572,224 bytes, 5.004x): byte-identical to the hand-sized bridge
+# docs/method-experiments.md section 10 pre-registered and measured (benchmarks/memory_plan.py --ranks).
+MEMORY_REDUCTION = 5
 # the LoRA rank tune-bridge gives that bridge's kept layer (`tune-bridge --rank`: the transferred rank-8 adapter
-# grows there before tuning, its start unchanged); None: the adapter's own rank. Section 10 of
-# docs/method-experiments.md measured rank 64 on 45/384 neurons under the same cap (the method 51.02 over 3 tasks x
-# 3 seeds against 50.27 for 202 neurons at rank 8); changing it also changes the memory table's keep rows.
-KEEP_RANK = None
+# grows there before tuning, its start unchanged). Section 10 of docs/method-experiments.md, pre-registered:
+# under the same 5x line, rank 16 / 32 / 64 (177 / 129 / 45 neurons) against rank 8 (202 neurons, the previous
+# default, section 8); rank 64 lifted best and refined to 51.02 (mean of 3 tasks x 3 seeds) against 50.27: the
+# one-layer bridge underfit at rank 8 (tune-bridge's last training loss 0.55 -> 0.31). SLM + LoRA at rank 64 is
+# no better than at rank 8 (45.5 vs 46.0), so the baselines keep rank 8.
+KEEP_RANK = 64
 
 
-def last_layer_widths(llm_config: dict) -> list[str]:
-    """prune-bridge flags for KEEP_MLP's one-layer bridge (the LLM's last layer: --drop-by first)."""
-    return ["--drop-layers", str(llm_config["num_hidden_layers"] - 1),
-            "--num-attention-heads", str(llm_config["num_attention_heads"]),
-            "--intermediate-size", str(max(1, round(llm_config["intermediate_size"] * KEEP_MLP)))]
+def keep_bridge(s: dict) -> list[str]:
+    """prune-bridge flags for the residual-keeping bridge, planned at the run's settings S (batch, max_length)."""
+    return ["--memory-reduction", str(MEMORY_REDUCTION), "--train-shape", f"{s['batch']}x{s['max_length']}",
+            "--bridge-rank", str(KEEP_RANK)]
 
 
 def tune_args(kind: str) -> list[str]:
@@ -118,12 +114,13 @@ def prefix_tokens_of(llm: str, task_files: list, max_length: int) -> int:
                for files in task_files)
 
 
-def bridge_kinds(llm_config: dict) -> dict[str, list[str]]:
+def bridge_kinds(llm_config: dict, s: dict) -> dict[str, list[str]]:
     """prune-bridge arguments of the two bridges: the residual-keeping one (the default once `--residual`
     exists) and the narrow LST one. Before `--residual` landed, the narrow bridge was the default and the
-    residual-keeping one is spelled out by its sizes (1 kv group, 1/R of the MLP, the full residual)."""
-    if cli_has("tune-bridge", "--prefix"):
-        return {"keep": ["--residual", "keep", "--drop-by", "first"] + last_layer_widths(llm_config),
+    residual-keeping one is spelled out by its sizes (1 kv group, 1/R of the MLP, the full residual).
+    The memory-planned one (keep_bridge) takes no --reduction (Bench.bridge)."""
+    if cli_has("prune-bridge", "--memory-reduction"):
+        return {"keep": ["--residual", "keep", "--drop-by", "first"] + keep_bridge(s),
                 "narrow": ["--residual", "prune"]}
     if cli_has("prune-bridge", "--residual"):
         return {"keep": ["--residual", "keep"], "narrow": ["--residual", "prune"]}
@@ -140,7 +137,7 @@ class Bench:
         self.work, self.s, self.log = work, s, log
         self._guard, self._locks = threading.Lock(), {}
         with open(os.path.join(self.llm, "config.json")) as f:
-            self.bridges = bridge_kinds(json.load(f))
+            self.bridges = bridge_kinds(json.load(f), s)
         # stages that depend on the bridge are cached under a name that says which prune-bridge built it
         self.tag = "" if cli_has("prune-bridge", "--residual") else "-sized"
         # and those that start from the transfer under one that says whether transfer sized its deltas
@@ -180,8 +177,12 @@ class Bench:
         _, _, calib = self.data(task)
         out = self.p(task, f"bridge-{kind}{self.tag}")
         return self.stage(f"{task}/prune-{kind}{self.tag}", ["prune-bridge", self.llm, "-o", out, "--data", calib,
-                                                   "--reduction", str(self.s["reduction"]), *self.bridges[kind],
+                                                   *self.reduction(kind), *self.bridges[kind],
                                                    "--samples", "32", "--seq-len", "32", "--force"]) | {"dir": out}
+
+    def reduction(self, kind: str) -> list[str]:
+        """--reduction for a bridge planned by parameter count; none for one planned by memory (exclusive)."""
+        return [] if "--memory-reduction" in self.bridges[kind] else ["--reduction", str(self.s["reduction"])]
 
     def evaluate(self, rec: str, task: str, model: str, adapter: str | None) -> dict:
         _, dev, _ = self.data(task)
