@@ -183,3 +183,23 @@ def test_grows_an_adapter_with_rank_and_alpha_patterns(fx, task, last_layer, one
     logits = [PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(fx.model("llama"), dtype=torch.float32), p)(ids).logits
               for p in (src, str(out))]
     assert torch.allclose(logits[0], logits[1], atol=1e-5)
+
+
+def test_rank_defaults_to_the_planned_bridge_rank(fx, calib, task, one_thread, tmp_path):  # noqa: F811
+    """A bridge prune-bridge --memory-reduction planned with --bridge-rank R is tuned at R without --rank (the
+    step then holds what the plan counted); --rank still decides; a plan at the adapter's rank changes nothing."""
+    from surgery.pipelines.prune import prune_bridge
+    from surgery.pipelines.tune_bridge import tune_bridge
+    from surgery.train.loop import TrainConfig
+
+    src = fx.lora("llama", targets=TARGETS, name="planned")
+    train, _ = task
+    cfg = lambda: TrainConfig(epochs=1, lr=0.0, batch_size=16)  # noqa: E731
+    for bridge_rank, asked, want, by in ((12, None, 12, "bridge.json"), (12, 6, 6, "--rank"), (None, None, None, "the adapter")):
+        bridge = tmp_path / f"b{bridge_rank}"
+        prune_bridge(fx.model("llama"), bridge, calib, memory_reduction=2.5, train_batch=4, train_length=32,
+                     bridge_rank=bridge_rank, **FAST)
+        out = tmp_path / f"t{bridge_rank}-{asked}"
+        s = tune_bridge(src, str(bridge), train, str(out), cfg=cfg(), rank=asked)
+        assert (s["rank"], s["rank_set_by"]) == (want, by)
+        assert json.loads((out / "tune_bridge.json").read_text())["rank_set_by"] == by

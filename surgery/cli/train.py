@@ -109,7 +109,7 @@ def tune_bridge_cmd(
     eval_data: EvalData = None,
     llm: Annotated[str | None, typer.Option("--llm", help="The LLM directory, if it moved since prune-bridge (only config.json is read, and with --prefix its weights).")] = None,
     prefix: Annotated[bool | None, typer.Option("--prefix/--no-prefix", help="Feed the bridge's kept layers the LLM's own hidden state where the bridge starts, computed once by the LLM with the adapter on, forward only (a bridge that dropped the LLM's first layers: prune-bridge --drop-by first or --memory-reduction). Default: on exactly when the bridge dropped a leading run of the LLM's layers; the output says which. A bridge that kept layer 0 has an empty prefix: a plain tune.")] = None,
-    rank: Annotated[int | None, typer.Option("--rank", help="LoRA only: grow the modules of the bridge's kept layers to this rank before tuning (new A rows drawn as peft draws lora_A, seeded by --seed; new B columns zero; each module's scaling kept, written as rank_pattern/alpha_pattern), so the start is unchanged and the tune has more directions. Modules of dropped layers keep their rank. Default: the adapter's rank.")] = None,
+    rank: Annotated[int | None, typer.Option("--rank", help="LoRA only: grow the modules of the bridge's kept layers to this rank before tuning (new A rows drawn as peft draws lora_A, seeded by --seed; new B columns zero; each module's scaling kept, written as rank_pattern/alpha_pattern), so the start is unchanged and the tune has more directions. Modules of dropped layers keep their rank. Default: the rank the bridge was planned for (prune-bridge --bridge-rank) if above the adapter's, else the adapter's.")] = None,
     epochs: Epochs = T.epochs,
     lr: Lr = T.lr,
     batch_size: Batch = T.batch_size,
@@ -138,6 +138,7 @@ def tune_bridge_cmd(
             [("bridge", f"{human_count(s['bridge_parameters'])} parameters (LLM {human_count(s['llm_parameters'])}); "
                         f"{human_count(s['trainable'])} trainable"),
              ("prefix", prefix_line(s["prefix"])),
+             *([("rank", f"LoRA rank {s['rank']} on the kept layers ({s['rank_set_by']})")] if s["rank"] else []),
              ("steps", f"{s['steps']} on {s['device']} (mixed precision: {s['mixed_precision']})")])
     say_plot(s["plot"])
 
