@@ -269,6 +269,7 @@ def main() -> None:
     import sys
 
     from benchmarks.evidence.report import write_docs
+    from benchmarks.evidence.run import prefix_tokens_of, tunes_with_prefix
 
     path = sys.argv[1]
     with open(path) as f:
@@ -276,10 +277,7 @@ def main() -> None:
     s, first = results["settings"], next(iter(results["tasks"].values()))
     pair = results["pair"]
     prefix_tokens = None
-    from benchmarks.evidence.run import prefix_tokens_of, tunes_with_prefix
-
     if tunes_with_prefix(results.get("bridge_args", {}).get("keep", [])):
-
         data = os.path.join(results["work"], "data")
         prefix_tokens = prefix_tokens_of(os.path.join(pair, "llm"), [[os.path.join(data, f"{t}-{split}.jsonl")
                                          for split in ("train", "dev")] for t in results["tasks"]], s["max_length"])

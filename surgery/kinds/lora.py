@@ -255,9 +255,14 @@ class LoraRoute:
             raise AdapterError(f"{self.path} saves whole modules (modules_to_save)", "use a LoRA adapter without modules_to_save")
         self.steps = self._plan(arch, kept)
         if rank is not None:
-            self._grow(rank, seed)
+            self.grow(rank, seed)
 
-    def _grow(self, rank: int, seed: int) -> None:
+    @property
+    def rank(self) -> int:
+        """The largest rank among the kept modules (what --rank must reach)."""
+        return max(int(s["A"].shape[0]) for s in self.steps)
+
+    def grow(self, rank: int, seed: int) -> None:
         """Every kept module at `rank` (module doc), drawn in module order from one seeded generator."""
         import torch
 

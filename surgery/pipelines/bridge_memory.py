@@ -55,9 +55,9 @@ def plan_by_memory(arch, memory_reduction: float, batch: int, seq: int, lora_ran
     from ..train.memory import step_bytes
 
     bridge_rank = lora_rank if bridge_rank is None else bridge_rank
-    for name, v in (("--memory-reduction", memory_reduction),):
-        if not (math.isfinite(v) and v >= 1):
-            raise ShapeError(f"{name} {v} is not a number >= 1", "the bridge's step holds 1/M of LoRA on the LLM's; use M >= 1")
+    if not (math.isfinite(memory_reduction) and memory_reduction >= 1):
+        raise ShapeError(f"--memory-reduction {memory_reduction} is not a number >= 1",
+                         "the bridge's step holds 1/M of LoRA on the LLM's; use M >= 1")
     for name, v in (("batch", batch), ("tokens", seq), ("--lora-rank", lora_rank), ("--bridge-rank", bridge_rank)):
         if v < 1:
             raise ShapeError(f"{name} {v} must be at least 1", "give a positive whole number")

@@ -14,7 +14,7 @@ import shutil
 
 from ..arch import load_arch
 from . import bridge_prefix as bp
-from ..errors import AdapterError, CheckpointError
+from ..errors import CheckpointError
 from ..io.jsonfile import load_json
 from ..io.tokenizer import load_tokenizer
 from ..io.writer import OutputDir
@@ -54,28 +54,24 @@ def _examples(tok, data: str, eval_data: str | None, seq2seq: bool, max_length: 
             load_examples(eval_data, tok, seq2seq=seq2seq, max_length=max_length) if eval_data else None)
 
 
-def planned_rank(meta: dict, kind: str, adapter_dir: str, rank: int | None) -> tuple[int | None, str]:
-    """(rank, what set it). Without --rank, a LoRA is tuned at the rank its bridge was planned for
-    (prune-bridge --memory-reduction --bridge-rank, recorded in bridge.json's "memory" beside --lora-rank), when
-    that is above the adapter's own: the step then holds what the plan counted, not less. A plan below the adapter's rank
-    is only noted (a rank cannot shrink, and the step holds more than the plan counted)."""
-    if rank is not None:
-        return rank, "--rank"
+def planned_rank(meta: dict, kind: str, route) -> int | None:
+    """The rank a LoRA is tuned at without --rank when its bridge was planned for a higher one
+    (prune-bridge --memory-reduction --bridge-rank, recorded in bridge.json's "memory" beside --lora-rank)
+    than the kept modules have (route.rank): the step then holds what the plan counted, not less. None
+    otherwise; a plan below the kept modules' rank is only noted (a rank cannot shrink, and the step holds
+    more than the plan counted)."""
     plan = meta.get("memory") or {}
     planned = plan.get("bridge_rank") if plan.get("bridge_rank") != plan.get("lora_rank") else None
     if not planned or kind != "lora":  # no plan, or one at the LLM's LoRA rank (no --bridge-rank): the adapter's
-        return None, "the adapter"
-    cfg = load_json(os.path.join(adapter_dir, "adapter_config.json"), AdapterError,
-                    "pass a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
-    own = max([int(cfg.get("r", 8))] + [int(v) for v in (cfg.get("rank_pattern") or {}).values()])
-    if planned > own:
+        return None
+    if planned > route.rank:
         note(f"tune-bridge: the bridge was planned for LoRA rank {planned} (prune-bridge --bridge-rank); the adapter's "
-             f"rank {own} grows to it on the kept layers (pass --rank {own} to keep it)")
-        return int(planned), "bridge.json"
-    if planned < own:
-        note(f"tune-bridge: the bridge was planned for LoRA rank {planned}, below the adapter's {own}: the training "
-             "step holds more than prune-bridge --memory-reduction counted")
-    return None, "the adapter"
+             f"rank {route.rank} grows to it on the kept layers (pass --rank {route.rank} to keep it)")
+        return int(planned)
+    if planned < route.rank:
+        note(f"tune-bridge: the bridge was planned for LoRA rank {planned}, below the adapter's {route.rank}: the "
+             "training step holds more than prune-bridge --memory-reduction counted")
+    return None
 
 
 def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data: str | None = None,
@@ -89,7 +85,7 @@ def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data
     None (the default): on when the bridge dropped exactly the LLM's first layers (bridge_prefix.prefix_default).
     rank: LoRA only: the modules of the bridge's kept layers grow to this rank before tuning, their start's
     delta and scaling unchanged (kinds/lora.py LoraRoute); None: the rank the bridge was planned for, if
-    higher than the adapter's (planned_rank), else the adapter's."""
+    higher than the kept modules' (planned_rank), else theirs."""
     cfg = cfg or TrainConfig()
     cfg.check()
     bdir, meta = read_bridge(bridge)
@@ -98,8 +94,11 @@ def tune_bridge(adapter_dir: str, bridge: str, data: str, out: str, *, eval_data
     if arch.family != meta.get("family", arch.family):
         raise CheckpointError(f"bridge.json says family {meta['family']} but the LLM is {arch.family}", "pass the matching --llm")
     kind = kind_of(adapter_dir, "tune-bridge")
-    rank, rank_set_by = planned_rank(meta, kind.name, adapter_dir, rank)
     route = kind.bridge_route(adapter_dir, arch, meta["kept"], rank=rank, seed=cfg.seed)
+    rank_set_by = "the adapter" if rank is None else "--rank"
+    if rank is None and (rank := planned_rank(meta, kind.name, route)):
+        route.grow(rank, cfg.seed)
+        rank_set_by = "bridge.json"
     if prefix is None:
         prefix, why = bp.prefix_default(meta, arch)
         set_by = "auto"
