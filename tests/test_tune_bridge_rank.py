@@ -203,3 +203,24 @@ def test_rank_defaults_to_the_planned_bridge_rank(fx, calib, task, one_thread, t
         s = tune_bridge(src, str(bridge), train, str(out), cfg=cfg(), rank=asked)
         assert (s["rank"], s["rank_set_by"]) == (want, by)
         assert json.loads((out / "tune_bridge.json").read_text())["rank_set_by"] == by
+
+
+def test_a_hostile_planned_rank_is_refused_in_one_line(fx, calib, task, tmp_path):  # noqa: F811
+    """bridge.json is read like any stranger's file: a planned bridge_rank that is not a rank is one error line."""
+    import shutil
+
+    from surgery.pipelines.prune import prune_bridge
+
+    bridge = tmp_path / "b"
+    prune_bridge(fx.model("llama"), bridge, calib, memory_reduction=2.5, train_batch=4, train_length=32, bridge_rank=12, **FAST)
+    meta = json.loads((bridge / "bridge.json").read_text())
+    for bad in ("12", -3, 2.5):
+        meta["memory"]["bridge_rank"] = bad
+        (bridge / "bridge.json").write_text(json.dumps(meta))
+        src = fx.lora("llama", targets=TARGETS, name="hostile")
+        train, _ = task
+        out = tmp_path / "out"
+        code, _, err = run_cli("tune-bridge", "--adapter", src, "--bridge", bridge, "--data", train, "-o", out, "--epochs", "0.1")
+        assert code != 0 and "bridge_rank" in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1 and not out.exists()
+    shutil.rmtree(bridge)

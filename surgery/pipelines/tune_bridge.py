@@ -64,10 +64,13 @@ def planned_rank(meta: dict, kind: str, route) -> int | None:
     planned = plan.get("bridge_rank") if plan.get("bridge_rank") != plan.get("lora_rank") else None
     if not planned or kind != "lora":  # no plan, or one at the LLM's LoRA rank (no --bridge-rank): the adapter's
         return None
+    if type(planned) is not int or planned < 1:  # bridge.json comes from wherever the bridge came from
+        raise CheckpointError(f"bridge.json's memory.bridge_rank is {planned!r}, not a rank",
+                              "re-create the bridge with prune-bridge --memory-reduction, or pass --rank R")
     if planned > route.rank:
         note(f"tune-bridge: the bridge was planned for LoRA rank {planned} (prune-bridge --bridge-rank); the adapter's "
              f"rank {route.rank} grows to it on the kept layers (pass --rank {route.rank} to keep it)")
-        return int(planned)
+        return planned
     if planned < route.rank:
         note(f"tune-bridge: the bridge was planned for LoRA rank {planned}, below the adapter's {route.rank}: the "
              "training step holds more than prune-bridge --memory-reduction counted")
