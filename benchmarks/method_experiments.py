@@ -109,6 +109,12 @@ def main(argv=None) -> None:
     ap.add_argument("--refine-lr", type=float, default=None)
     ap.add_argument("--refine-eps", type=float, default=None)
     ap.add_argument("--refine-batch", type=int, default=16)
+    ap.add_argument("--refine-layers", default=None,
+                    help="refine --layers SPEC (0-2, untuned; docs/method-experiments.md §11): only these LLM layers' adapter "
+                         "tensors are perturbed and updated. Output names get -L<SPEC>")
+    ap.add_argument("--refine-only", action="store_true",
+                    help="no bridge and no tune: refine each start (--inits, e.g. bridge-scaled: the evidence's tune-bridge "
+                         "output, the method's refine input) as the evidence's method stage does; --bridges is ignored")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--balance-init", action="store_true",
                     help="tune from a copy of each start whose LoRA factors are balanced (ops.project.balance_factors; same delta)")
@@ -157,6 +163,32 @@ def main(argv=None) -> None:
         with open(out_file, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
+    def refine_run(start: str, out: str, seed: int) -> tuple[dict, dict, list]:
+        rcfg = RefineConfig(steps=max(a.refine_steps, 1), batch_size=a.refine_batch, seed=seed,
+                            eval_every=a.eval_every, keep_best=False, progress=False,
+                            **({"lr": a.refine_lr} if a.refine_lr else {}),
+                            **({"eps": a.refine_eps} if a.refine_eps else {}))
+        rf = refine(start, llm, train, out, eval_data=dev, max_length=64, force=True, cfg=rcfg, layers=a.refine_layers)
+        with open(os.path.join(out, "refine.json")) as f:
+            curve = [(e["step"], round(100 * e["accuracy"], 1), round(e["loss"], 3))
+                     for e in json.load(f)["history"]["evals"]]
+        return rf, {"steps": rcfg.steps, "lr": rcfg.lr, "eps": rcfg.eps, "batch": rcfg.batch_size,
+                    "layers": rf["layers"], "trainable": rf["trainable"], "adapter_parameters": rf["adapter_parameters"]}, curve
+
+    ltag = f"-L{a.refine_layers}" if a.refine_layers not in (None, "all") else ""
+    if a.refine_only:  # the evidence's method stage (surgery refine on its tune-bridge output), --refine-layers aside
+        for seed in map(int, a.seeds.split(",")):
+            for init in a.inits.split(","):
+                sd = os.path.join(ev, a.task, f"s{seed}")
+                start = os.path.join(sd, init) if os.path.isdir(os.path.join(sd, init)) else init
+                out = os.path.join(a.work, a.task, f"s{seed}", f"refine-{os.path.basename(init)}{ltag}{a.tag}")
+                t0 = time.time()
+                rf, rec, curve = refine_run(start, out, seed)
+                log({"task": a.task, "seed": seed, "bridge": None, "init": init, "tag": a.tag, "refine_only": True,
+                     "lifted": round(100 * rf["before"]["accuracy"], 1), "lifted_loss": round(rf["before"]["loss"], 3),
+                     "refined": round(100 * rf["after"]["accuracy"], 1), "refined_loss": round(rf["after"]["loss"], 3),
+                     "refine": rec, "curve": curve, "seconds": {"refine": round(time.time() - t0)}})
+        return
     for spec in a.bridges.split(","):
         bdir = os.path.join(a.work, a.task, f"bridge-{spec}")
         if not os.path.exists(os.path.join(bdir, "bridge.json")):
@@ -190,7 +222,7 @@ def main(argv=None) -> None:
                 if a.balance_init:
                     start = balanced_copy(start, os.path.join(a.work, a.task, f"s{seed}", "inits", os.path.basename(start) + "-bal"))
                 name = (f"{spec}-{os.path.basename(init)}{'-bal' if a.balance_init else ''}"
-                        f"{f'-rank{a.rank}' if a.rank else ''}{a.tag}")
+                        f"{f'-rank{a.rank}' if a.rank else ''}{ltag}{a.tag}")
                 tuned = os.path.join(a.work, a.task, f"s{seed}", name)
                 t0 = time.time()
                 with frozen_layers(bdir, frozen_dir, swap) if swap else contextlib.nullcontext():
@@ -200,15 +232,8 @@ def main(argv=None) -> None:
                 if 12 * tb["trainable"] != mem["lora_state"]:  # the count must train what tune-bridge trained
                     raise SystemExit(f"{name}: tune-bridge trained {tb['trainable']} parameters, the memory count "
                                      f"{mem['lora_state'] // 12}")
-                rcfg = RefineConfig(steps=max(a.refine_steps, 1), batch_size=a.refine_batch, seed=seed,
-                                    eval_every=a.eval_every, keep_best=False, progress=False,
-                                    **({"lr": a.refine_lr} if a.refine_lr else {}),
-                                    **({"eps": a.refine_eps} if a.refine_eps else {}))
                 t0 = time.time()
-                rf = refine(tuned, llm, train, tuned + "-refined", eval_data=dev, max_length=64, force=True, cfg=rcfg)
-                with open(os.path.join(tuned + "-refined", "refine.json")) as f:
-                    curve = [(e["step"], round(100 * e["accuracy"], 1), round(e["loss"], 3))
-                             for e in json.load(f)["history"]["evals"]]
+                rf, rec, curve = refine_run(tuned, tuned + "-refined", seed)
                 log({"task": a.task, "seed": seed, "bridge": spec, "init": init, "tag": a.tag, "rank": a.rank,
                      "sizes": meta["sizes"], "layers": meta["layers"]["bridge"], "kept_layers": kept_llm_layers(meta),
                      "tune": {"epochs": a.tune_epochs, "lr": a.tune_lr},
@@ -220,7 +245,7 @@ def main(argv=None) -> None:
                      "on_bridge": round(100 * tb["after"]["accuracy"], 1), "bridge_train_loss": final_train_loss(tuned),
                      "lifted": round(100 * rf["before"]["accuracy"], 1), "lifted_loss": round(rf["before"]["loss"], 3),
                      "refined": round(100 * rf["after"]["accuracy"], 1), "refined_loss": round(rf["after"]["loss"], 3),
-                     "refine": {"steps": rcfg.steps, "lr": rcfg.lr, "eps": rcfg.eps, "batch": rcfg.batch_size},
+                     "refine": rec,
                      "curve": curve, "seconds": {"tune": round(t_tune), "refine": round(time.time() - t0)}})
 
 

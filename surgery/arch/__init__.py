@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import operator
 import os
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -281,6 +282,16 @@ class Arch:
 
     def by_module(self) -> dict[str, TensorSpec]:
         return {t.module: t for t in self.tensors() if t.module is not None}
+
+    def layer_of(self, name: str) -> tuple[str, int] | None:
+        """(stack, layer) of a tensor or module named inside a layer of this model, or None (a global, an
+        embedding). The stack's prefix may follow a wrapper's own (peft's base_model.model.model.layers.3...)."""
+        for stack, n in self.stacks.items():
+            pre = re.escape(self.spec["stacks"][stack]["prefix"]).replace(re.escape("{i}"), r"(\d+)")
+            m = re.search(rf"(?:^|\.){pre}", name)
+            if m and int(m[1]) < n:
+                return stack, int(m[1])
+        return None
 
     def bottleneck_sites(self) -> list[BottleneckSite]:
         """Every place a bottleneck adapter can sit, stack by stack, layer by layer."""

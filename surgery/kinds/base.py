@@ -177,6 +177,12 @@ class Kind:
         order). Every parameter ends with requires_grad False: refine updates them in place."""
         return self._refuse("refine")
 
+    def tunable_layers(self, model, params, arch) -> list:
+        """refine --layers: (stack, layer) of each of tunable's `params` (None: outside every layer), found
+        by the tensor's name in `model` (peft names them after the module they adapt)."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        return [arch.layer_of(names.get(id(p), "")) for p in params]
+
     def save_tuned(self, od, path: str, model, llm_config: dict, arch) -> None:
         """refine: write the tuned tensors of `model` into the OutputDir in the format `path` has."""
         return self._refuse("refine")

@@ -338,6 +338,11 @@ class Bottleneck(Kind):
         wb.requires_grad_(False)
         return wb, params
 
+    def tunable_layers(self, model, params, arch) -> list:
+        """Each site's tensors are in its site's layer (the hooks' ModuleDict keys are no dotted module names)."""
+        sites = model.bottleneck.parameter_sites()
+        return [(sites[id(p)].stack, sites[id(p)].layer) if id(p) in sites else None for p in params]
+
     def save_tuned(self, od, path: str, model, llm_config: dict, arch) -> None:
         """AdapterHub's layout again, each tensor rounded once to the input's dtype."""
         ad = self.read(path)

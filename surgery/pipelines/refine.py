@@ -17,6 +17,7 @@ import os
 from ..io.writer import OutputDir
 from ..kinds import kind_of
 from ..train.data import MAX_LENGTH, load_examples
+from ..train.layers import describe, parse_layers, resolve_layers, select
 from ..train.loop import place
 from ..train.methods import load_base
 from ..train.zeroth import RefineConfig, mezo_fit
@@ -25,15 +26,19 @@ __all__ = ["RefineConfig", "refine"]
 
 
 def refine(adapter_dir: str, llm_dir: str, data: str, out: str, *, eval_data: str | None = None,
-           max_length: int = MAX_LENGTH, force: bool = False, cfg: RefineConfig | None = None, placement=None) -> dict:
+           max_length: int = MAX_LENGTH, force: bool = False, cfg: RefineConfig | None = None, placement=None,
+           layers: str | None = None) -> dict:
     """Tune `adapter_dir` on the LLM `llm_dir` with MeZO on `data` (JSONL); write the adapter to `out`.
 
     Returns a summary: before/after metrics (on eval_data, else the training data), the loss
     history, parameter counts. `out` also gets refine.json with the same history.
     placement: the LLM's dtype and device (surgery.io.model.Placement; default auto, as for train).
+    layers: --layers SPEC (surgery.train.layers): only the adapter tensors of these LLM layers are
+    perturbed and updated, the others are written back as read; None or "all": every tensor.
     """
     cfg = cfg or RefineConfig()
     cfg.check()
+    parsed = parse_layers(layers)  # a malformed spec is refused before any loading
     kind = kind_of(adapter_dir, "refine")  # an unsupported kind is refused before any loading
     adapter_dir = os.path.abspath(adapter_dir)
     inputs = [adapter_dir, llm_dir, data] + ([eval_data] if eval_data else [])
@@ -43,9 +48,12 @@ def refine(adapter_dir: str, llm_dir: str, data: str, out: str, *, eval_data: st
         train_ex = load_examples(data, tok, seq2seq=seq2seq, max_length=max_length)
         eval_ex = load_examples(eval_data, tok, seq2seq=seq2seq, max_length=max_length) if eval_data else None
         model.requires_grad_(False)
-        wrapped, params = kind.tunable(model, adapter_dir, arch)
+        chosen = resolve_layers(parsed, arch, adapter_dir)
+        wrapped, every = kind.tunable(model, adapter_dir, arch)
+        params = every if chosen is None else select(every, kind.tunable_layers(wrapped, every, arch), chosen, layers)
         wrapped = place(wrapped, placement)
         before, hist, after, kept = mezo_fit(wrapped, params, tok, train_ex, eval_ex, cfg, seq2seq=seq2seq)
+        trainable, adapter_total = sum(p.numel() for p in params), sum(p.numel() for p in every)
         kind.save_tuned(od, adapter_dir, wrapped, model.config.to_dict(), arch)
         od.write_json("refine.json", {"method": "mezo", "kind": kind.name, "adapter": adapter_dir,
                                       "llm": os.path.abspath(llm_dir), "data": os.path.abspath(data),
@@ -54,12 +62,13 @@ def refine(adapter_dir: str, llm_dir: str, data: str, out: str, *, eval_data: st
                                       "batch_size": cfg.batch_size, "max_length": max_length,
                                       "eval_every": cfg.eval_every, "keep_best": cfg.keep_best, "backoff": cfg.backoff,
                                       "kept_step": kept, "lr_schedule": hist.lr,
-                                      "trainable": sum(p.numel() for p in params),
+                                      "layers": describe(chosen), "trainable": trainable,
+                                      "adapter_parameters": adapter_total,
                                       "before": before, "after": after, "history": hist.as_dict()})
         path = od.commit()
-    trainable = sum(p.numel() for p in params)
     return {"output": path, "kind": kind.name, "family": arch.family, "trainable": trainable,
-            "llm_parameters": sum(p.numel() for p in wrapped.parameters()) - trainable, "steps": hist.steps,
+            "adapter_parameters": adapter_total, "layers": describe(chosen),
+            "llm_parameters": sum(p.numel() for p in wrapped.parameters()) - adapter_total, "steps": hist.steps,
             "device": hist.device,
             "evaluated_on": "eval" if eval_ex else "train", "kept_step": kept, "lr_schedule": hist.lr, "before": before, "after": after,
             "history": hist.as_dict()}

@@ -88,6 +88,10 @@ class BottleneckAdapters(nn.Module):
         """{site module path: {W_down, b_down, W_up, b_up}} detached (what surgery.io.adapterhub writes)."""
         return {m: {k: v.detach() for k, v in self.adapters[_key(m)].weights().items()} for m in self.sites}
 
+    def parameter_sites(self) -> dict:
+        """{id(tensor): its BottleneckSite} for every adapter tensor (refine --layers selects by the site's layer)."""
+        return {id(p): site for mod, site in self.sites.items() for p in self.adapters[_key(mod)].parameters()}
+
     def _attach(self, model) -> None:
         for mod, site in self.sites.items():
             ad = self.adapters[_key(mod)]
