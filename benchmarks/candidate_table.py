@@ -1,7 +1,7 @@
 """Side by side: bridges measured by benchmarks/method_experiments against the committed evidence run.
 
     python -m benchmarks.candidate_table --evidence $E benchmarks/.work/depth/results.jsonl \
-        [--bridges r10-k23-h2-i34,r1-k23] [--tag=-e10-prefix] [--refined]
+        [--bridges r10-k23-h2-i34,r1-k23] [--tag=-e10-prefix] [--refined] [--gap]
 
 For each bridge (and tag) in the JSON lines files, one row per task (verb, arg, sub, whichever were run):
 per seed the dev accuracy after the lift (or after refine, --refined) beside the committed method's
@@ -32,6 +32,31 @@ def committed(results: str) -> dict:
     return out
 
 
+def baselines(results: str) -> dict:
+    """{task: {"zero-shot": z, "slm_lora": [per seed], "llm_lora": [per seed]}} as fractions (report.py's records)."""
+    from benchmarks.evidence.report import acc, per_seed
+
+    with open(results) as f:
+        r = json.load(f)
+    return {task: {"zero-shot": acc(t["zero_shot"]), "slm_lora": per_seed(t, "slm_lora"), "llm_lora": per_seed(t, "llm_lora")}
+            for task, t in r["tasks"].items()}
+
+
+def gap_rows(label: str, per_task: dict, base: dict) -> list[str]:
+    """Per task and overall: the share of the (LLM + LoRA - zero-shot) gap closed, per seed (m - z)/(u - z) and
+    averaged as benchmarks/evidence/report.gap_share and _goal do, and the mean against SLM + LoRA."""
+    out, shares = [], []
+    for task, xs in per_task.items():
+        b = base[task]
+        z, ups, slm = b["zero-shot"], [b["llm_lora"][s] for s, _ in xs], [b["slm_lora"][s] for s, _ in xs]
+        share = sum((v / 100 - z) / (u - z) for (_, v), u in zip(xs, ups)) / len(xs)
+        shares.append(share)
+        mv, ms = sum(v for _, v in xs) / len(xs), 100 * sum(slm) / len(slm)
+        out.append(f"| {label} | {task} | gap closed {100 * share:.1f} % | SLM + LoRA {ms:.1f}: {mv - ms:+.1f} |")
+    out.append(f"| {label} | all | gap closed {100 * sum(shares) / len(shares):.1f} % (mean of the tasks) | |")
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("files", nargs="+", help="method_experiments results.jsonl files")
@@ -39,9 +64,12 @@ def main(argv=None) -> None:
     ap.add_argument("--bridges", default=None, help="comma list (default: every bridge in the files)")
     ap.add_argument("--tag", default=None, help="only records with this tag")
     ap.add_argument("--refined", action="store_true", help="compare after refine instead of after the lift")
+    ap.add_argument("--gap", action="store_true",
+                    help="also the share of the gap closed per task and overall (report.py's formula) and the mean against SLM + LoRA")
     a = ap.parse_args(argv)
 
     base = committed(f"{a.evidence}/results.json")
+    gap_base = baselines(f"{a.evidence}/results.json") if a.gap else None
     recs = {}
     for path in a.files:
         with open(path) as f:
@@ -49,7 +77,12 @@ def main(argv=None) -> None:
                 r = json.loads(line)
                 if a.tag is not None and r.get("tag") != a.tag:
                     continue
-                label = r["bridge"] + (f" rank {r['rank']}" if r.get("rank") else "")  # tune-bridge --rank (section 10)
+                if r.get("refine_only"):  # --refine-only (section 11): a start refined, no bridge
+                    layers = r["refine"].get("layers", "all")
+                    label = f"refine {r['init']} layers {layers if layers == 'all' else ','.join(map(str, *layers.values()))}"
+                else:
+                    label = r["bridge"] + (f" rank {r['rank']}" if r.get("rank") else "")  # tune-bridge --rank (section 10)
+                label += r.get("tag", "") if a.tag is None and r.get("refine_only") else ""
                 recs[(label, r["init"], r.get("tag", ""), r["task"], r["seed"])] = r
     wanted = a.bridges.split(",") if a.bridges else sorted({k[0] for k in recs})
     col = 1 if a.refined else 0
@@ -57,12 +90,13 @@ def main(argv=None) -> None:
     print(f"| bridge | task | {what} per seed | committed method ({what}) | mean - committed | tune-bridge's last train loss |")
     print("|---|---|---|---|---:|---:|")
     for b in wanted:
-        mine, theirs, losses = [], [], []
+        mine, theirs, losses, per_task = [], [], [], {}
         for task in TASKS:
             rows = sorted((k[4], r) for k, r in recs.items() if k[0] == b and k[3] == task)
             if not rows:
                 continue
             v = [r[what] for _, r in rows]
+            per_task[task] = [(s, x) for (s, _), x in zip(rows, v)]
             c = [base[(task, s)][col] for s, _ in rows]
             mine += v
             theirs += c
@@ -74,6 +108,8 @@ def main(argv=None) -> None:
         if mine:
             mm, mc = sum(mine) / len(mine), sum(theirs) / len(theirs)
             print(f"| {b} | all {len(mine)} | mean {mm:.2f} | mean {mc:.2f} | {mm - mc:+.2f} | {mean_or_dash(losses)} |")
+            if a.gap:
+                print("\n".join(gap_rows(b, per_task, gap_base)))
 
 
 def mean_or_dash(xs: list) -> str:
