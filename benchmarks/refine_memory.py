@@ -11,6 +11,12 @@ weight right after the model is loaded, resets the kernel's high-water mark (/pr
 "5") and reports the working memory: the peak RSS after loading minus the RSS of the loaded model. Each stage also pays
 its before/after evaluations (inference) on top of its steps, the same for refine and train.
 
+Every stage runs twice, under each of two malloc settings (--malloc in the children):
+  fixed: glibc's mmap threshold fixed at 128 KiB (surgery/io/allocator.py), so a freed tensor leaves the
+         RSS at once and the working memory is the tensors the stage holds; eval and refine set it themselves
+  glibc: glibc's default, whose threshold rises after the first large free, so later activations come from
+         the heap and stay resident when freed (what eval and refine did before they set it; what train does)
+
 The LLM is random, TinyLlama-1.1B-shaped in every width (hidden 2048, MLP 5632, 32 heads / 4 kv
 heads, vocabulary 32000) with fewer layers (--layers; 22 is TinyLlama itself), float32, built
 locally under --work (no downloads). LoRA r=8 on every linear layer of the blocks.
@@ -82,6 +88,18 @@ def setup(work: str, layers: int, n: int) -> str:
     return llm
 
 
+def set_malloc(mode: str) -> None:
+    """fixed: return freed memory at once (io/allocator.py), for every stage; glibc: never, even in the
+    commands that ask for it (they call the function by the name they imported, patched before that)."""
+    sys.path.insert(0, ROOT)
+    import surgery.io.allocator as allocator
+
+    if mode == "fixed":
+        assert allocator.return_freed_memory(), "glibc refused the mmap threshold"
+    else:
+        allocator.return_freed_memory = lambda: False
+
+
 def spread(work: str, llm: str, batch: int, seq: int, n: int = 5) -> dict:
     """The same inference forward pass n times in one process, the high-water mark reset before each:
     how much the working memory of identical work varies (the allocator's doing, not the stage's)."""
@@ -99,7 +117,7 @@ def spread(work: str, llm: str, batch: int, seq: int, n: int = 5) -> dict:
     for p in pm.parameters():
         p.detach().sum()
     b = collate(load_examples(os.path.join(work, "train.jsonl"), tok, seq2seq=False, max_length=seq)[:batch], 0, False)
-    out = []
+    out, kept, first = [], [], rss_mb()
     for _ in range(n):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -107,7 +125,8 @@ def spread(work: str, llm: str, batch: int, seq: int, n: int = 5) -> dict:
         with torch.inference_mode():
             batch_loss(pm, b, False)
         out.append(rss_mb("VmHWM") - base)
-    return {"stage": "spread", "working_mb": out}
+        kept.append(rss_mb() - first)  # what the forwards so far left resident
+    return {"stage": "spread", "working_mb": out, "resident_after_mb": kept}
 
 
 def child(stage: str, work: str, llm: str, steps: int, batch: int, seq: int) -> dict:
@@ -154,43 +173,52 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--child", default=None)
+    ap.add_argument("--malloc", default="fixed", choices=("fixed", "glibc"))
     ap.add_argument("--llm", default=None)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args()
+    if a.child:
+        set_malloc(a.malloc)
     if a.child == "spread":
-        print(json.dumps(spread(a.work, a.llm, a.batch, a.seq)))
+        print(json.dumps({**spread(a.work, a.llm, a.batch, a.seq), "malloc": a.malloc}))
         return
     if a.child:
-        print(json.dumps(child(a.child, a.work, a.llm, a.steps, a.batch, a.seq)))
+        print(json.dumps({**child(a.child, a.work, a.llm, a.steps, a.batch, a.seq), "malloc": a.malloc}))
         return
     os.makedirs(a.work, exist_ok=True)
     llm = setup(a.work, a.layers, a.batch)  # one batch of examples: the evaluations cost one forward each
     with open(os.path.join(llm, "config.json")) as f:
         cfg = json.load(f)
     rows = []
-    for stage in ("eval", "refine", "train", "spread"):
-        r = subprocess.run([sys.executable, "-m", "benchmarks.refine_memory", "--child", stage, "--work", a.work,
-                            "--llm", llm, "--steps", str(a.steps), "--batch", str(a.batch), "--seq", str(a.seq)],
-                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if r.returncode != 0:
-            sys.exit(f"{stage} failed:\n{r.stderr[-3000:]}")
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    for malloc in ("fixed", "glibc"):
+        for stage in ("eval", "refine", "train", "spread"):
+            r = subprocess.run([sys.executable, "-m", "benchmarks.refine_memory", "--child", stage, "--malloc", malloc,
+                                "--work", a.work, "--llm", llm, "--steps", str(a.steps), "--batch", str(a.batch),
+                                "--seq", str(a.seq)],
+                               cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            if r.returncode != 0:
+                sys.exit(f"{stage} ({malloc}) failed:\n{r.stderr[-3000:]}")
+            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
     res = {"llm": {k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")},
-           "batch": a.batch, "seq": a.seq, "steps": a.steps, "rows": rows,
+           "batch": a.batch, "seq": a.seq, "steps": a.steps,
+           "rows": [r for r in rows if r["stage"] != "spread"],
+           "spread_mb": {r["malloc"]: {"working": r["working_mb"], "resident": r["resident_after_mb"]}
+                         for r in rows if r["stage"] == "spread"},
            "machine": f"{os.cpu_count()} CPUs, torch {__import__('torch').__version__}"}
-    *rows, sp = rows
-    res["rows"], res["spread_mb"] = rows, sp["working_mb"]
-    by = {r["stage"]: r for r in rows}
+    by = {(r["malloc"], r["stage"]): r for r in res["rows"]}
     print(f"LLM: TinyLlama widths, {a.layers} layers; batch {a.batch} x {a.seq} tokens; {a.steps} steps")
-    print(f"{'stage':8} {'peak RSS MB':>12} {'above imports':>14} {'loaded model':>13} {'working MB':>11} "
+    print(f"{'stage':8} {'malloc':7} {'peak RSS MB':>12} {'above imports':>14} {'loaded model':>13} {'working MB':>11} "
           f"{'x eval':>7} {'seconds':>8}")
-    for r in rows:
-        print(f"{r['stage']:8} {r['peak_rss_mb']:12.0f} {r['above_imports_mb']:14.0f} {r['loaded_rss_mb'] - r['imports_rss_mb']:13.0f} "
-              f"{r['working_mb']:11.0f} {r['working_mb'] / by['eval']['working_mb']:7.2f} {r['seconds']:8.1f}")
-    print(f"train / refine: peak RSS above imports {by['train']['above_imports_mb'] / by['refine']['above_imports_mb']:.2f}x, "
-          f"working memory {by['train']['working_mb'] / by['refine']['working_mb']:.2f}x")
-    print(f"one identical inference forward, {len(sp['working_mb'])} times in one process: working MB "
-          + ", ".join(f"{x:.0f}" for x in sp["working_mb"]))
+    for r in res["rows"]:
+        print(f"{r['stage']:8} {r['malloc']:7} {r['peak_rss_mb']:12.0f} {r['above_imports_mb']:14.0f} "
+              f"{r['loaded_rss_mb'] - r['imports_rss_mb']:13.0f} {r['working_mb']:11.0f} "
+              f"{r['working_mb'] / by[r['malloc'], 'eval']['working_mb']:7.2f} {r['seconds']:8.1f}")
+    for malloc, sp in res["spread_mb"].items():
+        t, f = by[malloc, "train"], by[malloc, "refine"]
+        print(f"{malloc}: train / refine: peak RSS above imports {t['above_imports_mb'] / f['above_imports_mb']:.2f}x, "
+              f"working memory {t['working_mb'] / f['working_mb']:.2f}x; one identical inference forward, {len(sp['working'])} "
+              "times in one process: working MB " + ", ".join(f"{x:.0f}" for x in sp["working"])
+              + "; resident after each, above the loaded model: " + ", ".join(f"{x:.0f}" for x in sp["resident"]))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=2)

@@ -183,6 +183,44 @@ def test_refine_lora_lowers_the_loss_reproducibly_and_loads_in_peft(fx, task, tm
     assert json.loads(o)["loss"] == pytest.approx(s["after"]["loss"], rel=1e-6)
 
 
+NO_ALLOCATOR = """
+import sys, torch
+import surgery.io.allocator as allocator
+allocator.return_freed_memory = lambda: False  # glibc's default: freed activations stay resident
+torch.set_num_threads(1)  # as the one_thread fixture in the parent
+from surgery.cli import main
+sys.argv = ["surgery", *sys.argv[1:]]
+main()
+"""
+
+
+def test_freed_memory_goes_back_before_loading_and_changes_no_byte(fx, task, tmp_path, monkeypatch):
+    """refine returns freed activations to the OS (io/allocator.py: a fixed mmap threshold) before it loads
+    the LLM: without it glibc keeps them resident and refine's RSS crept ~60-200 MB above inference's at
+    TinyLlama's widths (docs/benchmarks.md). The setting is the allocator's only: the adapter a run
+    writes is byte for byte the one a process on glibc's default writes."""
+    import subprocess
+    import sys
+
+    import surgery.pipelines.refine as pipeline
+
+    calls = []
+    real_free, real_load = pipeline.return_freed_memory, pipeline.load_base
+    monkeypatch.setattr(pipeline, "return_freed_memory", lambda: calls.append("free") or real_free())
+    monkeypatch.setattr(pipeline, "load_base", lambda *a, **k: calls.append("load") or real_load(*a, **k))
+    llm, src = fx.model("llama"), fx.lora("llama", targets=TARGETS)
+    args = ["refine", "--adapter", src, "--llm", llm, "--data", task[0], "-o", None, "--steps", "6", "--lr", "1e-2",
+            "--batch-size", "16", "--eval-every", "3", "--seed", "3"]
+    code, _, err = run_cli(*[tmp_path / "with" if a is None else a for a in args])
+    assert code == 0, err
+    assert calls == ["free", "load"]
+    r = subprocess.run([sys.executable, "-c", NO_ALLOCATOR, *[str(tmp_path / "without" if a is None else a) for a in args]],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        assert _sha(tmp_path / "with" / f) == _sha(tmp_path / "without" / f), f
+
+
 @pytest.mark.parametrize("kind", ["houlsby", "pfeiffer"])
 def test_refine_bottleneck_lowers_the_loss_and_keeps_the_adapterhub_layout(fx, task, tmp_path, kind):
     from fixtures import build_bottleneck

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from ..io.allocator import return_freed_memory
 from ..kinds import kind_of
 from ..train.data import MAX_LENGTH, load_examples, pad_id_of
 from ..train.loop import place
@@ -21,6 +22,7 @@ def evaluate(model_dir: str, data: str, *, adapter: str | None = None, batch_siz
     """Loss, perplexity and exact-match accuracy of `model_dir` (with `adapter` applied, if given) on the
     JSONL `data`, as the dict `surgery eval --json` prints. placement: dtype and device (io.model)."""
     kind = kind_of(adapter, "eval") if adapter else None
+    return_freed_memory()  # freed activations leave the RSS at once (io/allocator.py), as in refine
     model, tok, arch = load_base(model_dir, placement)
     seq2seq = bool(model.config.is_encoder_decoder)
     examples = load_examples(data, tok, seq2seq=seq2seq, max_length=max_length)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+from ..io.allocator import return_freed_memory
 from ..io.writer import OutputDir
 from ..kinds import kind_of
 from ..train.data import MAX_LENGTH, load_examples
@@ -43,6 +44,9 @@ def refine(adapter_dir: str, llm_dir: str, data: str, out: str, *, eval_data: st
     adapter_dir = os.path.abspath(adapter_dir)
     inputs = [adapter_dir, llm_dir, data] + ([eval_data] if eval_data else [])
     with OutputDir(out, inputs=inputs, force=force) as od:  # refuse a bad output before any work
+        # thousands of forwards allocate and free activations: without this, glibc keeps the freed ones
+        # resident and refine's RSS creeps above inference's (docs/benchmarks.md, "refine: MeZO ...")
+        return_freed_memory()
         model, tok, arch = load_base(llm_dir, placement)
         seq2seq = bool(model.config.is_encoder_decoder)
         train_ex = load_examples(data, tok, seq2seq=seq2seq, max_length=max_length)
