@@ -137,7 +137,7 @@ def test_rank_errors(fx, task, last_layer, tmp_path):
 def test_evidence_counts_refine_on_the_grown_adapter(fx, task, last_layer, one_thread, tmp_path):  # noqa: F811
     """benchmarks/evidence/memory.py with tune-bridge --rank (run.KEEP_RANK): refine's row holds the LLM with the
     adapter tune-bridge --rank writes (rank R on the layers the bridge kept, the adapter's rank elsewhere)."""
-    from benchmarks.evidence.memory import _kept_pattern, _rank_of, inference_bytes
+    from benchmarks.evidence.memory import _kept_pattern, _rank_of, _refined, inference_bytes
     from surgery.io.adapter import Adapter
     from surgery.io.checkpoint import Checkpoint
     from surgery.pipelines.tune_bridge import tune_bridge
@@ -153,6 +153,12 @@ def test_evidence_counts_refine_on_the_grown_adapter(fx, task, last_layer, one_t
     count = inference_bytes(llm, 4, 8, rank=4, rank_pattern=_kept_pattern(llm, last_layer, 12))
     assert _kept_pattern(llm, last_layer, 12) == {r"model\.layers\.1\..*": 12}
     assert count["weights"] == base + grown
+    # refine --layers (section 11: the layers the bridge dropped): one direction tensor, the largest of those layers'
+    assert _refined(llm, last_layer, "untuned") == {"layers": {0}} and _refined(llm, last_layer, None) is None
+    some = inference_bytes(llm, 4, 8, rank=4, rank_pattern=_kept_pattern(llm, last_layer, 12), layers={"layers": {0}})
+    layer0 = [t for k, t in Adapter.open(src).tensors.items() if ".layers.0." in k]
+    assert some["weights"] == count["weights"] and some["lora_state"] == max(t.numel() * 4 for t in layer0)
+    assert some["lora_state"] < count["lora_state"]
 
 
 def test_grows_an_adapter_with_rank_and_alpha_patterns(fx, task, last_layer, one_thread, tmp_path):  # noqa: F811

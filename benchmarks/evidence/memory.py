@@ -61,13 +61,15 @@ def training_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: in
             "total": weights + acts + 3 * trainable, "batch": batch, "seq": seq, "kinds": by_kind(seen)}
 
 
-def inference_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: int = 0, rank_pattern=None) -> dict:
+def inference_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: int = 0, rank_pattern=None,
+                    layers: dict | None = None) -> dict:
     """The same count for `surgery refine` (MeZO): the LLM's weights and its LoRA, run in inference mode.
 
     Nothing is saved for a backward pass and there is no gradient or optimizer state; the direction z
     is regenerated one tensor at a time, so one LoRA tensor's worth more. Transient activations (one
     layer's at a time) are not counted, as on the training side. The forward is run under the same
-    saved-tensor hook to show that it saves nothing.
+    saved-tensor hook to show that it saves nothing. layers: {stack: LLM layers} refine --layers perturbs (the
+    direction is then the largest of their LoRA tensors); None: every LoRA tensor.
     """
     import torch
 
@@ -79,7 +81,14 @@ def inference_bytes(model_dir: str, batch: int, seq: int, rank: int = 8, seed: i
         model(input_ids=ids, labels=ids)
     acts = sum(b for _, b in seen.values())
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    lora = [p for p in model.parameters() if p.requires_grad]
+    if layers is None:
+        lora = [p for p in model.parameters() if p.requires_grad]
+    else:
+        from surgery.arch import load_arch
+
+        arch = load_arch(model.config.to_dict())
+        lora = [p for n, p in model.named_parameters() if p.requires_grad
+                and (w := arch.layer_of(n)) is not None and w[1] in layers.get(w[0], ())]
     z = max(p.numel() * p.element_size() for p in lora)
     return {"weights": weights, "activations": acts, "lora_state": z,
             "total": weights + acts + z, "batch": batch, "seq": seq}
@@ -185,13 +194,15 @@ def _prefix_tuned(bridge: dict) -> bool:
 
 
 def memory_table(slm: str, llm: str, bridges: dict, batch: int, seq: int, transfer: dict | None = None,
-                 prefix_tokens: int | None = None, tune_args: dict | None = None) -> dict:
+                 prefix_tokens: int | None = None, tune_args: dict | None = None, refine_layers: str | None = None) -> dict:
     """Every stage's count, as results.json's "train_memory" holds it (run.py and main() below).
 
     bridges: prune-bridge's stage records by kind ({"dir", "cmd"}); transfer: a transfer stage record.
     The Fisher pass and transfer are counted at the settings their command lines used. tune_args: tune-bridge's
     extra arguments by kind (run.tune_args): with `--rank R` the bridge's LoRA is counted at rank R, and refine's
-    (on the keep bridge's lifted adapter) at rank R on the LLM layers that bridge kept, 8 elsewhere."""
+    (on the keep bridge's lifted adapter) at rank R on the LLM layers that bridge kept, 8 elsewhere. refine_layers:
+    refine's --layers (run.REFINE_LAYERS; "untuned": the layers the keep bridge dropped): its direction tensor is
+    the largest LoRA tensor of those layers."""
     from surgery.pipelines.importance import MICRO_TOKENS
     from surgery.pipelines.prune import PruneConfig
     from surgery.pipelines.transfer.run import TransferConfig
@@ -219,7 +230,8 @@ def memory_table(slm: str, llm: str, bridges: dict, batch: int, seq: int, transf
     table.update({f"bridge ({k})": training_bytes(v["dir"], batch, seq, rank=ranks[k] or 8, prefix=_prefix_tuned(v))
                   for k, v in bridges.items()})
     grown = _kept_pattern(llm, bridges["keep"]["dir"], ranks["keep"]) if ranks.get("keep") else None
-    table["refine (LLM, forward only)"] = inference_bytes(llm, batch, seq, rank_pattern=grown)
+    table["refine (LLM, forward only)"] = inference_bytes(llm, batch, seq, rank_pattern=grown,
+                                                          layers=_refined(llm, bridges["keep"]["dir"], refine_layers))
     if prefix_tokens:
         # tune-bridge --prefix: the LLM forward only (as refine), holding the records' hidden states (float32)
         # until a shard is written, at most bridge_prefix.SHARD_BYTES; training then reads them a batch at a
@@ -242,6 +254,25 @@ PREFIX_PASS = "tune-bridge --prefix pass (LLM forward only)"  # (it runs the sta
 def _rank_of(args: list[str]) -> int | None:
     """--rank R in tune-bridge's arguments, or None."""
     return int(args[args.index("--rank") + 1]) if "--rank" in args else None
+
+
+def _refined(llm: str, bridge_dir: str, spec: str | None) -> dict | None:
+    """{stack: layers} refine --layers SPEC perturbs on the keep bridge's lifted adapter (untuned: the layers that
+    bridge dropped, as refine reads them through tune_bridge.json), None for every layer."""
+    import json
+    import os
+
+    from surgery.arch import load_arch
+    from surgery.train.layers import UNTUNED, parse_layers, resolve_layers
+
+    parsed = parse_layers(spec)
+    if parsed is None:
+        return None
+    if parsed == UNTUNED:
+        with open(os.path.join(bridge_dir, "bridge.json")) as f:
+            return {st: set(v) for st, v in json.load(f)["layers"]["dropped"].items() if v}
+    with open(os.path.join(llm, "config.json")) as f:
+        return resolve_layers(parsed, load_arch(json.load(f)), bridge_dir)
 
 
 def _kept_pattern(llm: str, bridge_dir: str, rank: int) -> dict:
@@ -283,7 +314,8 @@ def main() -> None:
                                          for split in ("train", "dev")] for t in results["tasks"]], s["max_length"])
     results["train_memory"] = memory_table(os.path.join(pair, "slm"), os.path.join(pair, "llm"), first["bridges"],
                                            s["batch"], s["max_length"], first["seeds"][0]["transfer"]["transfer"],
-                                           prefix_tokens=prefix_tokens, tune_args=results.get("tune_args"))
+                                           prefix_tokens=prefix_tokens, tune_args=results.get("tune_args"),
+                                           refine_layers=results.get("refine_layers"))
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
     write_docs(path, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs"))
