@@ -79,7 +79,7 @@ def _pct(x: float) -> str:
 def _goal_lines(g: dict, scope: str) -> list[str]:
     """The method's two accuracy goals over one set of tasks (report._goal)."""
     return [f"- {scope}:",
-            f"  - the method (transfer + tune-bridge + refine) closes **{_pct(g['gap'])} %** of the "
+            f"  - the method (transfer + [pre-refine] + tune-bridge + refine) closes **{_pct(g['gap'])} %** of the "
             f"(LLM+LoRA - LLM zero-shot) accuracy gap, averaged over {', '.join(g['tasks'])} "
             f"(goal ≥ 90 %: **{'met' if g['gap'] >= 0.9 else 'not met'}**)",
             "  - method minus SLM + LoRA, accuracy points per task (mean ± 95 %): " + "; ".join(
@@ -110,7 +110,12 @@ def render(results: dict, sm: dict) -> str:
               f"`{n}` ({results['task_sizes'][n][0]} train / {results['task_sizes'][n][1]} dev)" for n in sm["tasks"])
           + f"; {s['seeds']} seeds; LoRA rank 8 on every linear layer (SLM + LoRA, LLM + LoRA, the transfer; a bridge's tune may grow it: below), {s['epochs']} epochs, lr {s['lr']}, batch "
           f"{s['batch']} (train and tune-bridge alike); refine {s['refine_steps']} MeZO steps"
-          + (f", lr {s['refine_lr']:g}" if s.get("refine_lr") else "") + " at `surgery refine`'s defaults otherwise",
+          + (f", lr {s['refine_lr']:g}" if s.get("refine_lr") else "") + " at `surgery refine`'s defaults otherwise"
+          + (f"; [pre-refine]: before tune-bridge, `surgery refine --layers L --lr {results['pre_refine_lr']:g}` "
+             f"({s['refine_steps']} steps) on the layers L the residual-preserving bridge drops, from the transferred "
+             "start (and from the zero-init one for the Table-8 rows); tune-bridge starts from its output "
+             "(docs/method-experiments.md section 11)" if results.get("pre_refine_lr") and any(
+                 "pre" in sd for t in results["tasks"].values() for sd in t["seeds"]) else ""),
           f"- bridges (`prune-bridge`, on the task's first {s['calib']} training texts): " + "; ".join(_bridges(sm))
           + "".join(f"; {k}: `{' '.join(_with_reduction(a, s))}`" for k, a in bridge_args.items())
           + ("; the kept bridge is tuned with `tune-bridge --prefix`" if "--drop-by" in bridge_args.get("keep", []) else "")
@@ -163,7 +168,8 @@ def render(results: dict, sm: dict) -> str:
           "counted tensor by tensor (benchmarks/evidence/memory.py, MB = 2^20 bytes). Training rows (slm, llm, "
           "bridge): the weights of the model the step runs through, the tensors autograd saves for backward, and the "
           "adapter's state (LoRA gradients + AdamW moments = 3x its parameters). refine: the LLM's weights and one "
-          "regenerated direction tensor (MeZO keeps no gradient or moment, its forwards save nothing). "
+          "regenerated direction tensor (MeZO keeps no gradient or moment, its forwards save nothing; the "
+          "pre-refine perturbs only some layers' tensors, so the refine row bounds it too). "
           "prune-bridge: its Fisher pass at its own micro-batch (the LLM's weights, every block's checkpointed input, "
           "one block's recomputed activations). transfer: from its own cost model (surgery/pipelines/transfer/"
           "memory.py), forward only: the window of layers it streams (both models' weights) and what it holds for "
@@ -189,7 +195,7 @@ def render(results: dict, sm: dict) -> str:
     sd = first["seeds"][0]
     cmds = [first["zero_shot"]["cmd"]] + [b["cmd"] for b in first["bridges"].values()]
     cmds += [sd[k]["cmd"] for k in ("slm_lora", "llm_lora")] + [sd["transfer"]["transfer"]["cmd"], sd["fresh"]["cmd"]]
-    cmds += [x for k in ("zero_init", "bridge", "narrow", "method", "zero_refined") if k in sd
+    cmds += [x for k in ("pre", "zero_pre", "zero_init", "bridge", "narrow", "method", "zero_refined") if k in sd
              for x in (sd[k]["train"]["cmd"], sd[k]["eval"].get("cmd")) if x]
     L += [c.replace(results["work"], "$WORK").replace(results["pair"], "$PAIR") for c in cmds]
     L += ["```", "", "`$PAIR` = the pretrained pair (`python -m benchmarks.evidence.pretrain --print-dir`), "

@@ -17,15 +17,16 @@ import sys
 T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
 ROWS = [("zero-shot", "LLM zero-shot"), ("slm_lora", "SLM + LoRA (on the SLM)"),
         ("llm_lora", "LLM + LoRA (upper bound)"), ("transfer", "transfer only (W_plug + depth map, no tuning)"),
-        ("zero_init", "zero-init LoRA + tune-bridge + lift (Table 8)"),
-        ("bridge", "transfer + tune-bridge (residual-preserving bridge)"),
+        ("pre", "transfer + pre-refine (refine of the layers the bridge drops, before tune-bridge)"),
+        ("zero_init", "zero-init LoRA + [pre-refine] + tune-bridge + lift (Table 8)"),
+        ("bridge", "transfer + [pre-refine] + tune-bridge (residual-preserving bridge)"),
         ("narrow", "transfer + tune-bridge (narrow bridge)"),
-        ("method", "transfer + tune-bridge + refine (**the method**)"),
-        ("zero_refined", "zero-init LoRA + tune-bridge + refine (Table 8 with refine)")]
-GAP_ROWS = ("slm_lora", "transfer", "zero_init", "bridge", "narrow", "method", "zero_refined")
+        ("method", "transfer + [pre-refine] + tune-bridge + refine (**the method**)"),
+        ("zero_refined", "zero-init LoRA + [pre-refine] + tune-bridge + refine (Table 8 with refine)")]
+GAP_ROWS = ("slm_lora", "transfer", "pre", "zero_init", "bridge", "narrow", "method", "zero_refined")
 # the stages Algorithm 1 runs on the LLM's side (with refine as its last stage), for the memory goal, by
 # process RSS and in train_memory's tensor count; the SLM's own LoRA is the method's input, reported beside
-METHOD_STAGES = ("transfer", "prune-keep", "bridge", "method")
+METHOD_STAGES = ("transfer", "pre", "prune-keep", "bridge", "method")
 METHOD_COUNTS = ("transfer", "prune-bridge (keep)", "bridge (keep)", "refine (LLM, forward only)",
                  "tune-bridge --prefix pass (LLM forward only)")
 SLM_STAGE, SLM_COUNT = "slm_lora", "slm"
@@ -124,7 +125,8 @@ def summarise(results: dict) -> dict:
               "prune-keep": "prune-bridge (residual kept)", "prune-narrow": "prune-bridge (narrow)",
               "zero_init": "tune-bridge, zero-init (residual kept)", "bridge": "tune-bridge (residual kept)",
               "narrow": "tune-bridge (narrow)", "method": "refine (MeZO on the LLM)",
-              "zero_refined": "refine, zero-init start"}
+              "zero_refined": "refine, zero-init start", "pre": "pre-refine (MeZO on the LLM, the layers the bridge drops)",
+              "zero_pre": "pre-refine, zero-init start"}
     sm["rss"] = {}
     for k, label in stages.items():
         xs = [r["rss_mb"] for t in results["tasks"].values() for s in t["seeds"] for r in _stage_records(t, s, k)]
