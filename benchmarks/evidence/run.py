@@ -321,17 +321,17 @@ def run(quick: bool, jobs: int, tasks: list[str], log=print, epochs: int | None 
     work = work_dir(pair)
     b = Bench(pair, work, s, log)
     t0 = time.time()
-    seeds = range(s["seeds"])
+    seed_ids = range(s["seeds"])  # (`seeds` is the --seeds argument, which results.json's command repeats)
     for t in tasks:  # write the data files once, before threads could race on them
         b.data(t)
     # Queue order = priority: cheap baselines first, then every seed chain (FIFO pool).
     with ThreadPoolExecutor(jobs) as pool:
         zs = {t: pool.submit(b.evaluate, f"{t}/zero-shot", t, b.llm, None) for t in tasks}
         zs_slm = {t: pool.submit(b.evaluate, f"{t}/zero-shot-slm", t, b.slm, None) for t in tasks}
-        chains = {(t, sd): pool.submit(b.seed_chain, t, sd) for sd in seeds for t in tasks}
+        chains = {(t, sd): pool.submit(b.seed_chain, t, sd) for sd in seed_ids for t in tasks}
         results = {"tasks": {t: {"zero_shot": zs[t].result(), "zero_shot_slm": zs_slm[t].result(),
                                  "bridges": {k: b.bridge(t, k) for k in b.bridges},
-                                 "seeds": [chains[(t, sd)].result() for sd in seeds]} for t in tasks}}
+                                 "seeds": [chains[(t, sd)].result() for sd in seed_ids]} for t in tasks}}
     with open(os.path.join(pair, "pretrain.json")) as f:
         results["pretrain"] = json.load(f)
     # training memory tensor by tensor, at the training batch shape (memory.py says why not RSS alone)
