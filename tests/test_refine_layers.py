@@ -135,3 +135,19 @@ def test_bad_specs_are_one_line_and_write_nothing(fx, task, tmp_path):
         code, _, err = _refine(adapter, llm, task, tmp_path / "o", "--layers", spec)
         assert code != 0 and msg in err and len(err.strip().splitlines()) == 1, (spec, err)
         assert not os.path.exists(tmp_path / "o") and not [p for p in os.listdir(tmp_path) if p != "o"], spec
+
+
+@pytest.mark.parametrize("dropped", [[-1], [True], [0.0], "0", {"0": 1}])
+def test_untuned_refuses_a_tampered_bridge_json(fx, task, tmp_path, dropped):
+    """bridge.json comes with the adapter: a negative, boolean, float or non-list layer index is one error line."""
+    import shutil
+
+    llm, src = fx.model("llama"), fx.lora("llama", targets=TARGETS, name="layers")
+    tuned, bridge = tmp_path / "tuned", tmp_path / "bridge"
+    shutil.copytree(src, tuned)
+    bridge.mkdir()
+    (bridge / "bridge.json").write_text(json.dumps({"layers": {"dropped": {"layers": dropped}}}))
+    (tuned / "tune_bridge.json").write_text(json.dumps({"bridge": str(bridge)}))
+    code, _, err = _refine(str(tuned), llm, task, tmp_path / "o", "--layers", "untuned")
+    assert code != 0 and "malformed" in err and len(err.strip().splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "o")

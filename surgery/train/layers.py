@@ -56,8 +56,8 @@ def untuned_layers(adapter_dir: str) -> dict[str, list[int]]:
     except (ValueError, KeyError, TypeError) as e:
         raise AdapterError(f"--layers untuned: {path} or its bridge's bridge.json lacks the bridge's dropped layers "
                            f"({e!r})", fix) from None
-    if not isinstance(dropped, dict) or not all(isinstance(v, list) and all(isinstance(i, int) for i in v)
-                                                for v in dropped.values()):
+    if not isinstance(dropped, dict) or not all(  # a hostile file: indices are plain non-negative ints
+            isinstance(v, list) and all(type(i) is int and i >= 0 for i in v) for v in dropped.values()):
         raise AdapterError(f"--layers untuned: the dropped layers in {bridge}'s bridge.json are malformed", fix)
     if not any(dropped.values()):
         raise AdapterError(f"--layers untuned: the bridge {bridge} held every layer of the LLM, so none is untuned",
