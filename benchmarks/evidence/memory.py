@@ -201,8 +201,9 @@ def memory_table(slm: str, llm: str, bridges: dict, batch: int, seq: int, transf
     The Fisher pass and transfer are counted at the settings their command lines used. tune_args: tune-bridge's
     extra arguments by kind (run.tune_args): with `--rank R` the bridge's LoRA is counted at rank R, and refine's
     (on the keep bridge's lifted adapter) at rank R on the LLM layers that bridge kept, 8 elsewhere. refine_layers:
-    refine's --layers (run.REFINE_LAYERS; "untuned": the layers the keep bridge dropped): its direction tensor is
-    the largest LoRA tensor of those layers."""
+    refine's --layers ("untuned": the layers the keep bridge dropped): its direction tensor is the largest LoRA
+    tensor of those layers. run.py passes none: its last refine is on every layer, and the pre-refine's smaller
+    direction leaves it under that row."""
     from surgery.pipelines.importance import MICRO_TOKENS
     from surgery.pipelines.prune import PruneConfig
     from surgery.pipelines.transfer.run import TransferConfig
@@ -263,14 +264,13 @@ def _refined(llm: str, bridge_dir: str, spec: str | None) -> dict | None:
     import os
 
     from surgery.arch import load_arch
-    from surgery.train.layers import UNTUNED, parse_layers, resolve_layers
+    from surgery.train.layers import UNTUNED, dropped_layers, parse_layers, resolve_layers
 
     parsed = parse_layers(spec)
     if parsed is None:
         return None
     if parsed == UNTUNED:
-        with open(os.path.join(bridge_dir, "bridge.json")) as f:
-            return {st: set(v) for st, v in json.load(f)["layers"]["dropped"].items() if v}
+        return {st: set(v) for st, v in dropped_layers(bridge_dir, "refine's memory", "re-create the bridge").items()}
     with open(os.path.join(llm, "config.json")) as f:
         return resolve_layers(parsed, load_arch(json.load(f)), bridge_dir)
 

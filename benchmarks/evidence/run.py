@@ -236,8 +236,9 @@ class Bench:
 
     def dropped(self, task: str) -> str | None:
         """refine --layers naming the LLM layers the keep bridge drops (its bridge.json), None if it drops none."""
-        with open(os.path.join(self.bridge(task, "keep")["dir"], "bridge.json")) as f:
-            dropped = {st: v for st, v in json.load(f)["layers"]["dropped"].items() if v}
+        from surgery.train.layers import dropped_layers
+
+        dropped = dropped_layers(self.bridge(task, "keep")["dir"], "the evidence's pre-refine", "re-run prune-bridge")
         if len(dropped) > 1:
             return ",".join(f"{st}:{i}" for st, v in dropped.items() for i in v)
         return ",".join(str(i) for v in dropped.values() for i in v) or None

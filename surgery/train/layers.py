@@ -14,11 +14,11 @@ SPEC, against the LLM's stacks (the family map's `stacks`):
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
 from ..errors import AdapterError, ShapeError, SurgeryError
+from ..io.jsonfile import load_json
 
 ALL = "all"
 UNTUNED = "untuned"
@@ -41,28 +41,36 @@ def parse_layers(spec: str | None) -> list | str | None:
     return out
 
 
+def dropped_layers(bridge: str, what: str, fix: str) -> dict[str, list[int]]:
+    """{stack: sorted LLM layers} the prune-bridge output `bridge` dropped (its bridge.json), stacks that dropped
+    none left out. bridge.json travels with the bridge, so it is read as any user's JSON (io.jsonfile) and every
+    index must be a plain non-negative int; WHAT starts each error line."""
+    if not isinstance(bridge, str):
+        raise AdapterError(f"{what}: the bridge's path is {bridge!r}, not a path", fix)
+    path = os.path.join(bridge, "bridge.json")
+    if not os.path.exists(path):
+        raise AdapterError(f"{what}: {path} is missing (it lists the layers the bridge dropped)", fix)
+    layers = load_json(path, AdapterError, fix).get("layers")
+    dropped = layers.get("dropped") if isinstance(layers, dict) else None
+    if not isinstance(dropped, dict) or not all(  # a hostile file: indices are plain non-negative ints
+            isinstance(v, list) and all(type(i) is int and i >= 0 for i in v) for v in dropped.values()):
+        raise AdapterError(f"{what}: the dropped layers in {bridge}'s bridge.json are malformed", fix)
+    return {st: sorted(v) for st, v in dropped.items() if v}
+
+
 def untuned_layers(adapter_dir: str) -> dict[str, list[int]]:
     """{stack: LLM layers} that the bridge of tune-bridge output `adapter_dir` dropped (it tuned the others)."""
     fix = "pass the layers explicitly (--layers 0-2)"
     path = os.path.join(adapter_dir, "tune_bridge.json")
-    try:
-        with open(path) as f:
-            bridge = json.load(f)["bridge"]
-        with open(os.path.join(bridge, "bridge.json")) as f:
-            dropped = json.load(f)["layers"]["dropped"]
-    except FileNotFoundError as e:
-        raise AdapterError(f"--layers untuned: {e.filename} is missing (untuned reads a tune-bridge output's "
-                           "tune_bridge.json and its bridge's bridge.json)", fix) from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise AdapterError(f"--layers untuned: {path} or its bridge's bridge.json lacks the bridge's dropped layers "
-                           f"({e!r})", fix) from None
-    if not isinstance(dropped, dict) or not all(  # a hostile file: indices are plain non-negative ints
-            isinstance(v, list) and all(type(i) is int and i >= 0 for i in v) for v in dropped.values()):
-        raise AdapterError(f"--layers untuned: the dropped layers in {bridge}'s bridge.json are malformed", fix)
-    if not any(dropped.values()):
+    if not os.path.exists(path):
+        raise AdapterError(f"--layers untuned: {path} is missing (untuned reads a tune-bridge output's "
+                           "tune_bridge.json and its bridge's bridge.json)", fix)
+    bridge = load_json(path, AdapterError, fix).get("bridge")
+    dropped = dropped_layers(bridge, "--layers untuned", fix)
+    if not dropped:
         raise AdapterError(f"--layers untuned: the bridge {bridge} held every layer of the LLM, so none is untuned",
                            "refine every layer (leave out --layers)")
-    return {st: sorted(v) for st, v in dropped.items() if v}
+    return dropped
 
 
 def resolve_layers(parsed, arch, adapter_dir: str) -> dict[str, set[int]] | None:
